@@ -1,0 +1,505 @@
+"""The one table of GGML types and the block decoders shared by the CPU and CUDA backends.
+
+Every supported type decodes in *chunks* of 32 consecutive values: a 32-value block (Q4_0 ... Q8_0)
+is one chunk, a 256-value K-quant block is 8 chunks, and for F32/F16/BF16 a "block" is 32 elements.
+Per type there are two functions, written once as plain Python over numpy scalars:
+
+    dq32_<t>(src, b, j, dst, o)      writes values [32j, 32j+32) of the block at byte b of src
+                                     (a 1-D uint8 array) into dst[o:o+32] (float32)
+    dot32_<t>(src, b, j, x, xo)      returns sum_l value[32j+l] * x[xo+l] (float32)
+
+They are registered with numba's CPU extension registry here (callable from `njit` code) and with
+numba-cuda's registry by `backends.cuda` (callable from `cuda.jit` kernels); under the CUDA simulator
+they run as the plain Python they are. dq32_* reproduces `gguf.quants.dequantize` bit for bit: the
+float32 operations and their order are the same (no fused multiply-add on the CPU path).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numba.extending import register_jitable
+
+QK = 32                          # values per decode chunk
+
+
+@dataclass(frozen=True)
+class GGMLType:
+    """Block layout of one GGML type. Supported types have a decoder; the rest are only sized."""
+
+    id: int
+    name: str
+    block_size: int              # values per block
+    type_size: int               # bytes per block
+    layout: str = ""
+
+    @property
+    def supported(self) -> bool:
+        return self.id in DECODERS
+
+    @property
+    def chunk_bytes(self) -> int:
+        """Bytes per 32-value decode unit's block (the whole block for quantized types)."""
+        return self.type_size * QK if self.block_size == 1 else self.type_size
+
+    @property
+    def chunks_per_block(self) -> int:
+        return 1 if self.block_size == 1 else self.block_size // QK
+
+    def row_bytes(self, n: int) -> int:
+        return n // self.block_size * self.type_size
+
+
+_TYPES = [
+    GGMLType(0, "F32", 1, 4, "f32"),
+    GGMLType(1, "F16", 1, 2, "f16"),
+    GGMLType(2, "Q4_0", 32, 18, "d:f16 | qs[16]: lo nibbles = values 0..15, hi = 16..31; y = d*(q-8)"),
+    GGMLType(3, "Q4_1", 32, 20, "d:f16 m:f16 | qs[16] as Q4_0; y = d*q + m"),
+    GGMLType(6, "Q5_0", 32, 22, "d:f16 | qh:u32 (5th bits) | qs[16]; y = d*(q-16)"),
+    GGMLType(7, "Q5_1", 32, 24, "d:f16 m:f16 | qh:u32 | qs[16]; y = d*q + m"),
+    GGMLType(8, "Q8_0", 32, 34, "d:f16 | qs:i8[32]; y = d*q"),
+    GGMLType(9, "Q8_1", 32, 40),
+    GGMLType(10, "Q2_K", 256, 84, "scales[16] (lo: scale, hi: min) | qs[64] 2-bit | d:f16 dmin:f16"),
+    GGMLType(11, "Q3_K", 256, 110, "hmask[32] | qs[64] 2-bit | scales[12] 6-bit signed | d:f16"),
+    GGMLType(12, "Q4_K", 256, 144, "d:f16 dmin:f16 | scales[12] 8x(6-bit scale, 6-bit min) | qs[128]"),
+    GGMLType(13, "Q5_K", 256, 176, "d:f16 dmin:f16 | scales[12] | qh[32] | qs[128]"),
+    GGMLType(14, "Q6_K", 256, 210, "ql[128] | qh[64] | scales:i8[16] | d:f16; y = d*sc*(q-32)"),
+    GGMLType(15, "Q8_K", 256, 292),
+    GGMLType(16, "IQ2_XXS", 256, 66), GGMLType(17, "IQ2_XS", 256, 74),
+    GGMLType(18, "IQ3_XXS", 256, 98), GGMLType(19, "IQ1_S", 256, 50),
+    GGMLType(20, "IQ4_NL", 32, 18), GGMLType(21, "IQ3_S", 256, 110),
+    GGMLType(22, "IQ2_S", 256, 82), GGMLType(23, "IQ4_XS", 256, 136),
+    GGMLType(24, "I8", 1, 1), GGMLType(25, "I16", 1, 2), GGMLType(26, "I32", 1, 4),
+    GGMLType(27, "I64", 1, 8), GGMLType(28, "F64", 1, 8), GGMLType(29, "IQ1_M", 256, 56),
+    GGMLType(30, "BF16", 1, 2, "bf16 (upper half of an f32)"),
+    GGMLType(34, "TQ1_0", 256, 54), GGMLType(35, "TQ2_0", 256, 66),
+    GGMLType(39, "MXFP4", 32, 17), GGMLType(40, "NVFP4", 64, 36), GGMLType(41, "Q1_0", 128, 18),
+]
+GGML_TYPES: dict[int, GGMLType] = {t.id: t for t in _TYPES}
+TYPE_IDS: dict[str, int] = {t.name: t.id for t in _TYPES}
+
+F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = 0, 1, 2, 3, 6, 7, 8
+Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, BF16 = 10, 11, 12, 13, 14, 30
+
+
+# --- scalar helpers -------------------------------------------------------------------------------
+
+@register_jitable
+def f16_to_f32(lo, hi):
+    """IEEE half (two little-endian bytes) -> float32, exactly, with integer ops only."""
+    h = (np.int32(hi) << 8) | np.int32(lo)
+    e = (h >> 10) & 0x1F
+    m = h & 0x3FF
+    if e == 0x1F:
+        v = np.float32(np.inf) if m == 0 else np.float32(np.nan)
+    else:
+        if e == 0:
+            e = 1                # subnormal: m * 2^-24
+        else:
+            m = m | 0x400        # normal: (1024 + m) * 2^(e - 25)
+        v = np.float32(np.int64(m) << e) * np.float32(2.9802322387695312e-08)   # 2^-25, exact
+    if h & 0x8000:
+        v = -v
+    return v
+
+
+@register_jitable
+def _f16(src, b):
+    return f16_to_f32(src[b], src[b + 1])
+
+
+@register_jitable
+def _u32(src, b):
+    return (np.uint32(src[b]) | (np.uint32(src[b + 1]) << 8) | (np.uint32(src[b + 2]) << 16)
+            | (np.uint32(src[b + 3]) << 24))
+
+
+@register_jitable
+def _bf16(src, b):
+    """bf16 (two little-endian bytes) -> float32: the upper half of an f32 bit pattern."""
+    return _f32_from_bits(((np.uint32(src[b + 1]) << 8) | np.uint32(src[b])) << 16)
+
+
+@register_jitable
+def _pow2(k):
+    """2^k as float32 for -149 <= k <= 127, exact (built by halving/doubling, at most 2 products)."""
+    if k >= 0:
+        return np.float32(np.int64(1) << min(k, 62)) * np.float32(np.int64(1) << max(k - 62, 0))
+    v = np.float32(1.0) / np.float32(np.int64(1) << min(-k, 62))
+    if k < -62:
+        v = v / np.float32(np.int64(1) << (-k - 62))
+    return v
+
+
+@register_jitable
+def _k_scale_min(src, b, j):
+    """6-bit (scale, min) of sub-block j from the 12 packed bytes at src[b:] (Q4_K / Q5_K)."""
+    if j < 4:
+        sc = np.int32(src[b + j]) & 63
+        mn = np.int32(src[b + 4 + j]) & 63
+    else:
+        sc = (np.int32(src[b + 4 + j]) & 15) | ((np.int32(src[b + j - 4]) >> 2) & 0x30)
+        mn = (np.int32(src[b + 4 + j]) >> 4) | ((np.int32(src[b + j]) >> 2) & 0x30)
+    return sc, mn
+
+
+@register_jitable
+def _q3k_scale(src, b, i):
+    """Signed 6-bit scale i (0..15) of a Q3_K block whose 12 scale bytes start at src[b]."""
+    lo = (np.int32(src[b + (i & 7)]) >> (4 * (i >> 3))) & 15
+    hi = (np.int32(src[b + 8 + (i & 3)]) >> (2 * (i >> 2))) & 3
+    return (lo | (hi << 4)) - 32
+
+
+# --- float types: a "block" is 32 elements --------------------------------------------------------
+
+@register_jitable
+def dq32_f32(src, b, j, dst, o):
+    for l in range(QK):
+        p = b + 4 * l
+        bits = _u32(src, p)
+        dst[o + l] = _f32_from_bits(bits)
+
+
+@register_jitable
+def _f32_from_bits(bits):
+    """uint32 bit pattern -> float32 with integer ops only (exact: subnormals, inf, nan too)."""
+    e = np.int32((bits >> 23) & 0xFF)
+    m = np.int64(bits & 0x7FFFFF)
+    if e == 0xFF:
+        v = np.float32(np.inf) if m == 0 else np.float32(np.nan)
+    else:
+        if e == 0:
+            e = 1                # subnormal: m * 2^-149
+        else:
+            m = m | 0x800000     # normal: (2^23 + m) * 2^(e - 150)
+        v = np.float32(m) * _pow2(e - 150)
+    if bits & 0x80000000:
+        v = -v
+    return v
+
+
+@register_jitable
+def dot32_f32(src, b, j, x, xo):
+    acc = np.float32(0)
+    for l in range(QK):
+        acc += _f32_from_bits(_u32(src, b + 4 * l)) * x[xo + l]
+    return acc
+
+
+@register_jitable
+def dq32_f16(src, b, j, dst, o):
+    for l in range(QK):
+        dst[o + l] = _f16(src, b + 2 * l)
+
+
+@register_jitable
+def dot32_f16(src, b, j, x, xo):
+    acc = np.float32(0)
+    for l in range(QK):
+        acc += _f16(src, b + 2 * l) * x[xo + l]
+    return acc
+
+
+@register_jitable
+def dq32_bf16(src, b, j, dst, o):
+    for l in range(QK):
+        dst[o + l] = _bf16(src, b + 2 * l)
+
+
+@register_jitable
+def dot32_bf16(src, b, j, x, xo):
+    acc = np.float32(0)
+    for l in range(QK):
+        acc += _bf16(src, b + 2 * l) * x[xo + l]
+    return acc
+
+
+# --- 32-value block types ---------------------------------------------------------------------------
+
+@register_jitable
+def dq32_q4_0(src, b, j, dst, o):
+    d = _f16(src, b)
+    for l in range(16):
+        q = np.int32(src[b + 2 + l])
+        dst[o + l] = d * np.float32((q & 15) - 8)
+        dst[o + 16 + l] = d * np.float32((q >> 4) - 8)
+
+
+@register_jitable
+def dot32_q4_0(src, b, j, x, xo):
+    acc = np.float32(0)
+    for l in range(16):
+        q = np.int32(src[b + 2 + l])
+        acc += np.float32((q & 15) - 8) * x[xo + l] + np.float32((q >> 4) - 8) * x[xo + 16 + l]
+    return _f16(src, b) * acc
+
+
+@register_jitable
+def dq32_q4_1(src, b, j, dst, o):
+    d = _f16(src, b)
+    m = _f16(src, b + 2)
+    for l in range(16):
+        q = np.int32(src[b + 4 + l])
+        dst[o + l] = d * np.float32(q & 15) + m
+        dst[o + 16 + l] = d * np.float32(q >> 4) + m
+
+
+@register_jitable
+def dot32_q4_1(src, b, j, x, xo):
+    acc = np.float32(0)
+    xs = np.float32(0)
+    for l in range(16):
+        q = np.int32(src[b + 4 + l])
+        x0 = x[xo + l]
+        x1 = x[xo + 16 + l]
+        acc += np.float32(q & 15) * x0 + np.float32(q >> 4) * x1
+        xs += x0 + x1
+    return _f16(src, b) * acc + _f16(src, b + 2) * xs
+
+
+@register_jitable
+def dq32_q5_0(src, b, j, dst, o):
+    d = _f16(src, b)
+    qh = _u32(src, b + 2)
+    for l in range(16):
+        q = np.int32(src[b + 6 + l])
+        h0 = np.int32((qh >> l) & 1) << 4
+        h1 = np.int32((qh >> (l + 16)) & 1) << 4
+        dst[o + l] = d * np.float32(((q & 15) | h0) - 16)
+        dst[o + 16 + l] = d * np.float32(((q >> 4) | h1) - 16)
+
+
+@register_jitable
+def dot32_q5_0(src, b, j, x, xo):
+    qh = _u32(src, b + 2)
+    acc = np.float32(0)
+    for l in range(16):
+        q = np.int32(src[b + 6 + l])
+        h0 = np.int32((qh >> l) & 1) << 4
+        h1 = np.int32((qh >> (l + 16)) & 1) << 4
+        acc += (np.float32(((q & 15) | h0) - 16) * x[xo + l]
+                + np.float32(((q >> 4) | h1) - 16) * x[xo + 16 + l])
+    return _f16(src, b) * acc
+
+
+@register_jitable
+def dq32_q5_1(src, b, j, dst, o):
+    d = _f16(src, b)
+    m = _f16(src, b + 2)
+    qh = _u32(src, b + 4)
+    for l in range(16):
+        q = np.int32(src[b + 8 + l])
+        h0 = np.int32((qh >> l) & 1) << 4
+        h1 = np.int32((qh >> (l + 16)) & 1) << 4
+        dst[o + l] = d * np.float32((q & 15) | h0) + m
+        dst[o + 16 + l] = d * np.float32((q >> 4) | h1) + m
+
+
+@register_jitable
+def dot32_q5_1(src, b, j, x, xo):
+    qh = _u32(src, b + 4)
+    acc = np.float32(0)
+    xs = np.float32(0)
+    for l in range(16):
+        q = np.int32(src[b + 8 + l])
+        h0 = np.int32((qh >> l) & 1) << 4
+        h1 = np.int32((qh >> (l + 16)) & 1) << 4
+        x0 = x[xo + l]
+        x1 = x[xo + 16 + l]
+        acc += np.float32((q & 15) | h0) * x0 + np.float32((q >> 4) | h1) * x1
+        xs += x0 + x1
+    return _f16(src, b) * acc + _f16(src, b + 2) * xs
+
+
+@register_jitable
+def _i8(v):
+    q = np.int32(v)
+    return q - ((q & 0x80) << 1)
+
+
+@register_jitable
+def dq32_q8_0(src, b, j, dst, o):
+    d = _f16(src, b)
+    for l in range(QK):
+        dst[o + l] = np.float32(_i8(src[b + 2 + l])) * d
+
+
+@register_jitable
+def dot32_q8_0(src, b, j, x, xo):
+    acc = np.float32(0)
+    for l in range(QK):
+        acc += np.float32(_i8(src[b + 2 + l])) * x[xo + l]
+    return _f16(src, b) * acc
+
+
+# --- K-quants: 256-value blocks, 8 chunks of 32 ---------------------------------------------------
+
+@register_jitable
+def dq32_q2_k(src, b, j, dst, o):
+    d = _f16(src, b + 80)
+    dmin = _f16(src, b + 82)
+    n = j >> 2
+    shift = 2 * (j & 3)
+    for half in range(2):
+        s = np.int32(src[b + 2 * j + half])          # scale index 8n + 2k + half = 2j + half
+        dl = d * np.float32(s & 15)
+        ml = dmin * np.float32(s >> 4)
+        for l in range(16):
+            q = (np.int32(src[b + 16 + 32 * n + 16 * half + l]) >> shift) & 3
+            dst[o + 16 * half + l] = dl * np.float32(q) - ml
+
+
+@register_jitable
+def dot32_q2_k(src, b, j, x, xo):
+    n = j >> 2
+    shift = 2 * (j & 3)
+    acc = np.float32(0)
+    mins = np.float32(0)
+    for half in range(2):
+        s = np.int32(src[b + 2 * j + half])
+        part = np.float32(0)
+        xs = np.float32(0)
+        for l in range(16):
+            q = (np.int32(src[b + 16 + 32 * n + 16 * half + l]) >> shift) & 3
+            xv = x[xo + 16 * half + l]
+            part += np.float32(q) * xv
+            xs += xv
+        acc += np.float32(s & 15) * part
+        mins += np.float32(s >> 4) * xs
+    return _f16(src, b + 80) * acc - _f16(src, b + 82) * mins
+
+
+@register_jitable
+def dq32_q3_k(src, b, j, dst, o):
+    d = _f16(src, b + 108)
+    n = j >> 2
+    k = j & 3
+    for half in range(2):
+        dl = d * np.float32(_q3k_scale(src, b + 96, 2 * j + half))
+        for l in range(16 * half, 16 * half + 16):
+            lo = (np.int32(src[b + 32 + 32 * n + l]) >> (2 * k)) & 3
+            hbit = (np.int32(src[b + l]) >> (4 * n + k)) & 1
+            dst[o + l] = dl * np.float32(lo - ((hbit ^ 1) << 2))
+
+
+@register_jitable
+def dot32_q3_k(src, b, j, x, xo):
+    n = j >> 2
+    k = j & 3
+    acc = np.float32(0)
+    for half in range(2):
+        part = np.float32(0)
+        for l in range(16 * half, 16 * half + 16):
+            lo = (np.int32(src[b + 32 + 32 * n + l]) >> (2 * k)) & 3
+            hbit = (np.int32(src[b + l]) >> (4 * n + k)) & 1
+            part += np.float32(lo - ((hbit ^ 1) << 2)) * x[xo + l]
+        acc += np.float32(_q3k_scale(src, b + 96, 2 * j + half)) * part
+    return _f16(src, b + 108) * acc
+
+
+@register_jitable
+def dq32_q4_k(src, b, j, dst, o):
+    sc, mn = _k_scale_min(src, b + 4, j)
+    d = _f16(src, b) * np.float32(sc)
+    m = _f16(src, b + 2) * np.float32(mn)
+    qb = b + 16 + 32 * (j >> 1)
+    shift = 4 * (j & 1)
+    for l in range(QK):
+        dst[o + l] = d * np.float32((np.int32(src[qb + l]) >> shift) & 15) - m
+
+
+@register_jitable
+def dot32_q4_k(src, b, j, x, xo):
+    sc, mn = _k_scale_min(src, b + 4, j)
+    qb = b + 16 + 32 * (j >> 1)
+    shift = 4 * (j & 1)
+    acc = np.float32(0)
+    xs = np.float32(0)
+    for l in range(QK):
+        xv = x[xo + l]
+        acc += np.float32((np.int32(src[qb + l]) >> shift) & 15) * xv
+        xs += xv
+    return (_f16(src, b) * np.float32(sc)) * acc - (_f16(src, b + 2) * np.float32(mn)) * xs
+
+
+@register_jitable
+def dq32_q5_k(src, b, j, dst, o):
+    sc, mn = _k_scale_min(src, b + 4, j)
+    d = _f16(src, b) * np.float32(sc)
+    m = _f16(src, b + 2) * np.float32(mn)
+    qb = b + 48 + 32 * (j >> 1)
+    shift = 4 * (j & 1)
+    for l in range(QK):
+        q = ((np.int32(src[qb + l]) >> shift) & 15) | (((np.int32(src[b + 16 + l]) >> j) & 1) << 4)
+        dst[o + l] = d * np.float32(q) - m
+
+
+@register_jitable
+def dot32_q5_k(src, b, j, x, xo):
+    sc, mn = _k_scale_min(src, b + 4, j)
+    qb = b + 48 + 32 * (j >> 1)
+    shift = 4 * (j & 1)
+    acc = np.float32(0)
+    xs = np.float32(0)
+    for l in range(QK):
+        q = ((np.int32(src[qb + l]) >> shift) & 15) | (((np.int32(src[b + 16 + l]) >> j) & 1) << 4)
+        xv = x[xo + l]
+        acc += np.float32(q) * xv
+        xs += xv
+    return (_f16(src, b) * np.float32(sc)) * acc - (_f16(src, b + 2) * np.float32(mn)) * xs
+
+
+@register_jitable
+def dq32_q6_k(src, b, j, dst, o):
+    d = _f16(src, b + 208)
+    h = j >> 2
+    r = j & 3
+    qlb = b + 64 * h + 32 * (r & 1)
+    shift = 4 * (r >> 1)
+    for half in range(2):
+        dl = d * np.float32(_i8(src[b + 192 + 8 * h + 2 * r + half]))
+        for l in range(16 * half, 16 * half + 16):
+            lo = (np.int32(src[qlb + l]) >> shift) & 15
+            hi = (np.int32(src[b + 128 + 32 * h + l]) >> (2 * r)) & 3
+            dst[o + l] = dl * np.float32((lo | (hi << 4)) - 32)
+
+
+@register_jitable
+def dot32_q6_k(src, b, j, x, xo):
+    h = j >> 2
+    r = j & 3
+    qlb = b + 64 * h + 32 * (r & 1)
+    shift = 4 * (r >> 1)
+    acc = np.float32(0)
+    for half in range(2):
+        part = np.float32(0)
+        for l in range(16 * half, 16 * half + 16):
+            lo = (np.int32(src[qlb + l]) >> shift) & 15
+            hi = (np.int32(src[b + 128 + 32 * h + l]) >> (2 * r)) & 3
+            part += np.float32((lo | (hi << 4)) - 32) * x[xo + l]
+        acc += np.float32(_i8(src[b + 192 + 8 * h + 2 * r + half])) * part
+    return _f16(src, b + 208) * acc
+
+
+# type id -> (dq32, dot32). The one place a new format is added.
+DECODERS = {
+    F32: (dq32_f32, dot32_f32), F16: (dq32_f16, dot32_f16), BF16: (dq32_bf16, dot32_bf16),
+    Q4_0: (dq32_q4_0, dot32_q4_0), Q4_1: (dq32_q4_1, dot32_q4_1),
+    Q5_0: (dq32_q5_0, dot32_q5_0), Q5_1: (dq32_q5_1, dot32_q5_1), Q8_0: (dq32_q8_0, dot32_q8_0),
+    Q2_K: (dq32_q2_k, dot32_q2_k), Q3_K: (dq32_q3_k, dot32_q3_k), Q4_K: (dq32_q4_k, dot32_q4_k),
+    Q5_K: (dq32_q5_k, dot32_q5_k), Q6_K: (dq32_q6_k, dot32_q6_k),
+}
+
+# every jitable above, for backends that register them with another target (numba-cuda)
+JITABLES = (f16_to_f32, _f16, _u32, _bf16, _pow2, _k_scale_min, _q3k_scale, _f32_from_bits, _i8,
+            *[f for pair in DECODERS.values() for f in pair])
+
+SUPPORTED_TYPES = tuple(GGML_TYPES[t].name for t in DECODERS)
+
+
+def chunk_location(qtype: int, c: int) -> tuple[int, int]:
+    """Byte offset of the block holding 32-value chunk c of a row, and the chunk index inside it."""
+    t = GGML_TYPES[qtype]
+    cpb = t.chunks_per_block
+    return (c // cpb) * t.chunk_bytes, c % cpb

@@ -4,9 +4,13 @@ Every supported type decodes in *chunks* of 32 consecutive values: a 32-value bl
 is one chunk, a 256-value K-quant block is 8 chunks, and for F32/F16/BF16 a "block" is 32 elements.
 Per type there are two functions, written once as plain Python over numpy scalars:
 
-    dq32_<t>(src, b, j, dst, o)      writes values [32j, 32j+32) of the block at byte b of src
+    dq32_<t>(src, b, j, dst, o, h)   writes values [32j, 32j+32) of the block at byte b of src
                                      (a 1-D uint8 array) into dst[o:o+32] (float32)
-    dot32_<t>(src, b, j, x, xo)      returns sum_l value[32j+l] * x[xo+l] (float32)
+    dot32_<t>(src, b, j, x, xo, h)   returns sum_l value[32j+l] * x[xo+l] (float32)
+
+`h` is always 16 (half a chunk). CPU callers pass it at run time on purpose: with a constant trip
+count LLVM fully unrolls the inner loops and then vectorizes the *chunk* loop with gathers (4x
+slower); with a run-time one it vectorizes the 16/32-value loop itself. CUDA kernels pass a constant.
 
 They are registered with numba's CPU extension registry here (callable from `njit` code) and with
 numba-cuda's registry by `backends.cuda` (callable from `cuda.jit` kernels); under the CUDA simulator
@@ -21,6 +25,10 @@ import numpy as np
 from numba.extending import register_jitable
 
 QK = 32                          # values per decode chunk
+
+# dot32_* may reassociate and contract (their sums are approximations anyway, and vectorizing a
+# float reduction needs reassociation); dq32_* and the helpers stay exact.
+FAST_FLAGS = frozenset({"reassoc", "contract", "nsz", "arcp"})
 
 
 @dataclass(frozen=True)
@@ -80,6 +88,15 @@ TYPE_IDS: dict[str, int] = {t.name: t.id for t in _TYPES}
 
 F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = 0, 1, 2, 3, 6, 7, 8
 Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, BF16 = 10, 11, 12, 13, 14, 30
+
+
+def _fast_jitable(fn):
+    register_jitable(fastmath=set(FAST_FLAGS))(fn)
+    _FAST.add(fn)
+    return fn
+
+
+_FAST: set = set()
 
 
 # --- scalar helpers -------------------------------------------------------------------------------
@@ -152,13 +169,16 @@ def _q3k_scale(src, b, i):
 
 
 # --- float types: a "block" is 32 elements --------------------------------------------------------
+# Each function first takes views of its block, its x chunk and its output chunk, so that every index
+# inside is a loop variable plus a constant: provably non-negative, which lets LLVM drop numba's
+# negative-index wraparound and vectorize the loads as contiguous.
 
 @register_jitable
-def dq32_f32(src, b, j, dst, o):
-    for l in range(QK):
-        p = b + 4 * l
-        bits = _u32(src, p)
-        dst[o + l] = _f32_from_bits(bits)
+def dq32_f32(src, b, j, dst, o, h):
+    s = src[b:b + 8 * h]
+    y = dst[o:o + 2 * h]
+    for l in range(2 * h):
+        y[l] = _f32_from_bits(_u32(s, 4 * l))
 
 
 @register_jitable
@@ -179,137 +199,152 @@ def _f32_from_bits(bits):
     return v
 
 
-@register_jitable
-def dot32_f32(src, b, j, x, xo):
+@_fast_jitable
+def dot32_f32(src, b, j, x, xo, h):
+    s = src[b:b + 8 * h]
+    xc = x[xo:xo + 2 * h]
     acc = np.float32(0)
-    for l in range(QK):
-        acc += _f32_from_bits(_u32(src, b + 4 * l)) * x[xo + l]
+    for l in range(2 * h):
+        acc += _f32_from_bits(_u32(s, 4 * l)) * xc[l]
     return acc
 
 
 @register_jitable
-def dq32_f16(src, b, j, dst, o):
-    for l in range(QK):
-        dst[o + l] = _f16(src, b + 2 * l)
+def dq32_f16(src, b, j, dst, o, h):
+    s = src[b:b + 4 * h]
+    y = dst[o:o + 2 * h]
+    for l in range(2 * h):
+        y[l] = _f16(s, 2 * l)
 
 
-@register_jitable
-def dot32_f16(src, b, j, x, xo):
+@_fast_jitable
+def dot32_f16(src, b, j, x, xo, h):
+    s = src[b:b + 4 * h]
+    xc = x[xo:xo + 2 * h]
     acc = np.float32(0)
-    for l in range(QK):
-        acc += _f16(src, b + 2 * l) * x[xo + l]
+    for l in range(2 * h):
+        acc += _f16(s, 2 * l) * xc[l]
     return acc
 
 
 @register_jitable
-def dq32_bf16(src, b, j, dst, o):
-    for l in range(QK):
-        dst[o + l] = _bf16(src, b + 2 * l)
+def dq32_bf16(src, b, j, dst, o, h):
+    s = src[b:b + 4 * h]
+    y = dst[o:o + 2 * h]
+    for l in range(2 * h):
+        y[l] = _bf16(s, 2 * l)
 
 
-@register_jitable
-def dot32_bf16(src, b, j, x, xo):
+@_fast_jitable
+def dot32_bf16(src, b, j, x, xo, h):
+    s = src[b:b + 4 * h]
+    xc = x[xo:xo + 2 * h]
     acc = np.float32(0)
-    for l in range(QK):
-        acc += _bf16(src, b + 2 * l) * x[xo + l]
+    for l in range(2 * h):
+        acc += _bf16(s, 2 * l) * xc[l]
     return acc
 
 
 # --- 32-value block types ---------------------------------------------------------------------------
 
 @register_jitable
-def dq32_q4_0(src, b, j, dst, o):
-    d = _f16(src, b)
-    for l in range(16):
-        q = np.int32(src[b + 2 + l])
-        dst[o + l] = d * np.float32((q & 15) - 8)
-        dst[o + 16 + l] = d * np.float32((q >> 4) - 8)
+def dq32_q4_0(src, b, j, dst, o, h):
+    s = src[b:b + 18]
+    y = dst[o:o + 2 * h]
+    d = _f16(s, 0)
+    for l in range(h):
+        q = np.int32(s[2 + l])
+        y[l] = d * np.float32((q & 15) - 8)
+        y[h + l] = d * np.float32((q >> 4) - 8)
 
 
-@register_jitable
-def dot32_q4_0(src, b, j, x, xo):
+@_fast_jitable
+def dot32_q4_0(src, b, j, x, xo, h):
+    s = src[b:b + 18]
+    xc = x[xo:xo + 2 * h]
     acc = np.float32(0)
-    for l in range(16):
-        q = np.int32(src[b + 2 + l])
-        acc += np.float32((q & 15) - 8) * x[xo + l] + np.float32((q >> 4) - 8) * x[xo + 16 + l]
-    return _f16(src, b) * acc
+    for l in range(h):
+        q = np.int32(s[2 + l])
+        acc += np.float32((q & 15) - 8) * xc[l] + np.float32((q >> 4) - 8) * xc[h + l]
+    return _f16(s, 0) * acc
 
 
 @register_jitable
-def dq32_q4_1(src, b, j, dst, o):
-    d = _f16(src, b)
-    m = _f16(src, b + 2)
-    for l in range(16):
-        q = np.int32(src[b + 4 + l])
-        dst[o + l] = d * np.float32(q & 15) + m
-        dst[o + 16 + l] = d * np.float32(q >> 4) + m
+def dq32_q4_1(src, b, j, dst, o, h):
+    s = src[b:b + 20]
+    y = dst[o:o + 2 * h]
+    d = _f16(s, 0)
+    m = _f16(s, 2)
+    for l in range(h):
+        q = np.int32(s[4 + l])
+        y[l] = d * np.float32(q & 15) + m
+        y[h + l] = d * np.float32(q >> 4) + m
 
 
-@register_jitable
-def dot32_q4_1(src, b, j, x, xo):
-    acc = np.float32(0)
-    xs = np.float32(0)
-    for l in range(16):
-        q = np.int32(src[b + 4 + l])
-        x0 = x[xo + l]
-        x1 = x[xo + 16 + l]
-        acc += np.float32(q & 15) * x0 + np.float32(q >> 4) * x1
-        xs += x0 + x1
-    return _f16(src, b) * acc + _f16(src, b + 2) * xs
-
-
-@register_jitable
-def dq32_q5_0(src, b, j, dst, o):
-    d = _f16(src, b)
-    qh = _u32(src, b + 2)
-    for l in range(16):
-        q = np.int32(src[b + 6 + l])
-        h0 = np.int32((qh >> l) & 1) << 4
-        h1 = np.int32((qh >> (l + 16)) & 1) << 4
-        dst[o + l] = d * np.float32(((q & 15) | h0) - 16)
-        dst[o + 16 + l] = d * np.float32(((q >> 4) | h1) - 16)
-
-
-@register_jitable
-def dot32_q5_0(src, b, j, x, xo):
-    qh = _u32(src, b + 2)
-    acc = np.float32(0)
-    for l in range(16):
-        q = np.int32(src[b + 6 + l])
-        h0 = np.int32((qh >> l) & 1) << 4
-        h1 = np.int32((qh >> (l + 16)) & 1) << 4
-        acc += (np.float32(((q & 15) | h0) - 16) * x[xo + l]
-                + np.float32(((q >> 4) | h1) - 16) * x[xo + 16 + l])
-    return _f16(src, b) * acc
-
-
-@register_jitable
-def dq32_q5_1(src, b, j, dst, o):
-    d = _f16(src, b)
-    m = _f16(src, b + 2)
-    qh = _u32(src, b + 4)
-    for l in range(16):
-        q = np.int32(src[b + 8 + l])
-        h0 = np.int32((qh >> l) & 1) << 4
-        h1 = np.int32((qh >> (l + 16)) & 1) << 4
-        dst[o + l] = d * np.float32((q & 15) | h0) + m
-        dst[o + 16 + l] = d * np.float32((q >> 4) | h1) + m
-
-
-@register_jitable
-def dot32_q5_1(src, b, j, x, xo):
-    qh = _u32(src, b + 4)
+@_fast_jitable
+def dot32_q4_1(src, b, j, x, xo, h):
+    s = src[b:b + 20]
+    xc = x[xo:xo + 2 * h]
     acc = np.float32(0)
     xs = np.float32(0)
-    for l in range(16):
-        q = np.int32(src[b + 8 + l])
-        h0 = np.int32((qh >> l) & 1) << 4
-        h1 = np.int32((qh >> (l + 16)) & 1) << 4
-        x0 = x[xo + l]
-        x1 = x[xo + 16 + l]
-        acc += np.float32((q & 15) | h0) * x0 + np.float32((q >> 4) | h1) * x1
-        xs += x0 + x1
-    return _f16(src, b) * acc + _f16(src, b + 2) * xs
+    for l in range(h):
+        q = np.int32(s[4 + l])
+        acc += np.float32(q & 15) * xc[l] + np.float32(q >> 4) * xc[h + l]
+        xs += xc[l] + xc[h + l]
+    return _f16(s, 0) * acc + _f16(s, 2) * xs
+
+
+@register_jitable
+def dq32_q5_0(src, b, j, dst, o, h):
+    s = src[b:b + 22]
+    y = dst[o:o + 2 * h]
+    d = _f16(s, 0)
+    qh = _u32(s, 2)
+    for l in range(h):
+        q = np.int32(s[6 + l])
+        y[l] = d * np.float32(((q & 15) | (np.int32((qh >> l) & 1) << 4)) - 16)
+        y[h + l] = d * np.float32(((q >> 4) | (np.int32((qh >> (l + h)) & 1) << 4)) - 16)
+
+
+@_fast_jitable
+def dot32_q5_0(src, b, j, x, xo, h):
+    s = src[b:b + 22]
+    xc = x[xo:xo + 2 * h]
+    qh = _u32(s, 2)
+    acc = np.float32(0)
+    for l in range(h):
+        q = np.int32(s[6 + l])
+        acc += (np.float32(((q & 15) | (np.int32((qh >> l) & 1) << 4)) - 16) * xc[l]
+                + np.float32(((q >> 4) | (np.int32((qh >> (l + h)) & 1) << 4)) - 16) * xc[h + l])
+    return _f16(s, 0) * acc
+
+
+@register_jitable
+def dq32_q5_1(src, b, j, dst, o, h):
+    s = src[b:b + 24]
+    y = dst[o:o + 2 * h]
+    d = _f16(s, 0)
+    m = _f16(s, 2)
+    qh = _u32(s, 4)
+    for l in range(h):
+        q = np.int32(s[8 + l])
+        y[l] = d * np.float32((q & 15) | (np.int32((qh >> l) & 1) << 4)) + m
+        y[h + l] = d * np.float32((q >> 4) | (np.int32((qh >> (l + h)) & 1) << 4)) + m
+
+
+@_fast_jitable
+def dot32_q5_1(src, b, j, x, xo, h):
+    s = src[b:b + 24]
+    xc = x[xo:xo + 2 * h]
+    qh = _u32(s, 4)
+    acc = np.float32(0)
+    xs = np.float32(0)
+    for l in range(h):
+        q = np.int32(s[8 + l])
+        acc += (np.float32((q & 15) | (np.int32((qh >> l) & 1) << 4)) * xc[l]
+                + np.float32((q >> 4) | (np.int32((qh >> (l + h)) & 1) << 4)) * xc[h + l])
+        xs += xc[l] + xc[h + l]
+    return _f16(s, 0) * acc + _f16(s, 2) * xs
 
 
 @register_jitable
@@ -319,167 +354,199 @@ def _i8(v):
 
 
 @register_jitable
-def dq32_q8_0(src, b, j, dst, o):
-    d = _f16(src, b)
-    for l in range(QK):
-        dst[o + l] = np.float32(_i8(src[b + 2 + l])) * d
+def dq32_q8_0(src, b, j, dst, o, h):
+    s = src[b:b + 34]
+    y = dst[o:o + 2 * h]
+    d = _f16(s, 0)
+    for l in range(2 * h):
+        y[l] = np.float32(_i8(s[2 + l])) * d
 
 
-@register_jitable
-def dot32_q8_0(src, b, j, x, xo):
+@_fast_jitable
+def dot32_q8_0(src, b, j, x, xo, h):
+    s = src[b:b + 34]
+    xc = x[xo:xo + 2 * h]
     acc = np.float32(0)
-    for l in range(QK):
-        acc += np.float32(_i8(src[b + 2 + l])) * x[xo + l]
-    return _f16(src, b) * acc
+    for l in range(2 * h):
+        acc += np.float32(_i8(s[2 + l])) * xc[l]
+    return _f16(s, 0) * acc
 
 
 # --- K-quants: 256-value blocks, 8 chunks of 32 ---------------------------------------------------
 
 @register_jitable
-def dq32_q2_k(src, b, j, dst, o):
-    d = _f16(src, b + 80)
-    dmin = _f16(src, b + 82)
-    n = j >> 2
+def dq32_q2_k(src, b, j, dst, o, h):
+    s = src[b:b + 84]
+    d = _f16(s, 80)
+    dmin = _f16(s, 82)
+    q = s[16 + 32 * (j >> 2):]                     # 32 bytes; 2-bit field (j & 3) of each
     shift = 2 * (j & 3)
     for half in range(2):
-        s = np.int32(src[b + 2 * j + half])          # scale index 8n + 2k + half = 2j + half
-        dl = d * np.float32(s & 15)
-        ml = dmin * np.float32(s >> 4)
-        for l in range(16):
-            q = (np.int32(src[b + 16 + 32 * n + 16 * half + l]) >> shift) & 3
-            dst[o + 16 * half + l] = dl * np.float32(q) - ml
+        sm = np.int32(s[2 * j + half])              # scale index 2j + half: lo nibble scale, hi min
+        dl = d * np.float32(sm & 15)
+        ml = dmin * np.float32(sm >> 4)
+        y = dst[o + h * half:o + h * half + h]
+        qq = q[h * half:h * half + h]
+        for l in range(h):
+            y[l] = dl * np.float32((np.int32(qq[l]) >> shift) & 3) - ml
 
 
-@register_jitable
-def dot32_q2_k(src, b, j, x, xo):
-    n = j >> 2
+@_fast_jitable
+def dot32_q2_k(src, b, j, x, xo, h):
+    s = src[b:b + 84]
+    q = s[16 + 32 * (j >> 2):]
     shift = 2 * (j & 3)
     acc = np.float32(0)
     mins = np.float32(0)
     for half in range(2):
-        s = np.int32(src[b + 2 * j + half])
+        sm = np.int32(s[2 * j + half])
+        xc = x[xo + h * half:xo + h * half + h]
+        qq = q[h * half:h * half + h]
         part = np.float32(0)
         xs = np.float32(0)
-        for l in range(16):
-            q = (np.int32(src[b + 16 + 32 * n + 16 * half + l]) >> shift) & 3
-            xv = x[xo + 16 * half + l]
-            part += np.float32(q) * xv
-            xs += xv
-        acc += np.float32(s & 15) * part
-        mins += np.float32(s >> 4) * xs
-    return _f16(src, b + 80) * acc - _f16(src, b + 82) * mins
+        for l in range(h):
+            part += np.float32((np.int32(qq[l]) >> shift) & 3) * xc[l]
+            xs += xc[l]
+        acc += np.float32(sm & 15) * part
+        mins += np.float32(sm >> 4) * xs
+    return _f16(s, 80) * acc - _f16(s, 82) * mins
 
 
 @register_jitable
-def dq32_q3_k(src, b, j, dst, o):
-    d = _f16(src, b + 108)
-    n = j >> 2
-    k = j & 3
+def dq32_q3_k(src, b, j, dst, o, h):
+    s = src[b:b + 110]
+    d = _f16(s, 108)
+    q = s[32 + 32 * (j >> 2):]                      # low 2 bits: field (j & 3)
+    lshift = 2 * (j & 3)
+    hshift = j                                      # high bit: bit (4n + k) = j of hmask[l]
     for half in range(2):
-        dl = d * np.float32(_q3k_scale(src, b + 96, 2 * j + half))
-        for l in range(16 * half, 16 * half + 16):
-            lo = (np.int32(src[b + 32 + 32 * n + l]) >> (2 * k)) & 3
-            hbit = (np.int32(src[b + l]) >> (4 * n + k)) & 1
-            dst[o + l] = dl * np.float32(lo - ((hbit ^ 1) << 2))
+        dl = d * np.float32(_q3k_scale(s, 96, 2 * j + half))
+        y = dst[o + h * half:o + h * half + h]
+        qq = q[h * half:h * half + h]
+        hm = s[h * half:h * half + h]
+        for l in range(h):
+            lo = (np.int32(qq[l]) >> lshift) & 3
+            hb = (np.int32(hm[l]) >> hshift) & 1
+            y[l] = dl * np.float32(lo - ((hb ^ 1) << 2))
 
 
-@register_jitable
-def dot32_q3_k(src, b, j, x, xo):
-    n = j >> 2
-    k = j & 3
+@_fast_jitable
+def dot32_q3_k(src, b, j, x, xo, h):
+    s = src[b:b + 110]
+    q = s[32 + 32 * (j >> 2):]
+    lshift = 2 * (j & 3)
     acc = np.float32(0)
     for half in range(2):
+        xc = x[xo + h * half:xo + h * half + h]
+        qq = q[h * half:h * half + h]
+        hm = s[h * half:h * half + h]
         part = np.float32(0)
-        for l in range(16 * half, 16 * half + 16):
-            lo = (np.int32(src[b + 32 + 32 * n + l]) >> (2 * k)) & 3
-            hbit = (np.int32(src[b + l]) >> (4 * n + k)) & 1
-            part += np.float32(lo - ((hbit ^ 1) << 2)) * x[xo + l]
-        acc += np.float32(_q3k_scale(src, b + 96, 2 * j + half)) * part
-    return _f16(src, b + 108) * acc
+        for l in range(h):
+            lo = (np.int32(qq[l]) >> lshift) & 3
+            hb = (np.int32(hm[l]) >> j) & 1
+            part += np.float32(lo - ((hb ^ 1) << 2)) * xc[l]
+        acc += np.float32(_q3k_scale(s, 96, 2 * j + half)) * part
+    return _f16(s, 108) * acc
 
 
 @register_jitable
-def dq32_q4_k(src, b, j, dst, o):
-    sc, mn = _k_scale_min(src, b + 4, j)
-    d = _f16(src, b) * np.float32(sc)
-    m = _f16(src, b + 2) * np.float32(mn)
-    qb = b + 16 + 32 * (j >> 1)
+def dq32_q4_k(src, b, j, dst, o, h):
+    s = src[b:b + 144]
+    y = dst[o:o + 2 * h]
+    sc, mn = _k_scale_min(s, 4, j)
+    d = _f16(s, 0) * np.float32(sc)
+    m = _f16(s, 2) * np.float32(mn)
+    q = s[16 + 32 * (j >> 1):]                      # 32 bytes; nibble (j & 1) of each
     shift = 4 * (j & 1)
-    for l in range(QK):
-        dst[o + l] = d * np.float32((np.int32(src[qb + l]) >> shift) & 15) - m
+    for l in range(2 * h):
+        y[l] = d * np.float32((np.int32(q[l]) >> shift) & 15) - m
 
 
-@register_jitable
-def dot32_q4_k(src, b, j, x, xo):
-    sc, mn = _k_scale_min(src, b + 4, j)
-    qb = b + 16 + 32 * (j >> 1)
+@_fast_jitable
+def dot32_q4_k(src, b, j, x, xo, h):
+    s = src[b:b + 144]
+    xc = x[xo:xo + 2 * h]
+    sc, mn = _k_scale_min(s, 4, j)
+    q = s[16 + 32 * (j >> 1):]
     shift = 4 * (j & 1)
     acc = np.float32(0)
     xs = np.float32(0)
-    for l in range(QK):
-        xv = x[xo + l]
-        acc += np.float32((np.int32(src[qb + l]) >> shift) & 15) * xv
-        xs += xv
-    return (_f16(src, b) * np.float32(sc)) * acc - (_f16(src, b + 2) * np.float32(mn)) * xs
+    for l in range(2 * h):
+        acc += np.float32((np.int32(q[l]) >> shift) & 15) * xc[l]
+        xs += xc[l]
+    return (_f16(s, 0) * np.float32(sc)) * acc - (_f16(s, 2) * np.float32(mn)) * xs
 
 
 @register_jitable
-def dq32_q5_k(src, b, j, dst, o):
-    sc, mn = _k_scale_min(src, b + 4, j)
-    d = _f16(src, b) * np.float32(sc)
-    m = _f16(src, b + 2) * np.float32(mn)
-    qb = b + 48 + 32 * (j >> 1)
+def dq32_q5_k(src, b, j, dst, o, h):
+    s = src[b:b + 176]
+    y = dst[o:o + 2 * h]
+    sc, mn = _k_scale_min(s, 4, j)
+    d = _f16(s, 0) * np.float32(sc)
+    m = _f16(s, 2) * np.float32(mn)
+    q = s[48 + 32 * (j >> 1):]
+    qh = s[16:48]                                   # 5th bit of value l of chunk j: bit j of qh[l]
     shift = 4 * (j & 1)
-    for l in range(QK):
-        q = ((np.int32(src[qb + l]) >> shift) & 15) | (((np.int32(src[b + 16 + l]) >> j) & 1) << 4)
-        dst[o + l] = d * np.float32(q) - m
+    for l in range(2 * h):
+        v = ((np.int32(q[l]) >> shift) & 15) | (((np.int32(qh[l]) >> j) & 1) << 4)
+        y[l] = d * np.float32(v) - m
 
 
-@register_jitable
-def dot32_q5_k(src, b, j, x, xo):
-    sc, mn = _k_scale_min(src, b + 4, j)
-    qb = b + 48 + 32 * (j >> 1)
+@_fast_jitable
+def dot32_q5_k(src, b, j, x, xo, h):
+    s = src[b:b + 176]
+    xc = x[xo:xo + 2 * h]
+    sc, mn = _k_scale_min(s, 4, j)
+    q = s[48 + 32 * (j >> 1):]
+    qh = s[16:48]
     shift = 4 * (j & 1)
     acc = np.float32(0)
     xs = np.float32(0)
-    for l in range(QK):
-        q = ((np.int32(src[qb + l]) >> shift) & 15) | (((np.int32(src[b + 16 + l]) >> j) & 1) << 4)
-        xv = x[xo + l]
-        acc += np.float32(q) * xv
-        xs += xv
-    return (_f16(src, b) * np.float32(sc)) * acc - (_f16(src, b + 2) * np.float32(mn)) * xs
+    for l in range(2 * h):
+        v = ((np.int32(q[l]) >> shift) & 15) | (((np.int32(qh[l]) >> j) & 1) << 4)
+        acc += np.float32(v) * xc[l]
+        xs += xc[l]
+    return (_f16(s, 0) * np.float32(sc)) * acc - (_f16(s, 2) * np.float32(mn)) * xs
 
 
 @register_jitable
-def dq32_q6_k(src, b, j, dst, o):
-    d = _f16(src, b + 208)
-    h = j >> 2
-    r = j & 3
-    qlb = b + 64 * h + 32 * (r & 1)
-    shift = 4 * (r >> 1)
+def dq32_q6_k(src, b, j, dst, o, h):
+    s = src[b:b + 210]
+    d = _f16(s, 208)
+    hb = j >> 2                                     # 128-value half of the block
+    r = j & 3                                       # which of its 4 32-value runs
+    ql = s[64 * hb + 32 * (r & 1):]                 # low 4 bits: nibble (r >> 1)
+    qh = s[128 + 32 * hb:]                          # high 2 bits: field r
+    lshift = 4 * (r >> 1)
     for half in range(2):
-        dl = d * np.float32(_i8(src[b + 192 + 8 * h + 2 * r + half]))
-        for l in range(16 * half, 16 * half + 16):
-            lo = (np.int32(src[qlb + l]) >> shift) & 15
-            hi = (np.int32(src[b + 128 + 32 * h + l]) >> (2 * r)) & 3
-            dst[o + l] = dl * np.float32((lo | (hi << 4)) - 32)
+        dl = d * np.float32(_i8(s[192 + 8 * hb + 2 * r + half]))
+        y = dst[o + h * half:o + h * half + h]
+        a = ql[h * half:h * half + h]
+        c = qh[h * half:h * half + h]
+        for l in range(h):
+            v = ((np.int32(a[l]) >> lshift) & 15) | (((np.int32(c[l]) >> (2 * r)) & 3) << 4)
+            y[l] = dl * np.float32(v - 32)
 
 
-@register_jitable
-def dot32_q6_k(src, b, j, x, xo):
-    h = j >> 2
+@_fast_jitable
+def dot32_q6_k(src, b, j, x, xo, h):
+    s = src[b:b + 210]
+    hb = j >> 2
     r = j & 3
-    qlb = b + 64 * h + 32 * (r & 1)
-    shift = 4 * (r >> 1)
+    ql = s[64 * hb + 32 * (r & 1):]
+    qh = s[128 + 32 * hb:]
+    lshift = 4 * (r >> 1)
     acc = np.float32(0)
     for half in range(2):
+        xc = x[xo + h * half:xo + h * half + h]
+        a = ql[h * half:h * half + h]
+        c = qh[h * half:h * half + h]
         part = np.float32(0)
-        for l in range(16 * half, 16 * half + 16):
-            lo = (np.int32(src[qlb + l]) >> shift) & 15
-            hi = (np.int32(src[b + 128 + 32 * h + l]) >> (2 * r)) & 3
-            part += np.float32((lo | (hi << 4)) - 32) * x[xo + l]
-        acc += np.float32(_i8(src[b + 192 + 8 * h + 2 * r + half])) * part
-    return _f16(src, b + 208) * acc
+        for l in range(h):
+            v = ((np.int32(a[l]) >> lshift) & 15) | (((np.int32(c[l]) >> (2 * r)) & 3) << 4)
+            part += np.float32(v - 32) * xc[l]
+        acc += np.float32(_i8(s[192 + 8 * hb + 2 * r + half])) * part
+    return _f16(s, 208) * acc
 
 
 # type id -> (dq32, dot32). The one place a new format is added.
@@ -491,9 +558,11 @@ DECODERS = {
     Q5_K: (dq32_q5_k, dot32_q5_k), Q6_K: (dq32_q6_k, dot32_q6_k),
 }
 
-# every jitable above, for backends that register them with another target (numba-cuda)
-JITABLES = (f16_to_f32, _f16, _u32, _bf16, _pow2, _k_scale_min, _q3k_scale, _f32_from_bits, _i8,
-            *[f for pair in DECODERS.values() for f in pair])
+# every jitable above, for backends that register them with another target (numba-cuda), and
+# whether it may use fast math
+JITABLES = tuple((f, f in _FAST) for f in (
+    f16_to_f32, _f16, _u32, _bf16, _pow2, _k_scale_min, _q3k_scale, _f32_from_bits, _i8,
+    *[f for pair in DECODERS.values() for f in pair]))
 
 SUPPORTED_TYPES = tuple(GGML_TYPES[t].name for t in DECODERS)
 

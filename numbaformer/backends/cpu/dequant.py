@@ -16,14 +16,14 @@ def _dequantize_kernel(qtype: int):
     chunks_per_block = GGML_TYPES[qtype].chunks_per_block
 
     @njit(parallel=True, cache=True)
-    def kernel(raw, out):
+    def kernel(raw, out, h):
         # raw: (rows, row_bytes) uint8 -> out: (rows, n) float32; one row per prange iteration
         n_chunks = out.shape[1] // QK
         for r in prange(raw.shape[0]):
             src = raw[r]
             dst = out[r]
             for c in range(n_chunks):
-                dq32(src, (c // chunks_per_block) * chunk_bytes, c % chunks_per_block, dst, QK * c)
+                dq32(src, (c // chunks_per_block) * chunk_bytes, c % chunks_per_block, dst, QK * c, h)
 
     return kernel
 
@@ -35,5 +35,5 @@ def dequantize(raw: np.ndarray, qtype: int, n: int) -> np.ndarray:
         raise ValueError(f"dequantize: {t.name} rows of {n} values need {t.row_bytes(n)} bytes "
                          f"and n % {QK} == 0, got raw {raw.shape}")
     out = np.empty((raw.shape[0], n), dtype=np.float32)
-    _dequantize_kernel(qtype)(raw, out)
+    _dequantize_kernel(qtype)(raw, out, QK // 2)
     return out

@@ -1,0 +1,153 @@
+"""The one forward graph: embedding -> L x (attention block, feed-forward block) -> norm -> logits.
+
+Reads like llama2.c's forward(): a loop over layers calling ops from a backend's op table. No numba
+here; llama and qwen2 differ only in config flags (rope layout, QKV bias, tied embeddings).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from types import SimpleNamespace
+
+import numpy as np
+
+from .backends.base import Backend, RopeParams
+from .kvcache import KVCache
+from .loader import ModelFile
+
+
+class Buffers:
+    """Activations for up to n_batch tokens, allocated once; `rows(n)` gives views of n rows."""
+
+    def __init__(self, ops: Backend, cfg, n_batch: int):
+        a = ops.alloc
+        self.ids = a((n_batch,), np.int32)               # token ids of this step
+        self.pos = a((n_batch,), np.int32)               # their positions
+        self.x = a((n_batch, cfg.n_embd))                # residual stream
+        self.xn = a((n_batch, cfg.n_embd))               # normed input of a block
+        self.proj = a((n_batch, cfg.n_embd))             # block output before the residual add
+        self.q = a((n_batch, cfg.q_dim))
+        self.attn = a((n_batch, cfg.q_dim))              # attention output, heads concatenated
+        self.k = a((n_batch, cfg.kv_dim))
+        self.v = a((n_batch, cfg.kv_dim))
+        self.gate = a((n_batch, cfg.n_ff))
+        self.up = a((n_batch, cfg.n_ff))
+        self.logits = a((1, cfg.n_vocab))                # last token's logits
+        self.next_id = a((1,), np.int32)                 # greedy pick, on the device
+        self._all_logits = None
+        self._ops, self._cfg, self.n_batch = ops, cfg, n_batch
+
+    def all_logits(self):
+        """(n_batch, n_vocab) logits of every token (scoring only; allocated on first use)."""
+        if self._all_logits is None:
+            self._all_logits = self._ops.alloc((self.n_batch, self._cfg.n_vocab))
+        return self._all_logits
+
+    @functools.lru_cache(maxsize=8)
+    def rows(self, n: int) -> SimpleNamespace:
+        names = ("ids", "pos", "x", "xn", "proj", "q", "attn", "k", "v", "gate", "up")
+        v = SimpleNamespace(**{k: getattr(self, k)[:n] for k in names})
+        v.x_last = self.x[n - 1:n]
+        v.xn_last = self.xn[n - 1:n]
+        return v
+
+
+class Model:
+    """A loaded model on a backend, with its KV cache for n_ctx positions."""
+
+    def __init__(self, mf: ModelFile, ops: Backend, n_ctx: int, n_batch: int = 512):
+        cfg = mf.config
+        self.cfg, self.ops, self.n_ctx = cfg, ops, n_ctx
+        self.n_batch = max(1, min(n_batch, n_ctx))
+        self.w = ops.upload(mf.weights)
+        self.kv = KVCache(ops, cfg, n_ctx, ops.kv_dtype)
+        self.buf = Buffers(ops, cfg, self.n_batch)
+        self.rope = RopeParams.from_config(cfg)
+        self.inv_freq = ops.to_device(self.rope.inv_freq(mf.weights.rope_freqs))
+        self.scale = 1.0 / math.sqrt(cfg.head_dim)
+
+    def forward(self, ids, start_pos: int, *, greedy: bool = False):
+        """Run tokens `ids` at positions start_pos.. (in chunks of n_batch); return the last
+        token's logits (1, n_vocab) as a backend array. With greedy, also leave its argmax in
+        buf.next_id (read it with `greedy_token()`)."""
+        ids = self._check(ids, start_pos)
+        for c in range(0, len(ids), self.n_batch):
+            chunk = ids[c:c + self.n_batch]
+            self._load_step(chunk, start_pos + c)
+            v = self.buf.rows(len(chunk))
+            last = c + self.n_batch >= len(ids)
+            if len(chunk) == 1:
+                self.ops.replay(("decode", greedy), lambda: self._run(v, greedy))
+            else:
+                self._layers(v)
+                if last:
+                    self._head(v.x_last, v.xn_last, self.buf.logits, greedy)
+        return self.buf.logits
+
+    def forward_all(self, ids, start_pos: int = 0) -> np.ndarray:
+        """Logits of every position (n, n_vocab) as a host float32 array (teacher forcing)."""
+        ids = self._check(ids, start_pos)
+        out = np.empty((len(ids), self.cfg.n_vocab), dtype=np.float32)
+        for c in range(0, len(ids), self.n_batch):
+            chunk = ids[c:c + self.n_batch]
+            n = len(chunk)
+            self._load_step(chunk, start_pos + c)
+            v = self.buf.rows(n)
+            self._layers(v)
+            logits = self.buf.all_logits()[:n]
+            self._head(v.x, v.xn, logits, False)
+            out[c:c + n] = self.ops.to_host(logits)
+        return out
+
+    def greedy_token(self) -> int:
+        return int(self.ops.to_host(self.buf.next_id)[0])
+
+    def _check(self, ids, start_pos: int) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if len(ids) == 0:
+            raise ValueError("no tokens to run")
+        if start_pos < 0 or start_pos + len(ids) > self.n_ctx:
+            raise ValueError(f"positions {start_pos}..{start_pos + len(ids) - 1} exceed the "
+                             f"context of {self.n_ctx} tokens")
+        bad = (ids < 0) | (ids >= self.cfg.n_vocab)
+        if bad.any():
+            raise ValueError(f"token id {int(ids[bad][0])} is outside the vocabulary "
+                             f"(0..{self.cfg.n_vocab - 1})")
+        return ids.astype(np.int32)
+
+    def _load_step(self, chunk: np.ndarray, pos0: int) -> None:
+        self.ops.copy_in(self.buf.ids, chunk)
+        self.ops.copy_in(self.buf.pos, np.arange(pos0, pos0 + len(chunk), dtype=np.int32))
+
+    def _run(self, v, greedy: bool) -> None:
+        self._layers(v)
+        self._head(v.x_last, v.xn_last, self.buf.logits, greedy)
+
+    def _layers(self, v) -> None:
+        ops, cfg, kv = self.ops, self.cfg, self.kv
+        ops.embed(v.x, self.w.token_embd, v.ids)
+        for i, L in enumerate(self.w.layers):
+            # attention block
+            ops.rmsnorm(v.xn, v.x, L.attn_norm, cfg.norm_eps)
+            ops.matmul(v.q, v.xn, L.attn_q, L.attn_q_bias)
+            ops.matmul(v.k, v.xn, L.attn_k, L.attn_k_bias)
+            ops.matmul(v.v, v.xn, L.attn_v, L.attn_v_bias)
+            ops.rope(v.q, v.pos, cfg.n_head, self.inv_freq, self.rope)
+            ops.rope(v.k, v.pos, cfg.n_head_kv, self.inv_freq, self.rope)
+            ops.kv_store(kv.k, kv.v, i, v.k, v.v, v.pos)
+            ops.attention(v.attn, v.q, kv.k, kv.v, i, v.pos, self.scale)
+            ops.matmul(v.proj, v.attn, L.attn_output)
+            ops.add(v.x, v.x, v.proj)
+            # feed-forward block
+            ops.rmsnorm(v.xn, v.x, L.ffn_norm, cfg.norm_eps)
+            ops.matmul(v.gate, v.xn, L.ffn_gate)
+            ops.matmul(v.up, v.xn, L.ffn_up)
+            ops.silu_mul(v.gate, v.gate, v.up)
+            ops.matmul(v.proj, v.gate, L.ffn_down)
+            ops.add(v.x, v.x, v.proj)
+
+    def _head(self, x, xn, logits, greedy: bool) -> None:
+        self.ops.rmsnorm(xn, x, self.w.output_norm, self.cfg.norm_eps)
+        self.ops.matmul(logits, xn, self.w.output)
+        if greedy:
+            self.ops.argmax(self.buf.next_id, logits[0])

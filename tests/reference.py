@@ -1,0 +1,105 @@
+"""Plain NumPy float64 reference: every op and the whole forward, from dequantized weights.
+
+Independent of the engine: weights are dequantized with gguf.quants.dequantize, arithmetic is float64,
+rope follows llama.cpp's layouts (llama: adjacent pairs; qwen2: NeoX halves).
+"""
+from __future__ import annotations
+
+import numpy as np
+from gguf.constants import GGMLQuantizationType
+from gguf.quants import dequantize as gguf_dequantize
+
+
+def dequant(t) -> np.ndarray:
+    """A QTensor (or raw rows + type) -> float64 (rows, cols) via gguf's reference decoder."""
+    raw = np.asarray(t.data)
+    return gguf_dequantize(raw, GGMLQuantizationType(t.qtype)).astype(np.float64).reshape(t.rows, t.cols)
+
+
+def rmsnorm(x, w, eps):
+    x = np.asarray(x, np.float64)
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * np.asarray(w, np.float64)
+
+
+def inv_freq(rope_dim, base, freq_scale=1.0, factors=None):
+    f = freq_scale * base ** (-2.0 * np.arange(rope_dim // 2) / rope_dim)
+    return f if factors is None else f / np.asarray(factors, np.float64)
+
+
+def rope(x, pos, n_heads, head_dim, rope_dim, freqs, neox):
+    """x (n, n_heads*head_dim); rotate the first rope_dim dims of each head by pos * freqs."""
+    x = np.array(x, np.float64).reshape(len(pos), n_heads, head_dim)
+    theta = np.asarray(pos, np.float64)[:, None] * freqs[None, :]          # (n, rope_dim/2)
+    c, s = np.cos(theta)[:, None, :], np.sin(theta)[:, None, :]
+    half = rope_dim // 2
+    if neox:
+        a, b = x[..., :half].copy(), x[..., half:rope_dim].copy()
+        x[..., :half], x[..., half:rope_dim] = a * c - b * s, a * s + b * c
+    else:
+        a, b = x[..., 0:rope_dim:2].copy(), x[..., 1:rope_dim:2].copy()
+        x[..., 0:rope_dim:2], x[..., 1:rope_dim:2] = a * c - b * s, a * s + b * c
+    return x.reshape(len(pos), n_heads * head_dim)
+
+
+def attention(q, k, v, q_pos, k_pos, n_head, n_kv, head_dim):
+    """Causal GQA: q (n, n_head*hd) at q_pos attends to keys k, v (m, n_kv*hd) with k_pos <= q_pos."""
+    n, group = len(q_pos), n_head // n_kv
+    qh = q.reshape(n, n_head, head_dim)
+    kh = k.reshape(len(k_pos), n_kv, head_dim)
+    vh = v.reshape(len(k_pos), n_kv, head_dim)
+    out = np.zeros((n, n_head, head_dim))
+    for h in range(n_head):
+        g = h // group
+        s = qh[:, h] @ kh[:, g].T / np.sqrt(head_dim)                          # (n, m)
+        s = np.where(np.asarray(k_pos)[None, :] <= np.asarray(q_pos)[:, None], s, -np.inf)
+        s = np.exp(s - s.max(axis=1, keepdims=True))
+        out[:, h] = (s / s.sum(axis=1, keepdims=True)) @ vh[:, g]
+    return out.reshape(n, n_head * head_dim)
+
+
+def silu(x):
+    return x / (1.0 + np.exp(-x))
+
+
+class ReferenceModel:
+    """Float64 forward of a whole model; weights dequantized once (fine for small models)."""
+
+    def __init__(self, mf):
+        self.cfg, w = mf.config, mf.weights
+        self.embd = dequant(w.token_embd)
+        self.out = self.embd if w.output is w.token_embd else dequant(w.output)
+        self.out_norm = w.output_norm.astype(np.float64)
+        self.freqs = inv_freq(self.cfg.rope_dim, self.cfg.rope_base, self.cfg.rope_freq_scale,
+                              w.rope_freqs)
+        self.layers = []
+        for L in w.layers:
+            d = {k: dequant(getattr(L, k)) for k in ("attn_q", "attn_k", "attn_v", "attn_output",
+                                                     "ffn_gate", "ffn_up", "ffn_down")}
+            for k in ("attn_norm", "ffn_norm", "attn_q_bias", "attn_k_bias", "attn_v_bias"):
+                val = getattr(L, k)
+                d[k] = None if val is None else val.astype(np.float64)
+            self.layers.append(d)
+
+    def forward(self, ids) -> np.ndarray:
+        """Logits (n, n_vocab) float64 for tokens ids at positions 0..n-1."""
+        c = self.cfg
+        pos = np.arange(len(ids))
+        x = self.embd[np.asarray(ids)]
+        for L in self.layers:
+            h = rmsnorm(x, L["attn_norm"], c.norm_eps)
+            q, k, v = h @ L["attn_q"].T, h @ L["attn_k"].T, h @ L["attn_v"].T
+            if L["attn_q_bias"] is not None:
+                q, k, v = q + L["attn_q_bias"], k + L["attn_k_bias"], v + L["attn_v_bias"]
+            q = rope(q, pos, c.n_head, c.head_dim, c.rope_dim, self.freqs, c.rope_neox)
+            k = rope(k, pos, c.n_head_kv, c.head_dim, c.rope_dim, self.freqs, c.rope_neox)
+            a = attention(q, k, v, pos, pos, c.n_head, c.n_head_kv, c.head_dim)
+            x = x + a @ L["attn_output"].T
+            h = rmsnorm(x, L["ffn_norm"], c.norm_eps)
+            x = x + (silu(h @ L["ffn_gate"].T) * (h @ L["ffn_up"].T)) @ L["ffn_down"].T
+        return rmsnorm(x, self.out_norm, c.norm_eps) @ self.out.T
+
+
+def log_softmax(logits):
+    logits = np.asarray(logits, np.float64)
+    m = logits.max(axis=-1, keepdims=True)
+    return logits - m - np.log(np.exp(logits - m).sum(axis=-1, keepdims=True))

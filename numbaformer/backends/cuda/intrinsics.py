@@ -12,8 +12,7 @@ Inline asm (not LLVM intrinsics) is used because NVVM keeps it verbatim, so the 
 guaranteed. The asm is pure (no side effects, no memory clobber): LLVM may hoist, merge or drop it like
 any arithmetic; that is right for the loads only because they read data the kernel does not write.
 
-Kernels that call these are cached by numba on their own file's bytecode only: after editing this file,
-clear the cache (docs/numba-cuda-notes.md, "cache=True").
+numba's cache keys a kernel on its own file only, not on this one (docs/numba-cuda-notes.md, "cache=True").
 """
 import threading
 
@@ -67,8 +66,9 @@ def dp4a(a, b, c):
 def prmt(a, b, sel):
     """Byte permute, PTX `prmt.b32` (default mode), as uint32. The 8 source bytes are a (bytes 0-3)
     then b (bytes 4-7); nibble k of sel picks result byte k: its low 3 bits select a source byte, its
-    bit 3 replaces that byte by its sign (0xFF or 0x00). Uses: a 16-entry byte table lookup from 4-bit
-    indices (two prmt on a table held in 4 words), sign-extending bytes, gathering bytes."""
+    bit 3 replaces that byte by its sign (0xFF or 0x00). Uses: byte-table lookups from 3-bit indices
+    (a 16-entry table, as IQ4_NL's, takes one prmt per 8-entry half and a select on bit 3),
+    sign-extending bytes, gathering bytes."""
     src = ((int(b) & _U32) << 32) | (int(a) & _U32)
     out = 0
     for k in range(4):
@@ -86,11 +86,13 @@ def shf_r(lo, hi, n):
     return np.uint32(((((int(hi) & _U32) << 32) | (int(lo) & _U32)) >> (int(n) & 31)) & _U32)
 
 
-# Warp shuffles: on the GPU these are numba's cuda.shfl_*_sync (32-bit or 64-bit ints and floats).
-# The simulator has none (numba issue 8433), so here every participating lane posts its value in a
-# slot of its warp and waits on a barrier per (block, warp, mask), reads its source lane's slot, and
-# waits again so no lane overwrites a slot before all have read. As on the hardware, every lane named
-# in mask must make the same calls; a source lane outside mask is an error (undefined on the GPU).
+# Warp shuffles: on the GPU these are numba's cuda.shfl_*_sync (value int32, int64, float32 or
+# float64; cast a uint32 first). The simulator has none (numba issue 8433), so here every participating
+# lane posts its value in a slot of its warp and waits on a barrier per (block, warp, mask), reads its
+# source lane's slot, and waits again so no lane overwrites a slot before all have read. As on the
+# hardware, every lane named in mask must make the same calls; a source lane outside mask is an error
+# (undefined on the GPU). The warp and lane come from the simulator's BlockThread (thread_id,
+# _manager: numba-cuda 0.30.4 simulator/kernel.py).
 
 _SIM_LOCK = threading.Lock()
 _SIM_TIMEOUT_S = 60.0

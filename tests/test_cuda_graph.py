@@ -1,0 +1,234 @@
+"""backends/cuda/graph.py and launch.py: the simulator fallbacks (NUMBA_ENABLE_CUDASIM=1), and on a real
+GPU (`pytest -m cuda`) graph capture and replay, capture errors, PreparedLaunch, and the dynamic shared
+memory opt-in."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import numbaformer.backends.cuda  # noqa: F401  (numpy shim before numba.cuda)
+from numba import cuda
+from numba.cuda.core import config
+from numbaformer.backends.cuda.graph import CudaGraph, GraphError, compile_for, graphs_supported
+from numbaformer.backends.cuda.launch import PreparedLaunch, set_max_dynamic_shared_memory
+
+SIM = config.ENABLE_CUDASIM
+GPU = not SIM and cuda.is_available()
+needs_sim = pytest.mark.skipif(not SIM, reason="runs under NUMBA_ENABLE_CUDASIM=1")
+needs_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU (not the simulator)")
+
+
+@cuda.jit
+def _accumulate(counter, value):
+    """One thread: counter[0] += value[0]; both (1,) int64. The value is read from device memory, so a
+    replayed graph sees what the host wrote there since."""
+    if cuda.grid(1) == 0:
+        counter[0] += value[0]
+
+
+@cuda.jit
+def _axpy(out, x, a, n):
+    """out[i] = a * x[i] + out[i], one thread per element; (n,) float32."""
+    i = cuda.grid(1)
+    if i < n:
+        out[i] = a * x[i] + out[i]
+
+
+@cuda.jit
+def _dynamic_shared_sum(out, n_words):
+    """One block: its threads fill n_words int32 of dynamic shared memory with 0..n_words-1 (strided
+    by blockDim), sync so all are written, then thread 0 sums them into out[0]."""
+    smem = cuda.shared.array(0, np.int32)
+    for j in range(cuda.threadIdx.x, n_words, cuda.blockDim.x):
+        smem[j] = j
+    cuda.syncthreads()
+    if cuda.threadIdx.x == 0:
+        total = 0
+        for j in range(n_words):
+            total += smem[j]
+        out[0] = total
+
+
+def capture_and_replay(n_launches, values):
+    """Capture n_launches of _accumulate, replay once per value with value[0] set before each replay;
+    returns the counter right after capture and at the end (expected 0 and n_launches * sum)."""
+    stream = cuda.stream()
+    counter = cuda.to_device(np.zeros(1, np.int64), stream=stream)
+    value = cuda.to_device(np.zeros(1, np.int64), stream=stream)
+    compile_for(_accumulate, counter, value)
+
+    def step():
+        for _ in range(n_launches):
+            _accumulate[1, 1, stream](counter, value)
+
+    with CudaGraph() as graph:
+        graph.capture(stream, step)
+        after_capture = counter.copy_to_host(stream=stream)
+        for v in values:
+            value.copy_to_device(np.array([v], np.int64), stream=stream)
+            graph.launch(stream)
+        final = counter.copy_to_host(stream=stream)
+        stream.synchronize()
+    return after_capture[0], final[0]
+
+
+# ---- simulator ----
+
+@needs_sim
+def test_sim_graph_calls_fn_on_each_launch():
+    assert not graphs_supported()
+    values = [3, -1, 7]
+    assert capture_and_replay(20, values) == (0, 20 * sum(values))
+
+
+@needs_sim
+def test_sim_graph_misuse():
+    graph = CudaGraph()
+    with pytest.raises(GraphError):
+        graph.launch(0)
+    with pytest.raises(ValueError):
+        graph.capture(0, lambda: None, mode="loose")
+    graph.capture(0, lambda: None)
+    with pytest.raises(GraphError):
+        graph.capture(0, lambda: None)
+    graph.close()
+    graph.capture(0, lambda: None)
+
+
+@needs_sim
+def test_sim_prepared_launch():
+    n = 40
+    x = np.arange(n, dtype=np.float32)
+    out = cuda.to_device(np.zeros(n, np.float32))
+    launch = PreparedLaunch(_axpy, 2, 32, 0, (out, cuda.to_device(x), np.float32(2.0), n))
+    launch()
+    launch.set_arg(2, np.float32(-1.0))
+    launch()
+    np.testing.assert_array_equal(out.copy_to_host(), x)  # 2x - x
+
+
+# ---- GPU ----
+
+@pytest.mark.cuda
+@needs_gpu
+def test_gpu_graph_replays_300_launches_reading_device_values():
+    assert graphs_supported()
+    values = [1, 5, -2, 1000, 7, 0, 3, 11, -9, 2]
+    assert capture_and_replay(300, values) == (0, 300 * sum(values))
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_gpu_capture_error_is_raised_and_stream_stays_usable():
+    stream = cuda.stream()
+    graph = CudaGraph()
+    with pytest.raises(Exception):
+        graph.capture(stream, stream.synchronize)  # synchronizing a capturing stream is illegal
+    graph.close()
+    counter = cuda.to_device(np.zeros(1, np.int64), stream=stream)
+    value = cuda.to_device(np.ones(1, np.int64), stream=stream)
+    compile_for(_accumulate, counter, value)
+    graph.capture(stream, lambda: _accumulate[1, 1, stream](counter, value))
+    graph.launch(stream)
+    stream.synchronize()
+    graph.close()
+    assert counter.copy_to_host()[0] == 1
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_gpu_prepared_launch_matches_and_is_cheaper():
+    n, stream = 1 << 20, cuda.stream()
+    x = cuda.to_device(np.arange(n, dtype=np.float32), stream=stream)
+    out = cuda.to_device(np.zeros(n, np.float32), stream=stream)
+    grid = (n + 255) // 256
+    launch = PreparedLaunch(_axpy, grid, 256, stream, (out, x, np.float32(2.0), n))
+    launch()
+    launch.set_arg(2, np.float32(-1.0))
+    launch()
+    stream.synchronize()
+    np.testing.assert_array_equal(out.copy_to_host(), np.arange(n, dtype=np.float32))
+
+    def per_launch_us(fn, reps=2000):
+        stream.synchronize()
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        stream.synchronize()
+        return (time.perf_counter() - t) / reps * 1e6
+
+    counter, value = (cuda.to_device(np.zeros(1, np.int64), stream=stream) for _ in "cv")
+    small = PreparedLaunch(_accumulate, 1, 32, stream, (counter, value))
+    dispatcher = _accumulate[1, 32, stream]
+    t_numba = per_launch_us(lambda: dispatcher(counter, value))
+    t_prepared = per_launch_us(small)
+    print(f"per launch: numba dispatcher {t_numba:.1f} us, PreparedLaunch {t_prepared:.1f} us")
+    assert t_prepared < t_numba
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_gpu_dynamic_shared_memory_over_48k_needs_the_opt_in():
+    n_words, stream = 24 * 1024, cuda.stream()  # 96 KiB
+    out = cuda.to_device(np.zeros(1, np.int32), stream=stream)
+    with pytest.raises(Exception):
+        _dynamic_shared_sum[1, 256, stream, 4 * n_words](out, n_words)
+        stream.synchronize()
+    set_max_dynamic_shared_memory(_dynamic_shared_sum, 4 * n_words, out, n_words)
+    _dynamic_shared_sum[1, 256, stream, 4 * n_words](out, n_words)
+    stream.synchronize()
+    assert out.copy_to_host()[0] == n_words * (n_words - 1) // 2
+
+
+# ---- offline: PreparedLaunch's marshalling against the PTX parameter list (NVVM, no GPU) ----
+
+_MARSHAL_SCRIPT = """
+import ctypes, json, re, sys, types as pytypes
+import numpy as np
+import numbaformer.backends.cuda
+from numba import cuda, types
+import numba.cuda.codegen, numba.cuda.dispatcher
+numba.cuda.codegen.CUDACodeLibrary._ensure_cc = lambda self, cc: cc or (9, 0)  # offline only
+numba.cuda.dispatcher.get_current_device = lambda: type("F", (), {"compute_capability": (9, 0)})()
+from numbaformer.backends.cuda.launch import _to_ctype
+
+def kern(out, x, w, a, n, flag, h):
+    i = cuda.grid(1)
+    if flag and i < n:
+        out[i] = a * x[i] + w[i, 0] + h
+
+class FakeDeviceArray:  # what _prepare_args reads from a DeviceNDArray
+    __cuda_memory__ = True
+    def __init__(self, a):
+        self._strided_memory_view_shim = pytypes.SimpleNamespace(size=a.size, dtype=a.dtype,
+            ptr=1 << 40, shape=a.shape, _layout=pytypes.SimpleNamespace(strides_in_bytes=a.strides))
+
+argtypes = (types.float32[::1], types.float32[::1], types.float32[:, ::1], types.float32, types.int32,
+            types.boolean, types.float16)
+values = (*(FakeDeviceArray(np.zeros(s, np.float32)) for s in (8, 8, (8, 3))), np.float32(2),
+          np.int32(8), True, np.float16(1.5))
+try:
+    compiled = numba.cuda.dispatcher._Kernel(kern, argtypes)
+except ImportError as e:  # no libNVVM here
+    print(json.dumps({"skip": str(e)})); sys.exit()
+flat = []
+for ty, v in zip(argtypes, values):
+    compiled._prepare_args(ty, v, 0, [], flat)
+sizes = {"u64": 8, "b64": 8, "u32": 4, "b32": 4, "f32": 4, "u16": 2, "b16": 2, "u8": 1, "b8": 1}
+print(json.dumps({"ptx": [sizes[t] for t in re.findall(r"\\.param \\.(\\w+)", compiled.inspect_asm((9, 0)))],
+                  "slots": [ctypes.sizeof(_to_ctype(v)) for v in flat]}))
+"""
+
+
+def test_prepared_launch_marshalling_matches_ptx_params():
+    done = subprocess.run([sys.executable, "-c", _MARSHAL_SCRIPT], capture_output=True, text=True,
+                          env=dict(os.environ, NUMBA_ENABLE_CUDASIM="0"), timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.splitlines()[-1])
+    if "skip" in got:
+        pytest.skip(f"NVVM unavailable: {got['skip']}")
+    assert got["slots"] == got["ptx"] and len(got["ptx"]) == 7 + 7 + 9 + 4  # an array: 5 + 2 * ndim

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .gguf_file import FLOAT_VALUE_TYPES, INT_VALUE_TYPES, VT_ARRAY, VT_STRING, GGUFError, GGUFFile
+from .gguf_file import (FLOAT_VALUE_TYPES, INT_VALUE_TYPES, VT_ARRAY, VT_STRING, GGUFError,
+                        GGUFFile, shown)
 
 # the architecture names a file may carry -> the graph that runs it, with its rope layout
 ARCH_ALIASES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
@@ -59,8 +60,8 @@ class ModelConfig:
         m = _Meta(gf)
         file_arch = m.string("general.architecture")
         if file_arch not in ARCH_ALIASES:
-            raise m.fail(f"key 'general.architecture': unsupported architecture '{file_arch}' "
-                         f"(supported: {', '.join(ARCH_ALIASES)})")
+            raise m.fail(f"key 'general.architecture': unsupported architecture "
+                         f"'{shown(file_arch)}' (supported: {', '.join(ARCH_ALIASES)})")
         arch = ARCH_ALIASES[file_arch]
         p = file_arch + "."
         if m.has(p + "expert_count") and m.int(p + "expert_count", 0, 1 << 16) > 0:
@@ -118,13 +119,19 @@ def _vocab_size(m: _Meta, p: str) -> int:
 
 
 def _rope_freq_scale(m: _Meta, p: str) -> float:
-    kind = m.string(p + "rope.scaling.type", default="none")
+    """1 / the linear factor, read as llama.cpp reads it: the type defaults to linear, "none" never
+    scales, rope.scale_linear is the factor's old key, and a factor of 0 means none."""
+    kind = m.string(p + "rope.scaling.type", default="linear")
     if kind not in ROPE_SCALING_TYPES:
-        raise m.fail(f"key '{p}rope.scaling.type': '{kind}' is not supported "
+        raise m.fail(f"key '{p}rope.scaling.type': '{shown(kind)}' is not supported "
                      f"(supported: {', '.join(ROPE_SCALING_TYPES)})")
-    if kind == "none":
+    key = p + ("rope.scaling.factor" if m.has(p + "rope.scaling.factor") else "rope.scale_linear")
+    factor = m.float(key, -1.0, 1e6, default=0.0)
+    if kind == "none" or factor == 0.0:
         return 1.0
-    return 1.0 / m.float(p + "rope.scaling.factor", 1e-3, 1e6, default=1.0)
+    if factor < 1e-3:
+        raise m.fail(f"key '{key}': expected 0 or a factor in [0.001, 1e6], got {factor}")
+    return 1.0 / factor
 
 
 class _Meta:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +27,24 @@ from .quants import GGML_TYPES
 
 
 class GGUFError(ValueError):
-    """A GGUF file (or its model content) is malformed or unsupported. The message is one line."""
+    """A GGUF file (or its model content) is malformed or unsupported. The message is one line:
+    control characters that came from the file (a key holding a newline) are escaped."""
+
+    def __init__(self, msg: str):
+        super().__init__(_escape(msg))
+
+
+def _escape(s: str) -> str:
+    if s.isprintable():
+        return s
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in s)
+
+
+def shown(s: str, limit: int = 80) -> str:
+    """A string from the file (key, tensor name, value) as a message shows it: escaped, and cut
+    at `limit` characters (a corrupt length can make a 'key' of the next 60 kB)."""
+    s = _escape(s)
+    return s if len(s) <= limit else f"{s[:limit]}...({len(s)} chars)"
 
 
 GGUF_MAGIC = b"GGUF"
@@ -118,6 +136,7 @@ def _min_value_size(vtype: int) -> int:
 
 
 def _read_value(r: _Reader, vtype: int, key: str, depth: int = 0) -> Any:
+    """One value of type vtype; `key` is the key as messages show it."""
     if vtype not in VALUE_TYPES:
         raise r.fail(f"key '{key}': unknown value type {vtype} (expected 0..12)")
     if vtype == VT_STRING:
@@ -147,40 +166,43 @@ def _read_value(r: _Reader, vtype: int, key: str, depth: int = 0) -> Any:
 
 def _read_tensor_info(r: _Reader, index: int) -> tuple[str, tuple[int, ...], int, int]:
     name = r.string(f"tensor {index} name", MAX_NAME_BYTES)
-    n_dims = r.u32(f"tensor '{name}' n_dims")
+    label = shown(name)
+    n_dims = r.u32(f"tensor '{label}' n_dims")
     if not 1 <= n_dims <= MAX_DIMS:
-        raise r.fail(f"tensor '{name}': n_dims must be 1..{MAX_DIMS}, got {n_dims}")
-    ne = tuple(r.u64(f"tensor '{name}' dim {i}") for i in range(n_dims))
-    ggml_type = r.u32(f"tensor '{name}' type")
-    offset = r.u64(f"tensor '{name}' offset")
+        raise r.fail(f"tensor '{label}': n_dims must be 1..{MAX_DIMS}, got {n_dims}")
+    ne = tuple(r.u64(f"tensor '{label}' dim {i}") for i in range(n_dims))
+    ggml_type = r.u32(f"tensor '{label}' type")
+    offset = r.u64(f"tensor '{label}' offset")
     return name, ne, ggml_type, offset
 
 
 def _check_tensor(r: _Reader, name: str, ne: tuple[int, ...], ggml_type: int,
                   rel_offset: int, data_start: int, alignment: int) -> TensorInfo:
     """Bounds-check one tensor's dims, type, size and placement (Python ints throughout)."""
+    label = shown(name)
     if ggml_type not in GGML_TYPES:
-        raise r.fail(f"tensor '{name}': unknown ggml type {ggml_type}")
+        raise r.fail(f"tensor '{label}': unknown ggml type {ggml_type}")
     n = 1
     for i, d in enumerate(ne):
         if d <= 0:
-            raise r.fail(f"tensor '{name}': dim {i} must be > 0, got {d}")
+            raise r.fail(f"tensor '{label}': dim {i} must be > 0, got {d}")
         n *= d
         if n > INT64_MAX:
-            raise r.fail(f"tensor '{name}': element count {'x'.join(map(str, ne))} overflows int64")
+            raise r.fail(f"tensor '{label}': element count {'x'.join(map(str, ne))} "
+                         f"overflows int64")
     t = GGML_TYPES[ggml_type]
     if ne[0] % t.block_size:
-        raise r.fail(f"tensor '{name}': row length {ne[0]} is not a multiple of the "
+        raise r.fail(f"tensor '{label}': row length {ne[0]} is not a multiple of the "
                      f"{t.name} block size {t.block_size}")
     n_bytes = n // t.block_size * t.type_size
     if n_bytes > INT64_MAX:
-        raise r.fail(f"tensor '{name}': byte size {n_bytes} overflows int64")
+        raise r.fail(f"tensor '{label}': byte size {n_bytes} overflows int64")
     if rel_offset % alignment:
-        raise r.fail(f"tensor '{name}': data offset {rel_offset} is not a multiple of the "
+        raise r.fail(f"tensor '{label}': data offset {rel_offset} is not a multiple of the "
                      f"alignment {alignment}")
     start = data_start + rel_offset
     if start + n_bytes > r.end:
-        raise r.fail(f"tensor '{name}': data [{start}, {start + n_bytes}) runs past the end of "
+        raise r.fail(f"tensor '{label}': data [{start}, {start + n_bytes}) runs past the end of "
                      f"the file ({r.end} bytes)")
     return TensorInfo(name, ne, ggml_type, start, n_bytes)
 
@@ -195,6 +217,8 @@ class GGUFFile:
     def __init__(self, path: str | os.PathLike):
         self.path = str(path)
         try:
+            if not stat.S_ISREG(os.stat(self.path).st_mode):     # a FIFO would block open()
+                raise GGUFError(f"{self.path}: not a regular file")
             with open(self.path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
                 if size < 24:
@@ -202,11 +226,14 @@ class GGUFFile:
                 self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         except OSError as e:
             raise GGUFError(f"{self.path}: cannot read: {e.strerror or e}") from None
+        view = memoryview(self._mm)
         try:
-            self._parse(_Reader(memoryview(self._mm), self.path))
+            self._parse(_Reader(view, self.path))
         except BaseException:
+            view.release()          # else a traceback holding the reader keeps the map open
             self.close()
             raise
+        view.release()
 
     def _parse(self, r: _Reader) -> None:
         magic = bytes(r.buf[:4])
@@ -231,18 +258,19 @@ class GGUFFile:
         self.tensors: dict[str, TensorInfo] = {}
         for name, ne, ggml_type, rel in infos:
             if name in self.tensors:
-                raise r.fail(f"duplicate tensor name '{name}'")
+                raise r.fail(f"duplicate tensor name '{shown(name)}'")
             self.tensors[name] = _check_tensor(r, name, ne, ggml_type, rel, self.data_offset,
                                                self.alignment)
         _check_overlaps(r, self.tensors.values())
 
     def _read_kv(self, r: _Reader, index: int) -> None:
         key = r.string(f"metadata key {index}", MAX_KEY_BYTES)
+        label = shown(key)
         if key in self.metadata:
-            raise r.fail(f"duplicate metadata key '{key}'")
-        vtype = r.u32(f"key '{key}' value type")
+            raise r.fail(f"duplicate metadata key '{label}'")
+        vtype = r.u32(f"key '{label}' value type")
         start = r.pos
-        value = _read_value(r, vtype, key)
+        value = _read_value(r, vtype, label)
         sub = None
         if vtype == VT_ARRAY:
             (sub,) = struct.unpack_from("<I", r.buf, start)
@@ -252,8 +280,11 @@ class GGUFFile:
         if "general.alignment" not in self.metadata:
             return DEFAULT_ALIGNMENT
         a, (vt, _) = self.metadata["general.alignment"], self.value_types["general.alignment"]
-        if vt not in INT_VALUE_TYPES or a <= 0 or a & (a - 1) or a > 1 << 20:
-            raise r.fail(f"key 'general.alignment': expected a power of two <= 2^20, got {a!r}")
+        if vt not in INT_VALUE_TYPES:
+            raise r.fail(f"key 'general.alignment': expected an integer, found "
+                         f"{VALUE_TYPES[vt][0]}")
+        if a <= 0 or a & (a - 1) or a > 1 << 20:
+            raise r.fail(f"key 'general.alignment': expected a power of two <= 2^20, got {a}")
         return int(a)
 
     def tensor_bytes(self, name: str) -> np.ndarray:
@@ -291,7 +322,8 @@ def _check_overlaps(r: _Reader, infos) -> None:
     prev = None
     for t in sorted(infos, key=lambda t: t.offset):
         if prev is not None and t.offset < prev.offset + prev.n_bytes and t.n_bytes:
-            raise r.fail(f"tensor '{t.name}' data at {t.offset} overlaps tensor '{prev.name}' "
+            raise r.fail(f"tensor '{shown(t.name)}' data at {t.offset} overlaps tensor "
+                         f"'{shown(prev.name)}' "
                          f"[{prev.offset}, {prev.offset + prev.n_bytes})")
         prev = t
 

@@ -99,6 +99,13 @@ class Model:
             out[c:c + n] = self.ops.to_host(logits)
         return out
 
+    def warmup(self) -> None:
+        """Compile (or load from the cache) what the first tokens need: a 2-token prefill and a
+        decode step, at the start of the cache (overwritten by the first real step)."""
+        self.forward([0, 0], 0)
+        self.forward([0], 2, greedy=True)
+        self.greedy_token()
+
     def greedy_token(self) -> int:
         return int(self.ops.to_host(self.buf.next_id)[0])
 

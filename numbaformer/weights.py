@@ -11,7 +11,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .gguf_file import GGUFError, GGUFFile
-from .quants import DECODERS, GGML_TYPES, QK, SUPPORTED_TYPES
+from .quants import BF16, DECODERS, F16, F32, GGML_TYPES, QK, SUPPORTED_TYPES
 
 
 @dataclass(frozen=True)
@@ -115,12 +115,16 @@ def _matrix(gf: GGUFFile, name: str) -> QTensor:
 
 
 def _vector(gf: GGUFFile, name: str) -> np.ndarray:
-    from .backends.cpu.dequant import dequantize
+    """A small 1-D tensor (norm weight, bias, rope factors) decoded to float32."""
     t = gf.tensors[name]
-    if t.ggml_type == 0:
-        return gf.tensor_bytes(name).view(np.float32).copy()
-    if t.ne[0] % QK:
-        raise GGUFError(f"{gf.path}: tensor '{name}' of type {t.type_name} must be F32")
+    raw = gf.tensor_bytes(name)
+    if t.ggml_type == F32:
+        return raw.view(np.float32).copy()
+    if t.ggml_type == F16:
+        return raw.view(np.float16).astype(np.float32)
+    if t.ggml_type == BF16:
+        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    from .backends.cpu.dequant import dequantize
     return dequantize(gf.tensor_rows(name), t.ggml_type, t.ne[0])[0]
 
 

@@ -110,6 +110,9 @@ class Backend(ABC):
         (CUDA graphs) records it on the first call for `key` and replays the record afterwards."""
         fn()
 
+    def check_memory(self, mf, n_ctx: int, n_batch: int) -> None:
+        """Raise MemoryError (one line, both numbers) if the model cannot fit on the device."""
+
     def synchronize(self) -> None:
         """Wait for queued work (no-op on the CPU)."""
 

@@ -2,8 +2,9 @@
 
 numba's `cache=True` invalidates a cached kernel only when the file that defines it changes, not when
 a function it calls from another module does (a kernel in backends/cpu/matmul.py inlines the block
-decoders of quants.py). So kernels are cached under a folder named by a hash of every numbaformer
-source file: any change to the package starts a fresh cache; an unchanged package reuses it.
+decoders of quants.py). So kernels are cached under a folder named by a hash of every source file
+kernels are built from (quants.py and backends/): a change there starts a fresh cache; anything
+else reuses it.
 Base folder: NUMBA_CACHE_DIR if set, else ~/.cache/numbaformer/numba.
 """
 from __future__ import annotations
@@ -19,7 +20,8 @@ PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 @functools.lru_cache(maxsize=None)
 def source_hash() -> str:
     h = hashlib.sha256()
-    for path in sorted(PACKAGE_ROOT.rglob("*.py")):
+    files = [PACKAGE_ROOT / "quants.py", *(PACKAGE_ROOT / "backends").rglob("*.py")]
+    for path in sorted(files):
         h.update(str(path.relative_to(PACKAGE_ROOT)).encode())
         h.update(path.read_bytes())
     return h.hexdigest()[:16]

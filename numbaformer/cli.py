@@ -1,0 +1,297 @@
+"""The `numbaformer` command: each subcommand parses options and calls library functions.
+
+Every expected failure (bad file, bad argument, no GPU, ...) prints one line `error: ...` to stderr
+and exits 2; no traceback.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from .sampling import SamplingParams
+
+EXIT_ERROR = 2
+
+
+class UserError(Exception):
+    """A one-line message for the user."""
+
+
+def _engine(model, device="auto", gpu=0, threads=None, ctx=None, quiet=False, batch=512):
+    from .engine import load_engine
+    return load_engine(model, device=device, gpu=gpu, threads=threads, n_ctx=ctx, quiet=quiet,
+                       n_batch=batch)
+
+
+def _read_text(text: str | None, file: str | None, what: str = "prompt") -> str:
+    if (text is None) == (file is None):
+        raise UserError(f"give the {what} as an argument/option or with -f FILE, not both or none")
+    if file is None:
+        return text
+    if file == "-":
+        return sys.stdin.read()
+    try:
+        with open(file, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {file}: {getattr(e, 'strerror', None) or e}") from None
+
+
+device_opt = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+                          show_default=True, help="Where to run (CUDA_FORCE_CPU=1 forces cpu).")
+gpu_opt = click.option("--gpu", type=click.IntRange(min=0), default=0, help="CUDA device index.")
+threads_opt = click.option("-t", "--threads", type=click.IntRange(min=1), default=None,
+                           help="CPU threads (default: all cores).")
+model_opt = click.option("-m", "--model", "model", type=str, default=None,
+                         help="GGUF file (default: SmolLM2-135M-Instruct Q4_1, fetched once).")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="numbaformer")
+def cli():
+    """numbaformer: GGUF language models on GPU and CPU kernels written in Python (Numba)."""
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("-c", "--ctx", type=click.IntRange(min=1), default=None,
+              help="Context for the KV-cache estimate (default: the model's).")
+def info(model, as_json, ctx):
+    """Describe a GGUF model: architecture, sizes, tensor types, memory needed."""
+    from .info import format_info, model_info
+    from .loader import load_model_file
+    mf = load_model_file(model)
+    d = model_info(mf, ctx)
+    click.echo(json.dumps(d, indent=2) if as_json else format_info(d))
+
+
+@cli.command()
+@model_opt
+@click.argument("text", required=False)
+@click.option("-f", "--file", type=str, default=None, help="Read the text from FILE (- = stdin).")
+@click.option("--json", "as_json", is_flag=True, help='Print {"ids": [...], "pieces": [...]}.')
+@click.option("--no-special", is_flag=True, help="Do not parse special tokens in the text.")
+def tokenize(model, text, file, as_json, no_special):
+    """Print the token ids of TEXT."""
+    from .engine import resolve_model_path
+    from .loader import load_model_file
+    text = _read_text(text, file, "text")
+    tok = load_model_file(resolve_model_path(model)).tokenizer
+    ids = tok.encode(text, add_special=True, parse_special=not no_special)
+    if as_json:
+        click.echo(json.dumps({"ids": ids, "pieces": [tok.piece(i) for i in ids]},
+                              ensure_ascii=False))
+    else:
+        click.echo(" ".join(map(str, ids)))
+
+
+def _sampling(temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, presence, frequency, seed):
+    p = SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
+                       repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
+                       presence_penalty=presence, frequency_penalty=frequency,
+                       seed=None if seed is None or seed < 0 else seed)
+    try:
+        p.validate()
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return p
+
+
+def sampling_options(f):
+    opts = [
+        click.option("--temp", type=float, default=0.8, show_default=True,
+                     help="Temperature; 0 = greedy."),
+        click.option("--top-k", type=int, default=40, show_default=True, help="0 = off."),
+        click.option("--top-p", type=float, default=0.95, show_default=True, help="1.0 = off."),
+        click.option("--min-p", type=float, default=0.05, show_default=True, help="0.0 = off."),
+        click.option("--repeat-penalty", type=float, default=1.0, show_default=True),
+        click.option("--repeat-last-n", type=int, default=64, show_default=True),
+        click.option("--presence-penalty", type=float, default=0.0, show_default=True),
+        click.option("--frequency-penalty", type=float, default=0.0, show_default=True),
+        click.option("-s", "--seed", type=int, default=None, help="RNG seed (default: random)."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+@cli.command()
+@model_opt
+@click.option("-p", "--prompt", type=str, default=None, help="Prompt text (special tokens parsed).")
+@click.option("-f", "--file", type=str, default=None, help="Read the prompt from FILE (- = stdin).")
+@click.option("-n", "--n-predict", type=click.IntRange(min=0), default=128, show_default=True,
+              help="Tokens to generate at most.")
+@click.option("-c", "--ctx", type=click.IntRange(min=1), default=None,
+              help="Context size (default: min(model's, 4096)).")
+@sampling_options
+@click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@click.option("--ignore-eos", is_flag=True, help="Keep generating past end-of-generation tokens.")
+@click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
+@click.option("-sys", "--system", type=str, default=None, help="System message (with --chat).")
+@device_opt
+@gpu_opt
+@threads_opt
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object at the end.")
+@click.option("--logprobs", type=click.IntRange(min=0, max=100), default=0,
+              help="With --json: the top K log-probs of each generated token.")
+@click.option("-v", "--verbose", is_flag=True, help="Print backend statistics.")
+def generate(model, prompt, file, n_predict, ctx, temp, top_k, top_p, min_p, repeat_penalty,
+             repeat_last_n, presence_penalty, frequency_penalty, seed, stop, ignore_eos, chat,
+             system, device, gpu, threads, as_json, logprobs, verbose):
+    """Generate text from a prompt, streaming it to stdout (stats on stderr)."""
+    from .generate import stream_generate
+    from .sampling import make_sampler
+    params = _sampling(temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n,
+                       presence_penalty, frequency_penalty, seed)
+    text = _read_text(prompt, file)
+    eng = _engine(model, device, gpu, threads, ctx, quiet=as_json)
+    tok = eng.tokenizer
+    if chat:
+        from .chat_template import render_model_chat
+        msgs = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": text}]
+        text = render_model_chat(eng.mf.gguf.metadata, tok, msgs)
+    ids = tok.encode(text, add_special=True, parse_special=True)
+    if len(ids) >= eng.model.n_ctx:
+        raise UserError(f"the prompt has {len(ids)} tokens; the context holds {eng.model.n_ctx} "
+                        f"(use -c to raise it)")
+    on_text = None if as_json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+    res = stream_generate(eng.model, tok, ids, make_sampler(params), max_tokens=n_predict,
+                          stop=stop, ignore_eos=ignore_eos, logprobs=logprobs if as_json else 0,
+                          on_text=on_text)
+    res.stats.load_s = eng.load_s
+    if as_json:
+        out = {"model": eng.mf.path, "device": eng.backend.name, "prompt_ids": ids,
+               "ids": res.ids, "text": res.text, "finish_reason": res.finish_reason,
+               "timings": res.stats.as_dict()}
+        if logprobs:
+            out["logprobs"] = res.logprobs
+        click.echo(json.dumps(out, ensure_ascii=False))
+    else:
+        sys.stdout.write("\n")
+        click.echo(f"[{res.finish_reason}] {res.stats.summary()}", err=True)
+    if verbose:
+        click.echo(f"backend: {json.dumps(eng.backend.stats())}", err=True)
+
+
+@cli.command()
+@model_opt
+@click.option("-sys", "--system", type=str, default=None, help="System message.")
+@click.option("-n", "--n-predict", type=click.IntRange(min=1), default=512, show_default=True)
+@click.option("-c", "--ctx", type=click.IntRange(min=1), default=None)
+@sampling_options
+@device_opt
+@gpu_opt
+@threads_opt
+def chat(model, system, n_predict, ctx, temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n,
+         presence_penalty, frequency_penalty, seed, device, gpu, threads):
+    """Interactive chat: history kept, Ctrl-C stops a reply, Ctrl-D quits."""
+    from .chat import run_chat
+    params = _sampling(temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n,
+                       presence_penalty, frequency_penalty, seed)
+    run_chat(_engine(model, device, gpu, threads, ctx), params, system=system,
+             max_tokens=n_predict)
+
+
+@cli.command()
+@model_opt
+@click.option("--ids-file", required=True, type=str, help="JSON list of token ids.")
+@click.option("--top-k", type=click.IntRange(min=1, max=1000), default=8, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (the only format).")
+@device_opt
+@gpu_opt
+@threads_opt
+def score(model, ids_file, top_k, as_json, device, gpu, threads):
+    """Teacher-forced top-k log-probs at every position of a token sequence."""
+    from .scoring import score_ids
+    try:
+        ids = json.loads(_read_text(None, ids_file, "ids"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{ids_file}: not JSON: {e.msg} (line {e.lineno})") from None
+    if not (isinstance(ids, list) and ids and all(type(i) is int for i in ids)):
+        raise UserError(f"{ids_file}: expected a non-empty JSON list of integer token ids")
+    eng = _engine(model, device, gpu, threads, ctx=None, quiet=True)
+    if len(ids) > eng.model.n_ctx:
+        eng = _engine(model, device, gpu, threads, ctx=min(len(ids), eng.config.n_ctx_train),
+                      quiet=True)
+    click.echo(json.dumps({"model": eng.mf.path, "ids": ids, "positions": score_ids(
+        eng.model, ids, top_k)}))
+
+
+@cli.command()
+@model_opt
+@click.option("-f", "--file", required=True, type=str, help="Text file (- = stdin).")
+@click.option("-c", "--ctx", type=click.IntRange(min=4), default=512, show_default=True)
+@device_opt
+@gpu_opt
+@threads_opt
+def perplexity(model, file, ctx, device, gpu, threads):
+    """Perplexity of a text, as llama-perplexity computes it."""
+    from .scoring import perplexity as ppl
+    text = _read_text(None, file, "text")
+    eng = _engine(model, device, gpu, threads, ctx)
+    tok = eng.tokenizer
+    ids = tok.encode(text, add_special=False, parse_special=False)
+    value, n = ppl(eng.model, ids, ctx, tok.bos_id if tok.add_bos else None)
+    click.echo(f"perplexity: {value:.4f} over {n} tokens (context {ctx})")
+
+
+@cli.command()
+@model_opt
+@click.option("-p", "--n-prompt", type=click.IntRange(min=0), default=512, show_default=True)
+@click.option("-n", "--n-gen", type=click.IntRange(min=0), default=128, show_default=True)
+@click.option("-r", "--reps", type=click.IntRange(min=1), default=3, show_default=True)
+@device_opt
+@gpu_opt
+@threads_opt
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+def bench(model, n_prompt, n_gen, reps, device, gpu, threads, as_json):
+    """Prompt-processing and generation throughput (llama-bench style)."""
+    from .bench import format_table, run_bench
+    eng = _engine(model, device, gpu, threads, ctx=max(n_prompt, n_gen, 16), quiet=as_json,
+                  batch=max(n_prompt, 1))
+    rows = run_bench(eng, n_prompt, n_gen, reps)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        click.echo(format_table(rows))
+        stats = eng.backend.stats()
+        if stats:
+            click.echo(f"backend: {json.dumps(stats)}")
+
+
+def _expected_errors():
+    from .backends import BackendError
+    from .chat_template import ChatTemplateError
+    from .fetch import FetchError
+    from .gguf_file import GGUFError
+    return (UserError, GGUFError, BackendError, ChatTemplateError, FetchError, ValueError,
+            MemoryError, OSError)
+
+
+def main(argv=None) -> None:
+    """Console entry point: Click with one-line errors and exit code 2."""
+    try:
+        cli.main(args=argv, prog_name="numbaformer", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        click.echo(f"error: {e.format_message()}", err=True)
+        sys.exit(EXIT_ERROR)
+    except click.exceptions.Abort:
+        click.echo("error: aborted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted", err=True)
+        sys.exit(130)
+    except _expected_errors() as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        click.echo(f"error: {msg}", err=True)
+        sys.exit(EXIT_ERROR)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""Load a model onto a backend: the one entry point the CLI commands share."""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+
+from .backends import select_backend
+from .loader import ModelFile, load_model_file
+from .model import Model
+
+DEFAULT_CTX = 4096
+
+
+@dataclass
+class Engine:
+    mf: ModelFile
+    model: Model
+    load_s: float
+
+    @property
+    def config(self):
+        return self.mf.config
+
+    @property
+    def tokenizer(self):
+        return self.mf.tokenizer
+
+    @property
+    def backend(self):
+        return self.model.ops
+
+    def close(self) -> None:
+        self.mf.close()
+
+
+def resolve_model_path(path: str | None, quiet: bool = False) -> str:
+    """The given path, or the default model (SmolLM2-135M-Instruct Q4_1), fetched on first use."""
+    if path:
+        return path
+    from .fetch import cached_path, fetch_model
+    if not cached_path().is_file() and not quiet:
+        print("no model given: using the default, SmolLM2-135M-Instruct Q4_1", file=sys.stderr)
+    return str(fetch_model(quiet=quiet))
+
+
+def load_engine(path: str | None = None, *, device: str = "auto", gpu: int = 0,
+                threads: int | None = None, n_ctx: int | None = None, n_batch: int = 512,
+                quiet: bool = False) -> Engine:
+    """Validate the file, pick the backend, upload, allocate, and warm up (compiling kernels once;
+    cached afterwards). Raises GGUFError / BackendError / ValueError with one-line messages."""
+    from .backends import kernel_cache
+
+    path = resolve_model_path(path, quiet)
+    t0 = time.perf_counter()
+    mf = load_model_file(path)
+    try:
+        cfg = mf.config
+        n_ctx = n_ctx or min(cfg.n_ctx_train, DEFAULT_CTX)
+        if not 1 <= n_ctx <= cfg.n_ctx_train:
+            raise ValueError(f"context {n_ctx} is outside 1..{cfg.n_ctx_train} (the model's "
+                             f"training context)")
+        ops = select_backend(device, gpu=gpu, threads=threads, quiet=quiet)
+        ops.check_memory(mf, n_ctx, n_batch)
+        cold = not kernel_cache.is_warm()
+        if cold and not quiet:
+            print(f"compiling {ops.name} kernels (first run; cached for the next ones)...",
+                  file=sys.stderr)
+        model = Model(mf, ops, n_ctx, n_batch)
+        model.warmup()
+        return Engine(mf, model, time.perf_counter() - t0)
+    except BaseException:
+        mf.close()
+        raise

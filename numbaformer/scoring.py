@@ -1,0 +1,40 @@
+"""Teacher-forced scoring: per-position top-k log-probs, and llama-perplexity's perplexity."""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+
+def _log_softmax_rows(logits: np.ndarray) -> np.ndarray:
+    lg = logits.astype(np.float64)
+    m = lg.max(axis=1, keepdims=True)
+    return lg - m - np.log(np.exp(lg - m).sum(axis=1, keepdims=True))
+
+
+def score_ids(model, ids: Sequence[int], top_k: int = 8) -> list[dict]:
+    """For every position i, the top_k (id, logprob) of the distribution predicting token i+1."""
+    lp = _log_softmax_rows(model.forward_all(ids, 0))
+    top = np.argsort(-lp, axis=1, kind="stable")[:, :top_k]
+    return [{"top": [[int(t), float(lp[i, t])] for t in top[i]]} for i in range(len(ids))]
+
+
+def perplexity(model, ids: Sequence[int], n_ctx: int, bos_id: int | None = None) -> tuple[float, int]:
+    """llama-perplexity's method: chunks of n_ctx tokens (the first replaced by BOS when the model
+    adds one); in each, positions n_ctx/2 .. n_ctx-2 predict the next token. Needs 2 * n_ctx
+    tokens, as llama-perplexity does. Returns (perplexity, tokens scored)."""
+    ids = list(ids)
+    if n_ctx < 4 or len(ids) < 2 * n_ctx:
+        raise ValueError(f"text has {len(ids)} tokens; perplexity at context {n_ctx} needs at "
+                         f"least {2 * n_ctx} (and a context of at least 4)")
+    nll, count, first = 0.0, 0, n_ctx // 2
+    for start in range(0, len(ids) // n_ctx * n_ctx, n_ctx):
+        chunk = ids[start:start + n_ctx]
+        if bos_id is not None:
+            chunk[0] = bos_id
+        lp = _log_softmax_rows(model.forward_all(chunk, 0))
+        nxt = np.asarray(chunk[first + 1:])
+        nll -= float(lp[np.arange(first, n_ctx - 1), nxt].sum())
+        count += len(nxt)
+    return math.exp(nll / count), count

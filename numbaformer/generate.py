@@ -160,7 +160,8 @@ def stream_generate(model, tokenizer, prompt_ids: Sequence[int], sampler, *, max
 
     res = GenerationResult(stats=stats if stats is not None else GenerationStats())
     eog = () if ignore_eos else tokenizer.eog_ids
-    decoder, matcher = StreamDecoder(tokenizer), StopMatcher(stop)
+    decoder = StreamDecoder(tokenizer, prev_id=prompt_ids[-1] if len(prompt_ids) else None)
+    matcher = StopMatcher(stop)
     pieces: list[str] = []
 
     def emit(text: str) -> None:

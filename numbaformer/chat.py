@@ -18,9 +18,11 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def run_chat(engine, params: SamplingParams, *, system: str | None = None,
-             max_tokens: int = 512, read=input, write=sys.stdout.write) -> None:
+             max_tokens: int = 512, read=input, write=None) -> None:
     """Read a line, answer it, repeat. Ctrl-C stops a reply (or clears the line at the prompt),
-    Ctrl-D quits, '/clear' forgets the conversation."""
+    Ctrl-D quits, '/clear' forgets the conversation. `write` defaults to the sys.stdout of the
+    call (not of the import)."""
+    write = write or sys.stdout.write
     tok, model = engine.tokenizer, engine.model
     sampler = make_sampler(params)
     base = [{"role": "system", "content": system}] if system else []
@@ -53,9 +55,13 @@ def run_chat(engine, params: SamplingParams, *, system: str | None = None,
                 print("error: that message alone is longer than the context", file=sys.stderr)
                 messages.pop()
                 continue
+        n_cached = min(_common_prefix(cached, ids), len(ids) - 1)
         res = stream_generate(model, tok, ids, sampler, max_tokens=max_tokens,
                               on_text=lambda s: (write(s), sys.stdout.flush()),
-                              n_cached=_common_prefix(cached, ids))
+                              n_cached=n_cached)
         write("\n")
         messages.append({"role": "assistant", "content": res.text})
-        cached = ids + res.ids[:-1]         # the last sampled token never ran through the model
+        if res.ids:
+            cached = ids + res.ids[:-1]     # the last sampled token never ran through the model
+        else:                               # Ctrl-C in the prefill: only the old prefix is whole
+            cached = ids[:n_cached]

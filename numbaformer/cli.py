@@ -214,6 +214,10 @@ def score(model, ids_file, top_k, as_json, device, gpu, threads):
     if not (isinstance(ids, list) and ids and all(type(i) is int for i in ids)):
         raise UserError(f"{ids_file}: expected a non-empty JSON list of integer token ids")
     eng = _engine(model, device, gpu, threads, ctx=None, quiet=True)
+    bad = next((i for i in ids if not 0 <= i < eng.config.n_vocab), None)
+    if bad is not None:                 # before numpy, which overflows on ids past int64
+        raise UserError(f"{ids_file}: token id {bad} is outside the vocabulary "
+                        f"(0..{eng.config.n_vocab - 1})")
     if len(ids) > eng.model.n_ctx:
         eng = _engine(model, device, gpu, threads, ctx=min(len(ids), eng.config.n_ctx_train),
                       quiet=True)
@@ -272,12 +276,19 @@ def _expected_errors():
             MemoryError, OSError)
 
 
+# click >= 8.2 raises this for a group called without arguments; older versions print the help
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
 def main(argv=None) -> None:
     """Console entry point: Click with one-line errors and exit code 2."""
     try:
         cli.main(args=argv, prog_name="numbaformer", standalone_mode=False)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
+    except _NO_ARGS_IS_HELP as e:         # `numbaformer` alone (click >= 8.2): the help, not an error
+        click.echo(e.ctx.get_help())
+        sys.exit(0)
     except click.ClickException as e:
         click.echo(f"error: {e.format_message()}", err=True)
         sys.exit(EXIT_ERROR)

@@ -61,6 +61,8 @@ def generate_step(model, prompt_ids: Sequence[int], sampler, *, max_tokens: int,
     """Prefill prompt_ids (the first n_cached of which are already in the KV cache, from an
     earlier call), then yield sampled tokens until an end-of-generation id (yielded, then stop),
     max_tokens, or the end of the context. Sets stats.finish_reason."""
+    if len(prompt_ids) == 0:
+        raise ValueError("the prompt is empty: generation needs at least one token")
     stats = stats if stats is not None else GenerationStats()
     eog = frozenset(eog_ids)
     params = sampler.params

@@ -55,12 +55,13 @@ class Buffers:
 class Model:
     """A loaded model on a backend, with its KV cache for n_ctx positions."""
 
-    def __init__(self, mf: ModelFile, ops: Backend, n_ctx: int, n_batch: int = 512):
+    def __init__(self, mf: ModelFile, ops: Backend, n_ctx: int, n_batch: int = 512,
+                 kv_type: str | None = None):
         cfg = mf.config
         self.cfg, self.ops, self.n_ctx = cfg, ops, n_ctx
         self.n_batch = max(1, min(n_batch, n_ctx))
         self.w = ops.upload(mf.weights)
-        self.kv = KVCache(ops, cfg, n_ctx, ops.kv_dtype)
+        self.kv = KVCache(ops, cfg, n_ctx, kv_type or ops.default_kv_type)
         self.buf = Buffers(ops, cfg, self.n_batch)
         self.rope = RopeParams.from_config(cfg)
         self.inv_freq = ops.to_device(self.rope.inv_freq(mf.weights.rope_freqs))
@@ -110,17 +111,17 @@ class Model:
         return int(self.ops.to_host(self.buf.next_id)[0])
 
     def _check(self, ids, start_pos: int) -> np.ndarray:
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        if len(ids) == 0:
+        ids = [int(i) for i in np.asarray(ids, dtype=object).reshape(-1)]
+        if not ids:
             raise ValueError("no tokens to run")
         if start_pos < 0 or start_pos + len(ids) > self.n_ctx:
             raise ValueError(f"positions {start_pos}..{start_pos + len(ids) - 1} exceed the "
                              f"context of {self.n_ctx} tokens")
-        bad = (ids < 0) | (ids >= self.cfg.n_vocab)
-        if bad.any():
-            raise ValueError(f"token id {int(ids[bad][0])} is outside the vocabulary "
+        bad = [i for i in ids if not 0 <= i < self.cfg.n_vocab]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary "
                              f"(0..{self.cfg.n_vocab - 1})")
-        return ids.astype(np.int32)
+        return np.asarray(ids, dtype=np.int32)
 
     def _load_step(self, chunk: np.ndarray, pos0: int) -> None:
         self.ops.copy_in(self.buf.ids, chunk)
@@ -134,27 +135,20 @@ class Model:
         ops, cfg, kv = self.ops, self.cfg, self.kv
         ops.embed(v.x, self.w.token_embd, v.ids)
         for i, L in enumerate(self.w.layers):
-            # attention block
-            ops.rmsnorm(v.xn, v.x, L.attn_norm, cfg.norm_eps)
-            ops.matmul(v.q, v.xn, L.attn_q, L.attn_q_bias)
-            ops.matmul(v.k, v.xn, L.attn_k, L.attn_k_bias)
-            ops.matmul(v.v, v.xn, L.attn_v, L.attn_v_bias)
-            ops.rope(v.q, v.pos, cfg.n_head, self.inv_freq, self.rope)
-            ops.rope(v.k, v.pos, cfg.n_head_kv, self.inv_freq, self.rope)
-            ops.kv_store(kv.k, kv.v, i, v.k, v.v, v.pos)
-            ops.attention(v.attn, v.q, kv.k, kv.v, i, v.pos, self.scale)
-            ops.matmul(v.proj, v.attn, L.attn_output)
-            ops.add(v.x, v.x, v.proj)
-            # feed-forward block
-            ops.rmsnorm(v.xn, v.x, L.ffn_norm, cfg.norm_eps)
-            ops.matmul(v.gate, v.xn, L.ffn_gate)
-            ops.matmul(v.up, v.xn, L.ffn_up)
-            ops.silu_mul(v.gate, v.gate, v.up)
-            ops.matmul(v.proj, v.gate, L.ffn_down)
-            ops.add(v.x, v.x, v.proj)
+            # attention block: x += Wo attn(rope(Wq xn), rope(Wk xn), Wv xn), xn = rmsnorm(x)
+            ops.norm_matmul((v.q, v.k, v.v), v.x, L.attn_norm, cfg.norm_eps,
+                            (L.attn_q, L.attn_k, L.attn_v),
+                            (L.attn_q_bias, L.attn_k_bias, L.attn_v_bias), v.xn)
+            ops.rope_store(v.q, v.k, v.v, v.pos, kv, i, self.inv_freq, self.rope)
+            ops.attention(v.attn, v.q, kv, i, v.pos, self.scale)
+            ops.matmul_add(v.x, v.attn, L.attn_output, v.proj)
+            # feed-forward block: x += Wd (silu(Wg xn) * Wu xn), xn = rmsnorm(x)
+            ops.norm_swiglu(v.gate, v.x, L.ffn_norm, cfg.norm_eps, L.ffn_gate, L.ffn_up, v.xn,
+                            v.up)
+            ops.matmul_add(v.x, v.gate, L.ffn_down, v.proj)
 
     def _head(self, x, xn, logits, greedy: bool) -> None:
-        self.ops.rmsnorm(xn, x, self.w.output_norm, self.cfg.norm_eps)
-        self.ops.matmul(logits, xn, self.w.output)
+        self.ops.norm_matmul((logits,), x, self.w.output_norm, self.cfg.norm_eps,
+                             (self.w.output,), (None,), xn)
         if greedy:
             self.ops.argmax(self.buf.next_id, logits[0])

@@ -10,7 +10,8 @@ Per type there are two functions, written once as plain Python over numpy scalar
 
 `h` is always 16 (half a chunk). CPU callers pass it at run time on purpose: with a constant trip
 count LLVM fully unrolls the inner loops and then vectorizes the *chunk* loop with gathers (4x
-slower); with a run-time one it vectorizes the 16/32-value loop itself. CUDA kernels pass a constant.
+slower); with a run-time one it vectorizes the 16/32-value loop itself. CUDA kernels pass the
+constant 16, so that NVVM unrolls them completely.
 
 They are registered with numba's CPU extension registry here (callable from `njit` code) and with
 numba-cuda's registry by `backends.cuda` (callable from `cuda.jit` kernels); under the CUDA simulator
@@ -100,11 +101,19 @@ _FAST: set = set()
 
 
 # --- scalar helpers -------------------------------------------------------------------------------
+# Indexing style, for both targets: every array index is wrapped in U() (uint64). numba applies
+# negative-index wraparound to signed indices only, so an unsigned index compiles to a plain address:
+# LLVM then vectorizes the CPU loops as contiguous loads and NVVM unrolls the GPU loops without
+# 64-bit selects. Integer values are narrowed with I32() before conversion to float32 (a 32-bit I2F,
+# not the slow 64-bit one).
+U = np.uint64
+I32 = np.int32
+
 
 @register_jitable
 def f16_to_f32(lo, hi):
     """IEEE half (two little-endian bytes) -> float32, exactly, with integer ops only."""
-    h = (np.int32(hi) << 8) | np.int32(lo)
+    h = (I32(hi) << 8) | I32(lo)
     e = (h >> 10) & 0x1F
     m = h & 0x3FF
     if e == 0x1F:
@@ -122,69 +131,40 @@ def f16_to_f32(lo, hi):
 
 @register_jitable
 def _f16(src, b):
-    return f16_to_f32(src[b], src[b + 1])
+    return f16_to_f32(src[U(b)], src[U(b + 1)])
 
 
 @register_jitable
 def _u32(src, b):
-    return (np.uint32(src[b]) | (np.uint32(src[b + 1]) << 8) | (np.uint32(src[b + 2]) << 16)
-            | (np.uint32(src[b + 3]) << 24))
+    return (np.uint32(src[U(b)]) | (np.uint32(src[U(b + 1)]) << 8)
+            | (np.uint32(src[U(b + 2)]) << 16) | (np.uint32(src[U(b + 3)]) << 24))
 
 
 @register_jitable
 def _bf16(src, b):
     """bf16 (two little-endian bytes) -> float32: the upper half of an f32 bit pattern."""
-    return _f32_from_bits(((np.uint32(src[b + 1]) << 8) | np.uint32(src[b])) << 16)
+    return _f32_from_bits(((np.uint32(src[U(b + 1)]) << 8) | np.uint32(src[U(b)])) << 16)
 
 
 @register_jitable
 def _pow2(k):
-    """2^k as float32 for -149 <= k <= 127, exact (built by halving/doubling, at most 2 products)."""
+    """2^k as float32 for -149 <= k <= 127, exact: built from shifts of at most 62 bits (a longer
+    shift of an int64 is undefined), each product or quotient by a power of two exact."""
     if k >= 0:
         return np.float32(np.int64(1) << min(k, 62)) * np.float32(np.int64(1) << max(k - 62, 0))
-    v = np.float32(1.0) / np.float32(np.int64(1) << min(-k, 62))
-    if k < -62:
-        v = v / np.float32(np.int64(1) << (-k - 62))
+    v = np.float32(1.0)
+    r = -k
+    while r > 0:
+        step = min(r, 62)
+        v = v / np.float32(np.int64(1) << step)
+        r -= step
     return v
-
-
-@register_jitable
-def _k_scale_min(src, b, j):
-    """6-bit (scale, min) of sub-block j from the 12 packed bytes at src[b:] (Q4_K / Q5_K)."""
-    if j < 4:
-        sc = np.int32(src[b + j]) & 63
-        mn = np.int32(src[b + 4 + j]) & 63
-    else:
-        sc = (np.int32(src[b + 4 + j]) & 15) | ((np.int32(src[b + j - 4]) >> 2) & 0x30)
-        mn = (np.int32(src[b + 4 + j]) >> 4) | ((np.int32(src[b + j]) >> 2) & 0x30)
-    return sc, mn
-
-
-@register_jitable
-def _q3k_scale(src, b, i):
-    """Signed 6-bit scale i (0..15) of a Q3_K block whose 12 scale bytes start at src[b]."""
-    lo = (np.int32(src[b + (i & 7)]) >> (4 * (i >> 3))) & 15
-    hi = (np.int32(src[b + 8 + (i & 3)]) >> (2 * (i >> 2))) & 3
-    return (lo | (hi << 4)) - 32
-
-
-# --- float types: a "block" is 32 elements --------------------------------------------------------
-# Each function first takes views of its block, its x chunk and its output chunk, so that every index
-# inside is a loop variable plus a constant: provably non-negative, which lets LLVM drop numba's
-# negative-index wraparound and vectorize the loads as contiguous.
-
-@register_jitable
-def dq32_f32(src, b, j, dst, o, h):
-    s = src[b:b + 8 * h]
-    y = dst[o:o + 2 * h]
-    for l in range(2 * h):
-        y[l] = _f32_from_bits(_u32(s, 4 * l))
 
 
 @register_jitable
 def _f32_from_bits(bits):
     """uint32 bit pattern -> float32 with integer ops only (exact: subnormals, inf, nan too)."""
-    e = np.int32((bits >> 23) & 0xFF)
+    e = I32((bits >> 23) & 0xFF)
     m = np.int64(bits & 0x7FFFFF)
     if e == 0xFF:
         v = np.float32(np.inf) if m == 0 else np.float32(np.nan)
@@ -199,49 +179,73 @@ def _f32_from_bits(bits):
     return v
 
 
+@register_jitable
+def _i8(v):
+    q = I32(v)
+    return I32(q - ((q & 0x80) << 1))
+
+
+@register_jitable
+def _k_scale_min(src, b, j):
+    """6-bit (scale, min) of sub-block j from the 12 packed bytes at src[b:] (Q4_K / Q5_K)."""
+    if j < 4:
+        sc = I32(src[U(b + j)]) & 63
+        mn = I32(src[U(b + 4 + j)]) & 63
+    else:
+        sc = (I32(src[U(b + 4 + j)]) & 15) | ((I32(src[U(b + j - 4)]) >> 2) & 0x30)
+        mn = (I32(src[U(b + 4 + j)]) >> 4) | ((I32(src[U(b + j)]) >> 2) & 0x30)
+    return np.float32(I32(sc)), np.float32(I32(mn))
+
+
+@register_jitable
+def _q3k_scale(src, b, i):
+    """Signed 6-bit scale i (0..15) of a Q3_K block whose 12 scale bytes start at src[b]."""
+    lo = (I32(src[U(b + (i & 7))]) >> (4 * (i >> 3))) & 15
+    hi = (I32(src[U(b + 8 + (i & 3))]) >> (2 * (i >> 2))) & 3
+    return np.float32(I32((lo | (hi << 4)) - 32))
+
+
+# --- float types: a "block" is 32 elements --------------------------------------------------------
+
+@register_jitable
+def dq32_f32(src, b, j, dst, o, h):
+    for l in range(2 * h):
+        dst[U(o + l)] = _f32_from_bits(_u32(src, b + 4 * l))
+
+
 @_fast_jitable
 def dot32_f32(src, b, j, x, xo, h):
-    s = src[b:b + 8 * h]
-    xc = x[xo:xo + 2 * h]
     acc = np.float32(0)
     for l in range(2 * h):
-        acc += _f32_from_bits(_u32(s, 4 * l)) * xc[l]
+        acc += _f32_from_bits(_u32(src, b + 4 * l)) * x[U(xo + l)]
     return acc
 
 
 @register_jitable
 def dq32_f16(src, b, j, dst, o, h):
-    s = src[b:b + 4 * h]
-    y = dst[o:o + 2 * h]
     for l in range(2 * h):
-        y[l] = _f16(s, 2 * l)
+        dst[U(o + l)] = _f16(src, b + 2 * l)
 
 
 @_fast_jitable
 def dot32_f16(src, b, j, x, xo, h):
-    s = src[b:b + 4 * h]
-    xc = x[xo:xo + 2 * h]
     acc = np.float32(0)
     for l in range(2 * h):
-        acc += _f16(s, 2 * l) * xc[l]
+        acc += _f16(src, b + 2 * l) * x[U(xo + l)]
     return acc
 
 
 @register_jitable
 def dq32_bf16(src, b, j, dst, o, h):
-    s = src[b:b + 4 * h]
-    y = dst[o:o + 2 * h]
     for l in range(2 * h):
-        y[l] = _bf16(s, 2 * l)
+        dst[U(o + l)] = _bf16(src, b + 2 * l)
 
 
 @_fast_jitable
 def dot32_bf16(src, b, j, x, xo, h):
-    s = src[b:b + 4 * h]
-    xc = x[xo:xo + 2 * h]
     acc = np.float32(0)
     for l in range(2 * h):
-        acc += _bf16(s, 2 * l) * xc[l]
+        acc += _bf16(src, b + 2 * l) * x[U(xo + l)]
     return acc
 
 
@@ -249,304 +253,265 @@ def dot32_bf16(src, b, j, x, xo, h):
 
 @register_jitable
 def dq32_q4_0(src, b, j, dst, o, h):
-    s = src[b:b + 18]
-    y = dst[o:o + 2 * h]
-    d = _f16(s, 0)
+    d = _f16(src, b)
     for l in range(h):
-        q = np.int32(s[2 + l])
-        y[l] = d * np.float32((q & 15) - 8)
-        y[h + l] = d * np.float32((q >> 4) - 8)
+        q = I32(src[U(b + 2 + l)])
+        dst[U(o + l)] = d * np.float32(I32((q & 15) - 8))
+        dst[U(o + h + l)] = d * np.float32(I32((q >> 4) - 8))
 
 
 @_fast_jitable
 def dot32_q4_0(src, b, j, x, xo, h):
-    s = src[b:b + 18]
-    xc = x[xo:xo + 2 * h]
     acc = np.float32(0)
     for l in range(h):
-        q = np.int32(s[2 + l])
-        acc += np.float32((q & 15) - 8) * xc[l] + np.float32((q >> 4) - 8) * xc[h + l]
-    return _f16(s, 0) * acc
+        q = I32(src[U(b + 2 + l)])
+        acc += (np.float32(I32((q & 15) - 8)) * x[U(xo + l)]
+                + np.float32(I32((q >> 4) - 8)) * x[U(xo + h + l)])
+    return _f16(src, b) * acc
 
 
 @register_jitable
 def dq32_q4_1(src, b, j, dst, o, h):
-    s = src[b:b + 20]
-    y = dst[o:o + 2 * h]
-    d = _f16(s, 0)
-    m = _f16(s, 2)
+    d = _f16(src, b)
+    m = _f16(src, b + 2)
     for l in range(h):
-        q = np.int32(s[4 + l])
-        y[l] = d * np.float32(q & 15) + m
-        y[h + l] = d * np.float32(q >> 4) + m
+        q = I32(src[U(b + 4 + l)])
+        dst[U(o + l)] = d * np.float32(I32(q & 15)) + m
+        dst[U(o + h + l)] = d * np.float32(I32(q >> 4)) + m
 
 
 @_fast_jitable
 def dot32_q4_1(src, b, j, x, xo, h):
-    s = src[b:b + 20]
-    xc = x[xo:xo + 2 * h]
     acc = np.float32(0)
     xs = np.float32(0)
     for l in range(h):
-        q = np.int32(s[4 + l])
-        acc += np.float32(q & 15) * xc[l] + np.float32(q >> 4) * xc[h + l]
-        xs += xc[l] + xc[h + l]
-    return _f16(s, 0) * acc + _f16(s, 2) * xs
+        q = I32(src[U(b + 4 + l)])
+        x0 = x[U(xo + l)]
+        x1 = x[U(xo + h + l)]
+        acc += np.float32(I32(q & 15)) * x0 + np.float32(I32(q >> 4)) * x1
+        xs += x0 + x1
+    return _f16(src, b) * acc + _f16(src, b + 2) * xs
+
+
+@register_jitable
+def _q5_bit(qh, l):
+    """The 5th bit of value l of a Q5_0/Q5_1 block, as 0 or 16."""
+    return I32((qh >> np.uint32(l)) & np.uint32(1)) << 4
 
 
 @register_jitable
 def dq32_q5_0(src, b, j, dst, o, h):
-    s = src[b:b + 22]
-    y = dst[o:o + 2 * h]
-    d = _f16(s, 0)
-    qh = _u32(s, 2)
+    d = _f16(src, b)
+    qh = _u32(src, b + 2)
     for l in range(h):
-        q = np.int32(s[6 + l])
-        y[l] = d * np.float32(((q & 15) | (np.int32((qh >> l) & 1) << 4)) - 16)
-        y[h + l] = d * np.float32(((q >> 4) | (np.int32((qh >> (l + h)) & 1) << 4)) - 16)
+        q = I32(src[U(b + 6 + l)])
+        dst[U(o + l)] = d * np.float32(I32(((q & 15) | _q5_bit(qh, l)) - 16))
+        dst[U(o + h + l)] = d * np.float32(I32(((q >> 4) | _q5_bit(qh, l + h)) - 16))
 
 
 @_fast_jitable
 def dot32_q5_0(src, b, j, x, xo, h):
-    s = src[b:b + 22]
-    xc = x[xo:xo + 2 * h]
-    qh = _u32(s, 2)
+    qh = _u32(src, b + 2)
     acc = np.float32(0)
     for l in range(h):
-        q = np.int32(s[6 + l])
-        acc += (np.float32(((q & 15) | (np.int32((qh >> l) & 1) << 4)) - 16) * xc[l]
-                + np.float32(((q >> 4) | (np.int32((qh >> (l + h)) & 1) << 4)) - 16) * xc[h + l])
-    return _f16(s, 0) * acc
+        q = I32(src[U(b + 6 + l)])
+        acc += (np.float32(I32(((q & 15) | _q5_bit(qh, l)) - 16)) * x[U(xo + l)]
+                + np.float32(I32(((q >> 4) | _q5_bit(qh, l + h)) - 16)) * x[U(xo + h + l)])
+    return _f16(src, b) * acc
 
 
 @register_jitable
 def dq32_q5_1(src, b, j, dst, o, h):
-    s = src[b:b + 24]
-    y = dst[o:o + 2 * h]
-    d = _f16(s, 0)
-    m = _f16(s, 2)
-    qh = _u32(s, 4)
+    d = _f16(src, b)
+    m = _f16(src, b + 2)
+    qh = _u32(src, b + 4)
     for l in range(h):
-        q = np.int32(s[8 + l])
-        y[l] = d * np.float32((q & 15) | (np.int32((qh >> l) & 1) << 4)) + m
-        y[h + l] = d * np.float32((q >> 4) | (np.int32((qh >> (l + h)) & 1) << 4)) + m
+        q = I32(src[U(b + 8 + l)])
+        dst[U(o + l)] = d * np.float32(I32((q & 15) | _q5_bit(qh, l))) + m
+        dst[U(o + h + l)] = d * np.float32(I32((q >> 4) | _q5_bit(qh, l + h))) + m
 
 
 @_fast_jitable
 def dot32_q5_1(src, b, j, x, xo, h):
-    s = src[b:b + 24]
-    xc = x[xo:xo + 2 * h]
-    qh = _u32(s, 4)
+    qh = _u32(src, b + 4)
     acc = np.float32(0)
     xs = np.float32(0)
     for l in range(h):
-        q = np.int32(s[8 + l])
-        acc += (np.float32((q & 15) | (np.int32((qh >> l) & 1) << 4)) * xc[l]
-                + np.float32((q >> 4) | (np.int32((qh >> (l + h)) & 1) << 4)) * xc[h + l])
-        xs += xc[l] + xc[h + l]
-    return _f16(s, 0) * acc + _f16(s, 2) * xs
-
-
-@register_jitable
-def _i8(v):
-    q = np.int32(v)
-    return q - ((q & 0x80) << 1)
+        q = I32(src[U(b + 8 + l)])
+        x0 = x[U(xo + l)]
+        x1 = x[U(xo + h + l)]
+        acc += (np.float32(I32((q & 15) | _q5_bit(qh, l))) * x0
+                + np.float32(I32((q >> 4) | _q5_bit(qh, l + h))) * x1)
+        xs += x0 + x1
+    return _f16(src, b) * acc + _f16(src, b + 2) * xs
 
 
 @register_jitable
 def dq32_q8_0(src, b, j, dst, o, h):
-    s = src[b:b + 34]
-    y = dst[o:o + 2 * h]
-    d = _f16(s, 0)
+    d = _f16(src, b)
     for l in range(2 * h):
-        y[l] = np.float32(_i8(s[2 + l])) * d
+        dst[U(o + l)] = np.float32(_i8(src[U(b + 2 + l)])) * d
 
 
 @_fast_jitable
 def dot32_q8_0(src, b, j, x, xo, h):
-    s = src[b:b + 34]
-    xc = x[xo:xo + 2 * h]
     acc = np.float32(0)
     for l in range(2 * h):
-        acc += np.float32(_i8(s[2 + l])) * xc[l]
-    return _f16(s, 0) * acc
+        acc += np.float32(_i8(src[U(b + 2 + l)])) * x[U(xo + l)]
+    return _f16(src, b) * acc
 
 
 # --- K-quants: 256-value blocks, 8 chunks of 32 ---------------------------------------------------
 
 @register_jitable
 def dq32_q2_k(src, b, j, dst, o, h):
-    s = src[b:b + 84]
-    d = _f16(s, 80)
-    dmin = _f16(s, 82)
-    q = s[16 + 32 * (j >> 2):]                     # 32 bytes; 2-bit field (j & 3) of each
+    d = _f16(src, b + 80)
+    dmin = _f16(src, b + 82)
+    q0 = b + 16 + 32 * (j >> 2)                    # 32 bytes; 2-bit field (j & 3) of each
     shift = 2 * (j & 3)
     for half in range(2):
-        sm = np.int32(s[2 * j + half])              # scale index 2j + half: lo nibble scale, hi min
-        dl = d * np.float32(sm & 15)
-        ml = dmin * np.float32(sm >> 4)
-        y = dst[o + h * half:o + h * half + h]
-        qq = q[h * half:h * half + h]
-        for l in range(h):
-            y[l] = dl * np.float32((np.int32(qq[l]) >> shift) & 3) - ml
+        sm = I32(src[U(b + 2 * j + half)])          # scale 2j + half: lo nibble scale, hi min
+        dl = d * np.float32(I32(sm & 15))
+        ml = dmin * np.float32(I32(sm >> 4))
+        for l in range(h * half, h * half + h):
+            dst[U(o + l)] = dl * np.float32(I32((I32(src[U(q0 + l)]) >> shift) & 3)) - ml
 
 
 @_fast_jitable
 def dot32_q2_k(src, b, j, x, xo, h):
-    s = src[b:b + 84]
-    q = s[16 + 32 * (j >> 2):]
+    q0 = b + 16 + 32 * (j >> 2)
     shift = 2 * (j & 3)
     acc = np.float32(0)
     mins = np.float32(0)
     for half in range(2):
-        sm = np.int32(s[2 * j + half])
-        xc = x[xo + h * half:xo + h * half + h]
-        qq = q[h * half:h * half + h]
+        sm = I32(src[U(b + 2 * j + half)])
         part = np.float32(0)
         xs = np.float32(0)
-        for l in range(h):
-            part += np.float32((np.int32(qq[l]) >> shift) & 3) * xc[l]
-            xs += xc[l]
-        acc += np.float32(sm & 15) * part
-        mins += np.float32(sm >> 4) * xs
-    return _f16(s, 80) * acc - _f16(s, 82) * mins
+        for l in range(h * half, h * half + h):
+            xv = x[U(xo + l)]
+            part += np.float32(I32((I32(src[U(q0 + l)]) >> shift) & 3)) * xv
+            xs += xv
+        acc += np.float32(I32(sm & 15)) * part
+        mins += np.float32(I32(sm >> 4)) * xs
+    return _f16(src, b + 80) * acc - _f16(src, b + 82) * mins
 
 
 @register_jitable
 def dq32_q3_k(src, b, j, dst, o, h):
-    s = src[b:b + 110]
-    d = _f16(s, 108)
-    q = s[32 + 32 * (j >> 2):]                      # low 2 bits: field (j & 3)
-    lshift = 2 * (j & 3)
-    hshift = j                                      # high bit: bit (4n + k) = j of hmask[l]
+    d = _f16(src, b + 108)
+    q0 = b + 32 + 32 * (j >> 2)                     # low 2 bits: field (j & 3) of qs
+    lshift = 2 * (j & 3)                            # high bit: bit j of hmask[l]
     for half in range(2):
-        dl = d * np.float32(_q3k_scale(s, 96, 2 * j + half))
-        y = dst[o + h * half:o + h * half + h]
-        qq = q[h * half:h * half + h]
-        hm = s[h * half:h * half + h]
-        for l in range(h):
-            lo = (np.int32(qq[l]) >> lshift) & 3
-            hb = (np.int32(hm[l]) >> hshift) & 1
-            y[l] = dl * np.float32(lo - ((hb ^ 1) << 2))
+        dl = d * _q3k_scale(src, b + 96, 2 * j + half)
+        for l in range(h * half, h * half + h):
+            lo = (I32(src[U(q0 + l)]) >> lshift) & 3
+            hb = (I32(src[U(b + l)]) >> j) & 1
+            dst[U(o + l)] = dl * np.float32(I32(lo - ((hb ^ 1) << 2)))
 
 
 @_fast_jitable
 def dot32_q3_k(src, b, j, x, xo, h):
-    s = src[b:b + 110]
-    q = s[32 + 32 * (j >> 2):]
+    q0 = b + 32 + 32 * (j >> 2)
     lshift = 2 * (j & 3)
     acc = np.float32(0)
     for half in range(2):
-        xc = x[xo + h * half:xo + h * half + h]
-        qq = q[h * half:h * half + h]
-        hm = s[h * half:h * half + h]
         part = np.float32(0)
-        for l in range(h):
-            lo = (np.int32(qq[l]) >> lshift) & 3
-            hb = (np.int32(hm[l]) >> j) & 1
-            part += np.float32(lo - ((hb ^ 1) << 2)) * xc[l]
-        acc += np.float32(_q3k_scale(s, 96, 2 * j + half)) * part
-    return _f16(s, 108) * acc
+        for l in range(h * half, h * half + h):
+            lo = (I32(src[U(q0 + l)]) >> lshift) & 3
+            hb = (I32(src[U(b + l)]) >> j) & 1
+            part += np.float32(I32(lo - ((hb ^ 1) << 2))) * x[U(xo + l)]
+        acc += _q3k_scale(src, b + 96, 2 * j + half) * part
+    return _f16(src, b + 108) * acc
 
 
 @register_jitable
 def dq32_q4_k(src, b, j, dst, o, h):
-    s = src[b:b + 144]
-    y = dst[o:o + 2 * h]
-    sc, mn = _k_scale_min(s, 4, j)
-    d = _f16(s, 0) * np.float32(sc)
-    m = _f16(s, 2) * np.float32(mn)
-    q = s[16 + 32 * (j >> 1):]                      # 32 bytes; nibble (j & 1) of each
+    sc, mn = _k_scale_min(src, b + 4, j)
+    d = _f16(src, b) * sc
+    m = _f16(src, b + 2) * mn
+    q0 = b + 16 + 32 * (j >> 1)                     # 32 bytes; nibble (j & 1) of each
     shift = 4 * (j & 1)
     for l in range(2 * h):
-        y[l] = d * np.float32((np.int32(q[l]) >> shift) & 15) - m
+        dst[U(o + l)] = d * np.float32(I32((I32(src[U(q0 + l)]) >> shift) & 15)) - m
 
 
 @_fast_jitable
 def dot32_q4_k(src, b, j, x, xo, h):
-    s = src[b:b + 144]
-    xc = x[xo:xo + 2 * h]
-    sc, mn = _k_scale_min(s, 4, j)
-    q = s[16 + 32 * (j >> 1):]
+    sc, mn = _k_scale_min(src, b + 4, j)
+    q0 = b + 16 + 32 * (j >> 1)
     shift = 4 * (j & 1)
     acc = np.float32(0)
     xs = np.float32(0)
     for l in range(2 * h):
-        acc += np.float32((np.int32(q[l]) >> shift) & 15) * xc[l]
-        xs += xc[l]
-    return (_f16(s, 0) * np.float32(sc)) * acc - (_f16(s, 2) * np.float32(mn)) * xs
+        xv = x[U(xo + l)]
+        acc += np.float32(I32((I32(src[U(q0 + l)]) >> shift) & 15)) * xv
+        xs += xv
+    return (_f16(src, b) * sc) * acc - (_f16(src, b + 2) * mn) * xs
+
+
+@register_jitable
+def _q5k_value(src, q0, b, l, shift, j):
+    return I32(((I32(src[U(q0 + l)]) >> shift) & 15) | (((I32(src[U(b + 16 + l)]) >> j) & 1) << 4))
 
 
 @register_jitable
 def dq32_q5_k(src, b, j, dst, o, h):
-    s = src[b:b + 176]
-    y = dst[o:o + 2 * h]
-    sc, mn = _k_scale_min(s, 4, j)
-    d = _f16(s, 0) * np.float32(sc)
-    m = _f16(s, 2) * np.float32(mn)
-    q = s[48 + 32 * (j >> 1):]
-    qh = s[16:48]                                   # 5th bit of value l of chunk j: bit j of qh[l]
+    sc, mn = _k_scale_min(src, b + 4, j)
+    d = _f16(src, b) * sc
+    m = _f16(src, b + 2) * mn
+    q0 = b + 48 + 32 * (j >> 1)                     # low nibbles as Q4_K; 5th bit: bit j of qh[l]
     shift = 4 * (j & 1)
     for l in range(2 * h):
-        v = ((np.int32(q[l]) >> shift) & 15) | (((np.int32(qh[l]) >> j) & 1) << 4)
-        y[l] = d * np.float32(v) - m
+        dst[U(o + l)] = d * np.float32(_q5k_value(src, q0, b, l, shift, j)) - m
 
 
 @_fast_jitable
 def dot32_q5_k(src, b, j, x, xo, h):
-    s = src[b:b + 176]
-    xc = x[xo:xo + 2 * h]
-    sc, mn = _k_scale_min(s, 4, j)
-    q = s[48 + 32 * (j >> 1):]
-    qh = s[16:48]
+    sc, mn = _k_scale_min(src, b + 4, j)
+    q0 = b + 48 + 32 * (j >> 1)
     shift = 4 * (j & 1)
     acc = np.float32(0)
     xs = np.float32(0)
     for l in range(2 * h):
-        v = ((np.int32(q[l]) >> shift) & 15) | (((np.int32(qh[l]) >> j) & 1) << 4)
-        acc += np.float32(v) * xc[l]
-        xs += xc[l]
-    return (_f16(s, 0) * np.float32(sc)) * acc - (_f16(s, 2) * np.float32(mn)) * xs
+        xv = x[U(xo + l)]
+        acc += np.float32(_q5k_value(src, q0, b, l, shift, j)) * xv
+        xs += xv
+    return (_f16(src, b) * sc) * acc - (_f16(src, b + 2) * mn) * xs
+
+
+@register_jitable
+def _q6k_value(src, ql0, qh0, l, lshift, hshift):
+    lo = (I32(src[U(ql0 + l)]) >> lshift) & 15
+    hi = (I32(src[U(qh0 + l)]) >> hshift) & 3
+    return I32((lo | (hi << 4)) - 32)
 
 
 @register_jitable
 def dq32_q6_k(src, b, j, dst, o, h):
-    s = src[b:b + 210]
-    d = _f16(s, 208)
+    d = _f16(src, b + 208)
     hb = j >> 2                                     # 128-value half of the block
-    r = j & 3                                       # which of its 4 32-value runs
-    ql = s[64 * hb + 32 * (r & 1):]                 # low 4 bits: nibble (r >> 1)
-    qh = s[128 + 32 * hb:]                          # high 2 bits: field r
-    lshift = 4 * (r >> 1)
+    r = j & 3                                       # which of its 4 runs of 32
+    ql0 = b + 64 * hb + 32 * (r & 1)                # low 4 bits: nibble (r >> 1) of ql
+    qh0 = b + 128 + 32 * hb                         # high 2 bits: field r of qh
     for half in range(2):
-        dl = d * np.float32(_i8(s[192 + 8 * hb + 2 * r + half]))
-        y = dst[o + h * half:o + h * half + h]
-        a = ql[h * half:h * half + h]
-        c = qh[h * half:h * half + h]
-        for l in range(h):
-            v = ((np.int32(a[l]) >> lshift) & 15) | (((np.int32(c[l]) >> (2 * r)) & 3) << 4)
-            y[l] = dl * np.float32(v - 32)
+        dl = d * np.float32(_i8(src[U(b + 192 + 8 * hb + 2 * r + half)]))
+        for l in range(h * half, h * half + h):
+            dst[U(o + l)] = dl * np.float32(_q6k_value(src, ql0, qh0, l, 4 * (r >> 1), 2 * r))
 
 
 @_fast_jitable
 def dot32_q6_k(src, b, j, x, xo, h):
-    s = src[b:b + 210]
     hb = j >> 2
     r = j & 3
-    ql = s[64 * hb + 32 * (r & 1):]
-    qh = s[128 + 32 * hb:]
-    lshift = 4 * (r >> 1)
+    ql0 = b + 64 * hb + 32 * (r & 1)
+    qh0 = b + 128 + 32 * hb
     acc = np.float32(0)
     for half in range(2):
-        xc = x[xo + h * half:xo + h * half + h]
-        a = ql[h * half:h * half + h]
-        c = qh[h * half:h * half + h]
         part = np.float32(0)
-        for l in range(h):
-            v = ((np.int32(a[l]) >> lshift) & 15) | (((np.int32(c[l]) >> (2 * r)) & 3) << 4)
-            part += np.float32(v - 32) * xc[l]
-        acc += np.float32(_i8(s[192 + 8 * hb + 2 * r + half])) * part
-    return _f16(s, 208) * acc
+        for l in range(h * half, h * half + h):
+            part += np.float32(_q6k_value(src, ql0, qh0, l, 4 * (r >> 1), 2 * r)) * x[U(xo + l)]
+        acc += np.float32(_i8(src[U(b + 192 + 8 * hb + 2 * r + half)])) * part
+    return _f16(src, b + 208) * acc
 
 
 # type id -> (dq32, dot32). The one place a new format is added.
@@ -561,8 +526,8 @@ DECODERS = {
 # every jitable above, for backends that register them with another target (numba-cuda), and
 # whether it may use fast math
 JITABLES = tuple((f, f in _FAST) for f in (
-    f16_to_f32, _f16, _u32, _bf16, _pow2, _k_scale_min, _q3k_scale, _f32_from_bits, _i8,
-    *[f for pair in DECODERS.values() for f in pair]))
+    f16_to_f32, _f16, _u32, _bf16, _pow2, _k_scale_min, _q3k_scale, _f32_from_bits, _i8, _q5_bit,
+    _q5k_value, _q6k_value, *[f for pair in DECODERS.values() for f in pair]))
 
 SUPPORTED_TYPES = tuple(GGML_TYPES[t].name for t in DECODERS)
 

@@ -61,7 +61,11 @@ class Backend(ABC):
     def copy_in(self, dst, host: np.ndarray) -> None:
         """Fill the leading elements of backend array `dst` from a host array."""
 
-    kv_dtype = np.float32
+    default_kv_type = "f32"
+
+    def kv_dtype(self, kv_type: str):
+        """The numpy dtype that stores a KV cache of kv_type ("f16" | "f32") here."""
+        return np.float16 if kv_type == "f16" else np.float32
 
     def upload(self, weights):
         """The ModelWeights with every array on this backend (CPU: the file views themselves)."""
@@ -80,18 +84,47 @@ class Backend(ABC):
     def matmul(self, out, x, w, bias=None) -> None:
         """out (n, rows) = x (n, cols) @ W.T (+ bias (rows,)); W a QTensor (rows, cols)."""
 
+    # --- fused ops: backends may override; these defaults compose the ops above -------------
+    def norm_matmul(self, outs, x, norm_w, eps: float, ws, biases, scratch) -> None:
+        """outs[m] (n, rows_m) = rmsnorm(x) * norm_w @ ws[m].T (+ biases[m] where not None);
+        scratch (n, d) may receive the normed x."""
+        self.rmsnorm(scratch, x, norm_w, eps)
+        for out, w, b in zip(outs, ws, biases):
+            self.matmul(out, scratch, w, b)
+
+    def norm_swiglu(self, out, x, norm_w, eps: float, w_gate, w_up, scratch, up) -> None:
+        """out (n, n_ff) = silu(xn @ Wg.T) * (xn @ Wu.T), xn = rmsnorm(x) * norm_w; scratch (n, d)
+        and up (n, n_ff) may be used."""
+        self.rmsnorm(scratch, x, norm_w, eps)
+        self.matmul(out, scratch, w_gate)
+        self.matmul(up, scratch, w_up)
+        self.silu_mul(out, out, up)
+
+    def rope_store(self, q, k, v, pos, cache, layer: int, inv_freq, rope: RopeParams) -> None:
+        """Rotate q (n, n_head * hd) and k (n, n_kv * hd) in place at positions pos, then write
+        k and v into the cache."""
+        self.rope(q, pos, q.shape[1] // rope.head_dim, inv_freq, rope)
+        self.rope(k, pos, k.shape[1] // rope.head_dim, inv_freq, rope)
+        self.kv_store(cache, layer, k, v, pos)
+
+    def matmul_add(self, x, a, w, scratch) -> None:
+        """x += a @ W.T (the residual update); scratch (n, rows) may be used for the product."""
+        self.matmul(scratch, a, w)
+        self.add(x, x, scratch)
+
     @abstractmethod
     def rope(self, x, pos, n_heads: int, inv_freq, rope: RopeParams) -> None:
         """Rotate x (n, n_heads * head_dim) in place by positions pos (n,) int32."""
 
     @abstractmethod
-    def kv_store(self, k_cache, v_cache, layer: int, k, v, pos) -> None:
-        """Write k, v (n, kv_dim) into the caches (n_layer, n_kv_head, n_ctx, head_dim) at pos (n,)."""
+    def kv_store(self, cache, layer: int, k, v, pos) -> None:
+        """Write k, v (n, kv_dim) into KVCache `cache` (.k, .v: (n_layer, n_kv_head, n_ctx,
+        head_dim), .kv_type) of `layer` at positions pos (n,)."""
 
     @abstractmethod
-    def attention(self, out, q, k_cache, v_cache, layer: int, pos, scale: float) -> None:
-        """Causal GQA attention: out[t] (q_dim) attends to cache positions 0..pos[t] of its
-        KV head; q, out (n, n_head * head_dim) f32."""
+    def attention(self, out, q, cache, layer: int, pos, scale: float) -> None:
+        """Causal GQA attention: out[t] (q_dim) attends to positions 0..pos[t] of its KV head in
+        `cache`; q, out (n, n_head * head_dim) f32."""
 
     @abstractmethod
     def silu_mul(self, out, gate, up) -> None:

@@ -2,9 +2,9 @@
 
 numba's `cache=True` invalidates a cached kernel only when the file that defines it changes, not when
 a function it calls from another module does (a kernel in backends/cpu/matmul.py inlines the block
-decoders of quants.py). So kernels are cached under a folder named by a hash of every source file
-kernels are built from (quants.py and backends/): a change there starts a fresh cache; anything
-else reuses it.
+decoders of quants.py). So each backend's kernels are cached under a folder named by a hash of the
+source files they are built from (quants.py, backends/*.py and backends/<name>/): a change there
+starts a fresh cache; anything else reuses it.
 Base folder: NUMBA_CACHE_DIR if set, else ~/.cache/numbaformer/numba.
 """
 from __future__ import annotations
@@ -18,27 +18,39 @@ PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 
 
 @functools.lru_cache(maxsize=None)
-def source_hash() -> str:
+def source_hash(backend: str) -> str:
+    """Hash of the sources a backend's kernels are built from: quants.py, the backends package's
+    own modules and the backend's folder (so a CUDA edit leaves the CPU cache valid)."""
+    backends = PACKAGE_ROOT / "backends"
+    files = [PACKAGE_ROOT / "quants.py", *backends.glob("*.py"), *(backends / backend).rglob("*.py")]
     h = hashlib.sha256()
-    files = [PACKAGE_ROOT / "quants.py", *(PACKAGE_ROOT / "backends").rglob("*.py")]
     for path in sorted(files):
         h.update(str(path.relative_to(PACKAGE_ROOT)).encode())
         h.update(path.read_bytes())
     return h.hexdigest()[:16]
 
 
-@functools.lru_cache(maxsize=None)
-def configure() -> Path:
-    """Point numba's cache at the folder for this source; returns it. Call before defining kernels."""
+def _folder(backend: str) -> Path:
+    base = os.environ.get("NUMBA_CACHE_DIR") or str(Path.home() / ".cache" / "numbaformer" / "numba")
+    return Path(base) / f"numbaformer-{backend}-{source_hash(backend)}"
+
+
+def cached(backend: str, decorator):
+    """decorator(fn), applied while numba's cache folder is this backend's: numba fixes a kernel's
+    cache location when the kernel is decorated, and both backends may live in one process."""
     import numba
 
-    base = os.environ.get("NUMBA_CACHE_DIR") or str(Path.home() / ".cache" / "numbaformer" / "numba")
-    folder = Path(base) / f"numbaformer-{source_hash()}"
-    numba.config.CACHE_DIR = str(folder)
-    return folder
+    def deco(fn):
+        old = numba.config.CACHE_DIR
+        numba.config.CACHE_DIR = str(_folder(backend))
+        try:
+            return decorator(fn)
+        finally:
+            numba.config.CACHE_DIR = old
+    return deco
 
 
-def is_warm() -> bool:
+def is_warm(backend: str) -> bool:
     """True if kernels of this source were compiled and cached before (no compile pause ahead)."""
-    folder = configure()
+    folder = _folder(backend)
     return folder.is_dir() and any(folder.rglob("*.nbi"))

@@ -4,18 +4,18 @@ from __future__ import annotations
 import numpy as np
 
 from ..base import Backend
-from ..kernel_cache import configure as _configure_kernel_cache
-
-_configure_kernel_cache()
-
-from . import attention, elementwise, embed, matmul, norm, rope  # noqa: E402  (after the cache)
+from . import attention, elementwise, embed, matmul, norm, rope
 
 
 class CPUBackend(Backend):
     """Weights stay memory-mapped in their GGUF form; activations are numpy arrays."""
 
     name = "cpu"
-    kv_dtype = np.float32          # numba has no float16 arithmetic on the CPU
+    default_kv_type = "f32"
+
+    def kv_dtype(self, kv_type: str):
+        """f32 storage either way: numba has no float16 on the CPU ("f16" rounds on store)."""
+        return np.float32
 
     def __init__(self, n_threads: int | None = None):
         import numba
@@ -39,8 +39,13 @@ class CPUBackend(Backend):
     rmsnorm = staticmethod(norm.rmsnorm)
     matmul = staticmethod(matmul.matmul)
     rope = staticmethod(rope.rope)
-    kv_store = staticmethod(attention.kv_store)
-    attention = staticmethod(attention.attention)
+    @staticmethod
+    def kv_store(cache, layer, k, v, pos):
+        attention.kv_store(cache.k, cache.v, layer, k, v, pos, cache.kv_type == "f16")
+
+    @staticmethod
+    def attention(out, q, cache, layer, pos, scale):
+        attention.attention(out, q, cache.k, cache.v, layer, pos, scale)
     silu_mul = staticmethod(elementwise.silu_mul)
     add = staticmethod(elementwise.add)
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
+
+from ._jit import cpu_jit
 
 from ...quants import DECODERS, GGML_TYPES, QK
 
@@ -15,7 +17,7 @@ def _dequantize_kernel(qtype: int):
     chunk_bytes = GGML_TYPES[qtype].chunk_bytes
     chunks_per_block = GGML_TYPES[qtype].chunks_per_block
 
-    @njit(parallel=True, cache=True)
+    @cpu_jit(parallel=True)
     def kernel(raw, out, h):
         # raw: (rows, row_bytes) uint8 -> out: (rows, n) float32; one row per prange iteration
         n_chunks = out.shape[1] // QK

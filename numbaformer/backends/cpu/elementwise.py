@@ -2,29 +2,31 @@
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
+
+from ._jit import cpu_jit
 
 
-@njit(cache=True)
+@cpu_jit()
 def _silu_mul_row(y, g, u):
     for i in range(y.shape[0]):
         gv = g[i]
         y[i] = gv / (np.float32(1.0) + np.exp(-gv)) * u[i]
 
 
-@njit(parallel=True, cache=True)
+@cpu_jit(parallel=True)
 def _silu_mul_rows(out, gate, up):
     for t in prange(out.shape[0]):
         _silu_mul_row(out[t], gate[t], up[t])
 
 
-@njit(cache=True)
+@cpu_jit()
 def _add_row(y, a, b):
     for i in range(y.shape[0]):
         y[i] = a[i] + b[i]
 
 
-@njit(parallel=True, cache=True)
+@cpu_jit(parallel=True)
 def _add_rows(out, a, b):
     for t in prange(out.shape[0]):
         _add_row(out[t], a[t], b[t])

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import functools
 
-from numba import njit
+from ._jit import cpu_jit
 
 from ...quants import DECODERS, GGML_TYPES, QK
 
@@ -14,7 +14,7 @@ def _embed_kernel(qtype: int):
     chunk_bytes = GGML_TYPES[qtype].chunk_bytes
     cpb = GGML_TYPES[qtype].chunks_per_block
 
-    @njit(cache=True)
+    @cpu_jit()
     def kernel(out, table, ids, h):
         # out (n, d) f32 <- table (n_vocab, row_bytes) u8 at rows ids (n,)
         for t in range(out.shape[0]):

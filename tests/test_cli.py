@@ -1,0 +1,387 @@
+"""The `numbaformer` command, run in-process through numbaformer.cli.main (a few through a real
+subprocess): what each subcommand prints, its JSON schemas, agreement with the library, and the
+error contract: one line `error: ...` on stderr, exit code 2, no traceback.
+"""
+from __future__ import annotations
+
+import ctypes.util
+import json
+import math
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from reference import log_softmax
+
+from numbaformer.cli import main
+from numbaformer.scoring import perplexity
+from numbaformer.sampling import SamplingParams, make_sampler
+from numbaformer.generate import stream_generate
+
+TIMING_KEYS = {"load_s", "prompt_tokens", "prefill_tps", "generated_tokens", "decode_tps", "ttft_s"}
+BENCH_KEYS = {"model", "size_bytes", "params", "type", "device", "test", "tokens_per_s", "stddev"}
+HAS_GPU_DRIVER = bool(ctypes.util.find_library("cuda")) or any(
+    os.path.exists(p) for p in ("/dev/nvidia0", "/dev/nvidiactl", "/usr/lib64/libcuda.so"))
+# no simulated GPU either: --device auto/cuda must see this machine as it is
+NO_SIM = {"NUMBA_ENABLE_CUDASIM": "0", "CUDA_FORCE_CPU": None}
+
+
+def cli(*args, input=None, env=None) -> SimpleNamespace:
+    """Run `numbaformer ARGS` in-process; returns code, out (stdout), err (stderr)."""
+    runner = CliRunner()
+    with runner.isolation(input=input, env={**NO_SIM, **(env or {})}) as (out, err, _):
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        sys.stdout.flush()                     # what a real process flushes at exit
+        sys.stderr.flush()
+    return SimpleNamespace(code=code, out=out.getvalue().decode(), err=err.getvalue().decode())
+
+
+def assert_one_line_error(r, *fragments) -> str:
+    """Exit 2, nothing on stdout, exactly one line `error: ...` on stderr, no traceback."""
+    assert r.code == 2, (r.code, r.out, r.err)
+    assert "Traceback" not in r.out + r.err
+    assert r.out == ""
+    lines = r.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.err
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def model(engine, smollm2_path):
+    """The SmolLM2 path, once the session engine has compiled (or loaded) the kernels, so that no
+    command prints a compile notice."""
+    return str(smollm2_path)
+
+
+@pytest.fixture(scope="module")
+def prompt0(llamacpp):
+    return llamacpp[0]
+
+
+@pytest.fixture(scope="module")
+def greedy8(engine, prompt0):
+    """The library's greedy continuation (8 tokens) of prompt 0, to hold the CLI to."""
+    return stream_generate(engine.model, engine.tokenizer, prompt0["prompt_ids"],
+                           make_sampler(SamplingParams(temperature=0)), max_tokens=8)
+
+
+# --- info -----------------------------------------------------------------------------------------
+
+def test_info_text(model):
+    r = cli("info", model)
+    assert r.code == 0, r.err
+    fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in r.out.splitlines())}
+    assert fields["architecture"] == "llama"
+    assert fields["layers"] == "30"
+    assert fields["width"].startswith("576 ")
+    assert fields["heads"] == "9 / 3 KV"
+    assert fields["vocab"] == "49152"
+    assert fields["tensor types"] == "F32: 61, Q4_1: 210, Q8_0: 1"
+    assert fields["file type"] == "Q4_1"
+
+
+def test_info_json(model):
+    r = cli("info", model, "--json")
+    assert r.code == 0, r.err
+    d = json.loads(r.out)
+    assert d["architecture"] == "llama"
+    assert (d["layers"], d["embedding_length"], d["heads"], d["kv_heads"], d["head_dim"]) == \
+        (30, 576, 9, 3, 64)
+    assert d["vocab_size"] == 49152 and d["feed_forward_length"] == 1536
+    assert d["tensor_types"] == {"Q4_1": 210, "Q8_0": 1, "F32": 61}
+    assert d["parameters"] == 134_515_008
+    assert d["tied_embeddings"] is True and d["rope"]["layout"] == "normal"
+    assert d["memory"]["kv_f16_bytes"] == 2 * 30 * 3 * 64 * 8192 * 2
+
+
+# --- tokenize -------------------------------------------------------------------------------------
+
+def test_tokenize_text_and_json(model, prompt0, engine):
+    r = cli("tokenize", "-m", model, prompt0["prompt"])
+    assert r.code == 0, r.err
+    assert [int(t) for t in r.out.split()] == prompt0["prompt_ids"]
+    r = cli("tokenize", "-m", model, "--json", "Hello world")
+    d = json.loads(r.out)
+    assert d["ids"] == engine.tokenizer.encode("Hello world")
+    assert d["pieces"] == [engine.tokenizer.piece(i) for i in d["ids"]] == ["Hello", "Ġworld"]
+
+
+def test_tokenize_stdin_and_no_special(model, engine):
+    text = "<|im_start|>user\nhi"
+    r = cli("tokenize", "-m", model, "--json", "-f", "-", input=text)
+    assert r.code == 0, r.err
+    ids = json.loads(r.out)["ids"]
+    assert ids[0] == 1 and ids == engine.tokenizer.encode(text)         # one special token
+    r = cli("tokenize", "-m", model, "--json", "--no-special", "-f", "-", input=text)
+    plain = json.loads(r.out)["ids"]
+    assert 1 not in plain and plain == engine.tokenizer.encode(text, parse_special=False)
+
+
+def test_tokenize_file(model, tmp_path, prompt0):
+    f = tmp_path / "p.txt"
+    f.write_text(prompt0["prompt"], encoding="utf-8")
+    r = cli("tokenize", "-m", model, "-f", f)
+    assert [int(t) for t in r.out.split()] == prompt0["prompt_ids"]
+
+
+# --- generate -------------------------------------------------------------------------------------
+
+def test_generate_json_schema(model, prompt0, greedy8):
+    r = cli("generate", "-m", model, "-p", prompt0["prompt"], "--temp", 0, "-n", 8, "--json",
+            "--device", "cpu", "-c", 256)
+    assert r.code == 0, r.err
+    assert r.err == ""
+    d = json.loads(r.out)
+    assert set(d) == {"model", "device", "prompt_ids", "ids", "text", "finish_reason", "timings"}
+    assert d["model"] == model and d["device"] == "cpu"
+    assert d["prompt_ids"] == prompt0["prompt_ids"]
+    assert d["ids"] == greedy8.ids and d["text"] == greedy8.text
+    assert d["finish_reason"] == "length"
+    t = d["timings"]
+    assert set(t) == TIMING_KEYS
+    assert t["prompt_tokens"] == len(prompt0["prompt_ids"]) and t["generated_tokens"] == 8
+    assert t["load_s"] > 0 and t["ttft_s"] > 0 and t["prefill_tps"] > 0 and t["decode_tps"] > 0
+
+
+def test_generate_logprobs(model, prompt0, greedy8):
+    r = cli("generate", "-m", model, "-p", prompt0["prompt"], "--temp", 0, "-n", 4, "--json",
+            "--logprobs", 3, "--device", "cpu", "-c", 256)
+    assert r.code == 0, r.err
+    d = json.loads(r.out)
+    assert d["ids"] == greedy8.ids[:4]
+    assert len(d["logprobs"]) == 4
+    for i, e in zip(d["ids"], d["logprobs"]):
+        assert e["id"] == i and len(e["top"]) == 3
+        assert e["top"][0] == [i, e["logprob"]] and e["logprob"] <= 0
+        assert e["top"][0][1] >= e["top"][1][1] >= e["top"][2][1]
+
+
+def test_generate_streams_text(model, prompt0, greedy8):
+    r = cli("generate", "-m", model, "-p", prompt0["prompt"], "--temp", 0, "-n", 8,
+            "--device", "cpu", "-c", 256)
+    assert r.code == 0, r.err
+    assert r.out == greedy8.text + "\n"
+    assert r.err.splitlines()[-1].startswith("[length] prompt: 15 tokens")
+
+
+def test_generate_stop_and_ignore_eos(model, llamacpp, engine):
+    chat = llamacpp[1]["prompt"]
+    base = ("generate", "-m", model, "-p", chat, "--temp", 0, "--json", "--device", "cpu",
+            "-c", 256)
+    stopped = json.loads(cli(*base, "-n", 32).out)
+    assert stopped["finish_reason"] == "stop" and stopped["ids"][-1] in engine.tokenizer.eog_ids
+    n = len(stopped["ids"])
+    more = json.loads(cli(*base, "-n", n + 2, "--ignore-eos").out)
+    assert more["finish_reason"] == "length" and more["ids"][:n] == stopped["ids"]
+    assert len(more["ids"]) == n + 2
+    words = stopped["text"].split()
+    cut = json.loads(cli(*base, "-n", 32, "--stop", " ".join(words[1:3])).out)
+    assert cut["finish_reason"] == "stop"
+    assert cut["text"] == stopped["text"][:stopped["text"].index(" ".join(words[1:3]))]
+
+
+def test_generate_same_seed_same_text(model, prompt0):
+    args = ("generate", "-m", model, "-p", prompt0["prompt"], "--temp", 1.0, "-n", 6, "--json",
+            "--device", "cpu", "-c", 64, "--seed")
+    a, b = (json.loads(cli(*args, 42).out)["ids"] for _ in range(2))
+    assert a == b
+
+
+# --- score, perplexity, bench ---------------------------------------------------------------------
+
+def test_score_agrees_with_forward_all(model, prompt0, engine, tmp_path):
+    ids = prompt0["prompt_ids"] + prompt0["greedy_ids"][:5]
+    f = tmp_path / "ids.json"
+    f.write_text(json.dumps(ids))
+    r = cli("score", "-m", model, "--ids-file", f, "--top-k", 3, "--device", "cpu")
+    assert r.code == 0, r.err
+    d = json.loads(r.out)
+    assert set(d) == {"model", "ids", "positions"} and d["ids"] == ids
+    assert len(d["positions"]) == len(ids)
+    lp = log_softmax(engine.model.forward_all(ids))
+    for i, p in enumerate(d["positions"]):
+        assert set(p) == {"top"} and len(p["top"]) == 3
+        top = np.argsort(-lp[i], kind="stable")[:3]
+        assert [t for t, _ in p["top"]] == top.tolist()
+        assert np.allclose([v for _, v in p["top"]], lp[i, top], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("content,what", [("[1, 2", "not JSON"), ("[]", "non-empty"),
+                                          ('[1, "2"]', "integer"), ("[1, true]", "integer"),
+                                          ("[1, 49152]", "outside the vocabulary"),
+                                          ("[-1]", "outside the vocabulary"),
+                                          ("[1, 99999999999999999999]", "outside the vocabulary")])
+def test_score_bad_ids(model, tmp_path, content, what):
+    f = tmp_path / "ids.json"
+    f.write_text(content)
+    assert_one_line_error(cli("score", "-m", model, "--ids-file", f, "--device", "cpu"), what)
+
+
+PPL_TEXT = ("The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins "
+            "with a single step. All that glitters is not gold. Actions speak louder than words. "
+            "Where there is a will, there is a way.")
+
+
+def test_perplexity(model, engine, tmp_path):
+    f = tmp_path / "text.txt"
+    f.write_text(PPL_TEXT)
+    r = cli("perplexity", "-m", model, "-f", f, "-c", 16, "--device", "cpu")
+    assert r.code == 0, r.err
+    words = r.out.split()
+    assert words[0] == "perplexity:" and words[2:4] == ["over", words[3]]
+    value, n = float(words[1]), int(words[3])
+    assert math.isfinite(value) and value > 1
+    ids = engine.tokenizer.encode(PPL_TEXT, add_special=False, parse_special=False)
+    assert n == len(ids) // 16 * 7                 # positions 8..14 of every 16-token chunk
+    want, _ = perplexity(engine.model, ids, 16)
+    assert value == pytest.approx(want, rel=1e-4)
+
+
+def test_perplexity_text_too_short(model, tmp_path):
+    f = tmp_path / "short.txt"
+    f.write_text("Too short.")
+    assert_one_line_error(cli("perplexity", "-m", model, "-f", f, "-c", 16, "--device", "cpu"),
+                          "needs at least 32")
+
+
+def test_bench_json(model):
+    r = cli("bench", "-m", model, "-p", 16, "-n", 4, "-r", 2, "--json", "--device", "cpu")
+    assert r.code == 0, r.err
+    rows = json.loads(r.out)
+    assert [row["test"] for row in rows] == ["pp16", "tg4"]
+    for row in rows:
+        assert set(row) == BENCH_KEYS
+        assert row["device"] == "cpu" and row["type"] == "Q4_1"
+        assert row["params"] == 134_515_008 and row["size_bytes"] > 90e6
+        assert row["tokens_per_s"] > 0 and row["stddev"] >= 0
+
+
+# --- errors: one line, exit 2, no traceback -------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    """A garbage file, and a GGUF cut off inside its tensor data (a tiny model's first half)."""
+    from gguf_builder import tiny_llama
+    d = tmp_path_factory.mktemp("bad")
+    (d / "garbage.gguf").write_bytes(np.random.default_rng(0).bytes(4096))
+    whole = tiny_llama().to_bytes()
+    (d / "truncated.gguf").write_bytes(whole[:len(whole) // 2])
+    return d
+
+
+LONG_PROMPT = "word " * 40
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (("info", "{missing}"), "cannot read"),
+    (("generate", "-m", "{missing}", "-p", "hi"), "cannot read"),
+    (("info", "{garbage}"), "magic"),
+    (("generate", "-m", "{garbage}", "-p", "hi"), "magic"),
+    (("generate", "-m", "{truncated}", "-p", "hi"), "past the end of the file"),
+    (("generate", "-m", "{model}", "-p", "hi", "--temp", "-1"), "temperature"),
+    (("generate", "-m", "{model}", "-p", "hi", "--top-p", "0"), "top-p"),
+    (("generate", "-m", "{model}", "-p", "hi", "--top-p", "1.5"), "top-p"),
+    (("generate", "-m", "{model}", "-p", LONG_PROMPT, "-c", "16", "--device", "cpu"), "context"),
+    (("generate", "-m", "{model}", "-p", "hi", "--bogus"), "--bogus"),
+    (("generate", "-m", "{model}", "--device", "cpu"), "prompt"),
+    (("generate", "-m", "{model}", "-p", "", "--device", "cpu", "-c", "16"), "prompt is empty"),
+    (("generate", "-m", "{model}", "-p", "hi", "-f", "{missing}"), "prompt"),
+    (("generate", "-m", "{model}", "-f", "{missing}"), "cannot read"),
+    (("generate", "-m", "{model}", "-p", "hi", "-n", "-1"), "-n"),
+    (("tokenize", "-m", "{model}"), "text"),
+    (("bogus-command",), "bogus-command"),
+])
+def test_errors(args, fragment, bad_files, request):
+    paths = {"missing": bad_files / "does-not-exist.gguf", "garbage": bad_files / "garbage.gguf",
+             "truncated": bad_files / "truncated.gguf"}
+    if "{model}" in args:                     # only these need the real model (and warm kernels)
+        paths["model"] = request.getfixturevalue("model")
+    assert_one_line_error(cli(*(a.format(**paths) for a in args)), fragment)
+
+
+@pytest.mark.skipif(HAS_GPU_DRIVER, reason="this machine has an NVIDIA driver")
+def test_device_cuda_without_gpu(model):
+    assert_one_line_error(cli("generate", "-m", model, "-p", "hi", "--device", "cuda"),
+                          "--device cuda")
+
+
+@pytest.mark.skipif(HAS_GPU_DRIVER, reason="this machine has an NVIDIA driver")
+def test_device_auto_falls_back_with_a_note(model):
+    r = cli("generate", "-m", model, "-p", "hi", "-n", 2, "--temp", 0, "--device", "auto",
+            "-c", 64)
+    assert r.code == 0, r.err
+    notes = [line for line in r.err.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "CPU" in notes[0]
+    assert r.err.splitlines()[-1].startswith("[length]")
+
+
+def test_cuda_force_cpu(model):
+    r = cli("generate", "-m", model, "-p", "hi", "-n", 2, "--temp", 0, "--device", "cuda",
+            "--json", "-c", 64, env={"CUDA_FORCE_CPU": "1"})
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["device"] == "cpu"
+
+
+def test_help_and_version():
+    r = cli("--help")
+    assert r.code == 0 and "generate" in r.out and "bench" in r.out
+    bare = cli()                           # no command: the same help, not an "error: Usage:..."
+    assert bare.code == 0 and bare.out == r.out and bare.err == ""
+    r = cli("--version")
+    assert r.code == 0 and "0.1.0" in r.out
+
+
+# --- through a real process -----------------------------------------------------------------------
+
+def run_process(*args) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_FORCE_CPU"}
+    env["NUMBA_ENABLE_CUDASIM"] = "0"
+    return subprocess.run([sys.executable, "-m", "numbaformer.cli", *map(str, args)],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_process_info_json(model):
+    p = run_process("info", "--json", model)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["tensor_types"] == {"Q4_1": 210, "Q8_0": 1, "F32": 61}
+
+
+@pytest.mark.parametrize("args", [("info", "/nonexistent/model.gguf"),
+                                  ("generate", "-m", "{model}", "-p", "hi", "--top-p", "1.5"),
+                                  ("generate", "--no-such-option")])
+def test_process_errors(args, model):
+    p = run_process(*(a.format(model=model) for a in args))
+    assert p.returncode == 2
+    assert "Traceback" not in p.stdout + p.stderr and p.stdout == ""
+    assert len(p.stderr.splitlines()) == 1 and p.stderr.startswith("error: ")
+
+
+def test_process_generate(model, greedy8, prompt0):
+    p = run_process("generate", "-m", model, "-p", prompt0["prompt"], "--temp", 0, "-n", 8,
+                    "--json", "--device", "cpu", "-c", 64)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["ids"] == greedy8.ids
+
+
+def test_chat_command(model, engine):
+    """Two turns from stdin, then end of input: the replies are the library's greedy replies."""
+    from numbaformer.chat_template import render_model_chat
+    r = cli("chat", "-m", model, "--temp", 0, "-n", 8, "--device", "cpu", "-c", 256,
+            input="What is 2+2?\n/clear\nWhat is 2+2?\n")
+    assert r.code == 0, r.err
+    ids = engine.tokenizer.encode(render_model_chat(
+        engine.mf.gguf.metadata, engine.tokenizer, [{"role": "user", "content": "What is 2+2?"}]))
+    reply = stream_generate(engine.model, engine.tokenizer, ids,
+                            make_sampler(SamplingParams(temperature=0)), max_tokens=8).text
+    assert r.out.count(reply + "\n") == 2, r.out
+    assert r.err.startswith("chat: Ctrl-D quits")

@@ -1,0 +1,493 @@
+"""Each CPU op (backends/cpu) against tests/reference.py (NumPy float64) at awkward sizes, and the
+exact dequantization of every GGML type against gguf.quants.dequantize.
+
+Sizes: n (tokens) 1, 7, 33 (and 70, past the GEMM's 64-token tile); widths 64, 96, 576 (K-quants,
+whose blocks are 256 wide: 256, 768); 37 weight rows (not a multiple of the GEMM's 16-row tile or
+its 4-row unroll); head_dim 64 and 32; GQA groups 1, 2 and 3; both rope layouts; positions that do
+not start at 0. The n == 1 cases take the mat-vec / single-row paths, n > 1 the GEMM / parallel
+ones.
+
+Error bounds, u = 2^-24 (float32's unit roundoff), all elementwise:
+- dequantize, embed: bit for bit (the same float32 operations as gguf's decoder).
+- add: exact (one correctly rounded float32 addition).
+- rmsnorm: 4u|ref| (scale rounded once, x * scale * w rounded twice; the sum of squares is float64).
+- silu_mul: 6u|ref| (exp, 1 + e, the division and the product: ~4 roundings).
+- rope: 4u(|x0| + |x1|) for each rotated pair (cos, sin rounded to float32, two products, one sum);
+  dimensions past rope_dim are left untouched (error 0).
+- matmul: 16u * sum_k |x_k W_rk| (+ 2u|bias_r|). A float32 dot product of random-sign terms errs
+  by about u * sum|x w| at any length (worst case cols * u * sum|x w|); measured <= 3.1u here.
+  One wrong quant value among 768 already errs by ~1e-3 * sum|x w|.
+- attention: 64u * max|v|: scores are float32 dot products over head_dim <= 64 terms and the
+  softmax sums <= 64 weights, each ~64u ~ 4e-6 relative at worst.
+"""
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import reference as ref
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as QT
+from gguf.quants import dequantize as gguf_dequantize
+
+from numbaformer.backends.base import RopeParams
+from numbaformer.backends.cpu import CPUBackend
+from numbaformer.backends.cpu.dequant import dequantize
+from numbaformer.kvcache import KVCache
+from numbaformer.quants import DECODERS, GGML_TYPES
+from numbaformer.weights import QTensor
+
+U = 2.0 ** -24
+OPS = CPUBackend()
+TYPE_NAMES = [GGML_TYPES[t].name for t in DECODERS]
+FLOAT_TYPES = ("F32", "F16", "BF16")
+# byte offsets of the fp16 scale fields in each block (ggml-common.h's block_* structs)
+F16_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,),
+              "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+N_TOKENS = (1, 7, 33)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compiled_kernels(record_figure):
+    """Compile (or load from the cache) every type's kernels once, timed, before the tests."""
+    t0 = time.perf_counter()
+    for qt in DECODERS:
+        name = GGML_TYPES[qt].name
+        cols = widths(name)[0]
+        w = QTensor("w", qt, 2, cols, np.zeros((2, GGML_TYPES[qt].row_bytes(cols)), np.uint8))
+        for n in (1, 2):
+            OPS.matmul(np.empty((n, 2), np.float32), np.zeros((n, cols), np.float32), w)
+        OPS.embed(np.empty((1, cols), np.float32), w, np.zeros(1, np.int32))
+        dequantize(w.data, qt, cols)
+    record_figure("CPU matmul/embed/dequantize kernels of all 13 types (compile or cache load)",
+                  f"{time.perf_counter() - t0:.1f} s")
+
+
+def test_every_decoder_is_covered():
+    assert set(TYPE_NAMES) == set(F16_FIELDS) | set(FLOAT_TYPES)
+
+
+def widths(name: str) -> tuple[int, ...]:
+    return (256, 768) if GGML_QUANT_SIZES[QT[name]][0] == 256 else (64, 96, 576)
+
+
+# --- random weights -------------------------------------------------------------------------------
+
+def finite_f16_bits(rng, n: int) -> np.ndarray:
+    """n random finite fp16 bit patterns (uint16): every exponent but all-ones, so subnormals,
+    zeros and huge values too."""
+    bits = rng.integers(0, 1 << 16, n, dtype=np.uint16)
+    exp_all_ones = (bits & 0x7C00) == 0x7C00
+    bits[exp_all_ones] &= np.uint16(0xBFFF)            # drop one exponent bit: finite
+    return bits
+
+
+def modest_f16(rng, n: int) -> np.ndarray:
+    """n random fp16 scales of either sign spanning 2^-12 .. 2^-2 (what real models hold)."""
+    mag = rng.uniform(0.5, 1.0, n) * 2.0 ** rng.integers(-11, -1, n)
+    return (mag * rng.choice([-1.0, 1.0], n)).astype(np.float16)
+
+
+def random_rows(name: str, rows: int, cols: int, rng, *, wild_scales: bool = False) -> np.ndarray:
+    """(rows, row_bytes) uint8 of GGML type `name`. Float types: N(0, 1) values. Block types: random
+    bytes with finite fp16 scale fields: modest ones, or (wild_scales) any finite bit pattern."""
+    block, size = GGML_QUANT_SIZES[QT[name]]
+    if name in FLOAT_TYPES:
+        v = rng.standard_normal((rows, cols)).astype(np.float32)
+        if name == "F16":
+            v = v.astype(np.float16)
+        elif name == "BF16":
+            v = (v.view(np.uint32) >> 16).astype(np.uint16)
+        return np.ascontiguousarray(v).view(np.uint8).reshape(rows, -1)
+    nb = rows * cols // block
+    raw = rng.integers(0, 256, (nb, size), dtype=np.uint8)
+    for off in F16_FIELDS[name]:
+        d = finite_f16_bits(rng, nb) if wild_scales else modest_f16(rng, nb).view(np.uint16)
+        raw[:, off:off + 2] = d.astype("<u2").view(np.uint8).reshape(nb, 2)
+    return raw.reshape(rows, cols // block * size)
+
+
+def gguf_rows(raw: np.ndarray, name: str) -> np.ndarray:
+    """gguf-py's float32 dequantization of (rows, row_bytes) -> (rows, cols)."""
+    return gguf_dequantize(raw, QT[name]).reshape(raw.shape[0], -1)
+
+
+def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    """float32 arrays equal bit for bit, except that any NaN matches any NaN."""
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    if a.shape != b.shape or not np.array_equal(np.isnan(a), np.isnan(b)):
+        return False
+    ok = ~np.isnan(a)
+    return np.array_equal(a[ok].view(np.uint32), b[ok].view(np.uint32))
+
+
+# --- dequantization: bit for bit -----------------------------------------------------------------
+
+@pytest.mark.parametrize("name", [n for n in TYPE_NAMES if n not in FLOAT_TYPES])
+def test_dequantize_block_types_exact(name):
+    rng = np.random.default_rng(1)
+    cols = 1024 if GGML_QUANT_SIZES[QT[name]][0] == 32 else 2048
+    for wild in (False, True):
+        raw = random_rows(name, 9, cols, rng, wild_scales=wild)
+        assert same_bits(dequantize(raw, QT[name], cols), gguf_rows(raw, name)), name
+
+
+def test_dequantize_f16_all_values_exact():
+    raw = np.arange(1 << 16, dtype=np.uint16).astype("<u2").view(np.uint8).reshape(4, -1)
+    got = dequantize(raw, QT.F16, (1 << 16) // 4)
+    assert same_bits(got, gguf_rows(raw, "F16"))
+    assert np.isnan(got).sum() == 2 * 1023 and np.isinf(got).sum() == 2
+
+
+# Regression: quants._pow2 once built 2^k with an int64 shift by 63 or more for k <= -125, so float32 /
+# bf16 bit patterns with a biased exponent <= 25 (zeros, subnormals, |x| < 2^-101) decoded to garbage.
+TINY_EXPONENT = 25
+
+
+def bf16_exponent(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) >> 7) & 0xFF
+
+
+def check_bf16(bits: np.ndarray) -> None:
+    pad = np.full(-len(bits) % 32, 0x3F80, np.uint16)           # 1.0: whole 32-value chunks
+    bits = np.concatenate([bits, pad]).astype(np.uint16)
+    raw = bits.astype("<u2").view(np.uint8).reshape(1, -1)
+    got = dequantize(raw, QT.BF16, bits.size)
+    assert same_bits(got, gguf_rows(raw, "BF16"))
+    # bf16 is the upper half of a float32: check against that definition too
+    assert same_bits(got.reshape(-1), (bits.astype(np.uint32) << 16).view(np.float32))
+
+
+def test_dequantize_bf16_all_values_exact():
+    check_bf16(np.arange(1 << 16, dtype=np.uint16))
+
+
+def test_dequantize_bf16_exponents_above_25_exact():
+    bits = np.arange(1 << 16, dtype=np.uint16)
+    check_bf16(bits[bf16_exponent(bits) > TINY_EXPONENT])
+
+
+def f32_test_patterns(rng) -> np.ndarray:
+    """Specials, every exponent with random mantissas and signs, and uniformly random patterns."""
+    specials = np.array([0, 0x80000000, 1, 0x80000001, 0x007FFFFF, 0x00800000, 0x00400000,
+                         0x7F7FFFFF, 0xFF7FFFFF, 0x7F800000, 0xFF800000, 0x7FC00000, 0xFFC00001,
+                         0x7F800001, 0x3F800000, 0xBF800000, 0x0C000000, 0x0BFFFFFF],
+                        dtype=np.uint32)
+    exps = np.repeat(np.arange(256, dtype=np.uint32), 64)
+    by_exp = (exps << 23) | rng.integers(0, 1 << 23, exps.size, dtype=np.uint32) \
+        | (rng.integers(0, 2, exps.size, dtype=np.uint32) << 31)
+    anything = rng.integers(0, 1 << 32, 1 << 16, dtype=np.uint64).astype(np.uint32)
+    return np.concatenate([specials, by_exp, anything])
+
+
+def check_f32(bits: np.ndarray) -> None:
+    bits = np.concatenate([bits, np.full(-len(bits) % 32, 0x3F800000, np.uint32)])     # 1.0
+    raw = bits.astype("<u4").view(np.uint8).reshape(1, -1)
+    got = dequantize(raw, QT.F32, bits.size)
+    assert same_bits(got, gguf_rows(raw, "F32"))
+    assert same_bits(got.reshape(-1), bits.view(np.float32))
+
+
+def test_dequantize_f32_bit_patterns_exact():
+    check_f32(f32_test_patterns(np.random.default_rng(2)))
+
+
+def test_dequantize_f32_exponents_above_25_exact():
+    bits = f32_test_patterns(np.random.default_rng(2))
+    check_f32(bits[((bits >> 23) & 0xFF) > TINY_EXPONENT])
+
+
+@pytest.mark.parametrize("name", ["F32", "BF16"])
+def test_matmul_and_embed_with_zero_weights(name):
+    """A weight matrix holding exact zeros (common in real F32 / BF16 files) multiplies as zeros."""
+    rng = np.random.default_rng(15)
+    raw = random_rows(name, 8, 64, rng)
+    raw[:, :16] = 0                            # the first 4 (F32) or 8 (BF16) values: +0.0
+    w = QTensor("w", QT[name], 8, 64, raw)
+    out = np.empty((1, 8), np.float32)
+    OPS.matmul(out, np.ones((1, 64), np.float32), w)
+    assert np.isfinite(out).all()
+    emb = np.empty((1, 64), np.float32)
+    OPS.embed(emb, w, np.array([3], np.int32))
+    assert same_bits(emb, gguf_rows(raw, name)[3:4])
+
+
+def test_dequantize_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="Q4_0"):
+        dequantize(np.zeros((2, 17), np.uint8), QT.Q4_0, 32)
+    with pytest.raises(ValueError):
+        dequantize(np.zeros((2, 36), np.uint8), QT.Q4_0, 48)
+
+
+# --- embed ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", TYPE_NAMES)
+def test_embed_exact(name):
+    rng = np.random.default_rng(3)
+    n_vocab, cols = 37, widths(name)[0]
+    raw = random_rows(name, n_vocab, cols, rng)
+    table = QTensor("token_embd", QT[name], n_vocab, cols, raw)
+    want = gguf_rows(raw, name)
+    for ids in ([5], [0, n_vocab - 1, 5, 5, 17, 0, 36], rng.integers(0, n_vocab, 33)):
+        ids = np.asarray(ids, np.int32)
+        out = np.full((len(ids), cols), np.nan, np.float32)
+        OPS.embed(out, table, ids)
+        assert same_bits(out, want[ids]), ids
+
+
+# --- matmul ---------------------------------------------------------------------------------------
+
+def check_matmul(name: str, rows: int, cols: int, n: int, bias: bool, rng) -> None:
+    raw = random_rows(name, rows, cols, rng)
+    w = QTensor("w", QT[name], rows, cols, raw)
+    W = gguf_rows(raw, name).astype(np.float64)
+    x = rng.standard_normal((n, cols)).astype(np.float32)
+    b = rng.standard_normal(rows).astype(np.float32) if bias else None
+    out = np.full((n, rows), np.nan, np.float32)
+    OPS.matmul(out, x, w, b)
+    x64 = x.astype(np.float64)
+    want = x64 @ W.T + (0 if b is None else b.astype(np.float64))
+    bound = 16 * U * (np.abs(x64) @ np.abs(W).T) + (0 if b is None else 2 * U * np.abs(b))
+    err = np.abs(out - want)
+    assert np.isfinite(out).all()
+    assert (err <= bound).all(), (f"{name} {n}x{cols} -> {rows}: worst err/bound "
+                                  f"{np.max(err / bound):.2f}")
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("n", N_TOKENS)
+@pytest.mark.parametrize("name", TYPE_NAMES)
+def test_matmul(name, n, bias):
+    rng = np.random.default_rng([4, n, bias])
+    for cols in widths(name):
+        check_matmul(name, 37, cols, n, bias, rng)
+
+
+@pytest.mark.parametrize("name", ["Q4_1", "Q8_0", "Q6_K"])
+def test_matmul_crosses_token_tile(name):
+    """70 tokens: past the GEMM's 64-token tile; 576 rows as SmolLM2's projections."""
+    rng = np.random.default_rng(5)
+    check_matmul(name, 70, widths(name)[0], 70, True, rng)
+    if name != "Q6_K":
+        check_matmul(name, 576, 576, 9, False, rng)
+
+
+def test_matmul_paths_agree():
+    """Row t of a GEMM equals the mat-vec of x[t] up to rounding (the decode/prefill switch)."""
+    rng = np.random.default_rng(6)
+    raw = random_rows("Q4_1", 64, 576, rng)
+    w = QTensor("w", QT.Q4_1, 64, 576, raw)
+    x = rng.standard_normal((7, 576)).astype(np.float32)
+    gemm = np.empty((7, 64), np.float32)
+    OPS.matmul(gemm, x, w)
+    W = gguf_rows(raw, "Q4_1").astype(np.float64)
+    for t in range(7):
+        mv = np.empty((1, 64), np.float32)
+        OPS.matmul(mv, x[t:t + 1], w)
+        bound = 32 * U * (np.abs(x[t].astype(np.float64)) @ np.abs(W).T)
+        assert (np.abs(mv[0] - gemm[t]) <= bound).all()
+
+
+# --- rmsnorm, silu_mul, add -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("width", [64, 96, 576])
+@pytest.mark.parametrize("n", N_TOKENS)
+def test_rmsnorm(n, width):
+    rng = np.random.default_rng([7, n, width])
+    # rows of very different magnitudes; the tiny ones make eps matter
+    x = (rng.standard_normal((n, width)) * 10.0 ** rng.uniform(-4, 3, (n, 1))).astype(np.float32)
+    w = rng.uniform(-2, 2, width).astype(np.float32)
+    for eps in (1e-5, 1e-6):
+        out = np.full_like(x, np.nan)
+        OPS.rmsnorm(out, x, w, eps)
+        want = ref.rmsnorm(x, w, eps)
+        assert (np.abs(out - want) <= 4 * U * np.abs(want)).all()
+
+
+def test_rmsnorm_in_place():
+    """The model normalizes into another buffer, but the op must not depend on out != x."""
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((7, 96)).astype(np.float32)
+    w = rng.standard_normal(96).astype(np.float32)
+    want = ref.rmsnorm(x, w, 1e-5)
+    OPS.rmsnorm(x, x, w, 1e-5)
+    assert (np.abs(x - want) <= 4 * U * np.abs(want)).all()
+
+
+@pytest.mark.parametrize("width", [64, 96, 1536])
+@pytest.mark.parametrize("n", N_TOKENS)
+def test_silu_mul(n, width):
+    rng = np.random.default_rng([9, n, width])
+    gate = (rng.standard_normal((n, width)) * 4).astype(np.float32)
+    gate[0, :8] = [0.0, -0.0, 88.0, -88.0, 100.0, -100.0, 1e-30, -20.0]
+    up = rng.standard_normal((n, width)).astype(np.float32)
+    out = np.full_like(gate, np.nan)
+    OPS.silu_mul(out, gate, up)
+    want = ref.silu(gate.astype(np.float64)) * up
+    assert (np.abs(out - want) <= 6 * U * np.abs(want) + 1e-38).all()
+    OPS.silu_mul(gate, gate, up)            # in place, as the model calls it
+    assert np.array_equal(gate, out)
+
+
+@pytest.mark.parametrize("width", [64, 96, 576])
+@pytest.mark.parametrize("n", N_TOKENS)
+def test_add_exact(n, width):
+    rng = np.random.default_rng([10, n, width])
+    a = (rng.standard_normal((n, width)) * 100).astype(np.float32)
+    b = rng.standard_normal((n, width)).astype(np.float32)
+    out = np.full_like(a, np.nan)
+    OPS.add(out, a, b)
+    assert np.array_equal(out, a + b)
+    OPS.add(a, a, b)                         # in place, as the residual update
+    assert np.array_equal(a, out)
+
+
+# --- rope -----------------------------------------------------------------------------------------
+
+def rope_partner(head_dim: int, rope_dim: int, n_heads: int, neox: bool) -> np.ndarray:
+    """Index of the value each dimension is rotated with (itself past rope_dim)."""
+    p = np.arange(head_dim)
+    half = rope_dim // 2
+    if neox:
+        p[:half], p[half:rope_dim] = np.arange(half, rope_dim), np.arange(half)
+    else:
+        p[:rope_dim] = np.arange(rope_dim) ^ 1
+    return (p[None, :] + head_dim * np.arange(n_heads)[:, None]).reshape(-1)
+
+
+ROPE_SHAPES = [(64, 64, 9), (64, 64, 3), (32, 32, 4), (64, 32, 2)]   # head_dim, rope_dim, heads
+
+
+@pytest.mark.parametrize("neox", [False, True], ids=["normal", "neox"])
+@pytest.mark.parametrize("head_dim,rope_dim,n_heads", ROPE_SHAPES)
+@pytest.mark.parametrize("n,start", [(1, 0), (1, 4095), (7, 3), (33, 100)])
+def test_rope(n, start, head_dim, rope_dim, n_heads, neox):
+    rng = np.random.default_rng([11, n, start, head_dim, rope_dim, n_heads, neox])
+    params = RopeParams(head_dim, rope_dim, 10000.0 if neox else 100000.0, 1.0, neox)
+    freqs = params.inv_freq()
+    pos = (start + np.arange(n)).astype(np.int32)
+    x = rng.standard_normal((n, n_heads * head_dim)).astype(np.float32)
+    got = x.copy()
+    OPS.rope(got, pos, n_heads, freqs, params)
+    want = ref.rope(x, pos, n_heads, head_dim, rope_dim, freqs, neox)
+    partner = rope_partner(head_dim, rope_dim, n_heads, neox)
+    bound = 4 * U * (np.abs(x) + np.abs(x[:, partner]))
+    assert (np.abs(got - want) <= bound).all()
+    untouched = (np.arange(n_heads * head_dim) % head_dim) >= rope_dim
+    assert np.array_equal(got[:, untouched], x[:, untouched])
+
+
+def test_rope_scaling_and_freq_factors():
+    """Linear scaling and per-frequency divisors (Llama 3.1's rope_freqs) reach the rotation."""
+    rng = np.random.default_rng(12)
+    params = RopeParams(64, 64, 500000.0, 0.25, False)
+    factors = rng.uniform(1, 8, 32).astype(np.float32)
+    freqs = params.inv_freq(factors)
+    assert np.allclose(freqs, ref.inv_freq(64, 500000.0, 0.25, factors), rtol=1e-15, atol=0)
+    pos = np.arange(50, 57, dtype=np.int32)
+    x = rng.standard_normal((7, 4 * 64)).astype(np.float32)
+    got = x.copy()
+    OPS.rope(got, pos, 4, freqs, params)
+    want = ref.rope(x, pos, 4, 64, 64, freqs, False)
+    pair = np.abs(x) + np.abs(x[:, rope_partner(64, 64, 4, False)])
+    assert (np.abs(got - want) <= 4 * U * pair).all()
+
+
+# --- kv_store + attention ---------------------------------------------------------------------------
+
+ATTN_HEADS = [(3, 3, 64), (9, 3, 64), (6, 2, 32), (4, 4, 32)]       # n_head, n_kv_head, head_dim
+
+
+def make_cache(n_layer: int, n_kv: int, n_ctx: int, head_dim: int, kv_type: str = "f32"):
+    """A KVCache as the model allocates it, for a config of these sizes, every value NaN."""
+    cfg = SimpleNamespace(n_layer=n_layer, n_head_kv=n_kv, head_dim=head_dim)
+    cache = KVCache(OPS, cfg, n_ctx, kv_type)
+    cache.k[...] = np.nan
+    cache.v[...] = np.nan
+    return cache
+
+
+def stored(x: np.ndarray, kv_type: str) -> np.ndarray:
+    """What a cache of kv_type keeps of float32 values: themselves, or their nearest half."""
+    if kv_type == "f32":
+        return x
+    with np.errstate(over="ignore"):                  # past 65504: inf, as intended
+        return x.astype(np.float16).astype(np.float32)
+
+
+@pytest.mark.parametrize("kv_type", ["f32", "f16"])
+@pytest.mark.parametrize("n_head,n_kv,head_dim", ATTN_HEADS)
+@pytest.mark.parametrize("n,start", [(1, 0), (1, 17), (7, 0), (7, 20), (33, 5)])
+def test_kv_store_and_attention(n, start, n_head, n_kv, head_dim, kv_type):
+    """A chunk of n tokens at positions start.. over a cache already holding positions 0..start-1
+    (an earlier chunk). Cache rows past the chunk hold NaN: reading them would poison the output."""
+    rng = np.random.default_rng([13, n, start, n_head, n_kv, head_dim])
+    n_layer, n_ctx, layer = 2, 64, 1
+    kv_dim, q_dim = n_kv * head_dim, n_head * head_dim
+    cache = make_cache(n_layer, n_kv, n_ctx, head_dim, kv_type)
+    cache.k[:, :, :start] = rng.standard_normal((n_layer, n_kv, start, head_dim))
+    cache.v[:, :, :start] = rng.standard_normal((n_layer, n_kv, start, head_dim))
+    before = cache.k.copy(), cache.v.copy()
+    k = rng.standard_normal((n, kv_dim)).astype(np.float32)
+    v = rng.standard_normal((n, kv_dim)).astype(np.float32)
+    q = (rng.standard_normal((n, q_dim)) * 2).astype(np.float32)      # peaky enough softmaxes
+    pos = (start + np.arange(n)).astype(np.int32)
+
+    OPS.kv_store(cache, layer, k, v, pos)
+    end = start + n
+    for arr, new, old in ((cache.k, k, before[0]), (cache.v, v, before[1])):
+        heads = stored(new, kv_type).reshape(n, n_kv, head_dim).swapaxes(0, 1)
+        assert np.array_equal(arr[layer, :, start:end], heads)
+        assert np.array_equal(arr[0], old[0], equal_nan=True)      # nothing else was written
+        assert np.array_equal(arr[layer, :, :start], old[layer, :, :start])
+        assert np.isnan(arr[layer, :, end:]).all()
+
+    out = np.full((n, q_dim), np.nan, np.float32)
+    OPS.attention(out, q, cache, layer, pos, 1.0 / np.sqrt(head_dim))
+    keys = cache.k[layer, :, :end].swapaxes(0, 1).reshape(end, kv_dim).astype(np.float64)
+    vals = cache.v[layer, :, :end].swapaxes(0, 1).reshape(end, kv_dim).astype(np.float64)
+    want = ref.attention(q.astype(np.float64), keys, vals, pos, np.arange(end), n_head, n_kv,
+                         head_dim)
+    assert np.isfinite(out).all()
+    assert np.abs(out - want).max() <= 64 * U * np.abs(vals).max()
+
+
+def test_f16_cache_rounds_like_numpy():
+    """Values of every magnitude (f16 subnormals, ties, overflow, zeros, inf, nan) are stored as
+    numpy's round-to-nearest-even float16 conversion keeps them."""
+    rng = np.random.default_rng(16)
+    mags = 2.0 ** rng.uniform(-30, 17, 4096)
+    x = (mags * rng.choice([-1, 1], mags.size)).astype(np.float32)
+    halves = rng.integers(0, 0x7C00, 1024, dtype=np.uint16).view(np.float16).astype(np.float32)
+    ties = (halves + np.spacing(halves.astype(np.float16)).astype(np.float32) / 2)    # midpoints
+    special = np.array([0.0, -0.0, 65504.0, 65519.99, 65520.0, -65520.0, 1e9, np.inf, -np.inf,
+                        2.0 ** -24, 2.0 ** -25, 3 * 2.0 ** -26, 2.0 ** -14, np.nan], np.float32)
+    vals = np.concatenate([x, halves, ties, special]).astype(np.float32)
+    n = -(-vals.size // 64)
+    vals = np.concatenate([vals, np.zeros(n * 64 - vals.size, np.float32)]).reshape(n, 64)
+    cache = make_cache(1, 1, n, 64, "f16")
+    OPS.kv_store(cache, 0, vals, -vals, np.arange(n, dtype=np.int32))
+    assert same_bits(cache.k[0, 0], stored(vals, "f16"))
+    assert same_bits(cache.v[0, 0], stored(-vals, "f16"))
+
+
+def test_attention_first_position_copies_v():
+    """At position 0 the only key has weight 1: the output is v itself, whatever q is."""
+    rng = np.random.default_rng(14)
+    cache = make_cache(1, 2, 8, 32)
+    k = rng.standard_normal((1, 64)).astype(np.float32)
+    v = rng.standard_normal((1, 64)).astype(np.float32)
+    pos = np.zeros(1, np.int32)
+    OPS.kv_store(cache, 0, k, v, pos)
+    out = np.empty((1, 4 * 32), np.float32)
+    q = rng.standard_normal((1, 128)).astype(np.float32) * 50
+    OPS.attention(out, q, cache, 0, pos, 1 / np.sqrt(32))
+    assert np.array_equal(out.reshape(4, 32), np.repeat(v.reshape(2, 32), 2, axis=0))
+
+
+def test_argmax():
+    out = np.zeros(1, np.int32)
+    logits = np.array([1.0, 5.0, -3.0, 5.0, 4.9], np.float32)
+    OPS.argmax(out, logits)
+    assert out[0] == 1                       # the first of equal maxima, as np.argmax

@@ -1,0 +1,221 @@
+"""The whole forward (model.py over the CPU backend) on the real SmolLM2-135M Q4_1 file, held
+against the float64 reference (tests/reference.py) and against llama.cpp's outputs, teacher-forced
+on prompt_ids + greedy_ids of shared/reference/prompts.json; and the invariants of the graph:
+prefill equals decode, chunking and the thread count change nothing beyond rounding.
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+import pytest
+from reference import ReferenceModel, log_softmax
+
+from numbaformer.loader import load_model_file
+from numbaformer.model import Model
+
+# Decode (mat-vec) and prefill (GEMM) sum each dot product in another order, and the difference
+# travels through 30 layers: measured 2e-6 * max|logit| on SmolLM2. Allowed: 2e-5 * max|logit| of
+# the row (~170 float32 ulps of the largest logit), so any real divergence (a wrong position, a
+# stale cache row) still fails by orders of magnitude.
+PATH_RTOL = 2e-5
+
+
+def teacher_ids(r) -> list[int]:
+    return r["prompt_ids"] + r["greedy_ids"]
+
+
+def close_rows(a: np.ndarray, b: np.ndarray, rtol: float = PATH_RTOL) -> bool:
+    """Every row of a within rtol * max|row of b| of b."""
+    return bool((np.abs(a - b) <= rtol * np.abs(b).max(axis=1, keepdims=True)).all())
+
+
+def top2_gap(logits: np.ndarray) -> np.ndarray:
+    s = np.partition(logits, -2, axis=1)
+    return s[:, -1] - s[:, -2]
+
+
+# --- against the float64 reference ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def reference_model(engine):
+    """SmolLM2 dequantized by gguf-py, in float64 (about 1 GB, freed after this module)."""
+    return ReferenceModel(engine.mf)
+
+
+@pytest.mark.parametrize("k", range(3))
+def test_logprobs_match_float64_reference(engine, reference_model, llamacpp, k, record_figure):
+    """Within 5e-3 of the float64 reference's log-prob of every token at every position; the
+    same top-1 wherever the reference's top-2 gap exceeds 1e-2."""
+    ids = teacher_ids(llamacpp[k])
+    got = log_softmax(engine.model.forward_all(ids))
+    want_logits = reference_model.forward(ids)
+    want = log_softmax(want_logits)
+    delta = np.abs(got - want).max()
+    record_figure(f"max |logprob - float64 reference|, prompt {k}", f"{delta:.2e}")
+    assert delta <= 5e-3
+    clear = top2_gap(want_logits) > 1e-2
+    assert np.array_equal(got.argmax(1)[clear], want.argmax(1)[clear])
+
+
+# --- against llama.cpp ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def vs_llamacpp(engine, llamacpp):
+    """Per position of every prompt (pooled): llama.cpp's top id, its top-2 logit gap, the engine's
+    argmax, and |logprob(engine) - logprob(llama.cpp)| of llama.cpp's top token."""
+    rows = []
+    for r in llamacpp:
+        ids = teacher_ids(r)
+        lp = log_softmax(engine.model.forward_all(ids))
+        top = np.array([t[0] for t in r["topk_ids"]])
+        lg = np.array(r["topk_logits"])
+        lcp = lg[:, 0] - np.array(r["logsumexp"])
+        assert len(top) == len(ids)
+        rows.append(np.stack([top, lg[:, 0] - lg[:, 1], lp.argmax(1),
+                              np.abs(lp[np.arange(len(ids)), top] - lcp)], axis=1))
+    t = np.concatenate(rows)
+    return {"top": t[:, 0].astype(int), "gap": t[:, 1], "ours": t[:, 2].astype(int),
+            "delta": t[:, 3]}
+
+
+def test_prompt_ids_are_llamacpps(engine, llamacpp):
+    for r in llamacpp:
+        assert engine.tokenizer.encode(r["prompt"], add_special=True, parse_special=True) == \
+            r["prompt_ids"]
+
+
+def test_top1_agreement_with_llamacpp(vs_llamacpp, record_figure):
+    v = vs_llamacpp
+    agree = np.mean(v["ours"] == v["top"])
+    record_figure("top-1 agreement with llama.cpp",
+                  f"{agree:.1%} of {len(v['top'])} positions")
+    assert agree >= 0.92
+
+
+def test_disagreements_only_at_near_ties(vs_llamacpp):
+    v = vs_llamacpp
+    differ = v["ours"] != v["top"]
+    assert (v["gap"][differ] < 1.0).all(), v["gap"][differ]
+
+
+def test_logprob_deltas_vs_llamacpp(vs_llamacpp, record_figure):
+    d = vs_llamacpp["delta"]
+    median, p95, worst = np.median(d), np.percentile(d, 95), d.max()
+    record_figure("|logprob - llama.cpp| of llama.cpp's top token",
+                  f"median {median:.4f}, p95 {p95:.4f}, max {worst:.4f}")
+    assert median <= 0.05
+    assert p95 <= 0.25
+    assert worst <= 0.6
+
+
+# --- invariants of the graph ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sample_ids(llamacpp):
+    return teacher_ids(llamacpp[0])[:20]
+
+
+def decode_steps(model: Model, ids) -> np.ndarray:
+    """Logits after each of len(ids) single-token steps from position 0 (the decode path)."""
+    return np.stack([model.ops.to_host(model.forward([t], i))[0] for i, t in enumerate(ids)])
+
+
+def test_prefill_equals_decode_steps(engine, sample_ids):
+    m = engine.model
+    prefill = m.forward_all(sample_ids)
+    steps = decode_steps(m, sample_ids)
+    assert close_rows(steps, prefill)
+    gap = top2_gap(prefill)
+    assert np.array_equal(steps.argmax(1)[gap > 1e-3], prefill.argmax(1)[gap > 1e-3])
+    last = m.ops.to_host(m.forward(sample_ids, 0))
+    assert close_rows(last, prefill[-1:])
+
+
+def test_greedy_on_device_is_argmax(engine, sample_ids):
+    m = engine.model
+    logits = m.ops.to_host(m.forward(sample_ids, 0, greedy=True))[0]
+    assert m.greedy_token() == int(np.argmax(logits))
+    logits = m.ops.to_host(m.forward([sample_ids[0]], len(sample_ids), greedy=True))[0]
+    assert m.greedy_token() == int(np.argmax(logits))
+
+
+def test_chunked_prefill_over_filled_cache(engine, sample_ids):
+    """n_batch 7: chunks of 7, 7, 6 tokens, each at start_pos > 0 over the cache the previous
+    chunks filled, give the logits of one 20-token prefill."""
+    whole = engine.model.forward_all(sample_ids)
+    small = Model(engine.mf, engine.backend, n_ctx=64, n_batch=7)
+    assert close_rows(small.forward_all(sample_ids), whole)
+    last = small.ops.to_host(small.forward(sample_ids, 0))
+    assert close_rows(last, engine.model.ops.to_host(engine.model.forward(sample_ids, 0)))
+
+
+def test_continuing_a_cached_prefix(engine, sample_ids):
+    """Prefill the first 12 tokens, then the other 8 at start_pos 12: the logits of the whole."""
+    m = engine.model
+    whole = m.forward_all(sample_ids)
+    m.forward(sample_ids[:12], 0)
+    rest = m.forward_all(sample_ids[12:], 12)
+    assert close_rows(rest, whole[12:])
+
+
+def test_thread_count_changes_nothing(engine, sample_ids, record_figure):
+    m = engine.model
+    n0 = numba.get_num_threads()
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("numba has a single thread")
+    results = {}
+    try:
+        for n in (1, 2):
+            numba.set_num_threads(n)
+            prefill = m.forward_all(sample_ids)
+            steps = decode_steps(m, sample_ids[:8])
+            greedy = [int(np.argmax(m.ops.to_host(m.forward(sample_ids, 0))))]
+            for i in range(5):
+                m.forward([greedy[-1]], len(sample_ids) + i, greedy=True)
+                greedy.append(m.greedy_token())
+            results[n] = prefill, steps, greedy
+    finally:
+        numba.set_num_threads(n0)
+    (p1, s1, g1), (p2, s2, g2) = results[1], results[2]
+    record_figure("max |logit(1 thread) - logit(2 threads)|",
+                  f"prefill {np.abs(p1 - p2).max():.1e}, decode {np.abs(s1 - s2).max():.1e}")
+    assert close_rows(p1, p2) and close_rows(s1, s2)
+    assert g1 == g2
+
+
+def test_forward_rejects_bad_input(engine):
+    m = engine.model
+    with pytest.raises(ValueError, match="no tokens"):
+        m.forward([], 0)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        m.forward([1, engine.config.n_vocab], 0)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        m.forward_all([-1])
+    with pytest.raises(ValueError, match="exceed the context"):
+        m.forward([1, 2], m.n_ctx - 1)
+    with pytest.raises(ValueError, match="exceed the context"):
+        m.forward([1], -1)
+    m.forward([1], m.n_ctx - 1)                 # the last slot itself is fine
+
+
+def test_forward_rejects_huge_ids(engine):
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        engine.model.forward([1, 2 ** 64], 0)
+
+
+# --- tiny random-weight models: the other architecture (qwen2: NeoX rope, QKV bias) ---------------
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_tiny_model_paths_agree_with_reference(tiny_model, arch):
+    mf = load_model_file(tiny_model(arch, "Q8_0"))
+    try:
+        from numbaformer.backends.cpu import CPUBackend
+        assert mf.config.rope_neox == (arch == "qwen2") and mf.config.qkv_bias == (arch == "qwen2")
+        ids = list(np.random.default_rng(0).integers(0, mf.config.n_vocab, 13))
+        want = ReferenceModel(mf).forward(ids)
+        model = Model(mf, CPUBackend(), n_ctx=32, n_batch=5)      # chunks of 5, 5, 3
+        prefill = model.forward_all(ids)
+        assert np.abs(log_softmax(prefill) - log_softmax(want)).max() <= 5e-3
+        assert close_rows(decode_steps(model, ids), prefill)
+    finally:
+        mf.close()

@@ -139,12 +139,19 @@ def _skip_value(buf: bytes, pos: int, vtype: int) -> int:
     return pos
 
 
-@lru_cache(maxsize=4)
 def tokenizer_kvs(vocab: str, folder: str | None = None) -> tuple[tuple[bytes, ...], int]:
     """The raw key/value records of every `tokenizer.*` key of ggml-vocab-{vocab}.gguf.gz, and its
     token count. The records are copied verbatim into the model file."""
-    path = Path(folder or shared_dir() / "tokenizer-vectors") / f"ggml-vocab-{vocab}.gguf.gz"
-    buf = gzip.decompress(path.read_bytes())
+    return tokenizer_kvs_from(Path(folder or shared_dir() / "tokenizer-vectors")
+                              / f"ggml-vocab-{vocab}.gguf.gz")
+
+
+@lru_cache(maxsize=4)
+def tokenizer_kvs_from(path: Path) -> tuple[tuple[bytes, ...], int]:
+    """The `tokenizer.*` records and token count of any GGUF file (gzip-compressed or not): a real
+    model's own vocabulary can be given to a random-weight model of its shape."""
+    raw = Path(path).read_bytes() if not str(path).endswith(".gz") else None
+    buf = raw[:raw_header_len(raw)] if raw is not None else gzip.decompress(Path(path).read_bytes())
     magic, version, _, n_kv = struct.unpack_from("<4sIQQ", buf, 0)
     if magic != b"GGUF" or version != 3:
         raise ValueError(f"{path}: not a GGUF v3 file")
@@ -162,6 +169,17 @@ def tokenizer_kvs(vocab: str, folder: str | None = None) -> tuple[tuple[bytes, .
     if n_vocab is None:
         raise ValueError(f"{path}: no tokenizer.ggml.tokens")
     return tuple(records), n_vocab
+
+
+def raw_header_len(buf: bytes) -> int:
+    """Bytes of a GGUF up to the end of its key/value records (the tensor data is not needed)."""
+    _, _, _, n_kv = struct.unpack_from("<4sIQQ", buf, 0)
+    pos = 24
+    for _ in range(n_kv):
+        (klen,) = struct.unpack_from("<Q", buf, pos)
+        (vtype,) = struct.unpack_from("<I", buf, pos + 8 + klen)
+        pos = _skip_value(buf, pos + 12 + klen, vtype)
+    return pos
 
 
 # --- the tensor table -----------------------------------------------------------------------------
@@ -384,11 +402,12 @@ def _pad(n: int) -> int:
 
 def write_synthetic(path: str | os.PathLike, preset: str | Preset, qtype: str = "Q4_K",
                     output_type: str = "Q6_K", *, n_layer: int | None = None, seed: int = 0,
-                    vocab_dir: str | None = None) -> int:
+                    vocab_dir: str | None = None, vocab_file: str | None = None) -> int:
     """Write a random-weight model to `path` (through `path`.part, renamed when complete); returns
     its size in bytes. `preset` is a PRESETS name or a Preset; `qtype` is the type of every matrix,
     `output_type` that of output.weight (token_embd when tied); norms and biases are F32.
-    `vocab_dir` overrides where the ggml-vocab-*.gguf.gz files are read from."""
+    `vocab_dir` overrides where the ggml-vocab-*.gguf.gz files are read from; `vocab_file` takes the
+    tokenizer of another GGUF instead (e.g. a real model of the same shape)."""
     for t in (qtype, output_type):
         if t not in SUPPORTED_TYPES:
             raise ValueError(f"type {t!r} is not one of {', '.join(SUPPORTED_TYPES)}")
@@ -398,7 +417,8 @@ def write_synthetic(path: str | os.PathLike, preset: str | Preset, qtype: str = 
         if n_layer < 1:
             raise ValueError(f"n_layer must be at least 1, got {n_layer}")
         p = replace(p, n_layer=n_layer)
-    tok_records, n_vocab = tokenizer_kvs(p.vocab, vocab_dir)
+    tok_records, n_vocab = (tokenizer_kvs_from(Path(vocab_file)) if vocab_file
+                            else tokenizer_kvs(p.vocab, vocab_dir))
     specs = tensor_specs(p, n_vocab, qtype, output_type)
     kvs = [*metadata(p, n_vocab, f"synthetic {label} {qtype}", int(FILE_TYPES[qtype])),
            *tok_records]

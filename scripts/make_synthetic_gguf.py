@@ -30,13 +30,16 @@ def main(argv=None) -> int:
     ap.add_argument("-o", "--output", required=True, help="the .gguf file to write")
     ap.add_argument("--layers", type=int, default=None, help="override the preset's layer count")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--vocab-from", default=None,
+                    help="copy the tokenizer of this GGUF (e.g. the real model) instead of the "
+                         "preset's vocab file")
     a = ap.parse_args(argv)
     if a.layers is not None and a.layers < 1:
         ap.error("--layers must be at least 1")
     t0 = time.perf_counter()
     try:
         size = write_synthetic(a.output, a.preset, a.type, a.output_type, n_layer=a.layers,
-                               seed=a.seed)
+                               seed=a.seed, vocab_file=a.vocab_from)
     except (OSError, ValueError) as e:
         sys.exit(f"make_synthetic_gguf.py: error: {e}")
     print(f"{a.output}  {size} bytes ({size / 2**30:.2f} GiB)  in {time.perf_counter() - t0:.1f} s")

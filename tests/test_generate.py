@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from llamacpp_check import required_greedy_prefix
 from reference import log_softmax
 
 from numbaformer.chat import run_chat
@@ -45,10 +46,7 @@ def test_greedy_matches_llamacpp_until_a_near_tie(engine, llamacpp, greedy_runs,
     """Equal to llama.cpp's greedy_ids up to the first position where llama.cpp's top-2 logit gap
     is below 1.0 (past it, float differences may legitimately pick the other token)."""
     r, ours = llamacpp[k], greedy_runs[k].ids
-    n = len(r["prompt_ids"])
-    gaps = [lg[0] - lg[1] for lg in r["topk_logits"][n - 1:]]       # gap before greedy token j
-    must = next((j for j, g in enumerate(gaps) if g < 1.0), len(r["greedy_ids"]))
-    must = min(must, len(r["greedy_ids"]))
+    must = required_greedy_prefix(r)
     same = next((j for j, (a, b) in enumerate(zip(ours, r["greedy_ids"])) if a != b),
                 min(len(ours), len(r["greedy_ids"])))
     record_figure(f"greedy tokens equal to llama.cpp's, prompt {k}",

@@ -18,7 +18,9 @@ class BackendError(RuntimeError):
 def _cuda_unavailable_reason() -> str | None:
     """None if a CUDA GPU (or the simulator) looks usable, else why not. Initializes CUDA."""
     if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
-        return None
+        if os.environ.get("NUMBAFORMER_ALLOW_CUDASIM") == "1":
+            return None                  # tests drive the CUDA backend through the simulator
+        return "NUMBA_ENABLE_CUDASIM=1 (the CUDA simulator is not a device)"
     if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
         return "CUDA_VISIBLE_DEVICES hides every GPU"
     if ctypes.util.find_library("cuda") is None and not os.path.exists("/usr/lib64/libcuda.so"):

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Everything the GPU must pass, run on the lent GPU machine from the repository root:
+#   bash scripts/gpu_check.sh [--quick]
+# Needs: shared/ (the reference folder) inside the checkout or beside it, and for the model-level
+# checks the 8-block SmolLM2 cut at .models/smollm2-8l.gguf (shared/scripts/truncate_gguf.py).
+# Prints a short summary table last; logs go to ${OUT:-/tmp}/gpu_check.
+set -uo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+cd "$here"
+shared=${NUMBAFORMER_SHARED:-}
+[ -z "$shared" ] && for d in "$here/shared" "$here/../shared"; do [ -d "$d/gpu" ] && shared=$d && break; done
+[ -n "$shared" ] || { echo "error: no shared/ folder (set NUMBAFORMER_SHARED)"; exit 2; }
+export NUMBAFORMER_SHARED=$shared NUMBAFORMER_TEST_GPU=1 PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+# shellcheck disable=SC1091
+source "$shared/gpu/device-env.sh" >/dev/null || { echo "error: device env failed"; exit 2; }
+logs=${OUT:-/tmp}/gpu_check
+mkdir -p "$logs"
+declare -a rows
+step() {   # step NAME COMMAND...: run, log, record pass/fail and the last line
+  local name=$1; shift
+  local t0=$SECONDS
+  "$@" >"$logs/$name.log" 2>&1
+  local rc=$?
+  rows+=("$(printf '%-22s %-4s %4ss  %s' "$name" "$([ $rc -eq 0 ] && echo ok || echo FAIL)" \
+            $((SECONDS - t0)) "$(grep -v '^\s*$' "$logs/$name.log" | tail -1 | cut -c1-110)")")
+}
+step ops        python3 -m pytest -q -m cuda -x tests/test_cuda_ops.py tests/test_cuda_intrinsics.py tests/test_cuda_graph.py
+step models     python3 -m pytest -q -m cuda -s tests/test_cuda_model.py
+step kernels    python3 scripts/gpu_bench.py --json "$logs/kernels.json"
+if [ "${1:-}" != "--quick" ]; then
+  python3 scripts/make_synthetic_gguf.py --preset llama3-8b --type Q4_K --output-type Q6_K \
+      -o /tmp/llama3-8b-q4_k.gguf >/dev/null 2>&1
+  python3 scripts/make_synthetic_gguf.py --preset smollm2-135m --type Q4_1 --output-type Q8_0 \
+      -o /tmp/smollm2-135m-q4_1.gguf --vocab-from .models/smollm2-8l.gguf >/dev/null 2>&1
+  step bench-8b   python3 -m numbaformer.cli bench -m /tmp/llama3-8b-q4_k.gguf --device cuda -p 512 -n 128 -r 3
+  step bench-smol python3 -m numbaformer.cli bench -m /tmp/smollm2-135m-q4_1.gguf --device cuda -p 512 -n 128 -r 3
+fi
+echo; echo "gpu_check summary ($(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)):"
+printf '%s\n' "${rows[@]}"
+grep -h "pp512\|tg128" "$logs"/bench-*.log 2>/dev/null
+grep -h "max |dlogprob|\|vs llama.cpp" "$logs/models.log" 2>/dev/null
+! printf '%s\n' "${rows[@]}" | grep -q FAIL

@@ -1,0 +1,130 @@
+"""The whole graph on the CUDA backend: against the CPU backend and against llama.cpp.
+
+Under the simulator (CI) one end-to-end generation on a tiny random-weight model (2 layers, width
+64) must give the CPU backend's tokens. On the lent GPU (NUMBAFORMER_TEST_GPU=1, scripts/
+gpu_check.sh), also: GPU vs CPU log-probs on random-weight models of every quant type; the 8-block
+cut of SmolLM2 against llama.cpp's outputs for it, with the CPU engine's bounds; GPU log-probs
+within 5e-3 of the CPU backend's on the same ids (each KV type against the same KV type).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from llamacpp_check import check_bounds, compare, required_greedy_prefix, summary, teacher_ids
+from reference import log_softmax
+from vocab_files import shared_dir
+
+from numbaformer.generate import generate_step
+from numbaformer.loader import load_model_file
+from numbaformer.model import Model
+from numbaformer.quants import DECODERS, GGML_TYPES
+from numbaformer.sampling import SamplingParams, make_sampler
+
+ON_GPU = os.environ.get("NUMBAFORMER_TEST_GPU") == "1"
+gpu_only = pytest.mark.skipif(not ON_GPU, reason="needs the GPU (NUMBAFORMER_TEST_GPU=1)")
+CUT_MODEL = "smollm2-8l.gguf"
+CUT_JSON = "smollm2-135m-q4_1-8l.llamacpp.json"
+LOGPROB_TOL = 5e-3
+
+
+def cuda_backend():
+    from numbaformer.backends.cuda.backend import CUDABackend
+    return CUDABackend()
+
+
+def greedy_ids(model, prompt, n):
+    sampler = make_sampler(SamplingParams(temperature=0))
+    return [s.id for s in generate_step(model, prompt, sampler, max_tokens=n)]
+
+
+def test_tiny_generation_equals_cpu(tmp_path, monkeypatch):
+    """Greedy generation on a 2-layer width-64 model with a 300-token vocab (tests/gguf_builder.py):
+    same tokens on CUDA as on the CPU (under the simulator on CI: toy launch shapes, so spans and
+    tiles are crossed)."""
+    from gguf_builder import tiny_llama
+    from numbaformer.backends.cpu import CPUBackend
+    from numbaformer.backends.cuda import attention, gemv, matmul
+    if not ON_GPU:
+        for mod, name, value in [(gemv, "GEMV_WARPS", 1), (gemv, "SEGMENT_BYTES", 64),
+                                 (matmul, "GEMM_BM", 8), (matmul, "GEMM_BN", 8),
+                                 (matmul, "GEMM_TM", 2), (matmul, "GEMM_TN", 2),
+                                 (attention, "SPLIT", 4), (attention, "DECODE_WARPS", 1),
+                                 (attention, "QTILE", 2), (attention, "KTILE", 4),
+                                 (attention, "PREFILL_WARPS", 1)]:
+            monkeypatch.setattr(mod, name, value)
+    path = tiny_llama().write(tmp_path / "tiny.gguf")
+    mf = load_model_file(path, tokenizer=False)
+    prompt = [5, 17, 33]
+    n_gen = 2 if not ON_GPU else 24
+    cpu = greedy_ids(Model(mf, CPUBackend(), n_ctx=32, n_batch=4), prompt, n_gen)
+    gpu = greedy_ids(Model(mf, cuda_backend(), n_ctx=32, n_batch=4), prompt, n_gen)
+    assert gpu == cpu
+
+
+@gpu_only
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", [GGML_TYPES[t].name for t in DECODERS])
+def test_gpu_matches_cpu_every_type(tmp_path, name):
+    """Random weights of each type (a 256-wide 2-layer model, so K-quants are really K-quants):
+    GPU log-probs within 5e-3 of the CPU backend's, f32 KV on both."""
+    from numbaformer import synthetic
+    from numbaformer.backends.cpu import CPUBackend
+    preset = dataclasses.replace(synthetic.PRESETS["tiny-llama"], n_embd=256, n_ff=512)
+    path = tmp_path / f"{name}.gguf"
+    synthetic.write_synthetic(path, preset, name, name, seed=3)
+    mf = load_model_file(path, tokenizer=False)
+    ids = list(np.random.default_rng(0).integers(0, mf.config.n_vocab, 40))
+    lc = Model(mf, CPUBackend(), n_ctx=64, n_batch=16, kv_type="f32").forward_all(ids)
+    lg = Model(mf, cuda_backend(), n_ctx=64, n_batch=16, kv_type="f32").forward_all(ids)
+    assert np.abs(log_softmax(lg) - log_softmax(lc)).max() <= LOGPROB_TOL
+
+
+@pytest.fixture(scope="module")
+def cut_model():
+    path = Path(os.environ.get("NUMBAFORMER_TEST_MODEL_8L", Path(__file__).parents[1] / ".models"
+                               / CUT_MODEL))
+    if not ON_GPU or not path.is_file():
+        pytest.skip(f"needs the GPU and the 8-block SmolLM2 cut at {path} "
+                    "(shared/scripts/truncate_gguf.py)")
+    mf = load_model_file(path)
+    yield mf
+    mf.close()
+
+
+@pytest.fixture(scope="module")
+def cut_reference():
+    return json.loads((shared_dir() / "reference" / CUT_JSON).read_text())["results"]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kv_type", ["f16", "f32"])
+def test_cut_model_vs_llamacpp(cut_model, cut_reference, kv_type):
+    m = Model(cut_model, cuda_backend(), n_ctx=256, n_batch=64, kv_type=kv_type)
+    v = compare(m.forward_all, cut_reference)
+    print(f"\nGPU ({kv_type} KV) vs llama.cpp, SmolLM2 8-block cut: {summary(v)}")
+    check_bounds(v)
+    for r in cut_reference:
+        ours = greedy_ids(m, r["prompt_ids"], len(r["greedy_ids"]))
+        must = required_greedy_prefix(r)
+        assert ours[:must] == r["greedy_ids"][:must]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kv_type", ["f16", "f32"])
+def test_cut_model_gpu_vs_cpu(cut_model, cut_reference, kv_type):
+    """Same ids, same KV type (the CPU rounds K and V to f16 as the GPU's cache stores them)."""
+    from numbaformer.backends.cpu import CPUBackend
+    gpu = Model(cut_model, cuda_backend(), n_ctx=256, n_batch=64, kv_type=kv_type)
+    cpu = Model(cut_model, CPUBackend(), n_ctx=256, n_batch=64, kv_type=kv_type)
+    worst = 0.0
+    for r in cut_reference:
+        ids = teacher_ids(r)
+        worst = max(worst, np.abs(log_softmax(gpu.forward_all(ids))
+                                  - log_softmax(cpu.forward_all(ids))).max())
+    print(f"\nGPU vs CPU ({kv_type} KV), SmolLM2 8-block cut: max |dlogprob| {worst:.2e}")
+    assert worst <= LOGPROB_TOL

@@ -1,0 +1,255 @@
+"""CUDA ops against tests/reference.py (float64), the CPU backend and gguf's decoder.
+
+Without a GPU (CI) the kernels run under numba's simulator (NUMBA_ENABLE_CUDASIM=1, set by
+conftest.py) at toy sizes, with block sizes and tiles patched small so that tiny inputs still cross
+tile, segment, span and block boundaries. With NUMBAFORMER_TEST_GPU=1 on the lent GPU
+(scripts/gpu_check.sh) the same checks run at real sizes (4096 x 14336 and odd ones), marked `cuda`.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import reference as R
+from gguf.constants import GGMLQuantizationType
+from gguf.quants import dequantize as gguf_dequantize
+
+from numbaformer.quants import DECODERS, GGML_TYPES, TYPE_IDS
+from numbaformer.synthetic import random_blocks
+from numbaformer.weights import QTensor
+
+ON_GPU = os.environ.get("NUMBAFORMER_TEST_GPU") == "1"
+pytestmark = pytest.mark.cuda if ON_GPU else []
+ALL_TYPES = [GGML_TYPES[t].name for t in DECODERS]
+U = 2.0 ** -24                                   # float32 unit roundoff
+
+
+@pytest.fixture(scope="module")
+def cu():
+    """The CUDA backend modules, with toy launch shapes under the simulator."""
+    from numba import cuda  # noqa: F401  (simulator or driver, as conftest decided)
+
+    from numbaformer.backends.cuda import (attention, elementwise, embed, gemv, matmul, norm,
+                                           rope, sample)
+    from numbaformer.backends.cuda.backend import CUDABackend
+    saved = []
+    if not ON_GPU:
+        toy = [(gemv, "GEMV_WARPS", 1), (gemv, "SEGMENT_BYTES", 64), (gemv, "BLOCKS_PER_SM", 2),
+               (matmul, "GEMM_BM", 8), (matmul, "GEMM_BN", 8), (matmul, "GEMM_TM", 2),
+               (matmul, "GEMM_TN", 2), (norm, "NORM_THREADS", 32), (rope, "ROPE_THREADS", 32),
+               (embed, "EMBED_THREADS", 32), (sample, "ARGMAX_THREADS", 32),
+               (attention, "SPLIT", 4), (attention, "DECODE_WARPS", 1), (attention, "QTILE", 2),
+               (attention, "KTILE", 4), (attention, "PREFILL_WARPS", 1),
+               (elementwise, "ELEM_THREADS", 32)]
+        for mod, name, value in toy:
+            saved.append((mod, name, getattr(mod, name)))
+            setattr(mod, name, value)
+    be = CUDABackend()
+    yield be
+    for mod, name, value in saved:
+        setattr(mod, name, value)
+
+
+def dev(be, a):
+    return be.to_device(np.ascontiguousarray(a))
+
+
+def host(be, a):
+    return be.to_host(a)
+
+
+def rand_qtensor(be, qtype: int, rows: int, cols: int, seed: int = 0):
+    raw = random_blocks(qtype, rows * cols // GGML_TYPES[qtype].block_size, cols ** -0.5,
+                        seed=seed).reshape(rows, -1)
+    return raw, QTensor("w", qtype, rows, cols, be._upload_bytes(raw))
+
+
+def ref_matrix(raw, qtype):
+    return gguf_dequantize(raw, GGMLQuantizationType(qtype)).astype(np.float64)
+
+
+def sizes(toy, real):
+    return real if ON_GPU else toy
+
+
+# --- dequantization: bit-exact with gguf through the CUDA path ------------------------------------
+
+@pytest.mark.parametrize("name", ALL_TYPES)
+def test_dequantize_matches_gguf_exactly(cu, name):
+    from numbaformer.backends.cuda.dequant import dequantize
+    qt = TYPE_IDS[name]
+    cols = 256 if GGML_TYPES[qt].block_size == 256 else 64
+    raw, w = rand_qtensor(cu, qt, 3, cols, seed=1)
+    out = cu.alloc((3, cols))
+    dequantize(out, w.data, qt, cu.stream)
+    np.testing.assert_array_equal(host(cu, out), gguf_dequantize(raw, GGMLQuantizationType(qt)))
+
+
+# --- matrix products: every type, mat-vec (decode) and GEMM (prefill), epilogues --------------------
+
+@pytest.mark.parametrize("name", ALL_TYPES)
+@pytest.mark.parametrize("n", [1, 5])
+def test_matmul_every_type(cu, name, n):
+    qt = TYPE_IDS[name]
+    big = GGML_TYPES[qt].block_size == 256
+    rows, cols = sizes((13, 512 if big else 96), (4096 + 37, 14336))
+    n = n if not ON_GPU else {1: 1, 5: 77}[n]
+    raw, w = rand_qtensor(cu, qt, rows, cols)
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((n, cols)).astype(np.float32)
+    bias = rng.standard_normal(rows).astype(np.float32)
+    out = cu.alloc((n, rows))
+    cu.matmul(out, dev(cu, x), w, dev(cu, bias))
+    W = ref_matrix(raw, qt)
+    ref = x.astype(np.float64) @ W.T + bias
+    bound = 16 * U * (np.abs(x) @ np.abs(W).T + np.abs(bias)) + 1e-30
+    err = np.abs(host(cu, out) - ref)
+    assert np.all(err <= bound * (8 if ON_GPU else 1)), f"{name}: max err/bound {np.max(err / bound):.2f}"
+
+
+@pytest.mark.parametrize("name", ["Q4_K", "Q8_0", "Q6_K"])
+def test_matmul_add_residual_in_place(cu, name):
+    qt = TYPE_IDS[name]
+    rows, cols = sizes((11, 256), (4096, 14336))
+    raw, w = rand_qtensor(cu, qt, rows, cols, seed=3)
+    rng = np.random.default_rng(4)
+    for n in (1, 3):
+        a = rng.standard_normal((n, cols)).astype(np.float32)
+        x0 = rng.standard_normal((n, rows)).astype(np.float32)
+        xd = dev(cu, x0)
+        cu.matmul_add(xd, dev(cu, a), w, cu.alloc((n, rows)))
+        ref = x0 + a.astype(np.float64) @ ref_matrix(raw, qt).T
+        np.testing.assert_allclose(host(cu, xd), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+
+
+def test_norm_matmul_fused_qkv_and_swiglu(cu):
+    """The fused decode kernels (norm prologue, 3 matrices / SwiGLU) against the composition."""
+    rows_q, rows_kv, cols = sizes((12, 4, 256), (4096, 1024, 4096))
+    mats = [rand_qtensor(cu, TYPE_IDS["Q4_K"], r, cols, seed=s)
+            for s, r in enumerate((rows_q, rows_kv, rows_kv))]
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((1, cols)).astype(np.float32) * 3
+    nw = rng.uniform(0.5, 1.5, cols).astype(np.float32)
+    biases = [rng.standard_normal(r).astype(np.float32) for r in (rows_q, rows_kv, rows_kv)]
+    outs = [cu.alloc((1, r)) for r in (rows_q, rows_kv, rows_kv)]
+    cu.norm_matmul(outs, dev(cu, x), dev(cu, nw), 1e-5, [m[1] for m in mats],
+                   [dev(cu, b) for b in biases], cu.alloc((1, cols)))
+    xn = R.rmsnorm(x, nw, 1e-5)
+    for out, (raw, w), b in zip(outs, mats, biases):
+        ref = xn @ ref_matrix(raw, w.qtype).T + b
+        np.testing.assert_allclose(host(cu, out), ref, rtol=0, atol=2e-5 * np.abs(ref).max())
+    gate, up = mats[1], mats[2]
+    out = cu.alloc((1, rows_kv))
+    cu.norm_swiglu(out, dev(cu, x), dev(cu, nw), 1e-5, gate[1], up[1], cu.alloc((1, cols)),
+                   cu.alloc((1, rows_kv)))
+    g = xn @ ref_matrix(gate[0], gate[1].qtype).T
+    u = xn @ ref_matrix(up[0], up[1].qtype).T
+    ref = R.silu(g) * u
+    np.testing.assert_allclose(host(cu, out), ref, rtol=0, atol=2e-5 * np.abs(ref).max())
+
+
+# --- elementwise, norm, rope, embedding, argmax ------------------------------------------------------
+
+@pytest.mark.parametrize("n,d", [(1, 7 * 32), (3, 33)])
+def test_rmsnorm_silu_add(cu, n, d):
+    rng = np.random.default_rng(6)
+    x, w = rng.standard_normal((n, d)).astype(np.float32), rng.standard_normal(d).astype(np.float32)
+    out = cu.alloc((n, d))
+    cu.rmsnorm(out, dev(cu, x), dev(cu, w), 1e-6)
+    np.testing.assert_allclose(host(cu, out), R.rmsnorm(x, w, 1e-6), rtol=1e-5, atol=1e-6)
+    g, u = rng.standard_normal((n, d)).astype(np.float32), rng.standard_normal((n, d)).astype(np.float32)
+    cu.silu_mul(out, dev(cu, g), dev(cu, u))
+    np.testing.assert_allclose(host(cu, out), R.silu(g.astype(np.float64)) * u, rtol=1e-5, atol=1e-6)
+    cu.add(out, dev(cu, g), dev(cu, u))
+    np.testing.assert_array_equal(host(cu, out), g + u)
+
+
+@pytest.mark.parametrize("neox", [False, True])
+def test_rope_store_matches_reference(cu, neox):
+    from numbaformer.backends.base import RopeParams
+    from numbaformer.kvcache import KVCache
+    hd, n_q, n_kv, n = 16, 4, 2, 3
+    rp = RopeParams(hd, hd, 10000.0, 1.0, neox)
+    pos = np.array([5, 6, 9], np.int32)
+    rng = np.random.default_rng(7)
+    q = rng.standard_normal((n, n_q * hd)).astype(np.float32)
+    k = rng.standard_normal((n, n_kv * hd)).astype(np.float32)
+    v = rng.standard_normal((n, n_kv * hd)).astype(np.float32)
+    cfg = type("C", (), {"n_layer": 2, "n_head_kv": n_kv, "head_dim": hd})
+    cache = KVCache(cu, cfg, 16, "f32")
+    qd, kd = dev(cu, q), dev(cu, k)
+    inv = dev(cu, rp.inv_freq())
+    cu.rope_store(qd, kd, dev(cu, v), dev(cu, pos), cache, 1, inv, rp)
+    f = R.inv_freq(hd, 10000.0)
+    qr = R.rope(q, pos, n_q, hd, hd, f, neox)
+    kr = R.rope(k, pos, n_kv, hd, hd, f, neox)
+    np.testing.assert_allclose(host(cu, qd), qr, rtol=0, atol=1e-5)
+    kc, vc = host(cu, cache.k), host(cu, cache.v)
+    for t, p in enumerate(pos):
+        np.testing.assert_allclose(kc[1, :, p].reshape(-1), kr[t], rtol=0, atol=1e-5)
+        np.testing.assert_array_equal(vc[1, :, p].reshape(-1), v[t])
+
+
+@pytest.mark.parametrize("name", ["Q8_0", "Q4_K", "F16", "Q6_K"])
+def test_embed_rows(cu, name):
+    qt = TYPE_IDS[name]
+    cols = 256 if GGML_TYPES[qt].block_size == 256 else 64
+    raw, w = rand_qtensor(cu, qt, 9, cols, seed=8)
+    ids = np.array([3, 0, 8, 3], np.int32)
+    out = cu.alloc((4, cols))
+    cu.embed(out, w, dev(cu, ids))
+    np.testing.assert_array_equal(host(cu, out), ref_matrix(raw, qt)[ids].astype(np.float32))
+
+
+def test_argmax_first_of_ties(cu):
+    logits = np.random.default_rng(9).standard_normal(sizes(1000, 128256)).astype(np.float32)
+    logits[[17, 400, 700]] = 50.0
+    out = cu.alloc((1,), np.int32)
+    cu.argmax(out, dev(cu, logits))
+    assert host(cu, out)[0] == 17
+
+
+# --- attention: decode (split spans + merge) and prefill (tiles), f16 and f32 caches ------------------
+
+@pytest.mark.parametrize("kv_type", ["f32", "f16"])
+def test_attention_decode_and_prefill(cu, kv_type):
+    from numbaformer.kvcache import KVCache
+    hd, n_q, n_kv = sizes((32, 4, 2), (128, 32, 8))
+    n_ctx, n_prev, n_new = sizes((24, 9, 5), (2048, 700, 77))
+    cfg = type("C", (), {"n_layer": 1, "n_head_kv": n_kv, "head_dim": hd})
+    cache = KVCache(cu, cfg, n_ctx, kv_type)
+    rng = np.random.default_rng(10)
+    n = n_prev + n_new
+    k = rng.standard_normal((n, n_kv * hd)).astype(np.float32)
+    v = rng.standard_normal((n, n_kv * hd)).astype(np.float32)
+    q = rng.standard_normal((n, n_q * hd)).astype(np.float32)
+    if kv_type == "f16":                     # the reference sees what the cache holds
+        k, v = k.astype(np.float16).astype(np.float32), v.astype(np.float16).astype(np.float32)
+    pos = np.arange(n, dtype=np.int32)
+    cu.kv_store(cache, 0, dev(cu, k[:n_prev]), dev(cu, v[:n_prev]), dev(cu, pos[:n_prev]))
+    cu.kv_store(cache, 0, dev(cu, k[n_prev:]), dev(cu, v[n_prev:]), dev(cu, pos[n_prev:]))
+    scale = 1 / np.sqrt(hd)
+    ref = R.attention(q, k, v, pos, pos, n_q, n_kv, hd)
+    out = cu.alloc((n_new, n_q * hd))                       # prefill chunk over a filled cache
+    cu.attention(out, dev(cu, q[n_prev:]), cache, 0, dev(cu, pos[n_prev:]), scale)
+    np.testing.assert_allclose(host(cu, out), ref[n_prev:], rtol=0, atol=2e-5)
+    for t in (0, n_prev, n - 1):                            # decode: one query, several spans
+        out1 = cu.alloc((1, n_q * hd))
+        cu.attention(out1, dev(cu, q[t:t + 1]), cache, 0, dev(cu, pos[t:t + 1]), scale)
+        np.testing.assert_allclose(host(cu, out1)[0], ref[t], rtol=0, atol=2e-5)
+
+
+# --- the pool ---------------------------------------------------------------------------------------
+
+def test_pool_reuses_buckets(cu):
+    p = cu.pool
+    a = p.alloc((1000,))
+    before = p.stats()
+    p.release(a)
+    b = p.alloc((900,))                 # same 4 KiB bucket
+    s = p.stats()
+    assert s["hits"] == before["hits"] + 1 and s["misses"] == before["misses"]
+    assert np.all(host(cu, b) == 0)     # zero-filled again
+    p.release(b)
+    assert p.stats()["bytes_in_use"] == before["bytes_in_use"] - 4096

@@ -4,7 +4,8 @@ the fp32 peak, for every quant type, at Llama-3-8B shapes.
 
 usage: python scripts/gpu_bench.py [--types Q4_K,Q6_K,...] [--json OUT.json]
 Weights are random bytes with sane fp16 scales; each timing rotates over enough copies of the
-weights to defeat the L2 cache, runs after a warm-up, and is the median of CUDA-event timings.
+weights to defeat the L2 cache, runs after a warm-up, and is the median of CUDA-event timings of a
+captured CUDA graph of several launches (host launch overhead excluded, as in decode).
 """
 from __future__ import annotations
 
@@ -21,25 +22,33 @@ import numbaformer.backends.cuda  # noqa: E402,F401  (numpy shim, decoder regist
 from numba import cuda  # noqa: E402
 
 from numbaformer.backends.cuda import matmul as M  # noqa: E402
+from numbaformer.backends.cuda.graph import CudaGraph  # noqa: E402
 from numbaformer.quants import DECODERS, GGML_TYPES, TYPE_IDS  # noqa: E402
 from numbaformer.synthetic import random_blocks  # noqa: E402
 from numbaformer.weights import QTensor  # noqa: E402
 
 FP32_PEAK_TFLOPS = {"H100": 66.9, "H200": 66.9}      # SXM datasheet, dense fp32 (non-tensor)
 L2_DEFEAT_BYTES = 256 << 20
+STREAM = cuda.stream()
 
 
-def time_ms(fn, reps: int = 20, warmup: int = 3) -> float:
+def time_ms(fn, reps: int = 20, warmup: int = 3, per_graph: int = 10) -> float:
+    """Median GPU time of one fn() (which launches on STREAM): per_graph calls are captured into a
+    CUDA graph and replayed between two events, so host launch overhead is not counted."""
     for _ in range(warmup):
         fn()
+    STREAM.synchronize()
+    g = CudaGraph()
+    g.capture(STREAM, lambda: [fn() for _ in range(per_graph)])
     start, stop = cuda.event(), cuda.event()
     times = []
     for _ in range(reps):
-        start.record()
-        fn()
-        stop.record()
+        start.record(STREAM)
+        g.launch(STREAM)
+        stop.record(STREAM)
         stop.synchronize()
-        times.append(cuda.event_elapsed_time(start, stop))
+        times.append(cuda.event_elapsed_time(start, stop) / per_graph)
+    g.close()
     return float(np.median(times))
 
 
@@ -56,7 +65,7 @@ def copy_bandwidth() -> float:
     n = (1 << 31) // 16
     a = cuda.device_array(n, np.complex128)
     b = cuda.device_array(n, np.complex128)
-    ms = time_ms(lambda: _copy16[(n + 255) // 256, 256](b, a), reps=10)
+    ms = time_ms(lambda: _copy16[(n + 255) // 256, 256, STREAM](b, a), reps=10, per_graph=2)
     return 2 * n * 16 / ms / 1e6
 
 
@@ -75,8 +84,8 @@ def bench_gemv(qtype: int, rows: int, cols: int) -> dict:
     it = iter(range(1 << 30))
 
     def run():
-        M.matmul(out, x, ws[next(it) % copies], 0)
-    ms = time_ms(run, reps=30)
+        M.matmul(out, x, ws[next(it) % copies], STREAM)
+    ms = time_ms(run, reps=30, per_graph=2 * copies)
     return {"kernel": "gemv", "type": GGML_TYPES[qtype].name, "shape": f"{rows}x{cols}",
             "ms": round(ms, 4), "GB/s": round(nbytes / ms / 1e6, 1)}
 
@@ -85,7 +94,7 @@ def bench_gemm(qtype: int, rows: int, cols: int, n: int) -> dict:
     ws = _weights(qtype, rows, cols, 1)
     x = cuda.to_device(np.random.default_rng(1).standard_normal((n, cols)).astype(np.float32))
     out = cuda.device_array((n, rows), np.float32)
-    ms = time_ms(lambda: M.matmul(out, x, ws[0], 0), reps=10)
+    ms = time_ms(lambda: M.matmul(out, x, ws[0], STREAM), reps=10, per_graph=2)
     return {"kernel": f"gemm n={n}", "type": GGML_TYPES[qtype].name, "shape": f"{rows}x{cols}",
             "ms": round(ms, 3), "TFLOP/s": round(2 * n * rows * cols / ms / 1e9, 2)}
 

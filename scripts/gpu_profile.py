@@ -83,18 +83,26 @@ def main() -> None:
     m.ops = t
     m.forward(ids, 0)
     t.report(f"prefill {a.prefill} tokens")
-    # decode: capture the step with an event pair around every op into a CUDA graph, so the
-    # timings come from a replay (no host launch gaps), then time whole replays of the real graph
+    # decode: record the calls of one step, then time each call alone as a CUDA graph of REPS
+    # copies (no host launch gaps), and time whole replays of the real decode graph
     m.ops = t.ops
     m.ops.copy_in(m.buf.ids, np.array([1], np.int32))
     m.ops.copy_in(m.buf.pos, np.array([a.pos], np.int32))
-    v = m.buf.rows(1)
-    m.ops = t
-    t.ops.replay(("profile",), lambda: m._run(v, True))     # direct run + capture
-    t.events = t.events[len(t.events) // 2:]                 # keep the captured events
-    t.ops.replay(("profile",), lambda: m._run(v, True))     # graph replay records them
-    t.report(f"decode step at position {a.pos} (graph replay, per-op events)")
+    rec = Recorder(t.ops)
+    m.ops = rec
+    m._run(m.buf.rows(1), True)
     m.ops = t.ops
+    agg = defaultdict(lambda: [0, 0.0, 0])
+    for key, fn, args, kw, nbytes in rec.calls:
+        us = graph_time_us(t.ops.stream, lambda: fn(*args, **kw))
+        agg[key][0] += 1
+        agg[key][1] += us
+        agg[key][2] += nbytes
+    total = sum(v[1] for v in agg.values())
+    print(f"\ndecode step at position {a.pos}: {total:.0f} us of kernels in {len(rec.calls)} ops")
+    for key, (n, us, nb) in sorted(agg.items(), key=lambda kv: -kv[1][1]):
+        bw = f"{nb / us / 1e3:8.0f} GB/s" if nb else ""
+        print(f"  {key:34s} {n:4d}x {us:9.1f} us {us / n:8.2f} us/call {bw}")
     m.forward([1], a.pos, greedy=True)
     e0, e1 = cuda.event(), cuda.event()
     e0.record(m.ops.stream)
@@ -103,6 +111,48 @@ def main() -> None:
     e1.record(m.ops.stream)
     e1.synchronize()
     print(f"decode graph replay: {cuda.event_elapsed_time(e0, e1) / 20 * 1e3:.0f} us per step")
+
+
+REPS = 20
+
+
+def graph_time_us(stream, fn) -> float:
+    """GPU time of one fn() (launches on `stream`): REPS copies captured in a graph, replayed."""
+    from numbaformer.backends.cuda.graph import CudaGraph
+    g = CudaGraph()
+    g.capture(stream, lambda: [fn() for _ in range(REPS)])
+    g.launch(stream)                              # warm
+    e0, e1 = cuda.event(), cuda.event()
+    e0.record(stream)
+    g.launch(stream)
+    e1.record(stream)
+    e1.synchronize()
+    g.close()
+    return cuda.event_elapsed_time(e0, e1) * 1e3 / REPS
+
+
+class Recorder(Timed):
+    """Wraps a backend: records (key, op, args, kwargs, weight bytes) of every op call, then runs it."""
+
+    def __init__(self, ops):
+        super().__init__(ops)
+        self.calls = []
+
+    def __getattr__(self, name):
+        f = getattr(self.ops, name)
+        if not callable(f) or name in SKIP:
+            return f
+
+        def record(*args, **kw):
+            key, nbytes = name, 0
+            for a in args:
+                for w in (a if isinstance(a, (tuple, list)) else (a,)):
+                    if hasattr(w, "qtype") and hasattr(w, "name"):
+                        key = f"{name}:{w.name.split('.')[-2]}:{w.type_name}"
+                        nbytes += w.nbytes
+            self.calls.append((key, f, args, kw, nbytes))
+            f(*args, **kw)
+        return record
 
 if __name__ == "__main__":
     main()

@@ -53,7 +53,7 @@ def test_tiny_generation_equals_cpu(tmp_path, monkeypatch):
         for mod, name, value in [(gemv, "GEMV_WARPS", 1), (gemv, "SEGMENT_BYTES", 64),
                                  (matmul, "GEMM_BM", 8), (matmul, "GEMM_BN", 8),
                                  (matmul, "GEMM_TM", 2), (matmul, "GEMM_TN", 2),
-                                 (attention, "SPLIT", 4), (attention, "DECODE_WARPS", 1),
+                                 (attention, "SPLIT", 4), (attention, "DECODE_THREADS", 32),
                                  (attention, "QTILE", 2), (attention, "KTILE", 4),
                                  (attention, "PREFILL_WARPS", 1)]:
             monkeypatch.setattr(mod, name, value)

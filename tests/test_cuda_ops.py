@@ -38,8 +38,8 @@ def cu():
         toy = [(gemv, "GEMV_WARPS", 1), (gemv, "SEGMENT_BYTES", 64), (gemv, "BLOCKS_PER_SM", 2),
                (matmul, "GEMM_BM", 8), (matmul, "GEMM_BN", 8), (matmul, "GEMM_TM", 2),
                (matmul, "GEMM_TN", 2), (norm, "NORM_THREADS", 32), (rope, "ROPE_THREADS", 32),
-               (embed, "EMBED_THREADS", 32), (sample, "ARGMAX_THREADS", 32),
-               (attention, "SPLIT", 4), (attention, "DECODE_WARPS", 1), (attention, "QTILE", 2),
+               (rope, "ROPE_STORE_THREADS", 32), (embed, "EMBED_THREADS", 32), (sample, "ARGMAX_THREADS", 32),
+               (attention, "SPLIT", 4), (attention, "DECODE_THREADS", 32), (attention, "QTILE", 2),
                (attention, "KTILE", 4), (attention, "PREFILL_WARPS", 1),
                (elementwise, "ELEM_THREADS", 32)]
         for mod, name, value in toy:

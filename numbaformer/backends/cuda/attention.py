@@ -3,10 +3,10 @@
 Caches: k_cache, v_cache (n_layer, n_kv_head, n_ctx, head_dim), f16 (default) or f32. Query token t at position pos[t]
 attends to cache positions 0..pos[t] of KV head h // (n_head // n_kv_head).
 
-Decode (one token): the key range is split into spans of SPLIT keys, one block per (head, span), so
-that a few KV heads still fill the GPU; lanes split head_dim (head_dim % 32 == 0), so key and value
-rows are read coalesced; each block leaves its unnormalized output, max and sum, and a merge kernel
-combines the spans with a log-sum-exp pass. The grid covers the whole context and spans
+Decode (one token): the key range is split into spans of SPLIT keys, one block per (KV head, span),
+so that a few KV heads still fill the GPU at long contexts and each K/V row is read once for all the
+query heads that share it (GQA); each block leaves its unnormalized outputs, maxes and sums, and a
+merge kernel combines the spans with a log-sum-exp pass. The grid covers the whole context and spans
 past pos[0] exit at once, so one captured launch serves every step.
 Prefill (n tokens): one block per (head, QTILE queries); each warp owns QTILE / warps queries, lanes
 split head_dim, keys stream through shared memory in tiles with an online softmax.
@@ -17,13 +17,14 @@ import functools
 import math
 
 import numpy as np
-from numba import cuda, float32, int32
+from numba import cuda, float32, int32, uint32
 
 from ._jit import cuda_kernel
+from .intrinsics import f16_bits_to_f32, load_u32x4
 from .reduce import WARP, block_max, block_sum, warp_sum
 
-SPLIT = 256              # keys per decode block
-DECODE_WARPS = 4
+SPLIT = 64               # keys per decode block (short chains, many blocks)
+DECODE_THREADS = 128     # a multiple of head_dim (or head_dim itself when larger)
 QTILE = 16               # queries per prefill block
 KTILE = 32               # keys per shared-memory tile in prefill
 PREFILL_WARPS = 4
@@ -49,75 +50,92 @@ def kv_store(k_cache, v_cache, layer: int, k, v, pos, stream) -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def _split_kernel(split: int, warps: int, head_dim: int):
-    per_lane = head_dim // WARP                   # head dims held by each lane
+def _split_kernel(split: int, threads: int, head_dim: int, group: int, f16: bool):
+    n_vec = head_dim // 8                         # a K row as 16-byte vectors of 8 halves (f16)
+    gh = group * head_dim
 
     @cuda_kernel
     def _attn_split(part_o, part_ml, q, k_cache, v_cache, layer, pos, scale):
-        """Block (h, s): head h of the one query over keys [s*split, min((s+1)*split, pos+1)).
-        Lane l holds dims l*per_lane .. of q (scaled). Scores: warp w takes keys w, w+warps, ..;
-        its lanes load their slice of the key row (coalesced), a warp_sum finishes each dot, and
-        lane 0 parks it in shared memory. The block then takes max and sum (barriers inside), and
-        for the output warp w accumulates keys w, w+warps, .. over its lanes' dims; the warps'
-        partial outputs meet in shared memory (barrier) and warp 0 writes part_o[h, s] (not
-        normalized) and part_ml[h, s] = (max, sum). An empty span writes sum 0."""
-        h = cuda.blockIdx.x
+        """Block (g, s): the `group` query heads of KV head g over keys [s*split, min((s+1)*split,
+        pos + 1)), so each K and V row is read once for all of them. Scores: thread t takes keys
+        t, t+threads, .. and dots the whole key row (read as 16-byte loads) with every head's q
+        (scaled, in shared memory); then per head a block max and sum (barriers inside); then thread
+        t takes output dim t % head_dim of every head over keys of its slice (t // head_dim), the
+        slices meet in shared memory (barrier) and their sum is part_o[head, s] (not normalized),
+        part_ml[head, s] = (max, sum). An empty span writes sum 0."""
+        g = cuda.blockIdx.x
         s = cuda.blockIdx.y
         tid = cuda.threadIdx.x
-        lane = tid % WARP
-        w = tid // WARP
-        n_kv = k_cache.shape[1]
-        g = h // (q.shape[1] // head_dim // n_kv)
         start = s * split
         stop = min(start + split, pos[0] + 1)
         if start >= stop:
-            if tid == 0:
-                part_ml[h, s, 0] = float32(-math.inf)
-                part_ml[h, s, 1] = float32(0)
+            if tid < group:
+                part_ml[g * group + tid, s, 0] = float32(-math.inf)
+                part_ml[g * group + tid, s, 1] = float32(0)
             return
-        sc = cuda.shared.array(split, float32)
+        qs = cuda.shared.array(gh, float32)
+        sc = cuda.shared.array((group, split), float32)
         red = cuda.shared.array(32, float32)
-        po = cuda.shared.array((warps, head_dim), float32)
-        qr = cuda.local.array(per_lane, float32)
-        acc = cuda.local.array(per_lane, float32)
-        d0 = lane * per_lane
-        for e in range(per_lane):
-            qr[e] = q[0, h * head_dim + d0 + e] * scale
-            acc[e] = 0
+        po = cuda.shared.array((threads, group), float32)
+        for i in range(tid, gh, threads):
+            qs[i] = q[0, g * gh + i] * scale
+        cuda.syncthreads()                                  # q staged
         kc = k_cache[layer, g]
         vc = v_cache[layer, g]
-        m = float32(-math.inf)
-        for j in range(start + w, stop, warps):
-            part = float32(0)
-            for e in range(per_lane):
-                part += qr[e] * float32(kc[j, d0 + e])
-            dot = warp_sum(part)
-            if lane == 0:
-                sc[j - start] = dot
-            m = max(m, dot)
-        m = block_max(m, red)                               # barrier inside: sc complete
-        total = float32(0)
-        for j in range(tid, stop - start, warps * WARP):
-            e = math.exp(sc[j] - m)
-            sc[j] = e
-            total += e
-        total = block_sum(total, red)                       # barrier inside: sc holds weights
-        for j in range(start + w, stop, warps):
-            p = sc[j - start]
-            for e in range(per_lane):
-                acc[e] += p * float32(vc[j, d0 + e])
-        for e in range(per_lane):
-            po[w, d0 + e] = acc[e]
-        cuda.syncthreads()                                  # every warp's partial output parked
-        if w == 0:
-            for e in range(per_lane):
+        acc = cuda.local.array(group, float32)
+        for j in range(start + tid, stop, threads):
+            for h in range(group):
+                acc[h] = 0
+            if f16:                                         # 8 halves per 16-byte load
+                row32 = kc[j].view(np.uint32)
+                for c in range(n_vec):
+                    w0, w1, w2, w3 = load_u32x4(row32, c)
+                    for e in range(8):
+                        w = w0 if e < 2 else (w1 if e < 4 else (w2 if e < 6 else w3))
+                        kv = f16_bits_to_f32(w >> uint32(16 * (e & 1)))
+                        for h in range(group):
+                            acc[h] += qs[h * head_dim + 8 * c + e] * kv
+            else:
+                row = kc[j]
+                for d in range(head_dim):
+                    kv = row[d]
+                    for h in range(group):
+                        acc[h] += qs[h * head_dim + d] * kv
+            for h in range(group):
+                sc[h, j - start] = acc[h]
+        cuda.syncthreads()                                  # scores complete
+        n = stop - start
+        for h in range(group):
+            m = float32(-math.inf)
+            for j in range(tid, n, threads):
+                m = max(m, sc[h, j])
+            m = block_max(m, red)
+            total = float32(0)
+            for j in range(tid, n, threads):
+                e = math.exp(sc[h, j] - m)
+                sc[h, j] = e
+                total += e
+            total = block_sum(total, red)                   # also orders sc's weights
+            if tid == 0:
+                part_ml[g * group + h, s, 0] = m
+                part_ml[g * group + h, s, 1] = total
+        d = tid % head_dim
+        n_slices = threads // head_dim
+        for h in range(group):
+            acc[h] = 0
+        for j in range(tid // head_dim, n, n_slices):
+            vv = float32(vc[start + j, d])
+            for h in range(group):
+                acc[h] += sc[h, j] * vv
+        for h in range(group):
+            po[tid, h] = acc[h]
+        cuda.syncthreads()                                  # every slice's partial output parked
+        if tid < head_dim:
+            for h in range(group):
                 o = float32(0)
-                for ww in range(warps):
-                    o += po[ww, d0 + e]
-                part_o[h, s, d0 + e] = o
-            if lane == 0:
-                part_ml[h, s, 0] = m
-                part_ml[h, s, 1] = total
+                for k in range(n_slices):
+                    o += po[tid + k * head_dim, h]
+                part_o[g * group + h, s, tid] = o
 
     return _attn_split
 
@@ -147,8 +165,11 @@ def decode_attention(out, q, k_cache, v_cache, layer: int, pos, scale: float, sc
     part_ml (n_head, S, 2) f32) with S >= ceil(n_ctx / SPLIT)."""
     part_o, part_ml = scratch
     n_head, n_spans, head_dim = part_o.shape
-    _split_kernel(SPLIT, DECODE_WARPS, head_dim)[(n_head, n_spans), DECODE_WARPS * WARP, stream](
-        part_o, part_ml, q, k_cache, v_cache, layer, pos, np.float32(scale))
+    n_kv = k_cache.shape[1]
+    threads = max(DECODE_THREADS, head_dim)
+    k = _split_kernel(SPLIT, threads, head_dim, n_head // n_kv, k_cache.dtype == np.float16)
+    k[(n_kv, n_spans), threads, stream](part_o, part_ml, q, k_cache, v_cache, layer, pos,
+                                         np.float32(scale))
     _merge_kernel[n_head, min(head_dim, 128), stream](out, part_o, part_ml, pos, SPLIT)
 
 

@@ -4,13 +4,14 @@ One kernel family, `_gemv_kernel(qtype, n_mat, norm, mode)`:
   prologue  x is staged in shared memory once per block (and its 16-value sums, for the K-quant
             min terms); with `norm`, staged as rmsnorm(x) * w (the block reduces x^2 itself), so
             a norm never costs a launch of its own;
-  rows      up to three matrices of one type and width (Q, K, V) form one virtual row range;
-            blocks are persistent (a grid of a few blocks per SM) and their warps walk rows with
-            a grid stride, so the staging is paid a few times per SM, not once per 8 rows;
+  rows      up to three matrices of one type and width (Q, K, V) form one virtual range of row
+            pairs; blocks are persistent (a grid of a few blocks per SM) and their warps walk the
+            pairs with a grid stride, so the staging is paid a few times per SM, not per row;
   row dot   per type: Q4_K reads each 16-byte unit of nibbles straight into registers (one LDG.128,
-            coalesced across the 8 lanes of a block: gemv_fast.py); every other type streams the row
-            through a per-warp shared segment with 16-byte loads and dots its 32-value chunks with
-            the type's dot32 decoder from quants.py;
+            coalesced across the 8 lanes of a block) and both rows of a pair share the unit's
+            activations (gemv_fast.py); every other type streams each row through a per-warp
+            shared segment with 16-byte loads and dots its 32-value chunks with the type's dot32
+            decoder from quants.py;
   epilogue  mode 0: store; 1: + bias; 2: + residual (out may be the residual); 3 (SwiGLU): the two
             matrices are gate and up, out[r] = silu(gate[r] . x) * (up[r] . x).
 Weights: w32 (rows, pitch / 4) uint32 views of the raw GGUF rows, each padded to a 16-byte pitch.
@@ -25,7 +26,7 @@ from numba import cuda, float32, uint8, uint32
 
 from ...quants import DECODERS, GGML_TYPES, Q4_K, QK, U
 from ._jit import cuda_kernel
-from .gemv_fast import q4k_row_dot
+from .gemv_fast import q4k_pair_dot
 from .intrinsics import load_u32x4, syncwarp
 from .reduce import WARP, block_sum, warp_sum
 
@@ -96,25 +97,57 @@ def _staged_row_dot(qtype: int, seg_blocks: int):
     return row_dot
 
 
-def _row_dot(qtype: int):
+@functools.lru_cache(maxsize=None)
+def _staged_pair_dot(qtype: int, seg_blocks: int):
+    row_dot = _staged_row_dot(qtype, seg_blocks)
+
+    @cuda.jit(device=True)
+    def pair_dot(row_a, row_b, same, cols, xs, xsum, seg, regs, lane):
+        """Partial dots of two rows, one after the other (row_b skipped when `same`)."""
+        a = row_dot(row_a, cols, xs, xsum, seg, regs, lane)
+        b = a if same else row_dot(row_b, cols, xs, xsum, seg, regs, lane)
+        return a, b
+
+    return pair_dot
+
+
+@cuda.jit(device=True)
+def _q4k_pair(row_a, row_b, same, cols, xs, xsum, seg, regs, lane):
+    return q4k_pair_dot(row_a, row_b, cols, xs, xsum, lane)
+
+
+def _pair_dot(qtype: int):
+    """(device function pair_dot(row_a, row_b, same, cols, xs, xsum, seg, regs, lane) -> two
+    partial dots, the staged segment's bytes)."""
     if qtype == Q4_K and FAST_PATHS:
-        return q4k_row_dot, 1                        # (device function, segment bytes unused)
+        return _q4k_pair, 16
     sb = segment_blocks(qtype)
-    return _staged_row_dot(qtype, sb), sb * GGML_TYPES[qtype].chunk_bytes
+    return _staged_pair_dot(qtype, sb), sb * GGML_TYPES[qtype].chunk_bytes
+
+
+@cuda.jit(device=True, inline=True)
+def _store(o, e, r, acc, mode):
+    """o[0, r] = acc (+ bias e[r] in mode 1, + residual e[0, r] in mode 2)."""
+    if mode == 1:
+        acc += e[r]
+    elif mode == 2:
+        acc += e[0, r]
+    o[0, r] = acc
 
 
 @functools.lru_cache(maxsize=None)
 def _gemv_kernel(qtype: int, n_mat: int, norm: bool, mode: int, warps: int, fast: bool):
-    row_dot, seg_bytes = _row_dot(qtype)
+    pair_dot, seg_bytes = _pair_dot(qtype)
     seg_units = max(1, seg_bytes // 16)
     n_regs = 4 * ((seg_units + WARP - 1) // WARP)
     threads = warps * WARP
 
     @cuda_kernel
     def _gemv(o0, o1, o2, w0, w1, w2, e0, e1, e2, x, norm_w, eps):
-        """Matrices w0..w{n_mat-1} (uint32 rows) share x (1, cols): virtual row v runs over w0's
-        rows, then w1's, then w2's; out_m[0, r] = w_m[r] . x' (+ e_m per mode), x' = x or its
-        rmsnorm * norm_w. SwiGLU: w0 = gate, w1 = up, o0[0, r] = silu(gate . x') * (up . x')."""
+        """Matrices w0..w{n_mat-1} (uint32 rows) share x (1, cols): out_m[0, r] = w_m[r] . x'
+        (+ e_m per mode), x' = x or rmsnorm(x) * norm_w. Warps take row pairs: virtual pair p runs
+        over w0's pairs (rows 2q, 2q+1), then w1's, then w2's, with a grid stride. SwiGLU: pair
+        r is (gate[r], up[r]) and o0[0, r] = silu(gate[r] . x') * (up[r] . x')."""
         sm = cuda.shared.array(0, float32)
         segs = cuda.shared.array((warps, seg_bytes), uint8)
         red = cuda.shared.array(32, float32)
@@ -142,36 +175,53 @@ def _gemv_kernel(qtype: int, n_mat: int, norm: bool, mode: int, warps: int, fast
         lane = tid % WARP
         wi = tid // WARP
         seg = segs[wi]
-        r0 = w0.shape[0]
-        r1 = r0 + (w1.shape[0] if n_mat > 1 and mode != 3 else 0)
-        n_rows = r1 + (w2.shape[0] if n_mat > 2 else 0)
-        n_warps = cuda.gridDim.x * warps
-        for v in range(cuda.blockIdx.x * warps + wi, n_rows, n_warps):
-            if v < r0:
-                acc = warp_sum(row_dot(w0[v], cols, sm, xsum, seg, regs, lane))
-                if mode == 3:
-                    up = warp_sum(row_dot(w1[v], cols, sm, xsum, seg, regs, lane))
-                    acc = acc / (float32(1) + math.exp(-acc)) * up
+        if mode == 3:
+            n_pairs = w0.shape[0]
+            p0 = p1 = n_pairs
+        else:
+            p0 = (w0.shape[0] + 1) // 2
+            p1 = p0 + ((w1.shape[0] + 1) // 2 if n_mat > 1 else 0)
+            n_pairs = p1 + ((w2.shape[0] + 1) // 2 if n_mat > 2 else 0)
+        for p in range(cuda.blockIdx.x * warps + wi, n_pairs, cuda.gridDim.x * warps):
+            if mode == 3:
+                a, b = pair_dot(w0[p], w1[p], False, cols, sm, xsum, seg, regs, lane)
+                a = warp_sum(a)
+                b = warp_sum(b)
                 if lane == 0:
-                    if mode == 1:
-                        acc += e0[v]
-                    elif mode == 2:
-                        acc += e0[0, v]
-                    o0[0, v] = acc
-            elif v < r1:
-                r = v - r0
-                acc = warp_sum(row_dot(w1[r], cols, sm, xsum, seg, regs, lane))
+                    o0[0, p] = a / (float32(1) + math.exp(-a)) * b
+            elif p < p0:
+                r = 2 * p
+                last = r + 1 >= w0.shape[0]
+                a, b = pair_dot(w0[r], w0[r if last else r + 1], last, cols, sm, xsum, seg, regs,
+                                lane)
+                a = warp_sum(a)
+                b = warp_sum(b)
                 if lane == 0:
-                    if mode == 1:
-                        acc += e1[r]
-                    o1[0, r] = acc
+                    _store(o0, e0, r, a, mode)
+                    if not last:
+                        _store(o0, e0, r + 1, b, mode)
+            elif p < p1:
+                r = 2 * (p - p0)
+                last = r + 1 >= w1.shape[0]
+                a, b = pair_dot(w1[r], w1[r if last else r + 1], last, cols, sm, xsum, seg, regs,
+                                lane)
+                a = warp_sum(a)
+                b = warp_sum(b)
+                if lane == 0:
+                    _store(o1, e1, r, a, mode)
+                    if not last:
+                        _store(o1, e1, r + 1, b, mode)
             else:
-                r = v - r1
-                acc = warp_sum(row_dot(w2[r], cols, sm, xsum, seg, regs, lane))
+                r = 2 * (p - p1)
+                last = r + 1 >= w2.shape[0]
+                a, b = pair_dot(w2[r], w2[r if last else r + 1], last, cols, sm, xsum, seg, regs,
+                                lane)
+                a = warp_sum(a)
+                b = warp_sum(b)
                 if lane == 0:
-                    if mode == 1:
-                        acc += e2[r]
-                    o2[0, r] = acc
+                    _store(o2, e2, r, a, mode)
+                    if not last:
+                        _store(o2, e2, r + 1, b, mode)
 
     return _gemv
 
@@ -203,6 +253,6 @@ def gemv(outs, ws, x, stream, *, mode: str = "store", extras=None, norm_w=None, 
     smem = 4 * (cols + cols // 16)
     if opt_in is not None:
         opt_in(k, smem, *args)
-    rows = ws[0].rows if m == 3 else sum(w.rows for w in ws)
-    grid = max(1, min((rows + GEMV_WARPS - 1) // GEMV_WARPS, _n_sms() * BLOCKS_PER_SM))
+    pairs = ws[0].rows if m == 3 else sum((w.rows + 1) // 2 for w in ws)
+    grid = max(1, min((pairs + GEMV_WARPS - 1) // GEMV_WARPS, _n_sms() * BLOCKS_PER_SM))
     k[grid, GEMV_WARPS * WARP, stream, smem](*args)

@@ -45,6 +45,18 @@ def load_u32x2(arr, i):
     return arr[j], arr[j + 1]
 
 
+def as_f32(u):
+    """The float32 whose bit pattern is the low 32 bits of integer u (a bit cast, no instruction)."""
+    return np.uint32(int(u) & _U32).view(np.float32)
+
+
+def load_f32x4(arr, i):
+    """arr[4i .. 4i+3] of a 1-D C-contiguous float32 array (global or shared) as one 16-byte vector
+    load; the caller guarantees 16-byte alignment."""
+    j = 4 * i
+    return arr[j], arr[j + 1], arr[j + 2], arr[j + 3]
+
+
 def f16_bits_to_f32(h):
     """float32 value of the IEEE half whose bits are the low 16 bits of integer h (higher bits are
     ignored, so `w >> 16` and `w & 0xFFFF` of a uint32 word are the two halves). PTX: `cvt.f32.f16`,
@@ -182,6 +194,35 @@ if not config.ENABLE_CUDASIM:
     _ld_v4, _ld_v2 = _vector_load(4), _vector_load(2)
 
     @intrinsic
+    def _bitcast_f32(typingctx, u):
+        if not isinstance(u, types.Integer):
+            raise NumbaTypeError(f"as_f32 needs an integer, got {u}")
+
+        def codegen(context, builder, sig, args):
+            bits = context.cast(builder, args[0], sig.args[0], types.uint32)
+            return builder.bitcast(bits, ir.FloatType())
+
+        return types.float32(u), codegen
+
+    @intrinsic
+    def _ld_f32x4(typingctx, arr, i):
+        if not (isinstance(arr, types.Array) and arr.ndim == 1 and arr.layout == "C"
+                and arr.dtype == types.float32 and isinstance(i, types.Integer)):
+            raise NumbaTypeError(f"load_f32x4 needs a 1-D C-contiguous float32 array, got {arr}")
+        rettype = types.UniTuple(types.float32, 4)
+
+        def codegen(context, builder, sig, args):
+            ary = context.make_array(sig.args[0])(context, builder, args[0])
+            idx = context.cast(builder, args[1], sig.args[1], types.intp)
+            ptr = builder.gep(ary.data, [builder.mul(idx, context.get_constant(types.intp, 4))])
+            vty = ir.VectorType(ir.FloatType(), 4)
+            vec = builder.load(builder.bitcast(ptr, vty.as_pointer(ptr.type.addrspace)), align=16)
+            return context.make_tuple(builder, rettype, [
+                builder.extract_element(vec, ir.Constant(_i32, k)) for k in range(4)])
+
+        return rettype(arr, i), codegen
+
+    @intrinsic
     def _cvt_f32_f16(typingctx, h):
         if not isinstance(h, types.Integer):
             raise NumbaTypeError(f"f16_bits_to_f32 needs an integer, got {h}")
@@ -222,6 +263,14 @@ if not config.ENABLE_CUDASIM:
     @overload(load_u32x2, target="cuda")
     def _ol_load_u32x2(arr, i):
         return lambda arr, i: _ld_v2(arr, i)
+
+    @overload(as_f32, target="cuda")
+    def _ol_as_f32(u):
+        return lambda u: _bitcast_f32(u)
+
+    @overload(load_f32x4, target="cuda")
+    def _ol_load_f32x4(arr, i):
+        return lambda arr, i: _ld_f32x4(arr, i)
 
     @overload(f16_bits_to_f32, target="cuda")
     def _ol_f16_bits_to_f32(h):

@@ -15,7 +15,7 @@ from numba import cuda, float32
 
 from ...quants import DECODERS, GGML_TYPES, QK, U
 from ._jit import cuda_kernel
-from .gemv import gemv
+from .gemv import _n_sms, gemv
 
 SMEM_DEFAULT = 48 << 10  # dynamic shared memory a launch may use without opting in
 GEMM_BM = 128            # weight rows per GEMM tile
@@ -107,10 +107,12 @@ def matmul(out, x, w, stream, bias=None, residual=None) -> None:
         return
     epilogue, extra = (1, bias) if bias is not None else (2, residual) if residual is not None \
         else (0, out)
-    k = _gemm_kernel(w.qtype, GEMM_BM, GEMM_BN, GEMM_TM, GEMM_TN, epilogue)
-    threads = (GEMM_BM // GEMM_TM) * (GEMM_BN // GEMM_TN)
-    grid = ((w.rows + GEMM_BM - 1) // GEMM_BM, (n + GEMM_BN - 1) // GEMM_BN)
-    k[grid, threads, stream](out, w.data, x, extra)
+    bm, bn, tm, tn = GEMM_BM, GEMM_BN, GEMM_TM, GEMM_TN
+    if -(-w.rows // bm) * -(-n // bn) < 2 * _n_sms() and bm >= 128:
+        bm, bn, tm, tn = bm // 2, bn // 2, tm // 2, tn // 2     # small problem: 4x the blocks
+    k = _gemm_kernel(w.qtype, bm, bn, tm, tn, epilogue)
+    grid = ((w.rows + bm - 1) // bm, (n + bn - 1) // bn)
+    k[grid, (bm // tm) * (bn // tn), stream](out, w.data, x, extra)
 
 
 _opted_in: dict = {}

@@ -8,6 +8,7 @@ from numba import cuda, float32, float64
 from ._jit import cuda_kernel
 
 ROPE_THREADS = 128
+ROPE_STORE_THREADS = 512
 
 
 @functools.lru_cache(maxsize=None)
@@ -40,23 +41,29 @@ def _rope_kernel(threads: int):
 
 
 @functools.lru_cache(maxsize=None)
-def _rope_store_kernel(threads: int):
+def _rope_store_kernel(threads: int, half: int):
     @cuda_kernel
-    def _rope_store(q, k, v, k_cache, v_cache, layer, pos, head_dim, rope_dim, inv_freq, neox):
-        """Block b: token b. Thread t rotates (head, pair) indices t::threads of q's and k's
-        heads together (an angle computed once serves both), then copies token b's k (rotated:
-        a barrier first) and v rows into the caches at row pos[b]."""
+    def _rope_store(q, k, v, k_cache, v_cache, layer, pos, head_dim, inv_freq, neox):
+        """Block b: token b. Threads first compute the half = rope_dim/2 angles pos * inv_freq[i]
+        (float64) into shared cos/sin tables (barrier), then rotate (head, pair) indices
+        t::threads of q's and k's heads, then (barrier: k rotated) copy token b's k and v rows
+        into the caches at row pos[b]."""
         tok = cuda.blockIdx.x
         p = pos[tok]
-        half = rope_dim // 2
+        cs = cuda.shared.array(half, float32)
+        sn = cuda.shared.array(half, float32)
+        for i in range(cuda.threadIdx.x, half, threads):
+            theta = float64(p) * inv_freq[i]
+            cs[i] = float32(math.cos(theta))
+            sn[i] = float32(math.sin(theta))
+        cuda.syncthreads()                               # the angle tables are complete
         n_q = q.shape[1] // head_dim
         n_kv = k.shape[1] // head_dim
         for idx in range(cuda.threadIdx.x, (n_q + n_kv) * half, threads):
             h = idx // half
             i = idx - h * half
-            theta = float64(p) * inv_freq[i]
-            c = float32(math.cos(theta))
-            s = float32(math.sin(theta))
+            c = cs[i]
+            s = sn[i]
             hh = h if h < n_q else h - n_q
             if neox:
                 i0 = hh * head_dim + i
@@ -86,8 +93,9 @@ def _rope_store_kernel(threads: int):
 
 def rope_store(q, k, v, pos, k_cache, v_cache, layer: int, inv_freq, rp, stream) -> None:
     """rope on q (n, n_head*hd) and k (n, n_kv*hd) in place, then k, v into the caches at pos."""
-    _rope_store_kernel(ROPE_THREADS)[q.shape[0], ROPE_THREADS, stream](
-        q, k, v, k_cache, v_cache, layer, pos, rp.head_dim, rp.rope_dim, inv_freq, rp.neox)
+    threads = ROPE_STORE_THREADS
+    _rope_store_kernel(threads, rp.rope_dim // 2)[q.shape[0], threads, stream](
+        q, k, v, k_cache, v_cache, layer, pos, rp.head_dim, inv_freq, rp.neox)
 
 
 def rope(x, pos, n_heads: int, inv_freq, rp, stream) -> None:

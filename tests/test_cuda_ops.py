@@ -20,6 +20,7 @@ from numbaformer.synthetic import random_blocks
 from numbaformer.weights import QTensor
 
 ON_GPU = os.environ.get("NUMBAFORMER_TEST_GPU") == "1"
+SMALL = os.environ.get("NUMBAFORMER_TEST_SMALL") == "1"   # toy sizes on the GPU (compute-sanitizer)
 pytestmark = pytest.mark.cuda if ON_GPU else []
 ALL_TYPES = [GGML_TYPES[t].name for t in DECODERS]
 U = 2.0 ** -24                                   # float32 unit roundoff
@@ -70,7 +71,7 @@ def ref_matrix(raw, qtype):
 
 
 def sizes(toy, real):
-    return real if ON_GPU else toy
+    return real if ON_GPU and not SMALL else toy
 
 
 # --- dequantization: bit-exact with gguf through the CUDA path ------------------------------------
@@ -94,7 +95,7 @@ def test_matmul_every_type(cu, name, n):
     qt = TYPE_IDS[name]
     big = GGML_TYPES[qt].block_size == 256
     rows, cols = sizes((13, 512 if big else 96), (4096 + 37, 14336))
-    n = n if not ON_GPU else {1: 1, 5: 77}[n]
+    n = n if not ON_GPU or SMALL else {1: 1, 5: 77}[n]
     raw, w = rand_qtensor(cu, qt, rows, cols)
     rng = np.random.default_rng(2)
     x = rng.standard_normal((n, cols)).astype(np.float32)

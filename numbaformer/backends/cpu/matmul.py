@@ -28,13 +28,20 @@ def _matvec_kernel(qtype: int):
     @cpu_jit(parallel=True, fastmath=FAST)
     def kernel(w, x, out, h):
         # w (rows, row_bytes) u8, x (cols,) f32 -> out (rows,) f32; one weight row per iteration,
-        # each 32-value chunk decoded and dotted in registers (the weights are read once).
+        # each 32-value chunk decoded and dotted in registers (the weights are read once). The
+        # 16-value sums of x (for the min terms) are computed once, not per row.
+        xs16 = np.empty(x.shape[0] // 16, dtype=np.float32)
+        for k in range(xs16.shape[0]):
+            s = np.float32(0)
+            for i in range(16):
+                s += x[16 * k + i]
+            xs16[k] = s
         n_chunks = x.shape[0] // QK
         for r in prange(w.shape[0]):
             row = w[r]
             acc = np.float32(0)
             for c in range(n_chunks):
-                acc += dot32(row, (c // cpb) * chunk_bytes, c % cpb, x, QK * c, h)
+                acc += dot32(row, (c // cpb) * chunk_bytes, c % cpb, x, QK * c, h, xs16)
             out[r] = acc
 
     return kernel

@@ -13,9 +13,19 @@ if not hasattr(_np, "row_stack"):
 from numba.cuda.core import config as _config  # noqa: E402
 
 if not _config.ENABLE_CUDASIM:
+    from numba.cuda.extending import overload as _overload
     from numba.cuda.extending import register_jitable as _register_jitable
 
     from ...quants import JITABLES as _JITABLES
+    from ...quants import f16_to_f32 as _f16_to_f32
+    from .intrinsics import f16_bits_to_f32 as _cvt
 
-    for _fn, _fast in _JITABLES:
+    for _fn in _JITABLES:
         _register_jitable(forceinline=True)(_fn)
+
+    @_overload(_f16_to_f32, target="cuda")
+    def _ol_f16_to_f32(lo, hi):
+        """Halves on the GPU: the hardware cvt.f32.f16."""
+        return lambda lo, hi: _cvt(np_uint32(lo) | (np_uint32(hi) << 8))
+
+    from numpy import uint32 as np_uint32

@@ -90,7 +90,7 @@ def _staged_row_dot(qtype: int, seg_blocks: int):
                             row_units)
             nc = min(seg_blocks, n_blocks - b0) * cpb
             for c in range(lane, nc, WARP):
-                acc += dot32(seg, (c // cpb) * cb, c % cpb, xs, QK * (b0 * cpb + c), 16)
+                acc += dot32(seg, (c // cpb) * cb, c % cpb, xs, QK * (b0 * cpb + c), 16, xsum)
             syncwarp()                                  # segment consumed: free to refill
         return acc
 
@@ -165,13 +165,12 @@ def _gemv_kernel(qtype: int, n_mat: int, norm: bool, mode: int, warps: int, fast
         for i in range(tid, cols, threads):
             sm[i] = (x[0, i] * scale) * norm_w[i] if norm else x[0, i]
         cuda.syncthreads()                               # x' staged
-        if fast:
-            for g in range(tid, cols // 16, threads):
-                s = float32(0)
-                for i in range(16):
-                    s += sm[U(16 * g + i)]
-                xsum[g] = s
-            cuda.syncthreads()                           # 16-sums staged
+        for g in range(tid, cols // 16, threads):
+            s = float32(0)
+            for i in range(16):
+                s += sm[U(16 * g + i)]
+            xsum[g] = s
+        cuda.syncthreads()                               # 16-sums staged (the min terms)
         lane = tid % WARP
         wi = tid // WARP
         seg = segs[wi]

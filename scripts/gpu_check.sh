@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the GPU must pass, run on the lent GPU machine from the repository root:
-#   bash scripts/gpu_check.sh [--quick]
+#   bash scripts/gpu_check.sh [--quick] [--sanitize]
 # Needs: shared/ (the reference folder) inside the checkout or beside it, and for the model-level
 # checks the 8-block SmolLM2 cut at .models/smollm2-8l.gguf (shared/scripts/truncate_gguf.py).
 # Prints a short summary table last; logs go to ${OUT:-/tmp}/gpu_check.
@@ -27,6 +27,14 @@ step() {   # step NAME COMMAND...: run, log, record pass/fail and the last line
 step ops        python3 -m pytest -q -m cuda -x tests/test_cuda_ops.py tests/test_cuda_intrinsics.py tests/test_cuda_graph.py
 step models     python3 -m pytest -q -m cuda -s tests/test_cuda_model.py
 step kernels    python3 scripts/gpu_bench.py --json "$logs/kernels.json"
+if [ "${1:-}" = "--sanitize" ] || [ "${2:-}" = "--sanitize" ]; then
+  # compute-sanitizer over the kernel tests at toy sizes (real launch shapes); --error-exitcode
+  # turns any report into a failure
+  for tool in memcheck racecheck; do
+    step "$tool" env NUMBAFORMER_TEST_SMALL=1 compute-sanitizer --tool "$tool" --error-exitcode 3 \
+        python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda_ops.py
+  done
+fi
 if [ "${1:-}" != "--quick" ]; then
   python3 scripts/make_synthetic_gguf.py --preset llama3-8b --type Q4_K --output-type Q6_K \
       -o /tmp/llama3-8b-q4_k.gguf >/dev/null 2>&1

@@ -5,8 +5,9 @@ import functools
 
 from numba import cuda
 
-from ...quants import DECODERS, GGML_TYPES, QK
+from ...quants import GGML_TYPES, QK
 from ._jit import cuda_kernel
+from .decoders import DECODERS
 
 DEQUANT_THREADS = 64
 

@@ -24,8 +24,9 @@ import math
 import numpy as np
 from numba import cuda, float32, uint8, uint32
 
-from ...quants import DECODERS, GGML_TYPES, Q4_K, QK, U
+from ...quants import GGML_TYPES, Q4_K, QK, U
 from ._jit import cuda_kernel
+from .decoders import DECODERS
 from .gemv_fast import q4k_pair_dot
 from .intrinsics import load_u32x4, syncwarp
 from .reduce import WARP, block_sum, warp_sum

@@ -13,8 +13,9 @@ import functools
 import numpy as np
 from numba import cuda, float32
 
-from ...quants import DECODERS, GGML_TYPES, QK, U
+from ...quants import GGML_TYPES, QK, U
 from ._jit import cuda_kernel
+from .decoders import DECODERS
 from .gemv import _n_sms, gemv
 
 SMEM_DEFAULT = 48 << 10  # dynamic shared memory a launch may use without opting in

@@ -22,6 +22,7 @@ import numbaformer.backends.cuda  # noqa: E402,F401  (numpy shim, decoder regist
 from numba import cuda  # noqa: E402
 
 from numbaformer.backends.cuda import matmul as M  # noqa: E402
+from numbaformer.backends.cuda.backend import upload_rows  # noqa: E402
 from numbaformer.backends.cuda.graph import CudaGraph  # noqa: E402
 from numbaformer.quants import DECODERS, GGML_TYPES, TYPE_IDS  # noqa: E402
 from numbaformer.synthetic import random_blocks  # noqa: E402
@@ -72,7 +73,7 @@ def copy_bandwidth() -> float:
 def _weights(qtype: int, rows: int, cols: int, copies: int):
     t = GGML_TYPES[qtype]
     host = random_blocks(qtype, rows * cols // t.block_size, cols ** -0.5).reshape(rows, -1)
-    return [QTensor("w", qtype, rows, cols, cuda.to_device(host)) for _ in range(copies)]
+    return [QTensor("w", qtype, rows, cols, upload_rows(host)) for _ in range(copies)]
 
 
 def bench_gemv(qtype: int, rows: int, cols: int) -> dict:

@@ -16,6 +16,17 @@ WORKSPACE_BYTES = 256 << 20          # kernels, scratch and fragmentation headro
 ROW_ALIGN = 16                       # weight rows start 16-byte aligned on the device
 
 
+def upload_rows(host: np.ndarray, stream=0):
+    """Weight rows (n, row_bytes) uint8 -> device (n, pitch): the same bytes, each row padded to a
+    16-byte pitch so that every row starts 16-byte aligned for the kernels' vector loads."""
+    pitch = -(-host.shape[1] // ROW_ALIGN) * ROW_ALIGN
+    if pitch != host.shape[1]:
+        padded = np.zeros((host.shape[0], pitch), dtype=np.uint8)
+        padded[:, :host.shape[1]] = host
+        host = padded
+    return cuda.to_device(np.ascontiguousarray(host), stream=stream)
+
+
 class CUDABackend(Backend):
     """Weights uploaded once in their GGUF form; activations and the f16 KV cache from the pool."""
 
@@ -77,15 +88,8 @@ class CUDABackend(Backend):
             output_norm=vec(weights.output_norm), rope_freqs=weights.rope_freqs, layers=layers)
 
     def _upload_bytes(self, host: np.ndarray):
-        """Rows (n, row_bytes) -> device (n, pitch): the same bytes, each row padded to a 16-byte
-        pitch so that every row starts 16-byte aligned for vector loads."""
-        pitch = -(-host.shape[1] // ROW_ALIGN) * ROW_ALIGN
-        if pitch != host.shape[1]:
-            padded = np.zeros((host.shape[0], pitch), dtype=np.uint8)
-            padded[:, :host.shape[1]] = host
-            host = padded
-        arr = cuda.to_device(np.ascontiguousarray(host), stream=self.stream)
-        self.weight_bytes += host.nbytes
+        arr = upload_rows(host, self.stream)
+        self.weight_bytes += arr.nbytes
         return arr
 
     def check_memory(self, mf, n_ctx: int, n_batch: int) -> None:

@@ -36,7 +36,7 @@ def run_bench(engine, n_prompt: int = 512, n_gen: int = 128, reps: int = 3,
     for test, n, fn in (("pp", n_prompt, _time_pp), ("tg", n_gen, _time_tg)):
         if n <= 0:
             continue
-        fn(model, min(n, 16), rng)                       # warm-up
+        fn(model, n, rng)            # warm-up at full size: compiles every kernel the test uses
         tps = [n / fn(model, n, rng) for _ in range(reps)]
         rows.append({
             "model": engine.config.name, "size_bytes": int(sum(

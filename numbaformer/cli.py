@@ -19,10 +19,11 @@ class UserError(Exception):
     """A one-line message for the user."""
 
 
-def _engine(model, device="auto", gpu=0, threads=None, ctx=None, quiet=False, batch=512):
+def _engine(model, device="auto", gpu=0, threads=None, ctx=None, quiet=False, batch=512,
+            kv_type=None):
     from .engine import load_engine
     return load_engine(model, device=device, gpu=gpu, threads=threads, n_ctx=ctx, quiet=quiet,
-                       n_batch=batch)
+                       n_batch=batch, kv_type=kv_type)
 
 
 def _read_text(text: str | None, file: str | None, what: str = "prompt") -> str:
@@ -44,6 +45,8 @@ device_opt = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"])
 gpu_opt = click.option("--gpu", type=click.IntRange(min=0), default=0, help="CUDA device index.")
 threads_opt = click.option("-t", "--threads", type=click.IntRange(min=1), default=None,
                            help="CPU threads (default: all cores).")
+kv_opt = click.option("--kv-type", type=click.Choice(["f16", "f32"]), default=None,
+                       help="KV cache precision (default: f16 on CUDA, f32 on the CPU).")
 model_opt = click.option("-m", "--model", "model", type=str, default=None,
                          help="GGUF file (default: SmolLM2-135M-Instruct Q4_1, fetched once).")
 
@@ -134,20 +137,21 @@ def sampling_options(f):
 @device_opt
 @gpu_opt
 @threads_opt
+@kv_opt
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object at the end.")
 @click.option("--logprobs", type=click.IntRange(min=0, max=100), default=0,
               help="With --json: the top K log-probs of each generated token.")
 @click.option("-v", "--verbose", is_flag=True, help="Print backend statistics.")
 def generate(model, prompt, file, n_predict, ctx, temp, top_k, top_p, min_p, repeat_penalty,
              repeat_last_n, presence_penalty, frequency_penalty, seed, stop, ignore_eos, chat,
-             system, device, gpu, threads, as_json, logprobs, verbose):
+             system, device, gpu, threads, kv_type, as_json, logprobs, verbose):
     """Generate text from a prompt, streaming it to stdout (stats on stderr)."""
     from .generate import stream_generate
     from .sampling import make_sampler
     params = _sampling(temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n,
                        presence_penalty, frequency_penalty, seed)
     text = _read_text(prompt, file)
-    eng = _engine(model, device, gpu, threads, ctx, quiet=as_json)
+    eng = _engine(model, device, gpu, threads, ctx, quiet=as_json, kv_type=kv_type)
     tok = eng.tokenizer
     if chat:
         from .chat_template import render_model_chat
@@ -186,13 +190,14 @@ def generate(model, prompt, file, n_predict, ctx, temp, top_k, top_p, min_p, rep
 @device_opt
 @gpu_opt
 @threads_opt
+@kv_opt
 def chat(model, system, n_predict, ctx, temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n,
-         presence_penalty, frequency_penalty, seed, device, gpu, threads):
+         presence_penalty, frequency_penalty, seed, device, gpu, threads, kv_type):
     """Interactive chat: history kept, Ctrl-C stops a reply, Ctrl-D quits."""
     from .chat import run_chat
     params = _sampling(temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n,
                        presence_penalty, frequency_penalty, seed)
-    run_chat(_engine(model, device, gpu, threads, ctx), params, system=system,
+    run_chat(_engine(model, device, gpu, threads, ctx, kv_type=kv_type), params, system=system,
              max_tokens=n_predict)
 
 
@@ -251,12 +256,13 @@ def perplexity(model, file, ctx, device, gpu, threads):
 @device_opt
 @gpu_opt
 @threads_opt
+@kv_opt
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
-def bench(model, n_prompt, n_gen, reps, device, gpu, threads, as_json):
+def bench(model, n_prompt, n_gen, reps, device, gpu, threads, kv_type, as_json):
     """Prompt-processing and generation throughput (llama-bench style)."""
     from .bench import format_table, run_bench
     eng = _engine(model, device, gpu, threads, ctx=max(n_prompt, n_gen, 16), quiet=as_json,
-                  batch=max(n_prompt, 1))
+                  batch=max(n_prompt, 1), kv_type=kv_type)
     rows = run_bench(eng, n_prompt, n_gen, reps)
     if as_json:
         click.echo(json.dumps(rows, indent=2))

@@ -46,9 +46,10 @@ def resolve_model_path(path: str | None, quiet: bool = False) -> str:
 
 def load_engine(path: str | None = None, *, device: str = "auto", gpu: int = 0,
                 threads: int | None = None, n_ctx: int | None = None, n_batch: int = 512,
-                quiet: bool = False) -> Engine:
+                kv_type: str | None = None, quiet: bool = False) -> Engine:
     """Validate the file, pick the backend, upload, allocate, and warm up (compiling kernels once;
-    cached afterwards). Raises GGUFError / BackendError / ValueError with one-line messages."""
+    cached afterwards). kv_type: "f16" | "f32" (default: the backend's, f16 on CUDA, f32 on the
+    CPU). Raises GGUFError / BackendError / ValueError with one-line messages."""
     from .backends import kernel_cache
 
     path = resolve_model_path(path, quiet)
@@ -66,7 +67,7 @@ def load_engine(path: str | None = None, *, device: str = "auto", gpu: int = 0,
         if cold and not quiet:
             print(f"compiling {ops.name} kernels (first run; cached for the next ones)...",
                   file=sys.stderr)
-        model = Model(mf, ops, n_ctx, n_batch)
+        model = Model(mf, ops, n_ctx, n_batch, kv_type=kv_type)
         model.warmup()
         return Engine(mf, model, time.perf_counter() - t0)
     except BaseException:

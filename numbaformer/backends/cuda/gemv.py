@@ -189,39 +189,23 @@ def _gemv_kernel(qtype: int, n_mat: int, norm: bool, mode: int, warps: int, fast
                 b = warp_sum(b)
                 if lane == 0:
                     o0[0, p] = a / (float32(1) + math.exp(-a)) * b
-            elif p < p0:
-                r = 2 * p
-                last = r + 1 >= w0.shape[0]
-                a, b = pair_dot(w0[r], w0[r if last else r + 1], last, cols, sm, xsum, seg, regs,
-                                lane)
-                a = warp_sum(a)
-                b = warp_sum(b)
-                if lane == 0:
-                    _store(o0, e0, r, a, mode)
-                    if not last:
-                        _store(o0, e0, r + 1, b, mode)
-            elif p < p1:
-                r = 2 * (p - p0)
-                last = r + 1 >= w1.shape[0]
-                a, b = pair_dot(w1[r], w1[r if last else r + 1], last, cols, sm, xsum, seg, regs,
-                                lane)
-                a = warp_sum(a)
-                b = warp_sum(b)
-                if lane == 0:
-                    _store(o1, e1, r, a, mode)
-                    if not last:
-                        _store(o1, e1, r + 1, b, mode)
             else:
-                r = 2 * (p - p1)
-                last = r + 1 >= w2.shape[0]
-                a, b = pair_dot(w2[r], w2[r if last else r + 1], last, cols, sm, xsum, seg, regs,
+                # which matrix the pair belongs to, and its first row there
+                if p < p0:
+                    w, o, e, r = w0, o0, e0, 2 * p
+                elif p < p1:
+                    w, o, e, r = w1, o1, e1, 2 * (p - p0)
+                else:
+                    w, o, e, r = w2, o2, e2, 2 * (p - p1)
+                last = r + 1 >= w.shape[0]                  # an odd row count's last row
+                a, b = pair_dot(w[r], w[r if last else r + 1], last, cols, sm, xsum, seg, regs,
                                 lane)
                 a = warp_sum(a)
                 b = warp_sum(b)
                 if lane == 0:
-                    _store(o2, e2, r, a, mode)
+                    _store(o, e, r, a, mode)
                     if not last:
-                        _store(o2, e2, r + 1, b, mode)
+                        _store(o, e, r + 1, b, mode)
 
     return _gemv
 

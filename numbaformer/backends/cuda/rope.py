@@ -11,31 +11,45 @@ ROPE_THREADS = 128
 ROPE_STORE_THREADS = 512
 
 
+@cuda.jit(device=True, inline=True)
+def _angle_tables(cs, sn, p, inv_freq, half, threads):
+    """cs[i], sn[i] = cos, sin of p * inv_freq[i] (float64 angles) for i < half; then a barrier."""
+    for i in range(cuda.threadIdx.x, half, threads):
+        theta = float64(p) * inv_freq[i]
+        cs[i] = float32(math.cos(theta))
+        sn[i] = float32(math.sin(theta))
+    cuda.syncthreads()                                   # the tables are complete
+
+
+@cuda.jit(device=True, inline=True)
+def _rotate(x, tok, h, i, c, s, head_dim, half, neox):
+    """Rotate pair i of head h of token tok: (2i, 2i+1) (llama) or (i, i + half) (NeoX)."""
+    if neox:
+        i0 = h * head_dim + i
+        i1 = i0 + half
+    else:
+        i0 = h * head_dim + 2 * i
+        i1 = i0 + 1
+    x0 = x[tok, i0]
+    x1 = x[tok, i1]
+    x[tok, i0] = x0 * c - x1 * s
+    x[tok, i1] = x0 * s + x1 * c
+
+
 @functools.lru_cache(maxsize=None)
-def _rope_kernel(threads: int):
+def _rope_kernel(threads: int, half: int):
     @cuda_kernel
-    def _rope(x, pos, n_heads, head_dim, rope_dim, inv_freq, neox):
-        """Block b rotates token b; thread t handles (head, pair) indices t::threads. Pair i of a
-        head is (2i, 2i+1) (llama) or (i, i + rope_dim/2) (NeoX), angle pos * inv_freq[i]."""
+    def _rope(x, pos, head_dim, inv_freq, neox):
+        """Block b: token b. The angle tables first, then thread t rotates (head, pair) indices
+        t::threads of x's heads."""
         tok = cuda.blockIdx.x
-        p = float64(pos[tok])
-        half = rope_dim // 2
-        for idx in range(cuda.threadIdx.x, n_heads * half, threads):
+        cs = cuda.shared.array(half, float32)
+        sn = cuda.shared.array(half, float32)
+        _angle_tables(cs, sn, pos[tok], inv_freq, half, threads)
+        for idx in range(cuda.threadIdx.x, (x.shape[1] // head_dim) * half, threads):
             h = idx // half
             i = idx - h * half
-            theta = p * inv_freq[i]
-            c = float32(math.cos(theta))
-            s = float32(math.sin(theta))
-            if neox:
-                i0 = h * head_dim + i
-                i1 = i0 + half
-            else:
-                i0 = h * head_dim + 2 * i
-                i1 = i0 + 1
-            x0 = x[tok, i0]
-            x1 = x[tok, i1]
-            x[tok, i0] = x0 * c - x1 * s
-            x[tok, i1] = x0 * s + x1 * c
+            _rotate(x, tok, h, i, cs[i], sn[i], head_dim, half, neox)
 
     return _rope
 
@@ -44,43 +58,22 @@ def _rope_kernel(threads: int):
 def _rope_store_kernel(threads: int, half: int):
     @cuda_kernel
     def _rope_store(q, k, v, k_cache, v_cache, layer, pos, head_dim, inv_freq, neox):
-        """Block b: token b. Threads first compute the half = rope_dim/2 angles pos * inv_freq[i]
-        (float64) into shared cos/sin tables (barrier), then rotate (head, pair) indices
-        t::threads of q's and k's heads, then (barrier: k rotated) copy token b's k and v rows
-        into the caches at row pos[b]."""
+        """Block b: token b. The angle tables first (one angle serves every head), then thread t
+        rotates (head, pair) indices t::threads over q's heads and k's, then (barrier: k rotated)
+        copies token b's k and v rows into the caches at row pos[b]."""
         tok = cuda.blockIdx.x
         p = pos[tok]
         cs = cuda.shared.array(half, float32)
         sn = cuda.shared.array(half, float32)
-        for i in range(cuda.threadIdx.x, half, threads):
-            theta = float64(p) * inv_freq[i]
-            cs[i] = float32(math.cos(theta))
-            sn[i] = float32(math.sin(theta))
-        cuda.syncthreads()                               # the angle tables are complete
+        _angle_tables(cs, sn, p, inv_freq, half, threads)
         n_q = q.shape[1] // head_dim
-        n_kv = k.shape[1] // head_dim
-        for idx in range(cuda.threadIdx.x, (n_q + n_kv) * half, threads):
+        for idx in range(cuda.threadIdx.x, (n_q + k.shape[1] // head_dim) * half, threads):
             h = idx // half
             i = idx - h * half
-            c = cs[i]
-            s = sn[i]
-            hh = h if h < n_q else h - n_q
-            if neox:
-                i0 = hh * head_dim + i
-                i1 = i0 + half
-            else:
-                i0 = hh * head_dim + 2 * i
-                i1 = i0 + 1
             if h < n_q:
-                x0 = q[tok, i0]
-                x1 = q[tok, i1]
-                q[tok, i0] = x0 * c - x1 * s
-                q[tok, i1] = x0 * s + x1 * c
+                _rotate(q, tok, h, i, cs[i], sn[i], head_dim, half, neox)
             else:
-                x0 = k[tok, i0]
-                x1 = k[tok, i1]
-                k[tok, i0] = x0 * c - x1 * s
-                k[tok, i1] = x0 * s + x1 * c
+                _rotate(k, tok, h - n_q, i, cs[i], sn[i], head_dim, half, neox)
         cuda.syncthreads()                               # k rotated before it is stored
         for i in range(cuda.threadIdx.x, k.shape[1], threads):
             g = i // head_dim
@@ -100,5 +93,5 @@ def rope_store(q, k, v, pos, k_cache, v_cache, layer: int, inv_freq, rp, stream)
 
 def rope(x, pos, n_heads: int, inv_freq, rp, stream) -> None:
     """Rotate x (n, n_heads * head_dim) f32 in place by pos (n,) int32; inv_freq (rope_dim/2,) f64."""
-    _rope_kernel(ROPE_THREADS)[x.shape[0], ROPE_THREADS, stream](
-        x, pos, n_heads, rp.head_dim, rp.rope_dim, inv_freq, rp.neox)
+    _rope_kernel(ROPE_THREADS, rp.rope_dim // 2)[x.shape[0], ROPE_THREADS, stream](
+        x, pos, rp.head_dim, inv_freq, rp.neox)

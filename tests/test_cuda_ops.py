@@ -254,3 +254,17 @@ def test_pool_reuses_buckets(cu):
     assert np.all(host(cu, b) == 0)     # zero-filled again
     p.release(b)
     assert p.stats()["bytes_in_use"] == before["bytes_in_use"] - 4096
+
+
+# --- the memory check before upload -----------------------------------------------------------------
+
+def test_memory_estimate_and_refusal(smollm2):
+    from numbaformer.backends.cuda.backend import WORKSPACE_BYTES, check_fits, memory_needed
+    need = memory_needed(smollm2, 8192, 512)
+    weights = sum(t.nbytes for t in smollm2.weights.matrices())
+    assert need >= weights + smollm2.config.kv_cache_bytes(8192, 2) + WORKSPACE_BYTES
+    check_fits(need, need, 2 * need, 8192)                      # exactly enough: fine
+    with pytest.raises(MemoryError) as e:
+        check_fits(need, need - 1, 2 * need, 8192)
+    msg = str(e.value)
+    assert "\n" not in msg and f"{need / 2**30:.2f} GiB" in msg and "context 8192" in msg

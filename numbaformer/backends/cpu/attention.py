@@ -71,7 +71,7 @@ def _attend(o, q, kc, vc, n_keys, scale, scores):
 
 @cpu_jit(parallel=True)
 def _attention(out, q, k_cache, v_cache, layer, pos, scale):
-    n_kv, n_ctx, head_dim = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+    n_kv, head_dim = k_cache.shape[1], k_cache.shape[3]
     n_head = q.shape[1] // head_dim
     group = n_head // n_kv
     for task in prange(q.shape[0] * n_head):

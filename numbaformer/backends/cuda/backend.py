@@ -27,6 +27,23 @@ def upload_rows(host: np.ndarray, stream=0):
     return cuda.to_device(np.ascontiguousarray(host), stream=stream)
 
 
+def memory_needed(mf, n_ctx: int, n_batch: int) -> int:
+    """Bytes the model needs on the GPU: weights, an f16 KV cache for n_ctx, activations for n_batch
+    tokens, logits, and WORKSPACE_BYTES for kernels, scratch and fragmentation."""
+    cfg = mf.config
+    return (sum(t.nbytes for t in mf.weights.matrices()) + cfg.kv_cache_bytes(n_ctx, 2)
+            + 4 * n_batch * (4 * cfg.n_embd + 2 * cfg.q_dim + 2 * cfg.kv_dim + 2 * cfg.n_ff)
+            + 4 * (n_batch + 1) * cfg.n_vocab + WORKSPACE_BYTES)
+
+
+def check_fits(need: int, free: int, total: int, n_ctx: int) -> None:
+    """MemoryError with both numbers (one line) when need exceeds the free device memory."""
+    if need > free:
+        raise MemoryError(f"the model needs about {need / 2**30:.2f} GiB on the GPU (weights, KV "
+                          f"cache at context {n_ctx}, workspace) but only {free / 2**30:.2f} GiB "
+                          f"of {total / 2**30:.2f} GiB is free")
+
+
 class CUDABackend(Backend):
     """Weights uploaded once in their GGUF form; activations and the f16 KV cache from the pool."""
 
@@ -95,15 +112,8 @@ class CUDABackend(Backend):
     def check_memory(self, mf, n_ctx: int, n_batch: int) -> None:
         if config.ENABLE_CUDASIM:
             return
-        cfg = mf.config
-        need = (sum(t.nbytes for t in mf.weights.matrices()) + cfg.kv_cache_bytes(n_ctx, 2)
-                + 4 * n_batch * (4 * cfg.n_embd + 2 * cfg.q_dim + 2 * cfg.kv_dim + 2 * cfg.n_ff)
-                + 4 * (n_batch + 1) * cfg.n_vocab + WORKSPACE_BYTES)
         free, total = cuda.current_context().get_memory_info()
-        if need > free:
-            raise MemoryError(f"the model needs about {need / 2**30:.2f} GiB on the GPU "
-                              f"(weights, KV cache at context {n_ctx}, workspace) but only "
-                              f"{free / 2**30:.2f} GiB of {total / 2**30:.2f} GiB is free")
+        check_fits(memory_needed(mf, n_ctx, n_batch), free, total, n_ctx)
 
     # --- ops --------------------------------------------------------------------------------
     def embed(self, out, table, ids):

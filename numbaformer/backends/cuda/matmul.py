@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 
-import numpy as np
 from numba import cuda, float32
 
 from ...quants import GGML_TYPES, QK, U
@@ -129,5 +128,3 @@ def _opt_in(kernel, nbytes: int, *args) -> None:
         set_max_dynamic_shared_memory(kernel, nbytes, *args)
         _opted_in[key] = nbytes
 
-
-_ = np

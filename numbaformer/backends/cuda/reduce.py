@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-from numba import cuda, float32, int32
+from numba import cuda, float32
 
 from .intrinsics import shfl_xor_sync
 
@@ -58,5 +57,3 @@ def block_max(v, sh):
     cuda.syncthreads()
     return v
 
-
-_ = (np, int32)

@@ -18,6 +18,18 @@ def _better(v, i, ov, oi):
     return ov > v or (ov == v and oi < i)
 
 
+@cuda.jit(device=True, inline=True)
+def _warp_best(bv, bi):
+    """The best (value, index) pair of the warp, in every lane (butterfly shuffles)."""
+    for off in (16, 8, 4, 2, 1):
+        ov = shfl_xor_sync(FULL_MASK, bv, off)
+        oi = shfl_xor_sync(FULL_MASK, bi, off)
+        if _better(bv, bi, ov, oi):
+            bv = ov
+            bi = oi
+    return bv, bi
+
+
 @cuda_kernel
 def _argmax_kernel(out, logits):
     """One block: thread t scans logits[t::blockDim]; warps reduce (value, index) pairs by
@@ -32,12 +44,7 @@ def _argmax_kernel(out, logits):
             bi = i
     sv = cuda.shared.array(32, float32)
     si = cuda.shared.array(32, int32)
-    for off in (16, 8, 4, 2, 1):
-        ov = shfl_xor_sync(FULL_MASK, bv, off)
-        oi = shfl_xor_sync(FULL_MASK, bi, off)
-        if _better(bv, bi, ov, oi):
-            bv = ov
-            bi = oi
+    bv, bi = _warp_best(bv, bi)
     if t % WARP == 0:
         sv[t // WARP] = bv
         si[t // WARP] = bi
@@ -46,12 +53,7 @@ def _argmax_kernel(out, logits):
         n_warps = (cuda.blockDim.x + WARP - 1) // WARP
         bv = sv[t] if t < n_warps else float32(-math.inf)
         bi = si[t] if t < n_warps else int32(logits.shape[0])
-        for off in (16, 8, 4, 2, 1):
-            ov = shfl_xor_sync(FULL_MASK, bv, off)
-            oi = shfl_xor_sync(FULL_MASK, bi, off)
-            if _better(bv, bi, ov, oi):
-                bv = ov
-                bi = oi
+        bv, bi = _warp_best(bv, bi)
         if t == 0:
             out[0] = bi
 

@@ -3,7 +3,7 @@ architectures we have no file for. Never for judging output quality.
 
 A preset gives a model's shapes as its real GGUF has them; the tokenizer metadata (every
 `tokenizer.*` key) is copied byte for byte from one of llama.cpp's vocab-only files in
-shared/tokenizer-vectors/, and the model's vocab size is that file's token count (so a preset's
+tests/data/tokenizer-vectors/, and the model's vocab size is that file's token count (so a preset's
 vocab follows its vocab file: smollm2-135m gets llama-bpe's 128256 tokens, not SmolLM2's 49152).
 
 Weights: quantized blocks are random bytes with their fp16 scales (and K-quant sub-block scales)
@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as QT, LlamaFileType
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from .refdata import find_data
+
 ALIGNMENT = 32                    # GGUF default; general.alignment is not written
 CHUNK_BYTES = 32 << 20            # tensor data generated and written this much at a time
 NORM_SPREAD = 0.1                 # norm weights uniform in [1 - spread, 1 + spread]
@@ -59,7 +60,7 @@ class Preset:
     """A model's shapes, as its real GGUF has them. The vocab size comes from the vocab file."""
 
     arch: str                     # general.architecture: "llama" or "qwen2" (QKV biases)
-    vocab: str                    # shared/tokenizer-vectors/ggml-vocab-{vocab}.gguf.gz
+    vocab: str                    # tokenizer-vectors/ggml-vocab-{vocab}.gguf.gz
     n_layer: int
     n_embd: int
     n_head: int
@@ -106,16 +107,11 @@ class TensorSpec:
 
 # --- where the vocab files are, and their tokenizer metadata --------------------------------------
 
-def shared_dir() -> Path:
-    """$NUMBAFORMER_SHARED, else `shared` beside the repo root, else `shared` inside it (the copy
-    that travels to a device machine); a clear error when none holds tokenizer-vectors/."""
-    env = os.environ.get("NUMBAFORMER_SHARED")
-    tried = [Path(env)] if env else [REPO_ROOT.parent / "shared", REPO_ROOT / "shared"]
-    for d in tried:
-        if (d / "tokenizer-vectors").is_dir():
-            return d
-    raise FileNotFoundError("no shared folder with tokenizer-vectors/ found (tried "
-                            + ", ".join(map(str, tried)) + "); set NUMBAFORMER_SHARED")
+def default_vocab_dir() -> Path:
+    """The folder of llama.cpp's ggml-vocab-*.gguf.gz files: tests/data/tokenizer-vectors of the
+    checkout, else $NUMBAFORMER_SHARED (or ../shared)/tokenizer-vectors (numbaformer.refdata);
+    FileNotFoundError naming the places tried."""
+    return find_data("tokenizer-vectors")
 
 
 _SCALAR_SIZE = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
@@ -139,11 +135,11 @@ def _skip_value(buf: bytes, pos: int, vtype: int) -> int:
     return pos
 
 
-def tokenizer_kvs(vocab: str, folder: str | None = None) -> tuple[tuple[bytes, ...], int]:
+def tokenizer_kvs(vocab: str, folder: str | os.PathLike | None = None
+                  ) -> tuple[tuple[bytes, ...], int]:
     """The raw key/value records of every `tokenizer.*` key of ggml-vocab-{vocab}.gguf.gz, and its
     token count. The records are copied verbatim into the model file."""
-    return tokenizer_kvs_from(Path(folder or shared_dir() / "tokenizer-vectors")
-                              / f"ggml-vocab-{vocab}.gguf.gz")
+    return tokenizer_kvs_from(Path(folder or default_vocab_dir()) / f"ggml-vocab-{vocab}.gguf.gz")
 
 
 @lru_cache(maxsize=4)
@@ -402,7 +398,8 @@ def _pad(n: int) -> int:
 
 def write_synthetic(path: str | os.PathLike, preset: str | Preset, qtype: str = "Q4_K",
                     output_type: str = "Q6_K", *, n_layer: int | None = None, seed: int = 0,
-                    vocab_dir: str | None = None, vocab_file: str | None = None) -> int:
+                    vocab_dir: str | os.PathLike | None = None,
+                    vocab_file: str | None = None) -> int:
     """Write a random-weight model to `path` (through `path`.part, renamed when complete); returns
     its size in bytes. `preset` is a PRESETS name or a Preset; `qtype` is the type of every matrix,
     `output_type` that of output.weight (token_embd when tied); norms and biases are F32.

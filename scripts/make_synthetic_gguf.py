@@ -6,7 +6,7 @@
 
 For speed work and for tests of architectures without a real file; never for judging quality.
 Needs only numpy and gguf, and runs from a clone without the package installed. The vocab files
-are read from $NUMBAFORMER_SHARED/tokenizer-vectors (default: ../shared beside the repo).
+are read from tests/data/tokenizer-vectors of the checkout (numbaformer.refdata).
 """
 from __future__ import annotations
 

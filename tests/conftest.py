@@ -19,7 +19,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-from vocab_files import locate_test_model, shared_dir  # noqa: E402
+from vocab_files import data_path, locate_test_model, vectors_dir  # noqa: E402
 
 
 def _patch_simulator_polling() -> None:
@@ -90,31 +90,24 @@ def engine(smollm2_path):
 
 @pytest.fixture(scope="session")
 def llamacpp():
-    """llama.cpp's outputs for shared/reference/prompts.json: a list of per-prompt dicts."""
-    path = shared_dir() / "reference" / LLAMACPP_JSON
-    if not path.is_file():
-        pytest.skip(f"llama.cpp reference outputs not found at {path}")
-    return json.loads(path.read_text())["results"]
+    """llama.cpp's outputs for tests/data/reference/prompts.json: a list of per-prompt dicts."""
+    return json.loads(data_path(f"reference/{LLAMACPP_JSON}").read_text())["results"]
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """tiny_model(arch="llama"|"qwen2", qtype="Q8_0", seed=0) -> path of a 2-layer random-weight
-    GGUF, written once per session. From numbaformer.synthetic (real vocab) when it and the vocab
-    files are there, else from tests/gguf_builder.py's tiny_llama (300-token vocab)."""
+    GGUF with a real vocabulary (numbaformer.synthetic, tests/data/tokenizer-vectors), written once
+    per session."""
     folder, cache = tmp_path_factory.mktemp("tiny_models"), {}
 
     def make(arch: str = "llama", qtype: str = "Q8_0", seed: int = 0) -> Path:
         key = (arch, qtype, seed)
         if key not in cache:
             path = folder / f"tiny-{arch}-{qtype}-{seed}.gguf"
-            try:
-                from numbaformer import synthetic
-                synthetic.shared_dir()
-                synthetic.write_synthetic(path, f"tiny-{arch}", qtype, qtype, seed=seed)
-            except (ImportError, FileNotFoundError):
-                from gguf_builder import tiny_llama
-                tiny_llama(arch, qkv_bias=arch == "qwen2", seed=seed).write(path)
+            from numbaformer import synthetic
+            synthetic.write_synthetic(path, f"tiny-{arch}", qtype, qtype, seed=seed,
+                                      vocab_dir=vectors_dir())
             cache[key] = path
         return cache[key]
 

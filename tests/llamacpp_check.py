@@ -1,4 +1,4 @@
-"""Holding a model against llama.cpp's outputs (shared/reference/*.llamacpp.json), teacher-forced.
+"""Holding a model against llama.cpp's outputs (tests/data/reference/*.llamacpp.json), teacher-forced.
 
 The bounds are the issue's, calibrated on a float64 forward of the same files: llama.cpp rounds
 activations to 8 bits inside its quantized dot products, so it differs from exact arithmetic at

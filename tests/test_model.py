@@ -1,6 +1,6 @@
 """The whole forward (model.py over the CPU backend) on the real SmolLM2-135M Q4_1 file, held
 against the float64 reference (tests/reference.py) and against llama.cpp's outputs, teacher-forced
-on prompt_ids + greedy_ids of shared/reference/prompts.json; and the invariants of the graph:
+on prompt_ids + greedy_ids of tests/data/reference/prompts.json; and the invariants of the graph:
 prefill equals decode, chunking and the thread count change nothing beyond rounding.
 """
 from __future__ import annotations

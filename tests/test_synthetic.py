@@ -1,6 +1,7 @@
 """numbaformer.synthetic: random-weight models with real shapes load, carry the preset's config
 and the vocab file's tokenizer, are deterministic, have weights of the intended scale (checked with
 gguf's own dequantizer), and run through the engine as the float64 reference does."""
+import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -11,25 +12,15 @@ from gguf import GGUFReader
 from gguf.constants import GGMLQuantizationType as QT
 from gguf.quants import dequantize
 from reference import ReferenceModel, log_softmax
-from vocab_files import REPO_ROOT, read_metadata, unpack_vocab
+from vocab_files import REPO_ROOT, read_metadata, unpack_vocab, vectors_dir
 
-from numbaformer import quants, synthetic
+from numbaformer import quants, refdata, synthetic
 from numbaformer.loader import load_model_file
 from numbaformer.synthetic import PRESETS, random_blocks, write_synthetic
 from numbaformer.weights import expected_shapes
 
 
-def _have_vocab_files() -> bool:
-    try:
-        synthetic.shared_dir()
-    except FileNotFoundError:
-        return False
-    return True
-
-
-pytestmark = pytest.mark.skipif(
-    not _have_vocab_files(), reason="shared/tokenizer-vectors not found (set NUMBAFORMER_SHARED)")
-
+VOCAB_DIR = vectors_dir()            # tests/data/tokenizer-vectors, whether or not installed editable
 IDS = [1, 50, 300, 7, 1000, 42, 9, 12345, 3]
 # tiny presets are 64 wide, so K-quants fall back there; these shapes take them for real
 WIDE_LLAMA = replace(PRESETS["tiny-llama"], n_embd=256, n_ff=512)
@@ -45,7 +36,7 @@ def model_path(tmp_path_factory):
         key = (preset, qtype, out_type, tuple(sorted(kw.items())))
         if key not in cache:
             cache[key] = folder / f"m{len(cache)}.gguf"
-            write_synthetic(cache[key], preset, qtype, out_type, **kw)
+            write_synthetic(cache[key], preset, qtype, out_type, vocab_dir=VOCAB_DIR, **kw)
         return cache[key]
 
     return make
@@ -115,7 +106,7 @@ def test_real_presets_have_the_shapes_the_engine_expects(model_path, name):
     """Each tensor table (not written: too big for a unit test) is what weights.expected_shapes
     asks of the config the file would carry; the 8B at Q4_K/Q6_K is about 4.3 GiB."""
     p = PRESETS[name]
-    n_vocab = synthetic.tokenizer_kvs(p.vocab)[1]
+    n_vocab = synthetic.tokenizer_kvs(p.vocab, VOCAB_DIR)[1]
     specs = synthetic.tensor_specs(p, n_vocab, "Q4_K", "Q6_K")
     mf = load_model_file(model_path("tiny-llama", "Q8_0", "Q8_0"), tokenizer=False)
     cfg = replace(mf.config, n_layer=p.n_layer, n_embd=p.n_embd, n_head=p.n_head,
@@ -168,9 +159,9 @@ def test_tokenizer_metadata_is_the_vocab_files(model_path, tmp_path, preset):
 
 def test_same_seed_same_bytes(tmp_path):
     a, b, c = tmp_path / "a.gguf", tmp_path / "b.gguf", tmp_path / "c.gguf"
-    write_synthetic(a, "tiny-qwen2", "Q3_K", "Q6_K", seed=7)
-    write_synthetic(b, "tiny-qwen2", "Q3_K", "Q6_K", seed=7)
-    write_synthetic(c, "tiny-qwen2", "Q3_K", "Q6_K", seed=8)
+    write_synthetic(a, "tiny-qwen2", "Q3_K", "Q6_K", seed=7, vocab_dir=VOCAB_DIR)
+    write_synthetic(b, "tiny-qwen2", "Q3_K", "Q6_K", seed=7, vocab_dir=VOCAB_DIR)
+    write_synthetic(c, "tiny-qwen2", "Q3_K", "Q6_K", seed=8, vocab_dir=VOCAB_DIR)
     assert a.read_bytes() == b.read_bytes()
     assert a.read_bytes() != c.read_bytes() and a.stat().st_size == c.stat().st_size
     assert not list(tmp_path.glob("*.part"))
@@ -179,8 +170,8 @@ def test_same_seed_same_bytes(tmp_path):
 def test_layers_override_keeps_each_tensor(tmp_path):
     """A tensor's bytes depend only on (seed, its name): blk.0 is the same at 1 and 3 layers."""
     one, three = tmp_path / "1.gguf", tmp_path / "3.gguf"
-    write_synthetic(one, "tiny-llama", "Q4_0", "Q8_0", n_layer=1)
-    write_synthetic(three, "tiny-llama", "Q4_0", "Q8_0", n_layer=3)
+    write_synthetic(one, "tiny-llama", "Q4_0", "Q8_0", n_layer=1, vocab_dir=VOCAB_DIR)
+    write_synthetic(three, "tiny-llama", "Q4_0", "Q8_0", n_layer=3, vocab_dir=VOCAB_DIR)
     m1 = load_model_file(one, tokenizer=False)
     m3 = load_model_file(three, tokenizer=False)
     assert (m1.config.n_layer, m3.config.n_layer) == (1, 3)
@@ -207,19 +198,39 @@ def test_forward_matches_reference(model_path, preset, qtype, out_type):
     mf.close()
 
 
-def test_shared_dir_error_names_the_variable(tmp_path, monkeypatch):
+def test_vocab_files_come_from_tests_data_first(tmp_path, monkeypatch):
+    """refdata.find_data: the checkout's tests/data, else $NUMBAFORMER_SHARED, else ../shared."""
+    checkout = tmp_path / "repo"
+    env_dir, beside = tmp_path / "env", tmp_path / "shared"
+    for folder in (checkout / "tests" / "data", env_dir, beside):
+        (folder / "tokenizer-vectors").mkdir(parents=True)
+    monkeypatch.setenv("NUMBAFORMER_SHARED", str(env_dir))
+    assert refdata.find_data("tokenizer-vectors", checkout) == \
+        checkout / "tests" / "data" / "tokenizer-vectors"
+    (checkout / "tests" / "data" / "tokenizer-vectors").rmdir()
+    assert refdata.find_data("tokenizer-vectors", checkout) == env_dir / "tokenizer-vectors"
+    with pytest.raises(FileNotFoundError, match="tests/data/tokenizer-vectors"):
+        refdata.find_data("tokenizer-vectors", checkout, shared=False)
+    monkeypatch.delenv("NUMBAFORMER_SHARED")
+    assert refdata.find_data("tokenizer-vectors", checkout) == beside / "tokenizer-vectors"
+
+
+def test_missing_vocab_files_error_names_the_variable(tmp_path, monkeypatch):
     monkeypatch.setenv("NUMBAFORMER_SHARED", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="NUMBAFORMER_SHARED"):
-        synthetic.shared_dir()
+    with pytest.raises(FileNotFoundError, match="NUMBAFORMER_SHARED") as e:
+        refdata.find_data("tokenizer-vectors", tmp_path / "repo")
+    assert str(tmp_path / "repo" / "tests" / "data" / "tokenizer-vectors") in str(e.value)
 
 
 def test_script_runs_without_numba(tmp_path):
-    """The CLI writes a file and prints its path and size; the library does not import numba."""
-    out = tmp_path / "cli.gguf"
+    """The CLI writes a file and prints its path and size, its vocab read from the checkout's
+    tests/data (NUMBAFORMER_SHARED empty); the library does not import numba."""
+    out, empty = tmp_path / "cli.gguf", tmp_path / "empty"
+    empty.mkdir()
     script = REPO_ROOT / "scripts" / "make_synthetic_gguf.py"
     r = subprocess.run([sys.executable, str(script), "--preset", "tiny-llama", "--type", "Q8_0",
-                        "--layers", "1", "-o", str(out)],
-                       capture_output=True, text=True, cwd=tmp_path, check=True)
+                        "--layers", "1", "-o", str(out)], capture_output=True, text=True,
+                       cwd=tmp_path, check=True, env={**os.environ, "NUMBAFORMER_SHARED": str(empty)})
     assert str(out) in r.stdout and str(out.stat().st_size) in r.stdout
     code = "import sys, numbaformer.synthetic; print('numba' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

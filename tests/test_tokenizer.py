@@ -5,7 +5,7 @@ import random
 
 import numpy as np
 import pytest
-from vocab_files import (VECTOR_SETS, locate_test_model, read_metadata, read_vectors, shared_dir,
+from vocab_files import (VECTOR_SETS, data_path, locate_test_model, read_metadata, read_vectors,
                          unpack_vocab)
 
 from numbaformer.gguf_file import GGUFError
@@ -302,8 +302,8 @@ def test_smollm2_prompt_ids_match_llama_cpp():
     meta = read_metadata(locate_test_model())
     tok = Tokenizer.from_metadata(meta)
     assert (tok.kind, tok.pre, tok.add_bos) == ("gpt2", "smollm", False)
-    prompts = json.loads((shared_dir() / "reference" / "prompts.json").read_text())
-    ref = json.loads((shared_dir() / "reference" / "smollm2-135m-q4_1.llamacpp.json").read_text())
+    prompts = json.loads(data_path("reference/prompts.json").read_text())
+    ref = json.loads(data_path("reference/smollm2-135m-q4_1.llamacpp.json").read_text())
     assert [r["prompt"] for r in ref["results"]] == prompts
     for r in ref["results"]:
         assert tok.encode(r["prompt"], add_special=True, parse_special=True) == r["prompt_ids"]

@@ -1,4 +1,5 @@
-"""Test helper: the shared reference folder, llama.cpp's tokenizer vectors, the SmolLM2 model."""
+"""Test helper: the test data (tests/data: llama.cpp's tokenizer vectors and reference outputs), the
+SmolLM2 model."""
 from __future__ import annotations
 
 import gzip
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from numbaformer.gguf_file import open_gguf
+from numbaformer.refdata import find_data
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VECTOR_SETS = ("llama-spm", "llama-bpe", "qwen2", "gpt-2")
@@ -16,13 +18,23 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 VECTOR_SEPARATOR = "\n__ggml_vocab_test__\n"
 
 
-def shared_dir() -> Path:
-    """The shared reference folder: $NUMBAFORMER_SHARED, else `shared` beside the repo root."""
-    return Path(os.environ.get("NUMBAFORMER_SHARED") or REPO_ROOT.parent / "shared")
+def data_path(rel: str) -> Path:
+    """tests/data/REL of this checkout: data the suite needs is carried by the checkout and never
+    looked up elsewhere (numbaformer.refdata decides; FileNotFoundError when it is missing)."""
+    return find_data(rel, REPO_ROOT, shared=False)
+
+
+def data_dir() -> Path:
+    """The folder holding reference/ and tokenizer-vectors/: tests/data of this checkout."""
+    return data_path("reference").parent
+
+
+shared_dir = data_dir               # the name tests/test_cuda_model.py imports
 
 
 def vectors_dir() -> Path:
-    return shared_dir() / "tokenizer-vectors"
+    """llama.cpp's tokenizer vectors (and vocab-only GGUFs, which numbaformer.synthetic reads)."""
+    return data_path("tokenizer-vectors")
 
 
 def unpack_vocab(name: str, folder: Path) -> Path:

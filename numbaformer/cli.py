@@ -26,18 +26,52 @@ def _engine(model, device="auto", gpu=0, threads=None, ctx=None, quiet=False, ba
                        n_batch=batch, kv_type=kv_type)
 
 
+def _decode(data: bytes, source: str) -> str:
+    """data as UTF-8; a UserError naming `source` and the first bad byte when it is not."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{source} is not valid UTF-8 (byte 0x{data[e.start]:02x} at offset "
+                        f"{e.start})") from None
+
+
+def checked_text(text: str, source: str) -> str:
+    """text, if it is valid UTF-8. Python hands over undecodable bytes of arguments (and of stdin
+    in some locales) as lone surrogates; those become a UserError naming `source` and the byte."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        try:
+            return _decode(text.encode("utf-8", "surrogateescape"), source)
+        except UnicodeEncodeError:                   # a surrogate that is not an escaped byte
+            raise UserError(f"{source} is not valid UTF-8") from None
+
+
+def _read_stdin(what: str) -> str:
+    if sys.stdin is None:                            # started with stdin closed (`<&-`)
+        raise UserError(f"cannot read the {what} from stdin: it is closed")
+    try:
+        data = sys.stdin.buffer.read()
+    except (OSError, ValueError) as e:               # a directory, a closed file, ...
+        raise UserError(f"cannot read the {what} from stdin: "
+                        f"{getattr(e, 'strerror', None) or e}") from None
+    return _decode(data, f"the {what} on stdin")
+
+
 def _read_text(text: str | None, file: str | None, what: str = "prompt") -> str:
     if (text is None) == (file is None):
         raise UserError(f"give the {what} as an argument/option or with -f FILE, not both or none")
     if file is None:
-        return text
+        return checked_text(text, f"the {what}")
     if file == "-":
-        return sys.stdin.read()
+        return _read_stdin(what)
     try:
-        with open(file, encoding="utf-8") as f:
-            return f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read {file}: {getattr(e, 'strerror', None) or e}") from None
+        with open(file, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise UserError(f"cannot read {file}: {e.strerror or e}") from None
+    return _decode(data, file)
 
 
 device_opt = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
@@ -151,6 +185,7 @@ def generate(model, prompt, file, n_predict, ctx, temp, top_k, top_p, min_p, rep
     params = _sampling(temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n,
                        presence_penalty, frequency_penalty, seed)
     text = _read_text(prompt, file)
+    system = None if system is None else checked_text(system, "the system message")
     eng = _engine(model, device, gpu, threads, ctx, quiet=as_json, kv_type=kv_type)
     tok = eng.tokenizer
     if chat:
@@ -181,6 +216,21 @@ def generate(model, prompt, file, n_predict, ctx, temp, top_k, top_p, min_p, rep
         click.echo(f"backend: {json.dumps(eng.backend.stats())}", err=True)
 
 
+def _read_line(prompt: str) -> str:
+    """input() for the chat: a closed stdin ends the chat as Ctrl-D does; a line that is not UTF-8
+    is a UserError."""
+    if sys.stdin is None:
+        raise EOFError
+    try:
+        line = input(prompt)
+    except UnicodeDecodeError as e:
+        raise UserError(f"the chat input is not valid UTF-8 (byte 0x{e.object[e.start]:02x})"
+                        ) from None
+    except OSError as e:
+        raise UserError(f"cannot read the chat input from stdin: {e.strerror or e}") from None
+    return checked_text(line, "the chat input")
+
+
 @cli.command()
 @model_opt
 @click.option("-sys", "--system", type=str, default=None, help="System message.")
@@ -197,8 +247,9 @@ def chat(model, system, n_predict, ctx, temp, top_k, top_p, min_p, repeat_penalt
     from .chat import run_chat
     params = _sampling(temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n,
                        presence_penalty, frequency_penalty, seed)
+    system = None if system is None else checked_text(system, "the system message")
     run_chat(_engine(model, device, gpu, threads, ctx, kv_type=kv_type), params, system=system,
-             max_tokens=n_predict)
+             max_tokens=n_predict, read=_read_line)
 
 
 @cli.command()

@@ -25,21 +25,27 @@ class SamplingParams:
     seed: int | None = None         # None: a random seed
 
     def validate(self) -> None:
-        """Raise ValueError with a one-line message for a value no sampler can use."""
+        """Raise ValueError with a one-line message, saying what is allowed, for a value no
+        sampler can use (NaN and infinities included)."""
+        finite = np.isfinite
         checks = [
-            (np.isfinite(self.temperature) and self.temperature >= 0, "temperature must be >= 0"),
-            (self.top_k >= 0, "top-k must be >= 0"),
-            (0.0 < self.top_p <= 1.0, "top-p must be in (0, 1]"),
-            (0.0 <= self.min_p <= 1.0, "min-p must be in [0, 1]"),
-            (np.isfinite(self.repeat_penalty) and self.repeat_penalty > 0,
-             "repeat-penalty must be > 0"),
-            (self.repeat_last_n >= -1, "repeat-last-n must be >= -1"),
-            (np.isfinite(self.presence_penalty), "presence-penalty must be finite"),
-            (np.isfinite(self.frequency_penalty), "frequency-penalty must be finite"),
+            (finite(self.temperature) and self.temperature >= 0, "temperature", self.temperature,
+             "a finite number >= 0 (0 = greedy)"),
+            (self.top_k >= 0, "top-k", self.top_k, "an integer >= 0 (0 = off)"),
+            (0.0 < self.top_p <= 1.0, "top-p", self.top_p, "in (0, 1] (1 = off)"),
+            (0.0 <= self.min_p <= 1.0, "min-p", self.min_p, "in [0, 1] (0 = off)"),
+            (finite(self.repeat_penalty) and self.repeat_penalty > 0, "repeat-penalty",
+             self.repeat_penalty, "a finite number > 0 (1 = off)"),
+            (self.repeat_last_n >= -1, "repeat-last-n", self.repeat_last_n,
+             "an integer >= -1 (-1 = all)"),
+            (finite(self.presence_penalty), "presence-penalty", self.presence_penalty,
+             "a finite number"),
+            (finite(self.frequency_penalty), "frequency-penalty", self.frequency_penalty,
+             "a finite number"),
         ]
-        for ok, msg in checks:
+        for ok, name, value, allowed in checks:
             if not ok:
-                raise ValueError(msg)
+                raise ValueError(f"{name} must be {allowed}, not {value}")
 
     @property
     def greedy(self) -> bool:

@@ -291,6 +291,12 @@ LONG_PROMPT = "word " * 40
     (("generate", "-m", "{model}", "-p", "hi", "--temp", "-1"), "temperature"),
     (("generate", "-m", "{model}", "-p", "hi", "--top-p", "0"), "top-p"),
     (("generate", "-m", "{model}", "-p", "hi", "--top-p", "1.5"), "top-p"),
+    (("generate", "-m", "{model}", "-p", "hi", "--top-p", "nan"), "top-p must be in (0, 1]"),
+    (("generate", "-m", "{model}", "-p", "hi", "--temp", "-inf"), "finite number >= 0"),
+    (("generate", "-m", "{model}", "-p", "hi", "--repeat-penalty", "inf"), "finite number > 0"),
+    (("generate", "-m", "{model}", "-p", "hi", "--presence-penalty", "nan"), "finite"),
+    (("chat", "-m", "{model}", "--frequency-penalty", "-inf"), "frequency-penalty"),
+    (("generate", "-m", "{model}", "-p", "caf\udce9"), "not valid UTF-8 (byte 0xe9 at offset 3)"),
     (("generate", "-m", "{model}", "-p", LONG_PROMPT, "-c", "16", "--device", "cpu"), "context"),
     (("generate", "-m", "{model}", "-p", "hi", "--bogus"), "--bogus"),
     (("generate", "-m", "{model}", "--device", "cpu"), "prompt"),
@@ -343,11 +349,32 @@ def test_help_and_version():
 
 # --- through a real process -----------------------------------------------------------------------
 
-def run_process(*args) -> subprocess.CompletedProcess:
+def run_process(*args, input: bytes | None = None, stdin: str | None = None) -> SimpleNamespace:
+    """Run `python -m numbaformer.cli ARGS` (an argument may be bytes: not decodable as UTF-8);
+    stdin: None (input, or the test's), "closed" (`<&-`) or "write-only" (`0>/dev/null`)."""
     env = {k: v for k, v in os.environ.items() if k != "CUDA_FORCE_CPU"}
     env["NUMBA_ENABLE_CUDASIM"] = "0"
-    return subprocess.run([sys.executable, "-m", "numbaformer.cli", *map(str, args)],
-                          capture_output=True, text=True, env=env, timeout=300)
+    cmd = [sys.executable, "-m", "numbaformer.cli", *(a if isinstance(a, bytes) else str(a)
+                                                      for a in args)]
+    if stdin is not None:
+        redirect = {"closed": "<&-", "write-only": "0>/dev/null"}[stdin]
+        cmd = ["bash", "-c", f'exec "$@" {redirect}', "bash", *cmd]
+    p = subprocess.run(cmd, input=input, capture_output=True, env=env, timeout=300)
+    return SimpleNamespace(returncode=p.returncode, stdout=p.stdout.decode(errors="replace"),
+                           stderr=p.stderr.decode(errors="replace"))
+
+
+def assert_process_error(p, *fragments, lines_before: int = 0) -> str:
+    """Exit 2, no traceback, stderr's last line the one `error: ...` line (after `lines_before`
+    lines of notes, e.g. chat's banner)."""
+    assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
+    assert "Traceback" not in p.stdout + p.stderr
+    lines = p.stderr.splitlines()
+    assert len(lines) == lines_before + 1, p.stderr
+    assert lines[-1].startswith("error: ") and [x for x in lines if "error" in x] == lines[-1:]
+    for f in fragments:
+        assert f in lines[-1], (f, lines[-1])
+    return lines[-1]
 
 
 def test_process_info_json(model):
@@ -371,6 +398,50 @@ def test_process_generate(model, greedy8, prompt0):
                     "--json", "--device", "cpu", "-c", 64)
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["ids"] == greedy8.ids
+
+
+# --- bad input through a real process: one error line and exit 2, or (chat, stdin closed) exit 0 -
+
+GEN = ("generate", "-m", "{model}", "--device", "cpu")
+
+
+@pytest.mark.parametrize("args,input,stdin,fragments", [
+    ((*GEN, "-f", "-"), b"caf\xe9", None, ("prompt on stdin", "UTF-8", "0xe9 at offset 3")),
+    ((*GEN, "-p", b"caf\xe9"), None, None, ("the prompt is not valid UTF-8", "0xe9")),
+    ((*GEN, "--chat", "-sys", b"caf\xe9", "-p", "hi"), None, None, ("system message", "UTF-8")),
+    (("tokenize", "-m", "{model}", b"\xff"), None, None,
+     ("the text is not valid UTF-8", "0xff at offset 0")),
+    ((*GEN, "-f", "-"), None, "closed", ("stdin", "closed")),
+    ((*GEN, "-f", "-"), None, "write-only", ("cannot read the prompt from stdin",)),
+    ((*GEN, "-p", "hi", "--temp", "inf"), None, None, ("temperature", "finite", ">= 0")),
+    ((*GEN, "-p", "hi", "--temp", "nan"), None, None, ("temperature", "finite", "not nan")),
+], ids=["stdin-not-utf8", "p-not-utf8", "sys-not-utf8", "tokenize-not-utf8", "stdin-closed",
+        "stdin-write-only", "temp-inf", "temp-nan"])
+def test_process_bad_input(model, args, input, stdin, fragments):
+    p = run_process(*(a.format(model=model) if isinstance(a, str) else a for a in args),
+                    input=input, stdin=stdin)
+    assert_process_error(p, *fragments)
+    assert p.stdout == ""
+
+
+CHAT_BANNER = 1                      # chat's one line on stderr before it reads
+
+
+@pytest.mark.parametrize("input,stdin,fragments", [
+    (b"caf\xe9\n", None, ("the chat input is not valid UTF-8", "0xe9")),
+    (None, "write-only", ("cannot read the chat input from stdin",)),
+], ids=["not-utf8", "write-only"])
+def test_process_chat_bad_input(model, input, stdin, fragments):
+    p = run_process("chat", "-m", model, "--device", "cpu", "-c", 64, "-n", 2, input=input,
+                    stdin=stdin)
+    assert_process_error(p, *fragments, lines_before=CHAT_BANNER)
+
+
+def test_process_chat_with_stdin_closed_ends_like_ctrl_d(model):
+    p = run_process("chat", "-m", model, "--device", "cpu", "-c", 64, "-n", 2, stdin="closed")
+    assert p.returncode == 0, p.stderr
+    assert "Traceback" not in p.stderr and "error" not in p.stderr
+    assert p.stdout == "\n" and p.stderr.startswith("chat: Ctrl-D quits")
 
 
 def test_chat_command(model, engine):

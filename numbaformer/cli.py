@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 import click
 
@@ -202,6 +203,12 @@ def generate(model, prompt, file, n_predict, ctx, temp, top_k, top_p, min_p, rep
                           stop=stop, ignore_eos=ignore_eos, logprobs=logprobs if as_json else 0,
                           on_text=on_text)
     res.stats.load_s = eng.load_s
+    _report(eng, ids, res, as_json, logprobs, verbose)
+
+
+def _report(eng, ids, res, as_json: bool, logprobs: int, verbose: bool) -> None:
+    """generate's output after the text: one JSON object, or the finish reason and the speed on
+    stderr (with a line saying so when the context filled up)."""
     if as_json:
         out = {"model": eng.mf.path, "device": eng.backend.name, "prompt_ids": ids,
                "ids": res.ids, "text": res.text, "finish_reason": res.finish_reason,
@@ -211,6 +218,10 @@ def generate(model, prompt, file, n_predict, ctx, temp, top_k, top_p, min_p, rep
         click.echo(json.dumps(out, ensure_ascii=False))
     else:
         sys.stdout.write("\n")
+        if res.finish_reason == "context":
+            click.echo(f"note: generation stopped: the context is full ({eng.model.n_ctx} "
+                       f"tokens); raise it with -c (this model takes up to "
+                       f"{eng.config.n_ctx_train})", err=True)
         click.echo(f"[{res.finish_reason}] {res.stats.summary()}", err=True)
     if verbose:
         click.echo(f"backend: {json.dumps(eng.backend.stats())}", err=True)
@@ -241,15 +252,16 @@ def _read_line(prompt: str) -> str:
 @gpu_opt
 @threads_opt
 @kv_opt
+@click.option("--stats", is_flag=True, help="Print the speed of each reply (stderr).")
 def chat(model, system, n_predict, ctx, temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n,
-         presence_penalty, frequency_penalty, seed, device, gpu, threads, kv_type):
-    """Interactive chat: history kept, Ctrl-C stops a reply, Ctrl-D quits."""
+         presence_penalty, frequency_penalty, seed, device, gpu, threads, kv_type, stats):
+    """Interactive chat: history kept, Ctrl-C stops a reply, Ctrl-D quits, /help."""
     from .chat import run_chat
     params = _sampling(temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n,
                        presence_penalty, frequency_penalty, seed)
     system = None if system is None else checked_text(system, "the system message")
     run_chat(_engine(model, device, gpu, threads, ctx, kv_type=kv_type), params, system=system,
-             max_tokens=n_predict, read=_read_line)
+             max_tokens=n_predict, stats=stats, read=_read_line)
 
 
 @cli.command()
@@ -295,7 +307,13 @@ def perplexity(model, file, ctx, device, gpu, threads):
     eng = _engine(model, device, gpu, threads, ctx)
     tok = eng.tokenizer
     ids = tok.encode(text, add_special=False, parse_special=False)
-    value, n = ppl(eng.model, ids, ctx, tok.bos_id if tok.add_bos else None)
+    t0 = time.perf_counter()
+
+    def progress(done: int, total: int, so_far: float) -> None:
+        click.echo(f"chunk {done}/{total}: perplexity {so_far:.4f} "
+                   f"({time.perf_counter() - t0:.1f} s)", err=True)
+
+    value, n = ppl(eng.model, ids, ctx, tok.bos_id if tok.add_bos else None, on_chunk=progress)
     click.echo(f"perplexity: {value:.4f} over {n} tokens (context {ctx})")
 
 

@@ -63,10 +63,8 @@ def load_engine(path: str | None = None, *, device: str = "auto", gpu: int = 0,
                              f"training context)")
         ops = select_backend(device, gpu=gpu, threads=threads, quiet=quiet)
         ops.check_memory(mf, n_ctx, n_batch)
-        cold = not kernel_cache.is_warm(ops.name)
-        if cold and not quiet:
-            print(f"compiling {ops.name} kernels (first run; cached for the next ones)...",
-                  file=sys.stderr)
+        if not quiet:
+            kernel_cache.announce_compiles(ops.name)   # a line before any kernel compiles
         model = Model(mf, ops, n_ctx, n_batch, kv_type=kv_type)
         model.warmup()
         return Engine(mf, model, time.perf_counter() - t0)

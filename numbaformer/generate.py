@@ -5,6 +5,7 @@ keeps the logits on the device and brings back only the token id.
 """
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Sequence
@@ -41,9 +42,11 @@ class GenerationStats:
                 "decode_tps": round(self.decode_tps, 2), "ttft_s": round(self.ttft_s, 4)}
 
     def summary(self) -> str:
+        """One line: prompt and generation speed, time to the first token, load time (if set)."""
+        load = f" | load {self.load_s:.2f} s" if self.load_s else ""
         return (f"prompt: {self.prompt_tokens} tokens, {self.prefill_tps:.1f} tok/s | "
                 f"generated: {self.generated_tokens} tokens, {self.decode_tps:.1f} tok/s | "
-                f"first token {self.ttft_s * 1000:.0f} ms | load {self.load_s:.2f} s")
+                f"first token {self.ttft_s * 1000:.0f} ms{load}")
 
 
 @dataclass(frozen=True)
@@ -59,8 +62,9 @@ def generate_step(model, prompt_ids: Sequence[int], sampler, *, max_tokens: int,
                   eog_ids: Iterable[int] = (), logprobs: int = 0,
                   stats: GenerationStats | None = None, n_cached: int = 0) -> Iterator[Step]:
     """Prefill prompt_ids (the first n_cached of which are already in the KV cache, from an
-    earlier call), then yield sampled tokens until an end-of-generation id (yielded, then stop),
-    max_tokens, or the end of the context. Sets stats.finish_reason."""
+    earlier call), then yield sampled tokens until an end-of-generation id (yielded, then stop;
+    finish_reason "stop"), max_tokens ("length"; -1: no limit, as llama.cpp's -n -1), or the end
+    of the context ("context"). Sets stats.finish_reason."""
     if len(prompt_ids) == 0:
         raise ValueError("the prompt is empty: generation needs at least one token")
     stats = stats if stats is not None else GenerationStats()
@@ -73,8 +77,9 @@ def generate_step(model, prompt_ids: Sequence[int], sampler, *, max_tokens: int,
     stats.prompt_tokens = len(feed)
     t0 = time.perf_counter()
     stats.finish_reason = "length"
-    for i in range(max_tokens):
+    for i in range(max_tokens) if max_tokens >= 0 else itertools.count():
         if pos + len(feed) > model.n_ctx:
+            stats.finish_reason = "context"
             break
         logits = model.forward(feed, pos, greedy=on_device)
         pos += len(feed)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -20,21 +20,26 @@ def score_ids(model, ids: Sequence[int], top_k: int = 8) -> list[dict]:
     return [{"top": [[int(t), float(lp[i, t])] for t in top[i]]} for i in range(len(ids))]
 
 
-def perplexity(model, ids: Sequence[int], n_ctx: int, bos_id: int | None = None) -> tuple[float, int]:
+def perplexity(model, ids: Sequence[int], n_ctx: int, bos_id: int | None = None,
+               on_chunk: Callable[[int, int, float], None] | None = None) -> tuple[float, int]:
     """llama-perplexity's method: chunks of n_ctx tokens (the first replaced by BOS when the model
     adds one); in each, positions n_ctx/2 .. n_ctx-2 predict the next token. Needs 2 * n_ctx
-    tokens, as llama-perplexity does. Returns (perplexity, tokens scored)."""
+    tokens, as llama-perplexity does. After each chunk, on_chunk(chunks done, chunks, perplexity
+    so far). Returns (perplexity, tokens scored)."""
     ids = list(ids)
     if n_ctx < 4 or len(ids) < 2 * n_ctx:
         raise ValueError(f"text has {len(ids)} tokens; perplexity at context {n_ctx} needs at "
                          f"least {2 * n_ctx} (and a context of at least 4)")
     nll, count, first = 0.0, 0, n_ctx // 2
-    for start in range(0, len(ids) // n_ctx * n_ctx, n_ctx):
-        chunk = ids[start:start + n_ctx]
+    n_chunks = len(ids) // n_ctx
+    for c in range(n_chunks):
+        chunk = ids[c * n_ctx:(c + 1) * n_ctx]
         if bos_id is not None:
             chunk[0] = bos_id
         lp = _log_softmax_rows(model.forward_all(chunk, 0))
         nxt = np.asarray(chunk[first + 1:])
         nll -= float(lp[np.arange(first, n_ctx - 1), nxt].sum())
         count += len(nxt)
+        if on_chunk is not None:
+            on_chunk(c + 1, n_chunks, math.exp(nll / count))
     return math.exp(nll / count), count

@@ -174,6 +174,24 @@ def test_generate_streams_text(model, prompt0, greedy8):
     assert r.err.splitlines()[-1].startswith("[length] prompt: 15 tokens")
 
 
+def test_generate_says_when_the_context_is_full(model, prompt0, engine):
+    """-c 20 holds the 15-token prompt and 5 more positions: 6 tokens (the last needs no slot),
+    then a one-line note on stderr; --json tells it from the -n limit by finish_reason."""
+    base = ("generate", "-m", model, "-p", prompt0["prompt"], "--temp", 0, "--device", "cpu",
+            "-c", 20)
+    r = cli(*base, "-n", 50)
+    assert r.code == 0, r.err
+    note, last = r.err.splitlines()[-2:]
+    assert note.startswith("note: generation stopped: the context is full (20 tokens)")
+    assert "-c" in note and "8192" in note
+    assert last.startswith("[context] prompt: 15 tokens") and "generated: 6 tokens" in last
+    full = json.loads(cli(*base, "-n", 50, "--json").out)
+    assert full["finish_reason"] == "context" and len(full["ids"]) == 6
+    limited = json.loads(cli(*base, "-n", 6, "--json").out)
+    assert limited["finish_reason"] == "length" and limited["ids"] == full["ids"]
+    assert "note:" not in cli(*base, "-n", 6).err
+
+
 def test_generate_stop_and_ignore_eos(model, llamacpp, engine):
     chat = llamacpp[1]["prompt"]
     base = ("generate", "-m", model, "-p", chat, "--temp", 0, "--json", "--device", "cpu",
@@ -237,11 +255,16 @@ def test_perplexity(model, engine, tmp_path):
     f.write_text(PPL_TEXT)
     r = cli("perplexity", "-m", model, "-f", f, "-c", 16, "--device", "cpu")
     assert r.code == 0, r.err
+    ids = engine.tokenizer.encode(PPL_TEXT, add_special=False, parse_special=False)
+    n_chunks = len(ids) // 16
+    progress = [line for line in r.err.splitlines() if line.startswith("chunk ")]
+    assert [line.split(":")[0] for line in progress] == [
+        f"chunk {i}/{n_chunks}" for i in range(1, n_chunks + 1)]
+    assert float(progress[-1].split()[3]) == float(r.out.split()[1])   # the last is the result
     words = r.out.split()
     assert words[0] == "perplexity:" and words[2:4] == ["over", words[3]]
     value, n = float(words[1]), int(words[3])
     assert math.isfinite(value) and value > 1
-    ids = engine.tokenizer.encode(PPL_TEXT, add_special=False, parse_special=False)
     assert n == len(ids) // 16 * 7                 # positions 8..14 of every 16-token chunk
     want, _ = perplexity(engine.model, ids, 16)
     assert value == pytest.approx(want, rel=1e-4)
@@ -445,14 +468,30 @@ def test_process_chat_with_stdin_closed_ends_like_ctrl_d(model):
 
 
 def test_chat_command(model, engine):
-    """Two turns from stdin, then end of input: the replies are the library's greedy replies."""
+    """Two turns from stdin (with /help and /clear between), then end of input: the replies are
+    the library's greedy replies; /help and /clear answer on stderr, --stats gives each reply's
+    speed."""
     from numbaformer.chat_template import render_model_chat
-    r = cli("chat", "-m", model, "--temp", 0, "-n", 8, "--device", "cpu", "-c", 256,
-            input="What is 2+2?\n/clear\nWhat is 2+2?\n")
+    r = cli("chat", "-m", model, "--temp", 0, "-n", 8, "--device", "cpu", "-c", 256, "--stats",
+            input="What is 2+2?\n/help\n/clear\nWhat is 2+2?\n")
     assert r.code == 0, r.err
     ids = engine.tokenizer.encode(render_model_chat(
         engine.mf.gguf.metadata, engine.tokenizer, [{"role": "user", "content": "What is 2+2?"}]))
     reply = stream_generate(engine.model, engine.tokenizer, ids,
                             make_sampler(SamplingParams(temperature=0)), max_tokens=8).text
     assert r.out.count(reply + "\n") == 2, r.out
-    assert r.err.startswith("chat: Ctrl-D quits")
+    err = [line for line in r.err.splitlines() if not line.startswith("compiling")]
+    assert err[0].startswith("chat: Ctrl-D quits") and "/help" in err[0]
+    assert err[1].startswith(f"[length] prompt: {len(ids)} tokens") and "tok/s" in err[1]
+    assert err[2].startswith("commands: /help") and "/clear" in err[2]
+    assert err[3] == "(conversation cleared)"
+    assert err[4].startswith(f"[length] prompt: {len(ids)} tokens")      # cleared: all new
+    assert len(err) == 5 and "load" not in err[1]
+
+
+def test_chat_without_stats_says_only_the_banner(model):
+    r = cli("chat", "-m", model, "--temp", 0, "-n", 2, "--device", "cpu", "-c", 64,
+            input="Hi\n")
+    assert r.code == 0, r.err
+    assert [line for line in r.err.splitlines() if not line.startswith("compiling")] == [
+        "chat: Ctrl-D quits, Ctrl-C stops a reply, /help lists the commands"]

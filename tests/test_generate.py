@@ -1,6 +1,6 @@
 """generate.py (generate_step, stream_generate, StopMatcher, GenerationStats) and chat.py on the
-real SmolLM2 engine: greedy continuations against llama.cpp's, finish reasons (eog "stop", context
-and max_tokens "length"), stop strings held back while streaming, --ignore-eos, seeded
+real SmolLM2 engine: greedy continuations against llama.cpp's, finish reasons (eog "stop", the context
+"context", max_tokens "length"; -1 no limit), stop strings held back while streaming, --ignore-eos, seeded
 determinism, log-probs, and the chat loop's reuse of the KV cache.
 """
 from __future__ import annotations
@@ -99,20 +99,30 @@ def test_max_tokens_ends_with_length(engine, llamacpp, greedy_runs):
     assert res.ids == [] and res.text == "" and res.finish_reason == "length"
 
 
-def test_context_end_ends_with_length(engine, llamacpp, greedy_runs):
+def test_context_end_ends_with_context(engine, llamacpp, greedy_runs):
     """With n_ctx = prompt + 3, positions run out after 4 tokens (the last sampled token needs no
-    cache slot): 'length', whatever max_tokens says; the tokens are those of a large context."""
+    cache slot): 'context' when max_tokens (or -1, no limit) asks for more, 'length' when it asks
+    for exactly 4; the tokens are those of a large context."""
     prompt = llamacpp[0]["prompt_ids"]
     small = Model(engine.mf, engine.backend, n_ctx=len(prompt) + 3)
-    res = run(engine, prompt, 100, model=small)
-    assert res.finish_reason == "length"
-    assert res.ids == greedy_runs[0].ids[:4]
+    for max_tokens, reason in ((100, "context"), (-1, "context"), (5, "context"), (4, "length")):
+        res = run(engine, prompt, max_tokens, model=small)
+        assert (res.finish_reason, res.stats.finish_reason) == (reason, reason), max_tokens
+        assert res.ids == greedy_runs[0].ids[:4] and res.stats.generated_tokens == 4
     # a prompt that fills the context exactly still yields its one token; one more yields none
     full = Model(engine.mf, engine.backend, n_ctx=len(prompt))
-    assert run(engine, prompt, 10, model=full).ids == greedy_runs[0].ids[:1]
+    res = run(engine, prompt, 10, model=full)
+    assert res.ids == greedy_runs[0].ids[:1] and res.finish_reason == "context"
     tiny = Model(engine.mf, engine.backend, n_ctx=len(prompt) - 1)
     res = run(engine, prompt, 10, model=tiny)
-    assert res.ids == [] and res.finish_reason == "length"
+    assert res.ids == [] and res.finish_reason == "context"
+
+
+def test_no_limit_runs_to_the_end_of_generation(engine, llamacpp, greedy_runs):
+    """max_tokens -1 (llama.cpp's -n -1) stops at the end-of-generation token."""
+    prompt = llamacpp[CHAT_PROMPT]["prompt_ids"]
+    res = run(engine, prompt, -1)
+    assert res.finish_reason == "stop" and res.ids == greedy_runs[CHAT_PROMPT].ids
 
 
 def test_ignore_eos_generates_past_eog(engine, llamacpp, greedy_runs):

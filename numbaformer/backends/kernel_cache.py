@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import sys
 from pathlib import Path
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
@@ -50,7 +51,48 @@ def cached(backend: str, decorator):
     return deco
 
 
-def is_warm(backend: str) -> bool:
-    """True if kernels of this source were compiled and cached before (no compile pause ahead)."""
-    folder = _folder(backend)
-    return folder.is_dir() and any(folder.rglob("*.nbi"))
+# numba announces each compiler pass it is about to run; a kernel loaded from the cache runs none
+_PASS_EVENTS = {"cpu": ("numba.core.event", "numba:run_pass"),
+                "cuda": ("numba.cuda.core.event", "numba-cuda:run_pass")}
+_notices: dict[str, object] = {}
+
+
+def compile_notice(backend: str, write=None):
+    """A numba event listener that prints one line (to stderr, or through `write`) when the first
+    compiler pass starts, i.e. before a kernel that is not in the cache (a first run, a quant type
+    or shape not used before, an edited source) is compiled; then it stays silent. Cache loads
+    run no pass, so a warm run prints nothing."""
+    import importlib
+
+    event = importlib.import_module(_PASS_EVENTS[backend][0])
+
+    class CompileNotice(event.Listener):
+        said = False
+
+        def on_start(self, ev):
+            if not self.said:
+                self.said = True
+                line = (f"compiling {backend} kernels that are not in the cache yet (several "
+                        f"seconds; cached for the next runs)...")
+                if write is not None:
+                    write(line)
+                else:
+                    print(line, file=sys.stderr, flush=True)
+
+        def on_end(self, ev):
+            pass
+
+    return CompileNotice()
+
+
+def announce_compiles(backend: str) -> None:
+    """From now on in this process, say so on stderr before the first kernel compile of
+    `backend` (see compile_notice). Registered once per backend; one attribute test per compiler
+    pass afterwards, nothing per kernel launch."""
+    if backend in _notices or backend not in _PASS_EVENTS:
+        return
+    import importlib
+
+    module, kind = _PASS_EVENTS[backend]
+    _notices[backend] = compile_notice(backend)
+    importlib.import_module(module).register(kind, _notices[backend])

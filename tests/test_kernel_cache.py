@@ -1,0 +1,67 @@
+"""backends/kernel_cache.py: a run says so before it compiles a kernel that is not in the cache (a
+first run, a quant type not used before), and says nothing when every kernel comes from the
+cache."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+from numba.core import event
+
+from numbaformer.backends.kernel_cache import compile_notice
+
+NOTICE = "compiling cpu kernels that are not in the cache yet"
+
+
+def _load(path, name):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_notice_comes_once_before_a_compile_and_never_for_a_cache_load(tmp_path):
+    src = tmp_path / "kernels_for_notice.py"
+    src.write_text("from numba import njit\n\n@njit(cache=True)\ndef twice(x):\n    return 2 * x\n"
+                   "\n@njit(cache=True)\ndef thrice(x):\n    return 3 * x\n")
+    lines = []
+    notice = compile_notice("cpu", write=lines.append)
+    with event.install_listener("numba:run_pass", notice):
+        m = _load(src, "kernels_for_notice_a")
+        assert lines == []                           # decorating compiles nothing
+        assert m.twice(2) == 4
+        assert len(lines) == 1 and lines[0].startswith(NOTICE)
+        assert m.thrice(2) == 6                      # a second compile: no second line
+        assert len(lines) == 1
+    lines.clear()
+    notice = compile_notice("cpu", write=lines.append)
+    with event.install_listener("numba:run_pass", notice):
+        fresh = _load(src, "kernels_for_notice_b")   # new dispatchers: both come from the cache
+        assert fresh.twice(3) == 6 and fresh.thrice(3) == 9
+        assert fresh.twice.stats.cache_hits and fresh.thrice.stats.cache_hits
+    assert lines == []
+
+
+def _generate(model, cache_dir) -> list[str]:
+    """stderr lines of a short CPU generation with kernels cached in cache_dir."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(cache_dir), "NUMBA_ENABLE_CUDASIM": "0"}
+    p = subprocess.run([sys.executable, "-m", "numbaformer.cli", "generate", "-m", str(model),
+                        "-p", "Hello", "-n", "2", "--temp", "0", "--device", "cpu", "-c", "32"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr
+    return p.stderr.splitlines()
+
+
+def test_a_quant_type_not_cached_yet_is_announced(tiny_model, tmp_path):
+    """An empty kernel cache: the first run announces; a model of another quant type, with every
+    other kernel cached, announces again (the case that was silent); its second run is silent."""
+    q8, q4 = tiny_model("llama", "Q8_0"), tiny_model("llama", "Q4_0")
+    first = _generate(q8, tmp_path)
+    assert first[0].startswith(NOTICE) and first[-1].startswith("[length]")
+    other_type = _generate(q4, tmp_path)
+    assert [line for line in other_type if "compiling" in line] == other_type[:1]
+    assert other_type[0].startswith(NOTICE)
+    again = _generate(q4, tmp_path)
+    assert not any("compiling" in line for line in again) and len(again) == 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 
 from .chat_template import render_model_chat
-from .generate import stream_generate
+from .generate import plural, stream_generate
 from .sampling import SamplingParams, make_sampler
 
 
@@ -87,7 +87,7 @@ def _prompt_ids(engine, messages: list[dict]) -> list[int]:
 def _after_reply(engine, res, stats: bool) -> None:
     """What the chat says on stderr after a reply: that the context filled up, and the speed."""
     if res.finish_reason == "context":
-        _note(f"note: the reply stopped: the context is full ({engine.model.n_ctx} tokens); "
+        _note(f"note: the reply stopped: the context is full ({plural(engine.model.n_ctx)}); "
               f"/clear starts over, -c raises it (this model takes up to "
               f"{engine.config.n_ctx_train})")
     if stats:

@@ -6,14 +6,17 @@ and exits 2; no traceback.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 
 import click
 
+from .generate import plural
 from .sampling import SamplingParams
 
 EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130                  # 128 + SIGINT, as shells and llama.cpp's tools report Ctrl-C
 
 
 class UserError(Exception):
@@ -110,7 +113,8 @@ def info(model, as_json, ctx):
 @model_opt
 @click.argument("text", required=False)
 @click.option("-f", "--file", type=str, default=None, help="Read the text from FILE (- = stdin).")
-@click.option("--json", "as_json", is_flag=True, help='Print {"ids": [...], "pieces": [...]}.')
+@click.option("--json", "as_json", is_flag=True,
+              help='Print {"ids": [...], "pieces": [readable text], "vocab_pieces": [as stored]}.')
 @click.option("--no-special", is_flag=True, help="Do not parse special tokens in the text.")
 def tokenize(model, text, file, as_json, no_special):
     """Print the token ids of TEXT."""
@@ -120,8 +124,8 @@ def tokenize(model, text, file, as_json, no_special):
     tok = load_model_file(resolve_model_path(model)).tokenizer
     ids = tok.encode(text, add_special=True, parse_special=not no_special)
     if as_json:
-        click.echo(json.dumps({"ids": ids, "pieces": [tok.piece(i) for i in ids]},
-                              ensure_ascii=False))
+        click.echo(json.dumps({"ids": ids, "pieces": [tok.token_text(i) for i in ids],
+                               "vocab_pieces": [tok.piece(i) for i in ids]}, ensure_ascii=False))
     else:
         click.echo(" ".join(map(str, ids)))
 
@@ -160,8 +164,9 @@ def sampling_options(f):
 @model_opt
 @click.option("-p", "--prompt", type=str, default=None, help="Prompt text (special tokens parsed).")
 @click.option("-f", "--file", type=str, default=None, help="Read the prompt from FILE (- = stdin).")
-@click.option("-n", "--n-predict", type=click.IntRange(min=0), default=128, show_default=True,
-              help="Tokens to generate at most.")
+@click.option("-n", "--n-predict", type=click.IntRange(min=-1), default=128, show_default=True,
+              help="Tokens to generate at most (-1: until an end-of-generation token or the end "
+                   "of the context).")
 @click.option("-c", "--ctx", type=click.IntRange(min=1), default=None,
               help="Context size (default: min(model's, 4096)).")
 @sampling_options
@@ -175,7 +180,7 @@ def sampling_options(f):
 @kv_opt
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object at the end.")
 @click.option("--logprobs", type=click.IntRange(min=0, max=100), default=0,
-              help="With --json: the top K log-probs of each generated token.")
+              help="With --json (needs it): the top K log-probs of each generated token.")
 @click.option("-v", "--verbose", is_flag=True, help="Print backend statistics.")
 def generate(model, prompt, file, n_predict, ctx, temp, top_k, top_p, min_p, repeat_penalty,
              repeat_last_n, presence_penalty, frequency_penalty, seed, stop, ignore_eos, chat,
@@ -183,6 +188,8 @@ def generate(model, prompt, file, n_predict, ctx, temp, top_k, top_p, min_p, rep
     """Generate text from a prompt, streaming it to stdout (stats on stderr)."""
     from .generate import stream_generate
     from .sampling import make_sampler
+    if logprobs and not as_json:
+        raise UserError("--logprobs needs --json (the log-probs are part of the JSON object)")
     params = _sampling(temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n,
                        presence_penalty, frequency_penalty, seed)
     text = _read_text(prompt, file)
@@ -196,14 +203,16 @@ def generate(model, prompt, file, n_predict, ctx, temp, top_k, top_p, min_p, rep
         text = render_model_chat(eng.mf.gguf.metadata, tok, msgs)
     ids = tok.encode(text, add_special=True, parse_special=True)
     if len(ids) >= eng.model.n_ctx:
-        raise UserError(f"the prompt has {len(ids)} tokens; the context holds {eng.model.n_ctx} "
-                        f"(use -c to raise it)")
+        raise UserError(f"the prompt has {plural(len(ids))}; the context holds "
+                        f"{eng.model.n_ctx} (use -c to raise it)")
     on_text = None if as_json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
     res = stream_generate(eng.model, tok, ids, make_sampler(params), max_tokens=n_predict,
                           stop=stop, ignore_eos=ignore_eos, logprobs=logprobs if as_json else 0,
                           on_text=on_text)
     res.stats.load_s = eng.load_s
     _report(eng, ids, res, as_json, logprobs, verbose)
+    if res.finish_reason == "interrupted":            # Ctrl-C: what came out is printed, exit 130
+        sys.exit(EXIT_INTERRUPTED)
 
 
 def _report(eng, ids, res, as_json: bool, logprobs: int, verbose: bool) -> None:
@@ -219,8 +228,8 @@ def _report(eng, ids, res, as_json: bool, logprobs: int, verbose: bool) -> None:
     else:
         sys.stdout.write("\n")
         if res.finish_reason == "context":
-            click.echo(f"note: generation stopped: the context is full ({eng.model.n_ctx} "
-                       f"tokens); raise it with -c (this model takes up to "
+            click.echo(f"note: generation stopped: the context is full "
+                       f"({plural(eng.model.n_ctx)}); raise it with -c (this model takes up to "
                        f"{eng.config.n_ctx_train})", err=True)
         click.echo(f"[{res.finish_reason}] {res.stats.summary()}", err=True)
     if verbose:
@@ -245,8 +254,10 @@ def _read_line(prompt: str) -> str:
 @cli.command()
 @model_opt
 @click.option("-sys", "--system", type=str, default=None, help="System message.")
-@click.option("-n", "--n-predict", type=click.IntRange(min=1), default=512, show_default=True)
-@click.option("-c", "--ctx", type=click.IntRange(min=1), default=None)
+@click.option("-n", "--n-predict", type=click.IntRange(min=-1), default=512, show_default=True,
+              help="Tokens per reply at most (-1: until the end of the reply or of the context).")
+@click.option("-c", "--ctx", type=click.IntRange(min=1), default=None,
+              help="Context size (default: min(model's, 4096)).")
 @sampling_options
 @device_opt
 @gpu_opt
@@ -264,33 +275,66 @@ def chat(model, system, n_predict, ctx, temp, top_k, top_p, min_p, repeat_penalt
              max_tokens=n_predict, stats=stats, read=_read_line)
 
 
-@cli.command()
-@model_opt
-@click.option("--ids-file", required=True, type=str, help="JSON list of token ids.")
-@click.option("--top-k", type=click.IntRange(min=1, max=1000), default=8, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print JSON (the only format).")
-@device_opt
-@gpu_opt
-@threads_opt
-def score(model, ids_file, top_k, as_json, device, gpu, threads):
-    """Teacher-forced top-k log-probs at every position of a token sequence."""
-    from .scoring import score_ids
+def _read_ids(ids_file: str) -> list[int]:
     try:
         ids = json.loads(_read_text(None, ids_file, "ids"))
     except json.JSONDecodeError as e:
         raise UserError(f"{ids_file}: not JSON: {e.msg} (line {e.lineno})") from None
     if not (isinstance(ids, list) and ids and all(type(i) is int for i in ids)):
         raise UserError(f"{ids_file}: expected a non-empty JSON list of integer token ids")
-    eng = _engine(model, device, gpu, threads, ctx=None, quiet=True)
+    return ids
+
+
+@cli.command()
+@model_opt
+@click.argument("text", required=False)
+@click.option("-f", "--file", type=str, default=None, help="Read the text from FILE (- = stdin).")
+@click.option("--ids-file", type=str, default=None,
+              help="Score these token ids (a JSON list) instead of a text.")
+@click.option("--top-k", type=click.IntRange(min=1, max=1000), default=8, show_default=True,
+              help="The most likely tokens shown beside each actual one.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object: every position's next token, its log-prob, the top-k.")
+@device_opt
+@gpu_opt
+@threads_opt
+@kv_opt
+def score(model, text, file, ids_file, top_k, as_json, device, gpu, threads, kv_type):
+    """Score TEXT (or token ids): the log-prob of each actual next token, teacher-forced, with the
+    top-k tokens the model expected there, and the total."""
+    from .scoring import score_ids
+    if ids_file is not None and (text is not None or file is not None):
+        raise UserError("give a text (TEXT or -f FILE) or --ids-file, not both")
+    ids = _read_ids(ids_file) if ids_file is not None else None
+    text = _read_text(text, file, "text") if ids is None else None
+    eng = _engine(model, device, gpu, threads, ctx=None, quiet=as_json, kv_type=kv_type)
+    if ids is None:
+        ids = eng.tokenizer.encode(text, add_special=True, parse_special=True)
+        if not ids:
+            raise UserError("the text is empty: nothing to score")
     bad = next((i for i in ids if not 0 <= i < eng.config.n_vocab), None)
     if bad is not None:                 # before numpy, which overflows on ids past int64
         raise UserError(f"{ids_file}: token id {bad} is outside the vocabulary "
                         f"(0..{eng.config.n_vocab - 1})")
     if len(ids) > eng.model.n_ctx:
         eng = _engine(model, device, gpu, threads, ctx=min(len(ids), eng.config.n_ctx_train),
-                      quiet=True)
-    click.echo(json.dumps({"model": eng.mf.path, "ids": ids, "positions": score_ids(
-        eng.model, ids, top_k)}))
+                      quiet=True, kv_type=kv_type)
+    positions = score_ids(eng.model, ids, top_k)
+    total = sum(p["logprob"] for p in positions[:-1])
+    n = len(ids) - 1
+    ppl = math.exp(-total / n) if n else None
+    if as_json:
+        click.echo(json.dumps({"model": eng.mf.path, "ids": ids, "positions": positions,
+                               "logprob": total, "n_scored": n, "perplexity": ppl}))
+        return
+    tok = eng.tokenizer
+    click.echo(f"{'pos':>5} {'logprob':>9}  {'token':<24} top-1")
+    for i, p in enumerate(positions[:-1], start=1):
+        best, best_lp = p["top"][0]
+        click.echo(f"{i:>5} {p['logprob']:>9.4f}  {tok.token_text(p['id'])!r:<24} "
+                   f"{tok.token_text(best)!r} {best_lp:.4f}")
+    click.echo(f"log-prob {total:.4f} over {plural(n)}"
+               + (f", perplexity {ppl:.4f}" if ppl is not None else ""))
 
 
 @cli.command()
@@ -300,11 +344,12 @@ def score(model, ids_file, top_k, as_json, device, gpu, threads):
 @device_opt
 @gpu_opt
 @threads_opt
-def perplexity(model, file, ctx, device, gpu, threads):
-    """Perplexity of a text, as llama-perplexity computes it."""
+@kv_opt
+def perplexity(model, file, ctx, device, gpu, threads, kv_type):
+    """Perplexity of a text, as llama-perplexity computes it (progress per chunk on stderr)."""
     from .scoring import perplexity as ppl
     text = _read_text(None, file, "text")
-    eng = _engine(model, device, gpu, threads, ctx)
+    eng = _engine(model, device, gpu, threads, ctx, kv_type=kv_type)
     tok = eng.tokenizer
     ids = tok.encode(text, add_special=False, parse_special=False)
     t0 = time.perf_counter()
@@ -314,7 +359,7 @@ def perplexity(model, file, ctx, device, gpu, threads):
                    f"({time.perf_counter() - t0:.1f} s)", err=True)
 
     value, n = ppl(eng.model, ids, ctx, tok.bos_id if tok.add_bos else None, on_chunk=progress)
-    click.echo(f"perplexity: {value:.4f} over {n} tokens (context {ctx})")
+    click.echo(f"perplexity: {value:.4f} over {plural(n)} (context {ctx})")
 
 
 @cli.command()
@@ -330,6 +375,8 @@ def perplexity(model, file, ctx, device, gpu, threads):
 def bench(model, n_prompt, n_gen, reps, device, gpu, threads, kv_type, as_json):
     """Prompt-processing and generation throughput (llama-bench style)."""
     from .bench import format_table, run_bench
+    if n_prompt == 0 and n_gen == 0:
+        raise UserError("nothing to measure: -p and -n are both 0")
     eng = _engine(model, device, gpu, threads, ctx=max(n_prompt, n_gen, 16), quiet=as_json,
                   batch=max(n_prompt, 1), kv_type=kv_type)
     rows = run_bench(eng, n_prompt, n_gen, reps)
@@ -337,9 +384,9 @@ def bench(model, n_prompt, n_gen, reps, device, gpu, threads, kv_type, as_json):
         click.echo(json.dumps(rows, indent=2))
     else:
         click.echo(format_table(rows))
-        stats = eng.backend.stats()
-        if stats:
-            click.echo(f"backend: {json.dumps(stats)}")
+    stats = eng.backend.stats()
+    if stats:
+        click.echo(f"backend: {json.dumps(stats)}", err=True)
 
 
 def _expected_errors():
@@ -369,10 +416,10 @@ def main(argv=None) -> None:
         sys.exit(EXIT_ERROR)
     except click.exceptions.Abort:
         click.echo("error: aborted", err=True)
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
     except KeyboardInterrupt:
         click.echo("\ninterrupted", err=True)
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
     except _expected_errors() as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         click.echo(f"error: {msg}", err=True)

@@ -15,6 +15,11 @@ import numpy as np
 from .sampling import log_softmax
 
 
+def plural(n: int, noun: str = "token") -> str:
+    """'1 token', '2 tokens', '0 tokens'."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 @dataclass
 class GenerationStats:
     load_s: float = 0.0
@@ -44,8 +49,8 @@ class GenerationStats:
     def summary(self) -> str:
         """One line: prompt and generation speed, time to the first token, load time (if set)."""
         load = f" | load {self.load_s:.2f} s" if self.load_s else ""
-        return (f"prompt: {self.prompt_tokens} tokens, {self.prefill_tps:.1f} tok/s | "
-                f"generated: {self.generated_tokens} tokens, {self.decode_tps:.1f} tok/s | "
+        return (f"prompt: {plural(self.prompt_tokens)}, {self.prefill_tps:.1f} tok/s | "
+                f"generated: {plural(self.generated_tokens)}, {self.decode_tps:.1f} tok/s | "
                 f"first token {self.ttft_s * 1000:.0f} ms{load}")
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+from .generate import plural
 from .loader import ModelFile
 
 # llama.cpp's general.file_type values (LLAMA_FTYPE_*)
@@ -62,7 +63,7 @@ def format_info(d: dict) -> str:
         ("context", d["context_length"]),
         ("rope", f"{d['rope']['layout']}, base {d['rope']['base']:g}"),
         ("tokenizer", f"{d['tokenizer']['model']} ({d['tokenizer']['pre']})"),
-        ("memory", f"weights {_gib(m['weights_bytes'])}, f16 KV cache at {m['kv_ctx']} "
-                   f"tokens {_gib(m['kv_f16_bytes'])}"),
+        ("memory", f"weights {_gib(m['weights_bytes'])}, f16 KV cache at "
+                   f"{plural(m['kv_ctx'])} {_gib(m['kv_f16_bytes'])}"),
     ]
     return "\n".join(f"{k:>13}: {v}" for k, v in lines)

@@ -6,6 +6,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from .generate import plural
+
 
 def _log_softmax_rows(logits: np.ndarray) -> np.ndarray:
     lg = logits.astype(np.float64)
@@ -14,10 +16,18 @@ def _log_softmax_rows(logits: np.ndarray) -> np.ndarray:
 
 
 def score_ids(model, ids: Sequence[int], top_k: int = 8) -> list[dict]:
-    """For every position i, the top_k (id, logprob) of the distribution predicting token i+1."""
+    """Teacher forcing over ids: for every position i, "top", the top_k [id, logprob] of the
+    distribution predicting token i+1, and (all but the last position) "id" and "logprob", that
+    next token of ids and its log-prob."""
     lp = _log_softmax_rows(model.forward_all(ids, 0))
     top = np.argsort(-lp, axis=1, kind="stable")[:, :top_k]
-    return [{"top": [[int(t), float(lp[i, t])] for t in top[i]]} for i in range(len(ids))]
+    out = []
+    for i in range(len(ids)):
+        entry = {"id": int(ids[i + 1]), "logprob": float(lp[i, ids[i + 1]])} \
+            if i + 1 < len(ids) else {}
+        entry["top"] = [[int(t), float(lp[i, t])] for t in top[i]]
+        out.append(entry)
+    return out
 
 
 def perplexity(model, ids: Sequence[int], n_ctx: int, bos_id: int | None = None,
@@ -28,7 +38,7 @@ def perplexity(model, ids: Sequence[int], n_ctx: int, bos_id: int | None = None,
     so far). Returns (perplexity, tokens scored)."""
     ids = list(ids)
     if n_ctx < 4 or len(ids) < 2 * n_ctx:
-        raise ValueError(f"text has {len(ids)} tokens; perplexity at context {n_ctx} needs at "
+        raise ValueError(f"text has {plural(len(ids))}; perplexity at context {n_ctx} needs at "
                          f"least {2 * n_ctx} (and a context of at least 4)")
     nll, count, first = 0.0, 0, n_ctx // 2
     n_chunks = len(ids) // n_ctx

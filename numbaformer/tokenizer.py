@@ -358,6 +358,11 @@ class Tokenizer:
                                                         self._types[token_id])
         return data
 
+    def token_text(self, token_id: int) -> str:
+        """The text a token stands for, readable: its bytes as UTF-8, a byte that is only part of
+        a character as `\\xNN` (piece() is the raw vocab string: 'Ġworld' -> ' world')."""
+        return self.token_bytes(token_id).decode("utf-8", errors="backslashreplace")
+
     def is_special(self, token_id: int) -> bool:
         """True for control and unknown tokens: the ones decode(skip_special=True) leaves out."""
         return self._special[self._check(token_id)]

@@ -90,6 +90,12 @@ def test_info_text(model):
     assert fields["file type"] == "Q4_1"
 
 
+def test_info_says_one_token(model):
+    r = cli("info", model, "-c", 1)
+    assert r.code == 0, r.err
+    assert "f16 KV cache at 1 token " in r.out
+
+
 def test_info_json(model):
     r = cli("info", model, "--json")
     assert r.code == 0, r.err
@@ -113,7 +119,12 @@ def test_tokenize_text_and_json(model, prompt0, engine):
     r = cli("tokenize", "-m", model, "--json", "Hello world")
     d = json.loads(r.out)
     assert d["ids"] == engine.tokenizer.encode("Hello world")
-    assert d["pieces"] == [engine.tokenizer.piece(i) for i in d["ids"]] == ["Hello", "Ġworld"]
+    assert d["pieces"] == ["Hello", " world"]                            # readable text
+    assert d["vocab_pieces"] == [engine.tokenizer.piece(i) for i in d["ids"]] == ["Hello", "Ġworld"]
+    r = cli("tokenize", "-m", model, "--json", "é🦙")
+    d = json.loads(r.out)
+    assert "".join(d["pieces"]).startswith("é") and "\\x" in "".join(d["pieces"])  # part bytes
+    assert b"".join(engine.tokenizer.token_bytes(i) for i in d["ids"]) == "é🦙".encode()
 
 
 def test_tokenize_stdin_and_no_special(model, engine):
@@ -189,6 +200,8 @@ def test_generate_says_when_the_context_is_full(model, prompt0, engine):
     assert full["finish_reason"] == "context" and len(full["ids"]) == 6
     limited = json.loads(cli(*base, "-n", 6, "--json").out)
     assert limited["finish_reason"] == "length" and limited["ids"] == full["ids"]
+    unlimited = json.loads(cli(*base, "-n", -1, "--json").out)
+    assert unlimited["finish_reason"] == "context" and unlimited["ids"] == full["ids"]
     assert "note:" not in cli(*base, "-n", 6).err
 
 
@@ -208,6 +221,49 @@ def test_generate_stop_and_ignore_eos(model, llamacpp, engine):
     assert cut["text"] == stopped["text"][:stopped["text"].index(" ".join(words[1:3]))]
 
 
+def test_generate_no_limit_stops_at_end_of_generation(model, llamacpp, engine):
+    chat = llamacpp[1]["prompt"]
+    base = ("generate", "-m", model, "-p", chat, "--temp", 0, "--json", "--device", "cpu")
+    d = json.loads(cli(*base, "-n", -1).out)
+    assert d["finish_reason"] == "stop" and d["ids"][-1] in engine.tokenizer.eog_ids
+    assert d["ids"] == json.loads(cli(*base, "-n", len(d["ids"]) + 5).out)["ids"]
+
+
+def test_generate_counts_one_token_as_one_token(model, engine):
+    assert engine.tokenizer.encode("hi") == [6004]                     # a one-token prompt
+    r = cli("generate", "-m", model, "-p", "hi", "-n", 1, "--temp", 0, "--device", "cpu",
+            "-c", 32)
+    assert r.code == 0, r.err
+    assert "prompt: 1 token, " in r.err and "generated: 1 token, " in r.err
+
+
+def test_interrupted_generate_prints_what_it_has_and_exits_130(model, prompt0, greedy8,
+                                                                monkeypatch):
+    """Ctrl-C after 3 tokens: their text is on stdout, the [interrupted] line on stderr, exit
+    130 (as bench, and as llama.cpp); --json still prints the object."""
+    import numbaformer.generate as gen
+    real = gen.generate_step
+
+    def interrupted_after_3(*args, **kw):
+        for i, step in enumerate(real(*args, **kw)):
+            if i == 3:
+                raise KeyboardInterrupt
+            yield step
+
+    monkeypatch.setattr(gen, "generate_step", interrupted_after_3)
+    base = ("generate", "-m", model, "-p", prompt0["prompt"], "--temp", 0, "-n", 8,
+            "--device", "cpu", "-c", 64)
+    r = cli(*base)
+    assert r.code == 130, (r.code, r.err)
+    text = r.out.removesuffix("\n")
+    assert text and greedy8.text.startswith(text) and text != greedy8.text
+    assert r.err.splitlines()[-1].startswith("[interrupted] prompt: 15 tokens")
+    r = cli(*base, "--json")
+    assert r.code == 130
+    d = json.loads(r.out)
+    assert d["finish_reason"] == "interrupted" and d["ids"] == greedy8.ids[:3]
+
+
 def test_generate_same_seed_same_text(model, prompt0):
     args = ("generate", "-m", model, "-p", prompt0["prompt"], "--temp", 1.0, "-n", 6, "--json",
             "--device", "cpu", "-c", 64, "--seed")
@@ -218,20 +274,62 @@ def test_generate_same_seed_same_text(model, prompt0):
 # --- score, perplexity, bench ---------------------------------------------------------------------
 
 def test_score_agrees_with_forward_all(model, prompt0, engine, tmp_path):
+    """Every position: the actual next token and its log-prob, the top-k beside it; the total and
+    the perplexity over the scored tokens."""
     ids = prompt0["prompt_ids"] + prompt0["greedy_ids"][:5]
     f = tmp_path / "ids.json"
     f.write_text(json.dumps(ids))
-    r = cli("score", "-m", model, "--ids-file", f, "--top-k", 3, "--device", "cpu")
+    r = cli("score", "-m", model, "--ids-file", f, "--top-k", 3, "--device", "cpu", "--json")
     assert r.code == 0, r.err
     d = json.loads(r.out)
-    assert set(d) == {"model", "ids", "positions"} and d["ids"] == ids
-    assert len(d["positions"]) == len(ids)
+    assert set(d) == {"model", "ids", "positions", "logprob", "n_scored", "perplexity"}
+    assert d["ids"] == ids and len(d["positions"]) == len(ids) and d["n_scored"] == len(ids) - 1
     lp = log_softmax(engine.model.forward_all(ids))
     for i, p in enumerate(d["positions"]):
-        assert set(p) == {"top"} and len(p["top"]) == 3
         top = np.argsort(-lp[i], kind="stable")[:3]
         assert [t for t, _ in p["top"]] == top.tolist()
         assert np.allclose([v for _, v in p["top"]], lp[i, top], rtol=0, atol=1e-6)
+        if i + 1 < len(ids):
+            assert set(p) == {"id", "logprob", "top"} and p["id"] == ids[i + 1]
+            assert p["logprob"] == pytest.approx(lp[i, ids[i + 1]], abs=1e-6)
+        else:
+            assert set(p) == {"top"}                   # nothing follows the last token
+    want = sum(lp[i, ids[i + 1]] for i in range(len(ids) - 1))
+    assert d["logprob"] == pytest.approx(want, abs=1e-5)
+    assert d["perplexity"] == pytest.approx(math.exp(-want / (len(ids) - 1)), rel=1e-6)
+
+
+def test_score_text_as_table_and_json(model, engine):
+    """A text is tokenized as generate does; the table has one row per scored token and the same
+    total as the JSON."""
+    text = "The capital of France is Paris."
+    ids = engine.tokenizer.encode(text)
+    r = cli("score", "-m", model, text, "--device", "cpu", "--top-k", 2)
+    assert r.code == 0, r.err
+    lines = r.out.splitlines()
+    assert lines[0].split()[:3] == ["pos", "logprob", "token"] and len(lines) == len(ids) + 1
+    rows = [line.split() for line in lines[1:-1]]
+    assert [int(row[0]) for row in rows] == list(range(1, len(ids)))
+    assert lines[2].split(maxsplit=2)[2].startswith(repr(engine.tokenizer.token_text(ids[2])))
+    d = json.loads(cli("score", "-m", model, text, "--device", "cpu", "--json").out)
+    assert d["ids"] == ids
+    assert [round(p["logprob"], 4) for p in d["positions"][:-1]] == [float(r[1]) for r in rows]
+    assert lines[-1] == (f"log-prob {d['logprob']:.4f} over {len(ids) - 1} tokens, "
+                         f"perplexity {d['perplexity']:.4f}")
+
+
+def test_score_and_perplexity_take_kv_type(model, tmp_path):
+    """--kv-type f16 rounds the CPU's KV cache as stored: near the f32 numbers, not equal."""
+    text = "The capital of France is Paris. It is known for the Eiffel tower."
+    f32, f16 = (json.loads(cli("score", "-m", model, text, "--device", "cpu", "--json",
+                               "--kv-type", kv).out) for kv in ("f32", "f16"))
+    assert f32["ids"] == f16["ids"] and f32["logprob"] != f16["logprob"]
+    assert f16["logprob"] == pytest.approx(f32["logprob"], abs=0.05)
+    f = tmp_path / "text.txt"
+    f.write_text(PPL_TEXT)
+    ppl = [float(cli("perplexity", "-m", model, "-f", f, "-c", 16, "--device", "cpu",
+                     "--kv-type", kv).out.split()[1]) for kv in ("f32", "f16")]
+    assert ppl[0] != ppl[1] and ppl[1] == pytest.approx(ppl[0], rel=1e-2)
 
 
 @pytest.mark.parametrize("content,what", [("[1, 2", "not JSON"), ("[]", "non-empty"),
@@ -242,7 +340,8 @@ def test_score_agrees_with_forward_all(model, prompt0, engine, tmp_path):
 def test_score_bad_ids(model, tmp_path, content, what):
     f = tmp_path / "ids.json"
     f.write_text(content)
-    assert_one_line_error(cli("score", "-m", model, "--ids-file", f, "--device", "cpu"), what)
+    assert_one_line_error(cli("score", "-m", model, "--ids-file", f, "--device", "cpu", "--json"),
+                          what)
 
 
 PPL_TEXT = ("The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins "
@@ -275,6 +374,16 @@ def test_perplexity_text_too_short(model, tmp_path):
     f.write_text("Too short.")
     assert_one_line_error(cli("perplexity", "-m", model, "-f", f, "-c", 16, "--device", "cpu"),
                           "needs at least 32")
+
+
+def test_bench_table_on_stdout_backend_stats_on_stderr(model):
+    r = cli("bench", "-m", model, "-p", 8, "-n", 2, "-r", 1, "--device", "cpu", "-t", 1)
+    assert r.code == 0, r.err
+    lines = r.out.splitlines()
+    assert lines[0].startswith("| model |") and len(lines) == 4       # head, rule, pp8, tg2
+    assert [line.split("|")[6].strip() for line in lines[2:]] == ["pp8", "tg2"]
+    stats = [line for line in r.err.splitlines() if line.startswith("backend: ")]
+    assert len(stats) == 1 and json.loads(stats[0][len("backend: "):]) == {"threads": 1}
 
 
 def test_bench_json(model):
@@ -326,7 +435,12 @@ LONG_PROMPT = "word " * 40
     (("generate", "-m", "{model}", "-p", "", "--device", "cpu", "-c", "16"), "prompt is empty"),
     (("generate", "-m", "{model}", "-p", "hi", "-f", "{missing}"), "prompt"),
     (("generate", "-m", "{model}", "-f", "{missing}"), "cannot read"),
-    (("generate", "-m", "{model}", "-p", "hi", "-n", "-1"), "-n"),
+    (("generate", "-m", "{model}", "-p", "hi", "-n", "-2"), "-n"),
+    (("generate", "-m", "{model}", "-p", "hi", "--logprobs", "3"), "--logprobs needs --json"),
+    (("bench", "-m", "{model}", "-p", "0", "-n", "0"), "nothing to measure"),
+    (("score", "-m", "{model}", "hi", "--ids-file", "{missing}"), "not both"),
+    (("score", "-m", "{model}", "--device", "cpu"), "text"),
+    (("score", "-m", "{model}", "", "--device", "cpu", "--json"), "the text is empty"),
     (("tokenize", "-m", "{model}"), "text"),
     (("bogus-command",), "bogus-command"),
 ])
@@ -495,3 +609,18 @@ def test_chat_without_stats_says_only_the_banner(model):
     assert r.code == 0, r.err
     assert [line for line in r.err.splitlines() if not line.startswith("compiling")] == [
         "chat: Ctrl-D quits, Ctrl-C stops a reply, /help lists the commands"]
+
+
+def test_chat_no_limit_replies_to_the_end(model, engine):
+    """-n -1: the reply runs to its end-of-generation token, as the library's with no limit."""
+    from numbaformer.chat_template import render_model_chat
+    r = cli("chat", "-m", model, "--temp", 0, "-n", -1, "--device", "cpu", "-c", 256, "--stats",
+            input="What is 2+2?\n")
+    assert r.code == 0, r.err
+    ids = engine.tokenizer.encode(render_model_chat(
+        engine.mf.gguf.metadata, engine.tokenizer, [{"role": "user", "content": "What is 2+2?"}]))
+    want = stream_generate(engine.model, engine.tokenizer, ids,
+                           make_sampler(SamplingParams(temperature=0)), max_tokens=-1)
+    assert want.finish_reason == "stop" and len(want.ids) > 8           # past chat's old -n
+    assert r.out == f"> {want.text}\n> \n"
+    assert any(line.startswith("[stop] ") for line in r.err.splitlines())

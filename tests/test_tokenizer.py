@@ -163,6 +163,10 @@ def test_token_bytes_piece_and_specials(vocab):
     gpt2 = vocab("gpt-2")[1]
     the = gpt2.encode(" the", add_special=False)
     assert len(the) == 1 and gpt2.piece(the[0]) == "Ġthe" and gpt2.token_bytes(the[0]) == b" the"
+    # token_text: readable; a byte that is only part of a character as \xNN
+    assert [spm.token_text(i) for i in (13, 15043, 1)] == ["\n", " Hello", "<s>"]
+    assert spm.token_text(3 + 0xE9) == "\\xe9" and spm.piece(3 + 0xE9) == "<0xE9>"
+    assert gpt2.token_text(the[0]) == " the"
     for bad in (-1, spm.vocab_size):
         with pytest.raises(ValueError, match="outside the vocab"):
             spm.token_bytes(bad)

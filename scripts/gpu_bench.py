@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""Per-kernel GPU throughput: GEMV GB/s against the measured copy bandwidth, GEMM FLOP/s against
-the fp32 peak, for every quant type, at Llama-3-8B shapes.
+"""Per-kernel GPU throughput: GEMV GB/s against the measured copy bandwidth (the fast 8-bit path
+and the exact f32 one), GEMM FLOP/s against the fp32 peak, for every quant type, at Llama-3-8B
+shapes.
 
-usage: python scripts/gpu_bench.py [--types Q4_K,Q6_K,...] [--json OUT.json]
+usage: python scripts/gpu_bench.py [--types Q4_K,Q6_K,...] [--paths fast,exact] [--json OUT.json]
 Weights are random bytes with sane fp16 scales; each timing rotates over enough copies of the
 weights to defeat the L2 cache, runs after a warm-up, and is the median of CUDA-event timings of a
 captured CUDA graph of several launches (host launch overhead excluded, as in decode).
@@ -22,7 +23,8 @@ import numbaformer.backends.cuda  # noqa: E402,F401  (numpy shim, decoder regist
 from numba import cuda  # noqa: E402
 
 from numbaformer.backends.cuda import matmul as M  # noqa: E402
-from numbaformer.backends.cuda.backend import upload_rows  # noqa: E402
+from numbaformer.backends.cuda.backend import device_bytes, upload_matrix  # noqa: E402
+from numbaformer.backends.cuda.gemv import fast_path  # noqa: E402
 from numbaformer.backends.cuda.graph import CudaGraph  # noqa: E402
 from numbaformer.quants import DECODERS, GGML_TYPES, TYPE_IDS  # noqa: E402
 from numbaformer.synthetic import random_blocks  # noqa: E402
@@ -73,11 +75,13 @@ def copy_bandwidth() -> float:
 def _weights(qtype: int, rows: int, cols: int, copies: int):
     t = GGML_TYPES[qtype]
     host = random_blocks(qtype, rows * cols // t.block_size, cols ** -0.5).reshape(rows, -1)
-    return [QTensor("w", qtype, rows, cols, upload_rows(host)) for _ in range(copies)]
+    return [QTensor("w", qtype, rows, cols, upload_matrix(host, qtype, cols))
+            for _ in range(copies)]
 
 
-def bench_gemv(qtype: int, rows: int, cols: int) -> dict:
-    nbytes = GGML_TYPES[qtype].row_bytes(cols) * rows
+def bench_gemv(qtype: int, rows: int, cols: int, exact: bool) -> dict:
+    """Bytes counted: the weights as the kernel reads them (GPU layout, padding included)."""
+    nbytes = device_bytes(QTensor("w", qtype, rows, cols, None))
     copies = max(1, -(-L2_DEFEAT_BYTES // nbytes))
     ws = _weights(qtype, rows, cols, copies)
     x = cuda.to_device(np.random.default_rng(1).standard_normal((1, cols)).astype(np.float32))
@@ -85,9 +89,10 @@ def bench_gemv(qtype: int, rows: int, cols: int) -> dict:
     it = iter(range(1 << 30))
 
     def run():
-        M.matmul(out, x, ws[next(it) % copies], STREAM)
+        M.matmul(out, x, ws[next(it) % copies], STREAM, exact=exact)
     ms = time_ms(run, reps=30, per_graph=2 * copies)
-    return {"kernel": "gemv", "type": GGML_TYPES[qtype].name, "shape": f"{rows}x{cols}",
+    path = "fast" if fast_path(qtype, exact) else "exact"
+    return {"kernel": f"gemv {path}", "type": GGML_TYPES[qtype].name, "shape": f"{rows}x{cols}",
             "ms": round(ms, 4), "GB/s": round(nbytes / ms / 1e6, 1)}
 
 
@@ -103,6 +108,7 @@ def bench_gemm(qtype: int, rows: int, cols: int, n: int) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--types", default=",".join(GGML_TYPES[t].name for t in DECODERS))
+    ap.add_argument("--paths", default="fast,exact", help="mat-vec paths to time")
     ap.add_argument("--gemm-types", default="Q4_K,Q8_0")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
@@ -113,11 +119,14 @@ def main() -> int:
     rows = []
     for tn in a.types.split(","):
         qt = TYPE_IDS[tn]
-        for shape in ((14336, 4096), (4096, 14336)):
-            r = bench_gemv(qt, *shape)
-            r["% of copy BW"] = round(100 * r["GB/s"] / bw, 1)
-            rows.append(r)
-    for tn in a.gemm_types.split(","):
+        paths = [p for p in a.paths.split(",") if p == "exact" or fast_path(qt)]
+        for path in paths:
+            for shape in ((14336, 4096), (4096, 14336)):
+                r = bench_gemv(qt, *shape, exact=path == "exact")
+                r["% of copy BW"] = round(100 * r["GB/s"] / bw, 1)
+                rows.append(r)
+                print("  ".join(f"{k}={v}" for k, v in r.items()), flush=True)
+    for tn in filter(None, a.gemm_types.split(",")):
         r = bench_gemm(TYPE_IDS[tn], 14336, 4096, 512)
         if peak:
             r["% of fp32 peak"] = round(100 * r["TFLOP/s"] / peak, 1)

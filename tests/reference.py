@@ -57,6 +57,27 @@ def attention(q, k, v, q_pos, k_pos, n_head, n_kv, head_dim):
     return out.reshape(n, n_head * head_dim)
 
 
+def q8_activations(x) -> np.ndarray:
+    """x (n,) as the 8-bit mat-vec sees it (llama.cpp's q8_1): per 32 values d = max|x| / 127 and
+    q = rint(x / d) in float32, returned dequantized as float64 (q * d)."""
+    g = np.asarray(x, np.float32).reshape(-1, 32)
+    d = (np.abs(g).max(axis=1) / np.float32(127)).astype(np.float32)
+    inv = np.where(d > 0, np.float32(1) / np.where(d > 0, d, 1), 0).astype(np.float32)
+    q = np.rint(g * inv[:, None])
+    assert np.abs(q).max() <= 127
+    return (q.astype(np.float64) * d[:, None]).reshape(-1)
+
+
+def q8_tie_slack(x, within: float = 1e-3) -> np.ndarray:
+    """Per value of x (n,): its group's d where x / d lies within `within` of a rounding tie (a
+    kernel that computed x in another order may round it the other way), else 0."""
+    g = np.asarray(x, np.float64).reshape(-1, 32)
+    d = np.abs(g).max(axis=1) / 127
+    t = g / np.where(d > 0, d, 1)[:, None]
+    near = np.abs(t - np.floor(t) - 0.5) < within
+    return (near * d[:, None]).reshape(-1)
+
+
 def silu(x):
     return x / (1.0 + np.exp(-x))
 

@@ -10,28 +10,28 @@ from numba.cuda.core import config
 from ..base import Backend
 from . import attention, elementwise, embed, gemv, matmul, norm, rope, sample
 from .graph import CudaGraph, graphs_supported
+from .layout import repack, row_pitch
 from .pool import DevicePool
 
 WORKSPACE_BYTES = 256 << 20          # kernels, scratch and fragmentation headroom in the estimate
-ROW_ALIGN = 16                       # weight rows start 16-byte aligned on the device
 
 
-def upload_rows(host: np.ndarray, stream=0):
-    """Weight rows (n, row_bytes) uint8 -> device (n, pitch): the same bytes, each row padded to a
-    16-byte pitch so that every row starts 16-byte aligned for the kernels' vector loads."""
-    pitch = -(-host.shape[1] // ROW_ALIGN) * ROW_ALIGN
-    if pitch != host.shape[1]:
-        padded = np.zeros((host.shape[0], pitch), dtype=np.uint8)
-        padded[:, :host.shape[1]] = host
-        host = padded
-    return cuda.to_device(np.ascontiguousarray(host), stream=stream)
+def upload_matrix(host: np.ndarray, qtype: int, cols: int, stream=0):
+    """GGUF rows (rows, row_bytes) uint8 -> the device, repacked into the GPU layout (layout.py):
+    (rows, pitch) uint8, every row and plane 16-byte aligned for the kernels' vector loads."""
+    return cuda.to_device(repack(host, qtype, cols), stream=stream)
+
+
+def device_bytes(t) -> int:
+    """Bytes a weight matrix takes on the device (the GPU layout pads each plane of a row to 16)."""
+    return t.rows * row_pitch(t.qtype, t.cols)
 
 
 def memory_needed(mf, n_ctx: int, n_batch: int) -> int:
     """Bytes the model needs on the GPU: weights, an f16 KV cache for n_ctx, activations for n_batch
     tokens, logits, and WORKSPACE_BYTES for kernels, scratch and fragmentation."""
     cfg = mf.config
-    return (sum(t.nbytes for t in mf.weights.matrices()) + cfg.kv_cache_bytes(n_ctx, 2)
+    return (sum(device_bytes(t) for t in mf.weights.matrices()) + cfg.kv_cache_bytes(n_ctx, 2)
             + 4 * n_batch * (4 * cfg.n_embd + 2 * cfg.q_dim + 2 * cfg.kv_dim + 2 * cfg.n_ff)
             + 4 * (n_batch + 1) * cfg.n_vocab + WORKSPACE_BYTES)
 
@@ -45,12 +45,15 @@ def check_fits(need: int, free: int, total: int, n_ctx: int) -> None:
 
 
 class CUDABackend(Backend):
-    """Weights uploaded once in their GGUF form; activations and the f16 KV cache from the pool."""
+    """Weights uploaded once in the GPU layout; activations and the f16 KV cache from the pool.
+    `exact`: every mat-vec with f32 activations (else 8-bit activations where the type has a fast
+    path, as llama.cpp's MMVQ)."""
 
     name = "cuda"
     default_kv_type = "f16"
 
-    def __init__(self, gpu: int = 0):
+    def __init__(self, gpu: int = 0, exact: bool = False):
+        self.exact = exact
         if not config.ENABLE_CUDASIM:
             cuda.select_device(gpu)
         self.device_name = "simulator" if config.ENABLE_CUDASIM else \
@@ -83,12 +86,12 @@ class CUDABackend(Backend):
                                        stream=self.stream)
 
     def upload(self, weights):
-        """Every matrix as its raw GGUF bytes on the device (a tied output is uploaded once)."""
+        """Every matrix on the device in the GPU layout (a tied output is uploaded once)."""
         done = {}
 
         def up(t):
             if t.name not in done:
-                done[t.name] = dataclasses.replace(t, data=self._upload_bytes(t.data))
+                done[t.name] = self.upload_matrix(t)
             return done[t.name]
 
         def vec(a):
@@ -104,10 +107,11 @@ class CUDABackend(Backend):
             weights, token_embd=up(weights.token_embd), output=up(weights.output),
             output_norm=vec(weights.output_norm), rope_freqs=weights.rope_freqs, layers=layers)
 
-    def _upload_bytes(self, host: np.ndarray):
-        arr = upload_rows(host, self.stream)
+    def upload_matrix(self, t):
+        """A host QTensor -> the same QTensor with its data on the device, in the GPU layout."""
+        arr = upload_matrix(t.data, t.qtype, t.cols, self.stream)
         self.weight_bytes += arr.nbytes
-        return arr
+        return dataclasses.replace(t, data=arr)
 
     def check_memory(self, mf, n_ctx: int, n_batch: int) -> None:
         if config.ENABLE_CUDASIM:
@@ -123,10 +127,10 @@ class CUDABackend(Backend):
         norm.rmsnorm(out, x, w, eps, self.stream)
 
     def matmul(self, out, x, w, bias=None):
-        matmul.matmul(out, x, w, self.stream, bias=bias)
+        matmul.matmul(out, x, w, self.stream, bias=bias, exact=self.exact)
 
     def matmul_add(self, x, a, w, scratch):
-        matmul.matmul(x, a, w, self.stream, residual=x)
+        matmul.matmul(x, a, w, self.stream, residual=x, exact=self.exact)
 
     def norm_matmul(self, outs, x, norm_w, eps, ws, biases, scratch):
         """Decode: one fused launch per run of matrices of one type and width (norm prologue,
@@ -142,14 +146,14 @@ class CUDABackend(Backend):
             has_bias = biases[i] is not None
             gemv.gemv(outs[i:j], ws[i:j], x, self.stream, mode="bias" if has_bias else "store",
                       extras=biases[i:j] if has_bias else None, norm_w=norm_w, eps=eps,
-                      opt_in=matmul._opt_in)
+                      opt_in=matmul._opt_in, exact=self.exact)
             i = j
 
     def norm_swiglu(self, out, x, norm_w, eps, w_gate, w_up, scratch, up):
         if x.shape[0] > 1 or (w_gate.qtype, w_gate.cols) != (w_up.qtype, w_up.cols):
             return super().norm_swiglu(out, x, norm_w, eps, w_gate, w_up, scratch, up)
         gemv.gemv([out], [w_gate, w_up], x, self.stream, mode="swiglu", norm_w=norm_w, eps=eps,
-                  opt_in=matmul._opt_in)
+                  opt_in=matmul._opt_in, exact=self.exact)
 
     def rope_store(self, q, k, v, pos, cache, layer, inv_freq, rp):
         rope.rope_store(q, k, v, pos, cache.k, cache.v, layer, inv_freq, rp, self.stream)
@@ -204,6 +208,6 @@ class CUDABackend(Backend):
         self.stream.synchronize()
 
     def stats(self) -> dict:
-        return {"device": self.device_name, "weights_bytes": self.weight_bytes,
+        return {"device": self.device_name, "exact": self.exact, "weights_bytes": self.weight_bytes,
                 "graphs": len(self.graphs), "graph_launches": self.graph_launches,
                 "pool": self.pool.stats()}

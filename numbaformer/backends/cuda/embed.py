@@ -1,13 +1,14 @@
-"""Embedding lookup on the GPU from quantized rows, with the shared block decoders."""
+"""Embedding lookup on the GPU from quantized rows (GPU layout), with the shared block decoders."""
 from __future__ import annotations
 
 import functools
 
-from numba import cuda
+from numba import cuda, uint8
 
 from ...quants import GGML_TYPES, QK
 from ._jit import cuda_kernel
 from .decoders import DECODERS
+from .layout import gather_block
 
 EMBED_THREADS = 64
 
@@ -17,15 +18,21 @@ def _embed_kernel(qtype: int, threads: int):
     dq32 = DECODERS[qtype][0]
     chunk_bytes = GGML_TYPES[qtype].chunk_bytes
     cpb = GGML_TYPES[qtype].chunks_per_block
+    gather = gather_block(qtype)
 
     @cuda_kernel
     def _embed(out, table, ids):
-        """Block b decodes row ids[b] of the table; thread t decodes 32-value chunks t::threads."""
+        """Block b decodes row ids[b] of the table; thread t gathers blocks t::threads of it into
+        GGUF order (a local buffer) and decodes their 32-value chunks."""
         tok = cuda.blockIdx.x
         src = table[ids[tok]]
         dst = out[tok]
-        for c in range(cuda.threadIdx.x, out.shape[1] // QK, threads):
-            dq32(src, (c // cpb) * chunk_bytes, c % cpb, dst, QK * c, 16)
+        buf = cuda.local.array(chunk_bytes, uint8)
+        nb = out.shape[1] // QK // cpb
+        for b in range(cuda.threadIdx.x, nb, threads):
+            gather(src, nb, b, buf)
+            for j in range(cpb):
+                dq32(buf, 0, j, dst, QK * (b * cpb + j), 16)
 
     return _embed
 

@@ -1,20 +1,21 @@
 """Decode mat-vecs (one token), fused with what surrounds them in the graph.
 
-One kernel family, `_gemv_kernel(qtype, n_mat, norm, mode)`:
-  prologue  x is staged in shared memory once per block (and its 16-value sums, for the K-quant
-            min terms); with `norm`, staged as rmsnorm(x) * w (the block reduces x^2 itself), so
-            a norm never costs a launch of its own;
+One kernel family, `_gemv_kernel(qtype, n_mat, norm, mode, warps, exact)`:
+  prologue  x is staged in shared memory once per block; with `norm`, as rmsnorm(x) * w (the block
+            reduces x^2 itself), so a norm never costs a launch of its own. The fast path stages
+            it as 8-bit integers per 32 values (gemv_q8.py); the exact path as f32, with its
+            16-value sums for the K-quant min terms;
   rows      up to three matrices of one type and width (Q, K, V) form one virtual range of row
             pairs; blocks are persistent (a grid of a few blocks per SM) and their warps walk the
             pairs with a grid stride, so the staging is paid a few times per SM, not per row;
-  row dot   per type: Q4_K reads each 16-byte unit of nibbles straight into registers (one LDG.128,
-            coalesced across the 8 lanes of a block) and both rows of a pair share the unit's
-            activations (gemv_fast.py); every other type streams each row through a per-warp
-            shared segment with 16-byte loads and dots its 32-value chunks with the type's dot32
-            decoder from quants.py;
+  row dot   fast path (the types of gemv_q8.UNITS): 16-byte units of the row's q plane straight
+            into registers, dp4a against the q8 activations; exact path (every type, and the
+            `exact` option): each row streams through a per-warp shared segment of whole blocks
+            in GGUF order (16-byte loads for the float types, whose layout is unchanged; a block
+            gather from the planes for the others) dotted with the type's dot32 from quants.py;
   epilogue  mode 0: store; 1: + bias; 2: + residual (out may be the residual); 3 (SwiGLU): the two
             matrices are gate and up, out[r] = silu(gate[r] . x) * (up[r] . x).
-Weights: w32 (rows, pitch / 4) uint32 views of the raw GGUF rows, each padded to a 16-byte pitch.
+Weights: rows in the GPU layout (layout.py), (rows, pitch) uint8 with uint32 views.
 """
 from __future__ import annotations
 
@@ -24,18 +25,24 @@ import math
 import numpy as np
 from numba import cuda, float32, uint8, uint32
 
-from ...quants import GGML_TYPES, Q4_K, QK, U
+from ...quants import GGML_TYPES, QK, U
 from ._jit import cuda_kernel
 from .decoders import DECODERS
-from .gemv_fast import q4k_pair_dot
+from .gemv_q8 import UNITS, q8_pair_dot, smem_words, stage_q8
 from .intrinsics import load_u32x4, syncwarp
+from .layout import PLANES, gather_block
 from .reduce import WARP, block_sum, warp_sum
 
 GEMV_WARPS = 8
 BLOCKS_PER_SM = 4
-SEGMENT_BYTES = 1024     # weight bytes a warp stages per step (a LDG.128 per lane, or more)
-FAST_PATHS = True        # register-direct rows where the format allows (Q4_K)
+SEGMENT_BYTES = 1024     # weight bytes a warp stages per step (exact path)
 MODES = {"store": 0, "bias": 1, "residual": 2, "swiglu": 3}
+
+
+def fast_path(qtype: int, exact: bool = False) -> bool:
+    """Whether a mat-vec of this type takes the q8 path (not asked to be exact, and a type with a
+    unit dot)."""
+    return not exact and qtype in UNITS
 
 
 def segment_blocks(qtype: int) -> int:
@@ -60,33 +67,46 @@ def _stage_load(regs, row, u0, lane, seg_units, row_units):
             regs[4 * i + 3] = a3
 
 
+def _identity(qtype: int) -> bool:
+    """The GPU layout of this type is its GGUF rows (the float types)."""
+    return len(PLANES[qtype]) == 1
+
+
 @functools.lru_cache(maxsize=None)
 def _staged_row_dot(qtype: int, seg_blocks: int):
-    """A device function (row, cols, xs, xsum, seg, regs, lane) -> this lane's partial dot."""
+    """A device function (row, row8, cols, xs, xsum, seg, regs, lane) -> this lane's partial dot."""
     dot32 = DECODERS[qtype][1]
     cb = GGML_TYPES[qtype].chunk_bytes
     cpb = GGML_TYPES[qtype].chunks_per_block
     seg_units = seg_blocks * cb // 16
+    identity = _identity(qtype)
+    gather = gather_block(qtype)
 
     @cuda.jit(device=True)
-    def row_dot(row, cols, xs, xsum, seg, regs, lane):
-        """The row streams through the warp's segment `seg` seg_blocks blocks at a time: this
-        lane's 16-byte units sit in regs (issued one segment ahead), are copied in, a syncwarp
-        publishes them, the next loads are issued, the lane dots chunks lane, lane+32, .. of the
-        segment, and a syncwarp frees the segment."""
+    def row_dot(row, row8, cols, xs, xsum, seg, regs, lane):
+        """The row streams through the warp's segment `seg` seg_blocks blocks at a time, in GGUF
+        order. Float types: this lane's 16-byte units sit in regs (issued one segment ahead), are
+        copied in, a syncwarp publishes them, the next loads are issued. Other types: lane i
+        gathers block i of the segment from the planes. Then the lane dots chunks lane, lane+32,
+        .. of the segment, and a syncwarp frees the segment."""
         seg32 = seg.view(np.uint32)
         n_blocks = cols // QK // cpb
         row_units = row.shape[0] // 4
         acc = float32(0)
-        _stage_load(regs, row, 0, lane, seg_units, row_units)
+        if identity:
+            _stage_load(regs, row, 0, lane, seg_units, row_units)
         for b0 in range(0, n_blocks, seg_blocks):
-            for i in range(regs.shape[0] // 4):
-                u = lane + i * WARP
-                if u < seg_units:
-                    for e in range(4):
-                        seg32[4 * u + e] = regs[4 * i + e]
+            if identity:
+                for i in range(regs.shape[0] // 4):
+                    u = lane + i * WARP
+                    if u < seg_units:
+                        for e in range(4):
+                            seg32[4 * u + e] = regs[4 * i + e]
+            else:
+                for i in range(lane, min(seg_blocks, n_blocks - b0), WARP):
+                    gather(row8, n_blocks, b0 + i, seg[i * cb:])
             syncwarp()                                  # segment visible to every lane
-            if b0 + seg_blocks < n_blocks:              # the next segment's loads fly meanwhile
+            if identity and b0 + seg_blocks < n_blocks:  # the next segment's loads fly meanwhile
                 _stage_load(regs, row, ((b0 + seg_blocks) * cb) // 16, lane, seg_units,
                             row_units)
             nc = min(seg_blocks, n_blocks - b0) * cpb
@@ -99,31 +119,56 @@ def _staged_row_dot(qtype: int, seg_blocks: int):
 
 
 @functools.lru_cache(maxsize=None)
-def _staged_pair_dot(qtype: int, seg_blocks: int):
-    row_dot = _staged_row_dot(qtype, seg_blocks)
+def _pair_dot(qtype: int, exact: bool):
+    """(device function pair_dot(row_a, row_b, row_a8, row_b8, same, cols, sm, seg, regs, lane)
+    -> two partial dots, the staged segment's bytes (exact path; 16 for the fast one)). sm holds the
+    staged activations: f32 x' and its 16-sums (exact), the q8 form (fast)."""
+    if fast_path(qtype, exact):
+        q8_dot = q8_pair_dot(qtype)
+
+        @cuda.jit(device=True)
+        def fast_pair(row_a, row_b, row_a8, row_b8, same, cols, sm, seg, regs, lane):
+            return q8_dot(row_a, row_b, row_a8, row_b8, cols, sm, lane)
+        return fast_pair, 16
+    sb = segment_blocks(qtype)
+    row_dot = _staged_row_dot(qtype, sb)
 
     @cuda.jit(device=True)
-    def pair_dot(row_a, row_b, same, cols, xs, xsum, seg, regs, lane):
+    def staged_pair(row_a, row_b, row_a8, row_b8, same, cols, sm, seg, regs, lane):
         """Partial dots of two rows, one after the other (row_b skipped when `same`)."""
-        a = row_dot(row_a, cols, xs, xsum, seg, regs, lane)
-        b = a if same else row_dot(row_b, cols, xs, xsum, seg, regs, lane)
+        xsum = sm[cols:]
+        a = row_dot(row_a, row_a8, cols, sm, xsum, seg, regs, lane)
+        b = a if same else row_dot(row_b, row_b8, cols, sm, xsum, seg, regs, lane)
         return a, b
-
-    return pair_dot
+    return staged_pair, sb * GGML_TYPES[qtype].chunk_bytes
 
 
 @cuda.jit(device=True)
-def _q4k_pair(row_a, row_b, same, cols, xs, xsum, seg, regs, lane):
-    return q4k_pair_dot(row_a, row_b, cols, xs, xsum, lane)
+def _stage_f32(sm, x, norm_w, eps, norm, red, threads):
+    """x' = x or rmsnorm(x) * norm_w into sm[:cols], its 16-value sums into sm[cols:]."""
+    tid = cuda.threadIdx.x
+    cols = x.shape[1]
+    xsum = sm[cols:]
+    scale = float32(1)
+    if norm:
+        ss = float32(0)
+        for i in range(tid, cols, threads):
+            ss += x[0, i] * x[0, i]
+        ss = block_sum(ss, red)
+        scale = float32(1) / math.sqrt(ss / float32(cols) + eps)
+    for i in range(tid, cols, threads):
+        sm[i] = (x[0, i] * scale) * norm_w[i] if norm else x[0, i]
+    cuda.syncthreads()                               # x' staged
+    for g in range(tid, cols // 16, threads):
+        s = float32(0)
+        for i in range(16):
+            s += sm[U(16 * g + i)]
+        xsum[g] = s
 
 
-def _pair_dot(qtype: int):
-    """(device function pair_dot(row_a, row_b, same, cols, xs, xsum, seg, regs, lane) -> two
-    partial dots, the staged segment's bytes)."""
-    if qtype == Q4_K and FAST_PATHS:
-        return _q4k_pair, 16
-    sb = segment_blocks(qtype)
-    return _staged_pair_dot(qtype, sb), sb * GGML_TYPES[qtype].chunk_bytes
+def smem_bytes(qtype: int, cols: int, exact: bool) -> int:
+    """Dynamic shared memory of a mat-vec launch: the staged activations."""
+    return 4 * (smem_words(cols) if fast_path(qtype, exact) else cols + cols // 16)
 
 
 @cuda.jit(device=True, inline=True)
@@ -137,41 +182,28 @@ def _store(o, e, r, acc, mode):
 
 
 @functools.lru_cache(maxsize=None)
-def _gemv_kernel(qtype: int, n_mat: int, norm: bool, mode: int, warps: int, fast: bool):
-    pair_dot, seg_bytes = _pair_dot(qtype)
+def _gemv_kernel(qtype: int, n_mat: int, norm: bool, mode: int, warps: int, exact: bool):
+    pair_dot, seg_bytes = _pair_dot(qtype, exact)
+    stage = _stage_f32 if not fast_path(qtype, exact) else stage_q8
     seg_units = max(1, seg_bytes // 16)
     n_regs = 4 * ((seg_units + WARP - 1) // WARP)
     threads = warps * WARP
 
     @cuda_kernel
-    def _gemv(o0, o1, o2, w0, w1, w2, e0, e1, e2, x, norm_w, eps):
-        """Matrices w0..w{n_mat-1} (uint32 rows) share x (1, cols): out_m[0, r] = w_m[r] . x'
-        (+ e_m per mode), x' = x or rmsnorm(x) * norm_w. Warps take row pairs: virtual pair p runs
-        over w0's pairs (rows 2q, 2q+1), then w1's, then w2's, with a grid stride. SwiGLU: pair
-        r is (gate[r], up[r]) and o0[0, r] = silu(gate[r] . x') * (up[r] . x')."""
+    def _gemv(o0, o1, o2, w0, w1, w2, v0, v1, v2, e0, e1, e2, x, norm_w, eps):
+        """Matrices w0..w{n_mat-1} (uint32 rows; v0.. the same as uint8) share x (1, cols):
+        out_m[0, r] = w_m[r] . x' (+ e_m per mode), x' = x or rmsnorm(x) * norm_w. Warps take row
+        pairs: virtual pair p runs over w0's pairs (rows 2q, 2q+1), then w1's, then w2's, with a
+        grid stride. SwiGLU: pair r is (gate[r], up[r]) and o0[0, r] = silu(gate[r] . x') *
+        (up[r] . x')."""
         sm = cuda.shared.array(0, float32)
         segs = cuda.shared.array((warps, seg_bytes), uint8)
         red = cuda.shared.array(32, float32)
         regs = cuda.local.array(n_regs, uint32)
         tid = cuda.threadIdx.x
         cols = x.shape[1]
-        xsum = sm[cols:]
-        scale = float32(1)
-        if norm:
-            ss = float32(0)
-            for i in range(tid, cols, threads):
-                ss += x[0, i] * x[0, i]
-            ss = block_sum(ss, red)
-            scale = float32(1) / math.sqrt(ss / float32(cols) + eps)
-        for i in range(tid, cols, threads):
-            sm[i] = (x[0, i] * scale) * norm_w[i] if norm else x[0, i]
-        cuda.syncthreads()                               # x' staged
-        for g in range(tid, cols // 16, threads):
-            s = float32(0)
-            for i in range(16):
-                s += sm[U(16 * g + i)]
-            xsum[g] = s
-        cuda.syncthreads()                               # 16-sums staged (the min terms)
+        stage(sm, x, norm_w, eps, norm, red, threads)
+        cuda.syncthreads()                               # activations staged
         lane = tid % WARP
         wi = tid // WARP
         seg = segs[wi]
@@ -184,7 +216,7 @@ def _gemv_kernel(qtype: int, n_mat: int, norm: bool, mode: int, warps: int, fast
             n_pairs = p1 + ((w2.shape[0] + 1) // 2 if n_mat > 2 else 0)
         for p in range(cuda.blockIdx.x * warps + wi, n_pairs, cuda.gridDim.x * warps):
             if mode == 3:
-                a, b = pair_dot(w0[p], w1[p], False, cols, sm, xsum, seg, regs, lane)
+                a, b = pair_dot(w0[p], w1[p], v0[p], v1[p], False, cols, sm, seg, regs, lane)
                 a = warp_sum(a)
                 b = warp_sum(b)
                 if lane == 0:
@@ -192,14 +224,14 @@ def _gemv_kernel(qtype: int, n_mat: int, norm: bool, mode: int, warps: int, fast
             else:
                 # which matrix the pair belongs to, and its first row there
                 if p < p0:
-                    w, o, e, r = w0, o0, e0, 2 * p
+                    w, v, o, e, r = w0, v0, o0, e0, 2 * p
                 elif p < p1:
-                    w, o, e, r = w1, o1, e1, 2 * (p - p0)
+                    w, v, o, e, r = w1, v1, o1, e1, 2 * (p - p0)
                 else:
-                    w, o, e, r = w2, o2, e2, 2 * (p - p1)
+                    w, v, o, e, r = w2, v2, o2, e2, 2 * (p - p1)
                 last = r + 1 >= w.shape[0]                  # an odd row count's last row
-                a, b = pair_dot(w[r], w[r if last else r + 1], last, cols, sm, xsum, seg, regs,
-                                lane)
+                r2 = r if last else r + 1
+                a, b = pair_dot(w[r], w[r2], v[r], v[r2], last, cols, sm, seg, regs, lane)
                 a = warp_sum(a)
                 b = warp_sum(b)
                 if lane == 0:
@@ -219,22 +251,22 @@ def _n_sms() -> int:
 
 
 def gemv(outs, ws, x, stream, *, mode: str = "store", extras=None, norm_w=None, eps=0.0,
-         opt_in=None) -> None:
-    """Fused decode mat-vec: outs[m] (1, rows_m) f32 from QTensors ws[m] (same type and width) and
-    x (1, cols) f32; see the module docstring for `mode`, extras (bias arrays or the residual) and
-    norm_w (rmsnorm x with these weights first)."""
+         opt_in=None, exact: bool = False) -> None:
+    """Fused decode mat-vec: outs[m] (1, rows_m) f32 from QTensors ws[m] (same type and width, GPU
+    layout) and x (1, cols) f32; see the module docstring for `mode`, extras (bias arrays or the
+    residual), norm_w (rmsnorm x with these weights first) and `exact` (f32 activations)."""
     n_mat, qtype, cols = len(ws), ws[0].qtype, ws[0].cols
     assert all(w.qtype == qtype and w.cols == cols for w in ws) and 1 <= n_mat <= 3
     m = MODES[mode]
-    fast = qtype == Q4_K and FAST_PATHS
-    k = _gemv_kernel(qtype, n_mat, norm_w is not None, m, GEMV_WARPS, fast)
+    k = _gemv_kernel(qtype, n_mat, norm_w is not None, m, GEMV_WARPS, exact)
     o = list(outs) + [outs[0]] * (3 - len(outs))
-    w32 = [w.data.view(np.uint32) for w in ws]
-    w32 += [w32[0]] * (3 - n_mat)
+    w8 = [w.data for w in ws]
+    w8 += [w8[0]] * (3 - n_mat)
+    w32 = [a.view(np.uint32) for a in w8]
     e = list(extras) if extras else []
     e += [o[0] if m == 2 else x[0]] * (3 - len(e))
-    args = (*o, *w32, *e, x, x[0] if norm_w is None else norm_w, np.float32(eps))
-    smem = 4 * (cols + cols // 16)
+    args = (*o, *w32, *w8, *e, x, x[0] if norm_w is None else norm_w, np.float32(eps))
+    smem = smem_bytes(qtype, cols, exact)
     if opt_in is not None:
         opt_in(k, smem, *args)
     pairs = ws[0].rows if m == 3 else sum((w.rows + 1) // 2 for w in ws)

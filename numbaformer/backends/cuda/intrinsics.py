@@ -57,6 +57,13 @@ def load_f32x4(arr, i):
     return arr[j], arr[j + 1], arr[j + 2], arr[j + 3]
 
 
+def load_u32x4_shared(arr, i):
+    """load_f32x4 for a uint32 array: words arr[4i .. 4i+3] (global or shared, plain ld.v4: the
+    array may be written by the kernel, e.g. staged activations in shared memory)."""
+    j = 4 * i
+    return arr[j], arr[j + 1], arr[j + 2], arr[j + 3]
+
+
 def f16_bits_to_f32(h):
     """float32 value of the IEEE half whose bits are the low 16 bits of integer h (higher bits are
     ignored, so `w >> 16` and `w & 0xFFFF` of a uint32 word are the two halves). PTX: `cvt.f32.f16`,
@@ -205,17 +212,19 @@ if not config.ENABLE_CUDASIM:
         return types.float32(u), codegen
 
     @intrinsic
-    def _ld_f32x4(typingctx, arr, i):
+    def _ld_x4(typingctx, arr, i):
+        """4 consecutive 32-bit elements (float32 or uint32) by one plain 16-byte vector load."""
         if not (isinstance(arr, types.Array) and arr.ndim == 1 and arr.layout == "C"
-                and arr.dtype == types.float32 and isinstance(i, types.Integer)):
-            raise NumbaTypeError(f"load_f32x4 needs a 1-D C-contiguous float32 array, got {arr}")
-        rettype = types.UniTuple(types.float32, 4)
+                and arr.dtype in (types.float32, types.uint32) and isinstance(i, types.Integer)):
+            raise NumbaTypeError(f"a 16-byte load needs a 1-D C-contiguous float32 or uint32 "
+                                 f"array, got {arr}")
+        rettype = types.UniTuple(arr.dtype, 4)
 
         def codegen(context, builder, sig, args):
             ary = context.make_array(sig.args[0])(context, builder, args[0])
             idx = context.cast(builder, args[1], sig.args[1], types.intp)
             ptr = builder.gep(ary.data, [builder.mul(idx, context.get_constant(types.intp, 4))])
-            vty = ir.VectorType(ir.FloatType(), 4)
+            vty = ir.VectorType(context.get_value_type(sig.args[0].dtype), 4)
             vec = builder.load(builder.bitcast(ptr, vty.as_pointer(ptr.type.addrspace)), align=16)
             return context.make_tuple(builder, rettype, [
                 builder.extract_element(vec, ir.Constant(_i32, k)) for k in range(4)])
@@ -270,7 +279,11 @@ if not config.ENABLE_CUDASIM:
 
     @overload(load_f32x4, target="cuda")
     def _ol_load_f32x4(arr, i):
-        return lambda arr, i: _ld_f32x4(arr, i)
+        return lambda arr, i: _ld_x4(arr, i)
+
+    @overload(load_u32x4_shared, target="cuda")
+    def _ol_load_u32x4_shared(arr, i):
+        return lambda arr, i: _ld_x4(arr, i)
 
     @overload(f16_bits_to_f32, target="cuda")
     def _ol_f16_bits_to_f32(h):

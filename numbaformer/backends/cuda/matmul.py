@@ -1,21 +1,23 @@
-"""Quantized matrix products on the GPU, weights in their GGUF form (rows of raw blocks).
+"""Quantized matrix products on the GPU, weights in the GPU layout (layout.py).
 
 GEMV (decode, one token): gemv.py's fused kernels (norm prologue, several matrices, epilogues).
 GEMM (prefill): a block computes a GEMM_BM-row x GEMM_BN-token tile of the output, stepping through
 the shared dimension 32 values (one decode chunk) at a time: the X tile is copied and the W tile
-dequantized into shared memory (each weight block once per token tile), then every thread
+dequantized into shared memory (each weight block gathered into GGUF order once per token tile,
+in a thread-local buffer, and decoded chunk by chunk), then every thread
 accumulates a GEMM_TM x GEMM_TN register block from 16-byte shared loads.
 """
 from __future__ import annotations
 
 import functools
 
-from numba import cuda, float32
+from numba import cuda, float32, uint8
 
 from ...quants import GGML_TYPES, QK, U
 from ._jit import cuda_kernel
 from .decoders import DECODERS
 from .gemv import _n_sms, gemv
+from .layout import gather_block
 
 SMEM_DEFAULT = 48 << 10  # dynamic shared memory a launch may use without opting in
 GEMM_BM = 128            # weight rows per GEMM tile
@@ -34,6 +36,7 @@ def _gemm_kernel(qtype: int, bm: int, bn: int, tm: int, tn: int, epilogue: int):
     threads = tx_n * ty_n
     pad_m, pad_n = bm + 4, bn + 4                # keep rows 16-byte aligned, spread the banks
     x_per_thread = bn * QK // threads            # x values each thread stages per step
+    gather = gather_block(qtype)
 
     @cuda_kernel
     def _gemm(out, w, x, extra):
@@ -46,6 +49,7 @@ def _gemm_kernel(qtype: int, bm: int, bn: int, tm: int, tn: int, epilogue: int):
         xs = cuda.shared.array((QK, pad_n), float32)
         ws = cuda.shared.array((QK, pad_m), float32)
         acc = cuda.local.array((tn, tm), float32)
+        blk = cuda.local.array(cb, uint8)                # this thread's weight block, GGUF order
         a = cuda.local.array(tn, float32)
         bv = cuda.local.array(tm, float32)
         tid = cuda.threadIdx.x
@@ -55,6 +59,7 @@ def _gemm_kernel(qtype: int, bm: int, bn: int, tm: int, tn: int, epilogue: int):
         t0 = cuda.blockIdx.y * bn
         n_tok = x.shape[0]
         rows = w.shape[0]
+        nb = x.shape[1] // QK // cpb
         for j in range(tn):
             for i in range(tm):
                 acc[j, i] = 0
@@ -66,7 +71,9 @@ def _gemm_kernel(qtype: int, bm: int, bn: int, tm: int, tn: int, epilogue: int):
                     else float32(0)
             if tid < bm:
                 if r0 + tid < rows:
-                    dq32(w[r0 + tid], (c // cpb) * cb, c % cpb, ws[:, tid], 0, 16)
+                    if c % cpb == 0:
+                        gather(w[r0 + tid], nb, c // cpb, blk)
+                    dq32(blk, 0, c % cpb, ws[:, tid], 0, 16)
                 else:
                     for k in range(QK):
                         ws[k, tid] = 0
@@ -96,14 +103,15 @@ def _gemm_kernel(qtype: int, bm: int, bn: int, tm: int, tn: int, epilogue: int):
     return _gemm
 
 
-def matmul(out, x, w, stream, bias=None, residual=None) -> None:
+def matmul(out, x, w, stream, bias=None, residual=None, exact=False) -> None:
     """out (n, rows) = x (n, cols) @ W.T (+ bias (rows,) | + residual (n, rows)); W a QTensor on
-    the device. residual may be `out` itself (each element is read before it is written)."""
+    the device. residual may be `out` itself (each element is read before it is written).
+    exact: a single token's mat-vec with f32 activations (gemv.py)."""
     n = x.shape[0]
     if n == 1:
         mode, extras = ("bias", [bias]) if bias is not None else ("residual", [residual]) \
             if residual is not None else ("store", None)
-        gemv([out], [w], x, stream, mode=mode, extras=extras, opt_in=_opt_in)
+        gemv([out], [w], x, stream, mode=mode, extras=extras, opt_in=_opt_in, exact=exact)
         return
     epilogue, extra = (1, bias) if bias is not None else (2, residual) if residual is not None \
         else (0, out)

@@ -39,7 +39,7 @@ def _decode(data: bytes, source: str) -> str:
                         f"{e.start})") from None
 
 
-def checked_text(text: str, source: str) -> str:
+def _checked_text(text: str, source: str) -> str:
     """text, if it is valid UTF-8. Python hands over undecodable bytes of arguments (and of stdin
     in some locales) as lone surrogates; those become a UserError naming `source` and the byte."""
     try:
@@ -67,7 +67,7 @@ def _read_text(text: str | None, file: str | None, what: str = "prompt") -> str:
     if (text is None) == (file is None):
         raise UserError(f"give the {what} as an argument/option or with -f FILE, not both or none")
     if file is None:
-        return checked_text(text, f"the {what}")
+        return _checked_text(text, f"the {what}")
     if file == "-":
         return _read_stdin(what)
     try:
@@ -193,7 +193,7 @@ def generate(model, prompt, file, n_predict, ctx, temp, top_k, top_p, min_p, rep
     params = _sampling(temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n,
                        presence_penalty, frequency_penalty, seed)
     text = _read_text(prompt, file)
-    system = None if system is None else checked_text(system, "the system message")
+    system = None if system is None else _checked_text(system, "the system message")
     eng = _engine(model, device, gpu, threads, ctx, quiet=as_json, kv_type=kv_type)
     tok = eng.tokenizer
     if chat:
@@ -248,7 +248,7 @@ def _read_line(prompt: str) -> str:
                         ) from None
     except OSError as e:
         raise UserError(f"cannot read the chat input from stdin: {e.strerror or e}") from None
-    return checked_text(line, "the chat input")
+    return _checked_text(line, "the chat input")
 
 
 @cli.command()
@@ -270,7 +270,7 @@ def chat(model, system, n_predict, ctx, temp, top_k, top_p, min_p, repeat_penalt
     from .chat import run_chat
     params = _sampling(temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n,
                        presence_penalty, frequency_penalty, seed)
-    system = None if system is None else checked_text(system, "the system message")
+    system = None if system is None else _checked_text(system, "the system message")
     run_chat(_engine(model, device, gpu, threads, ctx, kv_type=kv_type), params, system=system,
              max_tokens=n_predict, stats=stats, read=_read_line)
 
@@ -320,20 +320,24 @@ def score(model, text, file, ids_file, top_k, as_json, device, gpu, threads, kv_
         eng = _engine(model, device, gpu, threads, ctx=min(len(ids), eng.config.n_ctx_train),
                       quiet=True, kv_type=kv_type)
     positions = score_ids(eng.model, ids, top_k)
-    total = sum(p["logprob"] for p in positions[:-1])
+    total = float(sum(p["logprob"] for p in positions[:-1]))
     n = len(ids) - 1
     ppl = math.exp(-total / n) if n else None
     if as_json:
         click.echo(json.dumps({"model": eng.mf.path, "ids": ids, "positions": positions,
                                "logprob": total, "n_scored": n, "perplexity": ppl}))
-        return
-    tok = eng.tokenizer
+    else:
+        _print_scores(eng.tokenizer, positions, total, ppl)
+
+
+def _print_scores(tok, positions: list[dict], total: float, ppl: float | None) -> None:
+    """score's table: each scored token, its log-prob and the model's top choice; the total."""
     click.echo(f"{'pos':>5} {'logprob':>9}  {'token':<24} top-1")
     for i, p in enumerate(positions[:-1], start=1):
         best, best_lp = p["top"][0]
         click.echo(f"{i:>5} {p['logprob']:>9.4f}  {tok.token_text(p['id'])!r:<24} "
                    f"{tok.token_text(best)!r} {best_lp:.4f}")
-    click.echo(f"log-prob {total:.4f} over {plural(n)}"
+    click.echo(f"log-prob {total:.4f} over {plural(len(positions) - 1)}"
                + (f", perplexity {ppl:.4f}" if ppl is not None else ""))
 
 

@@ -318,6 +318,14 @@ def test_score_text_as_table_and_json(model, engine):
                          f"perplexity {d['perplexity']:.4f}")
 
 
+def test_score_of_one_token_scores_nothing(model):
+    d = json.loads(cli("score", "-m", model, "hi", "--device", "cpu", "--json").out)
+    assert len(d["ids"]) == 1 and set(d["positions"][0]) == {"top"}
+    assert (d["logprob"], d["n_scored"], d["perplexity"]) == (0.0, 0, None)
+    r = cli("score", "-m", model, "hi", "--device", "cpu")
+    assert r.code == 0 and r.out.splitlines()[-1] == "log-prob 0.0000 over 0 tokens"
+
+
 def test_score_and_perplexity_take_kv_type(model, tmp_path):
     """--kv-type f16 rounds the CPU's KV cache as stored: near the f32 numbers, not equal."""
     text = "The capital of France is Paris. It is known for the Eiffel tower."

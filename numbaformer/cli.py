@@ -25,9 +25,11 @@ class UserError(Exception):
 
 def _engine(model, device="auto", gpu=0, threads=None, ctx=None, quiet=False, batch=512,
             kv_type=None):
+    """The engine; quiet (--json) keeps the notes off stderr, but a kernel compile is still
+    announced there: every run that compiles says so."""
     from .engine import load_engine
     return load_engine(model, device=device, gpu=gpu, threads=threads, n_ctx=ctx, quiet=quiet,
-                       n_batch=batch, kv_type=kv_type)
+                       n_batch=batch, kv_type=kv_type, announce_compiles=True)
 
 
 def _decode(data: bytes, source: str) -> str:

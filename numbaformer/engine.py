@@ -46,10 +46,13 @@ def resolve_model_path(path: str | None, quiet: bool = False) -> str:
 
 def load_engine(path: str | None = None, *, device: str = "auto", gpu: int = 0,
                 threads: int | None = None, n_ctx: int | None = None, n_batch: int = 512,
-                kv_type: str | None = None, quiet: bool = False) -> Engine:
+                kv_type: str | None = None, quiet: bool = False,
+                announce_compiles: bool | None = None) -> Engine:
     """Validate the file, pick the backend, upload, allocate, and warm up (compiling kernels once;
     cached afterwards). kv_type: "f16" | "f32" (default: the backend's, f16 on CUDA, f32 on the
-    CPU). Raises GGUFError / BackendError / ValueError with one-line messages."""
+    CPU). quiet: no notes on stderr; announce_compiles (default: not quiet): a line on stderr
+    before a kernel that is not cached compiles, now or later in the process. Raises GGUFError /
+    BackendError / ValueError with one-line messages."""
     from .backends import kernel_cache
 
     path = resolve_model_path(path, quiet)
@@ -63,7 +66,7 @@ def load_engine(path: str | None = None, *, device: str = "auto", gpu: int = 0,
                              f"training context)")
         ops = select_backend(device, gpu=gpu, threads=threads, quiet=quiet)
         ops.check_memory(mf, n_ctx, n_batch)
-        if not quiet:
+        if announce_compiles if announce_compiles is not None else not quiet:
             kernel_cache.announce_compiles(ops.name)   # a line before any kernel compiles
         model = Model(mf, ops, n_ctx, n_batch, kv_type=kv_type)
         model.warmup()

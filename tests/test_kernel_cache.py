@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from numba.core import event
 
 from numbaformer.backends.kernel_cache import compile_notice
@@ -43,6 +44,49 @@ def test_notice_comes_once_before_a_compile_and_never_for_a_cache_load(tmp_path)
         assert fresh.twice(3) == 6 and fresh.thrice(3) == 9
         assert fresh.twice.stats.cache_hits and fresh.thrice.stats.cache_hits
     assert lines == []
+
+
+_CUDA_SCRIPT = """
+import json
+import numbaformer.backends.cuda
+from numba import cuda, types
+from numba.cuda.core import event
+from numbaformer.backends.kernel_cache import announce_compiles, compile_notice, _PASS_EVENTS
+lines = []
+notice = compile_notice("cuda", write=lines.append)
+assert _PASS_EVENTS["cuda"] == ("numba.cuda.core.event", "numba-cuda:run_pass")
+
+def add_one(a):
+    i = cuda.grid(1)
+    if i < a.size:
+        a[i] += 1
+
+with event.install_listener("numba-cuda:run_pass", notice):
+    before = list(lines)
+    try:
+        cuda.compile_ptx(add_one, (types.float32[::1],), cc=(9, 0))
+    except Exception as e:  # only a missing toolchain (NVVM, libdevice) skips; bugs fail
+        if type(e).__name__ not in ("DynamicLibNotFoundError", "FileNotFoundError",
+                                    "NvvmSupportError", "CudaSupportError", "OSError"):
+            raise
+        lines = ["skip: " + type(e).__name__]
+announce_compiles("cuda")                   # registers with numba-cuda's own event module
+print(json.dumps({"before": before, "after": lines}))
+"""
+
+
+def test_cuda_compiles_are_announced_too():
+    """The CUDA backend's kernels compile through numba-cuda's pipeline, whose passes are events
+    of its own module: compiled offline (PTX, no GPU needed), with the simulator off."""
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
+    p = subprocess.run([sys.executable, "-c", _CUDA_SCRIPT], env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    d = json.loads(p.stdout.splitlines()[-1])
+    if d["after"] and d["after"][0].startswith("skip: "):
+        pytest.skip(f"NVVM unavailable: {d['after'][0]}")
+    assert d["before"] == [] and len(d["after"]) == 1
+    assert d["after"][0].startswith("compiling cuda kernels that are not in the cache yet")
 
 
 def _generate(model, cache_dir, *args) -> tuple[str, list[str]]:

@@ -5,7 +5,7 @@ import tracemalloc
 
 import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from vocab_files import locate_test_model, read_metadata, unpack_vocab
+from vocab_files import read_metadata, unpack_vocab
 
 import numbaformer.chat_template as chat_template
 from numbaformer.chat_template import ChatTemplateError, render_chat, render_model_chat
@@ -108,8 +108,8 @@ def test_smollm2_template_default_system():
         SMOLLM2_DEFAULT_SYSTEM + "<|im_start|>user\nWhat is 2+2?<|im_end|>\n")
 
 
-def test_smollm2_template_from_the_model_file():
-    meta = read_metadata(locate_test_model())
+def test_smollm2_template_from_the_model_file(smollm2_path):
+    meta = read_metadata(smollm2_path)
     assert meta["tokenizer.chat_template"] == SMOLLM2_TEMPLATE
     tok = Tokenizer.from_metadata(meta)
     text = render_model_chat(meta, tok, USER)

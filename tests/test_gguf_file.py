@@ -483,16 +483,10 @@ def test_fuzzed_files_load_or_raise_gguf_error(tmp_path):
     assert outcomes["loaded"] > 10 and outcomes["refused"] > 100, outcomes
 
 
-# --- the real model, if present -------------------------------------------------------------------
+# --- the real model (fetched once by conftest.py; skipped, saying why, when that fails) ----------
 
-REAL_MODEL = Path(os.environ.get("NUMBAFORMER_TEST_MODEL") or Path.home() / ".cache" /
-                  "numbaformer/models/SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
-@pytest.mark.skipif(not REAL_MODEL.is_file(), reason=f"{REAL_MODEL} not found (set "
-                    "NUMBAFORMER_TEST_MODEL or put it in ~/.cache/numbaformer/models/)")
-def test_smollm2_file():
-    mf = load_model_file(REAL_MODEL, tokenizer=False)
+def test_smollm2_file(smollm2_path):
+    mf = load_model_file(smollm2_path, tokenizer=False)
     try:
         c = mf.config
         assert (c.arch, c.n_layer, c.n_embd, c.n_head, c.n_head_kv) == ("llama", 30, 576, 9, 3)

@@ -5,8 +5,7 @@ import random
 
 import numpy as np
 import pytest
-from vocab_files import (VECTOR_SETS, data_path, locate_test_model, read_metadata, read_vectors,
-                         unpack_vocab)
+from vocab_files import VECTOR_SETS, data_path, read_metadata, read_vectors, unpack_vocab
 
 from numbaformer.gguf_file import GGUFError
 from numbaformer.tokenizer import StreamDecoder, Tokenizer
@@ -302,8 +301,8 @@ def test_bad_bpe_metadata_raises_gguf_error(changes, words):
     assert words in str(err.value) and "\n" not in str(err.value)
 
 
-def test_smollm2_prompt_ids_match_llama_cpp():
-    meta = read_metadata(locate_test_model())
+def test_smollm2_prompt_ids_match_llama_cpp(smollm2_path):
+    meta = read_metadata(smollm2_path)
     tok = Tokenizer.from_metadata(meta)
     assert (tok.kind, tok.pre, tok.add_bos) == ("gpt2", "smollm", False)
     prompts = json.loads(data_path("reference/prompts.json").read_text())

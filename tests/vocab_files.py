@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from numbaformer.fetch import cached_path
 from numbaformer.gguf_file import open_gguf
 from numbaformer.refdata import find_data
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VECTOR_SETS = ("llama-spm", "llama-bpe", "qwen2", "gpt-2")
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 VECTOR_SEPARATOR = "\n__ggml_vocab_test__\n"
 
 
@@ -63,10 +63,10 @@ def read_vectors(name: str) -> list[tuple[str, list[int]]]:
 
 
 def locate_test_model() -> Path:
-    """The SmolLM2-135M-Instruct Q4_1 file: $NUMBAFORMER_TEST_MODEL, else
-    ~/.cache/numbaformer/models/; skips the calling test when it is absent."""
-    path = Path(os.environ.get("NUMBAFORMER_TEST_MODEL")
-                or Path.home() / ".cache" / "numbaformer" / "models" / SMOLLM2_FILE)
+    """The SmolLM2-135M-Instruct Q4_1 file: $NUMBAFORMER_TEST_MODEL, else the model cache
+    (~/.cache/numbaformer/models or $NUMBAFORMER_CACHE); skips the calling test when it is absent
+    (tests take the `smollm2_path` fixture, which fetches it once instead)."""
+    path = Path(os.environ.get("NUMBAFORMER_TEST_MODEL") or cached_path())
     if not path.is_file():
         pytest.skip(f"test model not found at {path} (set NUMBAFORMER_TEST_MODEL)")
     return path

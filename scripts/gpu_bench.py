@@ -11,6 +11,7 @@ captured CUDA graph of several launches (host launch overhead excluded, as in de
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -22,6 +23,8 @@ import numpy as np  # noqa: E402
 import numbaformer.backends.cuda  # noqa: E402,F401  (numpy shim, decoder registration)
 from numba import cuda  # noqa: E402
 
+from numbaformer.backends.cuda import gemv as G  # noqa: E402
+from numbaformer.backends.cuda import gemv_q8 as Q8  # noqa: E402
 from numbaformer.backends.cuda import matmul as M  # noqa: E402
 from numbaformer.backends.cuda.backend import device_bytes, upload_matrix  # noqa: E402
 from numbaformer.backends.cuda.gemv import fast_path  # noqa: E402
@@ -72,6 +75,7 @@ def copy_bandwidth() -> float:
     return 2 * n * 16 / ms / 1e6
 
 
+@functools.lru_cache(maxsize=None)
 def _weights(qtype: int, rows: int, cols: int, copies: int):
     t = GGML_TYPES[qtype]
     host = random_blocks(qtype, rows * cols // t.block_size, cols ** -0.5).reshape(rows, -1)
@@ -105,11 +109,32 @@ def bench_gemm(qtype: int, rows: int, cols: int, n: int) -> dict:
             "ms": round(ms, 3), "TFLOP/s": round(2 * n * rows * cols / ms / 1e9, 2)}
 
 
+SWEEP = [(w, b, u, s) for w, u, s in ((8, 4, 1), (8, 4, 2), (8, 2, 1), (8, 2, 2), (4, 4, 1),
+                                         (4, 4, 2)) for b in (2, 4)]
+
+
+def sweep(types, bw: float) -> None:
+    """% of copy bandwidth of the fast mat-vec per launch configuration (warps per block, blocks
+    per SM, units per batch, warps per row pair), both 8B shapes."""
+    saved = G.GEMV_WARPS, G.BLOCKS_PER_SM, Q8.UNROLL, Q8.SPLIT, Q8.SPLIT_BELOW
+    for tn in types:
+        for w, b, u, s in SWEEP:
+            G.GEMV_WARPS, G.BLOCKS_PER_SM, Q8.UNROLL, Q8.SPLIT = w, b, u, s
+            Q8.SPLIT_BELOW = 1 << 30 if s > 1 else 0
+            pct = [100 * bench_gemv(TYPE_IDS[tn], *shape, exact=False)["GB/s"] / bw
+                   for shape in ((14336, 4096), (4096, 14336))]
+            print(f"sweep {tn} warps={w} blocks/SM={b} unroll={u} split={s}: "
+                  + " ".join(f"{p:.1f}%" for p in pct), flush=True)
+    G.GEMV_WARPS, G.BLOCKS_PER_SM, Q8.UNROLL, Q8.SPLIT, Q8.SPLIT_BELOW = saved
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--types", default=",".join(GGML_TYPES[t].name for t in DECODERS))
     ap.add_argument("--paths", default="fast,exact", help="mat-vec paths to time")
     ap.add_argument("--gemm-types", default="Q4_K,Q8_0")
+    ap.add_argument("--sweep", default="", help="types whose fast mat-vec is timed at every "
+                    "(warps per block, blocks per SM, units per batch) in SWEEP, then exit")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     dev = cuda.get_current_device()
@@ -117,6 +142,10 @@ def main() -> int:
     bw = copy_bandwidth()
     peak = next((v for k, v in FP32_PEAK_TFLOPS.items() if k in name), None)
     rows = []
+    if a.sweep:
+        print(f"device: {name}; copy bandwidth {bw:.0f} GB/s")
+        sweep(a.sweep.split(","), bw)
+        return 0
     for tn in a.types.split(","):
         qt = TYPE_IDS[tn]
         paths = [p for p in a.paths.split(",") if p == "exact" or fast_path(qt)]

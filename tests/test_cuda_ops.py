@@ -146,10 +146,18 @@ def q8_bound(raw, qt, xq):
 
 
 @pytest.mark.parametrize("name", FAST_TYPES)
-def test_matvec_q8_fast_path(cu, name):
+@pytest.mark.parametrize("split", [1, 2])
+def test_matvec_q8_fast_path(cu, name, split, monkeypatch):
     """The 8-bit mat-vec equals the product with llama.cpp's q8_1 rounding of x (float64
-    reference) to float32 roundoff, with bias and residual epilogues and odd row counts."""
+    reference) to float32 roundoff, with bias and residual epilogues and odd row counts; split 2:
+    two warps share each row pair (forced), their sums added in shared memory."""
+    from numbaformer.backends.cuda import gemv, gemv_q8
     from numbaformer.backends.cuda.gemv import fast_path
+    if split == 2:
+        monkeypatch.setattr(gemv, "GEMV_WARPS", max(2, gemv.GEMV_WARPS))
+        monkeypatch.setattr(gemv_q8, "SPLIT_BELOW", 1 << 30)
+    else:
+        monkeypatch.setattr(gemv_q8, "SPLIT_BELOW", 0)
     qt = TYPE_IDS[name]
     assert fast_path(qt) and not fast_path(qt, exact=True)
     big = GGML_TYPES[qt].block_size == 256

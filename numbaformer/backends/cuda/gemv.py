@@ -28,7 +28,8 @@ from numba import cuda, float32, uint8, uint32
 from ...quants import GGML_TYPES, QK, U
 from ._jit import cuda_kernel
 from .decoders import DECODERS
-from .gemv_q8 import UNITS, q8_pair_dot, smem_words, stage_q8
+from . import gemv_q8
+from .gemv_q8 import UNITS, q8_kernel, smem_words, store_one
 from .intrinsics import load_u32x4, syncwarp
 from .layout import PLANES, gather_block
 from .reduce import WARP, block_sum, warp_sum
@@ -119,17 +120,10 @@ def _staged_row_dot(qtype: int, seg_blocks: int):
 
 
 @functools.lru_cache(maxsize=None)
-def _pair_dot(qtype: int, exact: bool):
+def _pair_dot(qtype: int):
     """(device function pair_dot(row_a, row_b, row_a8, row_b8, same, cols, sm, seg, regs, lane)
-    -> two partial dots, the staged segment's bytes (exact path; 16 for the fast one)). sm holds the
-    staged activations: f32 x' and its 16-sums (exact), the q8 form (fast)."""
-    if fast_path(qtype, exact):
-        q8_dot = q8_pair_dot(qtype)
-
-        @cuda.jit(device=True)
-        def fast_pair(row_a, row_b, row_a8, row_b8, same, cols, sm, seg, regs, lane):
-            return q8_dot(row_a, row_b, row_a8, row_b8, cols, sm, lane)
-        return fast_pair, 16
+    -> two partial dots of the exact path, the staged segment's bytes). sm holds f32 x' and its
+    16-value sums."""
     sb = segment_blocks(qtype)
     row_dot = _staged_row_dot(qtype, sb)
 
@@ -171,20 +165,10 @@ def smem_bytes(qtype: int, cols: int, exact: bool) -> int:
     return 4 * (smem_words(cols) if fast_path(qtype, exact) else cols + cols // 16)
 
 
-@cuda.jit(device=True, inline=True)
-def _store(o, e, r, acc, mode):
-    """o[0, r] = acc (+ bias e[r] in mode 1, + residual e[0, r] in mode 2)."""
-    if mode == 1:
-        acc += e[r]
-    elif mode == 2:
-        acc += e[0, r]
-    o[0, r] = acc
-
-
 @functools.lru_cache(maxsize=None)
-def _gemv_kernel(qtype: int, n_mat: int, norm: bool, mode: int, warps: int, exact: bool):
-    pair_dot, seg_bytes = _pair_dot(qtype, exact)
-    stage = _stage_f32 if not fast_path(qtype, exact) else stage_q8
+def _gemv_kernel(qtype: int, n_mat: int, norm: bool, mode: int, warps: int):
+    """The exact mat-vec kernel (f32 activations, staged rows)."""
+    pair_dot, seg_bytes = _pair_dot(qtype)
     seg_units = max(1, seg_bytes // 16)
     n_regs = 4 * ((seg_units + WARP - 1) // WARP)
     threads = warps * WARP
@@ -202,7 +186,7 @@ def _gemv_kernel(qtype: int, n_mat: int, norm: bool, mode: int, warps: int, exac
         regs = cuda.local.array(n_regs, uint32)
         tid = cuda.threadIdx.x
         cols = x.shape[1]
-        stage(sm, x, norm_w, eps, norm, red, threads)
+        _stage_f32(sm, x, norm_w, eps, norm, red, threads)
         cuda.syncthreads()                               # activations staged
         lane = tid % WARP
         wi = tid // WARP
@@ -235,9 +219,9 @@ def _gemv_kernel(qtype: int, n_mat: int, norm: bool, mode: int, warps: int, exac
                 a = warp_sum(a)
                 b = warp_sum(b)
                 if lane == 0:
-                    _store(o, e, r, a, mode)
+                    store_one(o, e, r, a, mode)
                     if not last:
-                        _store(o, e, r + 1, b, mode)
+                        store_one(o, e, r + 1, b, mode)
 
     return _gemv
 
@@ -258,7 +242,15 @@ def gemv(outs, ws, x, stream, *, mode: str = "store", extras=None, norm_w=None, 
     n_mat, qtype, cols = len(ws), ws[0].qtype, ws[0].cols
     assert all(w.qtype == qtype and w.cols == cols for w in ws) and 1 <= n_mat <= 3
     m = MODES[mode]
-    k = _gemv_kernel(qtype, n_mat, norm_w is not None, m, GEMV_WARPS, exact)
+    pairs = ws[0].rows if m == 3 else sum((w.rows + 1) // 2 for w in ws)
+    slots = _n_sms() * BLOCKS_PER_SM * GEMV_WARPS          # warps of a full grid
+    split = 1
+    if fast_path(qtype, exact):
+        if pairs < gemv_q8.SPLIT_BELOW * slots:
+            split = min(gemv_q8.SPLIT, GEMV_WARPS)
+        k = q8_kernel(qtype, n_mat, norm_w is not None, m, GEMV_WARPS, gemv_q8.UNROLL, split)
+    else:
+        k = _gemv_kernel(qtype, n_mat, norm_w is not None, m, GEMV_WARPS)
     o = list(outs) + [outs[0]] * (3 - len(outs))
     w8 = [w.data for w in ws]
     w8 += [w8[0]] * (3 - n_mat)
@@ -269,6 +261,6 @@ def gemv(outs, ws, x, stream, *, mode: str = "store", extras=None, norm_w=None, 
     smem = smem_bytes(qtype, cols, exact)
     if opt_in is not None:
         opt_in(k, smem, *args)
-    pairs = ws[0].rows if m == 3 else sum((w.rows + 1) // 2 for w in ws)
-    grid = max(1, min((pairs + GEMV_WARPS - 1) // GEMV_WARPS, _n_sms() * BLOCKS_PER_SM))
+    groups = GEMV_WARPS // split
+    grid = max(1, min((pairs + groups - 1) // groups, _n_sms() * BLOCKS_PER_SM))
     k[grid, GEMV_WARPS * WARP, stream, smem](*args)

@@ -7,14 +7,15 @@ terms). The error this makes is bounded by the tests and measured against the ex
 activations, gemv.py's staged path) on whole models.
 
 Rows: a warp takes two rows at a time; lane l reads the 16-byte units l, l + 32, .. of each row's q
-plane (one aligned LDG.128 each, the warp's loads coalesced), UNROLL units per row in flight before
-any is used. A unit is 32 values of a 4-bit plane (16 of Q8_0); its dot with the activations is
+plane (one aligned LDG.128 each, the warp's loads coalesced), UNROLL units per row and batch, all
+issued before any is used. When the rows are few for the grid (ffn_down: 4096 rows of 14336),
+SPLIT warps share a pair, each a slice of its units, and add their sums in shared memory. A unit is 32 values of a 4-bit plane (16 of Q8_0); its dot with the activations is
 dp4a on nibbles masked four at a time, so a weight byte costs about one integer instruction. The
 unit's scale bytes, high bits and f16 d/min come from the other planes of the row (small loads,
 coalesced across lanes), and its activations from shared memory as 16-byte loads.
 
-One `_unit_<type>(w0, w1, w2, w3, row, row8, u, nb, xq, xd, xs)` per type returns the unit's float
-partial dot; UNITS maps a type to it and its units per block.
+Per type, `_fetch_<type>` loads a unit's scale/high-bit words (issued with its quants) and
+`_dot_<type>` returns its float partial dot; UNITS maps a type to them and its units per block.
 """
 from __future__ import annotations
 
@@ -27,9 +28,11 @@ from numba import cuda, float32, int32, uint32
 from ...quants import Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0
 from .intrinsics import (dp4a, f16_bits_to_f32, load_f32x4, load_u32x4, load_u32x4_shared,
                          shfl_xor_sync)
-from .reduce import FULL_MASK, WARP, block_sum
+from .reduce import FULL_MASK, WARP, block_sum, warp_sum
 
-UNROLL = 4                    # units per row each lane has in flight
+UNROLL = 2                    # units per row and lane in a batch (all its loads in flight)
+SPLIT_BELOW = 0               # pairs per warp of the grid below which warps split a pair's units
+SPLIT = 2                     # warps per pair then (H200 sweep: no gain at the 8B shapes, so off)
 LO = 0x0F0F0F0F
 
 
@@ -43,11 +46,51 @@ def _i8(v):
     return uint32(v) & uint32(0xFF)
 
 
+@cuda.jit(device=True, inline=True)
+def _x_word(xr, norm_w, w, nw, scale, norm):
+    """Values 4w .. 4w+3 of x' (0 past the end)."""
+    v0 = v1 = v2 = v3 = float32(0)
+    if w < nw:
+        v0, v1, v2, v3 = load_f32x4(xr, w)
+        if norm:
+            n0, n1, n2, n3 = load_f32x4(norm_w, w)
+            v0 = (v0 * scale) * n0
+            v1 = (v1 * scale) * n1
+            v2 = (v2 * scale) * n2
+            v3 = (v3 * scale) * n3
+    return v0, v1, v2, v3
+
+
+@cuda.jit(device=True, inline=True)
+def _quantize_word(v0, v1, v2, v3, w, nw, xq, xd, xs):
+    """Word w of the q8 activations from its 4 values: the 32-value group's amax over the 8 lanes
+    holding it, its 16-value sums over 4 (every lane runs the shuffles, in or past the end)."""
+    amax = max(max(abs(v0), abs(v1)), max(abs(v2), abs(v3)))
+    for off in (1, 2, 4):
+        amax = max(amax, shfl_xor_sync(FULL_MASK, amax, off))
+    d = amax / float32(127)
+    inv = float32(1) / d if d > 0 else float32(0)
+    q0 = int32(round(v0 * inv))
+    q1 = int32(round(v1 * inv))
+    q2 = int32(round(v2 * inv))
+    q3 = int32(round(v3 * inv))
+    s = q0 + q1 + q2 + q3
+    s += shfl_xor_sync(FULL_MASK, s, 1)
+    s += shfl_xor_sync(FULL_MASK, s, 2)
+    if w < nw:
+        xq[w] = _i8(q0) | (_i8(q1) << uint32(8)) | (_i8(q2) << uint32(16)) | \
+            (_i8(q3) << uint32(24))
+        if w % 4 == 0:
+            xs[w // 4] = d * float32(s)
+        if w % 8 == 0:
+            xd[w // 8] = d
+
+
 @cuda.jit(device=True)
 def stage_q8(sm, x, norm_w, eps, norm, red, threads):
     """x (1, cols) f32 -> the q8 activations in sm (module docstring); with `norm`, of
-    rmsnorm(x) * norm_w. Thread t takes words t, t + threads, ..: 4 values each, 8 threads per 32
-    values (a group's amax and 16-sums by shuffles within the 8; every lane runs the shuffles)."""
+    rmsnorm(x) * norm_w. Thread t takes words t, t + threads, .. (4 values each, 8 threads per 32
+    values), two words per step so that two loads are in flight at once."""
     tid = cuda.threadIdx.x
     cols = x.shape[1]
     nw = cols // 4
@@ -58,40 +101,18 @@ def stage_q8(sm, x, norm_w, eps, norm, red, threads):
     scale = float32(1)
     if norm:
         ss = float32(0)
-        for i in range(tid, cols, threads):
-            ss += xr[i] * xr[i]
+        for w in range(tid, nw, threads):
+            a, b, c, d = load_f32x4(xr, w)
+            ss += a * a + b * b + c * c + d * d
         ss = block_sum(ss, red)
         scale = float32(1) / math.sqrt(ss / float32(cols) + eps)
-    for base in range(0, nw, threads):
-        w = base + tid
-        v0 = v1 = v2 = v3 = float32(0)
-        if w < nw:
-            v0, v1, v2, v3 = load_f32x4(xr, w)
-            if norm:
-                n0, n1, n2, n3 = load_f32x4(norm_w, w)
-                v0 = (v0 * scale) * n0
-                v1 = (v1 * scale) * n1
-                v2 = (v2 * scale) * n2
-                v3 = (v3 * scale) * n3
-        amax = max(max(abs(v0), abs(v1)), max(abs(v2), abs(v3)))
-        for off in (1, 2, 4):
-            amax = max(amax, shfl_xor_sync(FULL_MASK, amax, off))
-        d = amax / float32(127)
-        inv = float32(1) / d if d > 0 else float32(0)
-        q0 = int32(round(v0 * inv))
-        q1 = int32(round(v1 * inv))
-        q2 = int32(round(v2 * inv))
-        q3 = int32(round(v3 * inv))
-        s = q0 + q1 + q2 + q3
-        s += shfl_xor_sync(FULL_MASK, s, 1)
-        s += shfl_xor_sync(FULL_MASK, s, 2)
-        if w < nw:
-            xq[w] = _i8(q0) | (_i8(q1) << uint32(8)) | (_i8(q2) << uint32(16)) | \
-                (_i8(q3) << uint32(24))
-            if w % 4 == 0:
-                xs[w // 4] = d * float32(s)
-            if w % 8 == 0:
-                xd[w // 8] = d
+    for base in range(0, nw, 2 * threads):
+        wa = base + tid
+        wb = wa + threads
+        a0, a1, a2, a3 = _x_word(xr, norm_w, wa, nw, scale, norm)
+        b0, b1, b2, b3 = _x_word(xr, norm_w, wb, nw, scale, norm)
+        _quantize_word(a0, a1, a2, a3, wa, nw, xq, xd, xs)
+        _quantize_word(b0, b1, b2, b3, wb, nw, xq, xd, xs)
 
 
 @cuda.jit(device=True, inline=True)
@@ -124,21 +145,37 @@ def _spread4(t):
             | ((t << uint32(18)) & uint32(0x100000)) | ((t << uint32(25)) & uint32(0x10000000)))
 
 
-# --- 32-value block types: one unit (Q8_0: two) per block ---------------------------------------
+# --- per type: fetch(row, row8, u, nb) -> the unit's scale/high-bit words (8 x uint32, unused 0),
+# --- issued with the unit's quants; dot(w0..w3, h0..h7, u, nb, xq, xd, xs) -> its partial dot.
+# Plane offsets follow layout.PLANES: q plane first, then the others, each padded to 16 bytes.
 
-@cuda.jit(device=True, inline=True)
-def _unit_q4_0(w0, w1, w2, w3, row, row8, u, nb, xq, xd, xs):
-    lo, hi = _nib_dot(w0, w1, w2, w3, xq, 8 * u, 8 * u + 4)
-    d = _f16_half(row[4 * nb + (u >> 1)], u & 1)
-    return d * (xd[u] * float32(lo + hi) - float32(8) * (xs[2 * u] + xs[2 * u + 1]))
+_Z = uint32(0)
 
 
 @cuda.jit(device=True, inline=True)
-def _unit_q4_1(w0, w1, w2, w3, row, row8, u, nb, xq, xd, xs):
+def _fetch_q4_0(row, row8, u, nb):
+    return row[4 * nb + (u >> 1)], _Z, _Z, _Z, _Z, _Z, _Z, _Z
+
+
+@cuda.jit(device=True, inline=True)
+def _dot_q4_0(w0, w1, w2, w3, h0, h1, h2, h3, h4, h5, h6, h7, u, nb, xq, xd, xs):
+    """y = d * (q - 8): d * (dx * sum q xq - 8 * xs)."""
     lo, hi = _nib_dot(w0, w1, w2, w3, xq, 8 * u, 8 * u + 4)
-    dm = row[4 * nb + u]
-    return (_f16_half(dm, 0) * xd[u] * float32(lo + hi)
-            + _f16_half(dm, 1) * (xs[2 * u] + xs[2 * u + 1]))
+    return _f16_half(h0, u & 1) * (xd[u] * float32(lo + hi)
+                                   - float32(8) * (xs[2 * u] + xs[2 * u + 1]))
+
+
+@cuda.jit(device=True, inline=True)
+def _fetch_q4_1(row, row8, u, nb):
+    return row[4 * nb + u], _Z, _Z, _Z, _Z, _Z, _Z, _Z
+
+
+@cuda.jit(device=True, inline=True)
+def _dot_q4_1(w0, w1, w2, w3, h0, h1, h2, h3, h4, h5, h6, h7, u, nb, xq, xd, xs):
+    """y = d * q + m."""
+    lo, hi = _nib_dot(w0, w1, w2, w3, xq, 8 * u, 8 * u + 4)
+    return (_f16_half(h0, 0) * xd[u] * float32(lo + hi)
+            + _f16_half(h0, 1) * (xs[2 * u] + xs[2 * u + 1]))
 
 
 @cuda.jit(device=True, inline=True)
@@ -157,26 +194,45 @@ def _q5_sum(w0, w1, w2, w3, qh, xq, u):
 
 
 @cuda.jit(device=True, inline=True)
-def _unit_q5_0(w0, w1, w2, w3, row, row8, u, nb, xq, xd, xs):
-    qh = row[4 * nb + u]
-    d = _f16_half(row[(16 * nb + (4 * nb + 15) // 16 * 16) // 4 + (u >> 1)], u & 1)
-    return d * (xd[u] * _q5_sum(w0, w1, w2, w3, qh, xq, u)
-                - float32(16) * (xs[2 * u] + xs[2 * u + 1]))
+def _q5_d_word(nb):
+    """Word offset of the Q5_0/Q5_1 d (and m) plane: after the q plane and the padded qh plane."""
+    return (16 * nb + (4 * nb + 15) // 16 * 16) // 4
 
 
 @cuda.jit(device=True, inline=True)
-def _unit_q5_1(w0, w1, w2, w3, row, row8, u, nb, xq, xd, xs):
-    qh = row[4 * nb + u]
-    dm = row[(16 * nb + (4 * nb + 15) // 16 * 16) // 4 + u]
-    return (_f16_half(dm, 0) * xd[u] * _q5_sum(w0, w1, w2, w3, qh, xq, u)
-            + _f16_half(dm, 1) * (xs[2 * u] + xs[2 * u + 1]))
+def _fetch_q5_0(row, row8, u, nb):
+    return row[4 * nb + u], row[_q5_d_word(nb) + (u >> 1)], _Z, _Z, _Z, _Z, _Z, _Z
 
 
 @cuda.jit(device=True, inline=True)
-def _unit_q8_0(w0, w1, w2, w3, row, row8, u, nb, xq, xd, xs):
+def _dot_q5_0(w0, w1, w2, w3, h0, h1, h2, h3, h4, h5, h6, h7, u, nb, xq, xd, xs):
+    """y = d * (q - 16), q with its 5th bit from qh (h0)."""
+    return _f16_half(h1, u & 1) * (xd[u] * _q5_sum(w0, w1, w2, w3, h0, xq, u)
+                                   - float32(16) * (xs[2 * u] + xs[2 * u + 1]))
+
+
+@cuda.jit(device=True, inline=True)
+def _fetch_q5_1(row, row8, u, nb):
+    return row[4 * nb + u], row[_q5_d_word(nb) + u], _Z, _Z, _Z, _Z, _Z, _Z
+
+
+@cuda.jit(device=True, inline=True)
+def _dot_q5_1(w0, w1, w2, w3, h0, h1, h2, h3, h4, h5, h6, h7, u, nb, xq, xd, xs):
+    """y = d * q + m, q with its 5th bit from qh (h0)."""
+    return (_f16_half(h1, 0) * xd[u] * _q5_sum(w0, w1, w2, w3, h0, xq, u)
+            + _f16_half(h1, 1) * (xs[2 * u] + xs[2 * u + 1]))
+
+
+@cuda.jit(device=True, inline=True)
+def _fetch_q8_0(row, row8, u, nb):
+    return row[8 * nb + (u >> 2)], _Z, _Z, _Z, _Z, _Z, _Z, _Z
+
+
+@cuda.jit(device=True, inline=True)
+def _dot_q8_0(w0, w1, w2, w3, h0, h1, h2, h3, h4, h5, h6, h7, u, nb, xq, xd, xs):
+    """Half u % 2 of block u // 2: 16 int8 quants; y = d * q."""
     b = u >> 1
-    d = _f16_half(row[8 * nb + (b >> 1)], b & 1)
-    return d * xd[b] * float32(_dot16(w0, w1, w2, w3, xq, 4 * u))
+    return _f16_half(h0, b & 1) * xd[b] * float32(_dot16(w0, w1, w2, w3, xq, 4 * u))
 
 
 # --- K-quants: 256-value blocks of 8 units ------------------------------------------------------
@@ -212,121 +268,266 @@ def _kquant_mins(lo, hi, hdr0, hdr1, hdr2, hdr3, g, v0, xd, xs):
 
 
 @cuda.jit(device=True, inline=True)
-def _unit_q4_k(w0, w1, w2, w3, row, row8, u, nb, xq, xd, xs):
-    """Unit u' = u % 8 of block b: bytes 32g + 16h .. of qs (g = u' // 2, h = u' % 2); low nibbles
-    are values 64g + 16h + i (sub-block 2g), high ones 64g + 32 + 16h + i (sub-block 2g + 1)."""
-    b = u >> 3
+def _fetch_q4_k(row, row8, u, nb):
+    h0, h1, h2, h3 = load_u32x4(row, 8 * nb + (u >> 3))
+    return h0, h1, h2, h3, _Z, _Z, _Z, _Z
+
+
+@cuda.jit(device=True, inline=True)
+def _dot_q4_k(w0, w1, w2, w3, h0, h1, h2, h3, h4, h5, h6, h7, u, nb, xq, xd, xs):
+    """Unit u' = u % 8 of block u // 8: bytes 32g + 16h .. of qs (g = u' // 2, h = u' % 2); low
+    nibbles are values 64g + 16h + i (sub-block 2g), high ones 64g + 32 + 16h + i (2g + 1)."""
     g = (u >> 1) & 3
-    v0 = 256 * b + 64 * g + 16 * (u & 1)
+    v0 = 256 * (u >> 3) + 64 * g + 16 * (u & 1)
     lo, hi = _nib_dot(w0, w1, w2, w3, xq, v0 >> 2, (v0 >> 2) + 8)
-    h0, h1, h2, h3 = load_u32x4(row, 8 * nb + b)
     return _kquant_mins(lo, hi, h0, h1, h2, h3, g, v0, xd, xs)
 
 
 @cuda.jit(device=True, inline=True)
-def _unit_q5_k(w0, w1, w2, w3, row, row8, u, nb, xq, xd, xs):
-    """As Q4_K, with the 5th bit of value 16h + i of sub-block j in bit j of qh[16h + i]."""
+def _fetch_q5_k(row, row8, u, nb):
     b = u >> 3
+    e0, e1, e2, e3 = load_u32x4(row, 8 * nb + 2 * b + (u & 1))        # qh bytes 16h ..
+    h0, h1, h2, h3 = load_u32x4(row, 10 * nb + b)                       # d dmin scales
+    return e0, e1, e2, e3, h0, h1, h2, h3
+
+
+@cuda.jit(device=True, inline=True)
+def _bits_at(w, e, s, mask):
+    """(w & 0x0F0F0F0F) | (((e >> s) & mask) << 4): a 4-bit field widened by bits of e."""
+    return (w & uint32(LO)) | (((e >> s) & mask) << uint32(4))
+
+
+@cuda.jit(device=True, inline=True)
+def _dot_q5_k(w0, w1, w2, w3, e0, e1, e2, e3, h0, h1, h2, h3, u, nb, xq, xd, xs):
+    """As Q4_K, with the 5th bit of value 16h + i of sub-block j in bit j of qh[16h + i]."""
     g = (u >> 1) & 3
-    v0 = 256 * b + 64 * g + 16 * (u & 1)
-    e0, e1, e2, e3 = load_u32x4(row, 8 * nb + 2 * b + (u & 1))
-    m = uint32(LO)
+    v0 = 256 * (u >> 3) + 64 * g + 16 * (u & 1)
     one = uint32(0x01010101)
     sl = uint32(2 * g)
     sh = uint32(2 * g + 1)
     f = uint32(4)
-    lo = _dot16((w0 & m) | (((e0 >> sl) & one) << f), (w1 & m) | (((e1 >> sl) & one) << f),
-                (w2 & m) | (((e2 >> sl) & one) << f), (w3 & m) | (((e3 >> sl) & one) << f),
-                xq, v0 >> 2)
-    hi = _dot16(((w0 >> f) & m) | (((e0 >> sh) & one) << f),
-                ((w1 >> f) & m) | (((e1 >> sh) & one) << f),
-                ((w2 >> f) & m) | (((e2 >> sh) & one) << f),
-                ((w3 >> f) & m) | (((e3 >> sh) & one) << f), xq, (v0 >> 2) + 8)
-    h0, h1, h2, h3 = load_u32x4(row, 10 * nb + b)
+    lo = _dot16(_bits_at(w0, e0, sl, one), _bits_at(w1, e1, sl, one), _bits_at(w2, e2, sl, one),
+                _bits_at(w3, e3, sl, one), xq, v0 >> 2)
+    hi = _dot16(_bits_at(w0 >> f, e0, sh, one), _bits_at(w1 >> f, e1, sh, one),
+                _bits_at(w2 >> f, e2, sh, one), _bits_at(w3 >> f, e3, sh, one), xq, (v0 >> 2) + 8)
     return _kquant_mins(lo, hi, h0, h1, h2, h3, g, v0, xd, xs)
 
 
 @cuda.jit(device=True, inline=True)
-def _unit_q6_k(w0, w1, w2, w3, row, row8, u, nb, xq, xd, xs):
+def _fetch_q6_k(row, row8, u, nb):
+    """qh words of the unit, its two int8 scales (low and high half, one word), the d word."""
+    b = u >> 3
+    n = (u >> 2) & 1
+    v = u & 3
+    e0, e1, e2, e3 = load_u32x4(row, 8 * nb + 4 * b + 2 * n + (v & 1))
+    s8 = 192 * nb + 16 * b + 8 * n + 2 * (v >> 1) + (v & 1)
+    sc = uint32(row8[s8]) | (uint32(row8[s8 + 4]) << uint32(8))
+    return e0, e1, e2, e3, sc, row[52 * nb + (b >> 1)], _Z, _Z
+
+
+@cuda.jit(device=True, inline=True)
+def _dot_q6_k(w0, w1, w2, w3, e0, e1, e2, e3, sc, dw, h6, h7, u, nb, xq, xd, xs):
     """Unit u' = u % 8 of block b: ql bytes 64n + 16v .. (n = u' // 4, v = u' % 4); low nibbles are
     values 128n + 32(v // 2) + 16(v % 2) + i, high ones 64 further; their 2 high bits are fields
     v // 2 and v // 2 + 2 of qh[32n + 16(v % 2) + i]; y = d * sc * (q - 32)."""
     b = u >> 3
-    n = (u >> 2) & 1
     v = u & 3
-    vb = 128 * n + 32 * (v >> 1) + 16 * (v & 1)            # value index in the block
-    v0 = 256 * b + vb
-    e0, e1, e2, e3 = load_u32x4(row, 8 * nb + 4 * b + 2 * n + (v & 1))
-    m = uint32(LO)
+    v0 = 256 * b + 128 * ((u >> 2) & 1) + 32 * (v >> 1) + 16 * (v & 1)
     three = uint32(0x03030303)
     sl = uint32(2 * (v >> 1))
     sh = sl + uint32(4)
     f = uint32(4)
-    lo = _dot16((w0 & m) | (((e0 >> sl) & three) << f), (w1 & m) | (((e1 >> sl) & three) << f),
-                (w2 & m) | (((e2 >> sl) & three) << f), (w3 & m) | (((e3 >> sl) & three) << f),
-                xq, v0 >> 2)
-    hi = _dot16(((w0 >> f) & m) | (((e0 >> sh) & three) << f),
-                ((w1 >> f) & m) | (((e1 >> sh) & three) << f),
-                ((w2 >> f) & m) | (((e2 >> sh) & three) << f),
-                ((w3 >> f) & m) | (((e3 >> sh) & three) << f), xq, (v0 >> 2) + 16)
-    s8 = 192 * nb + 16 * b + (vb >> 4)
-    sc_lo = float32(int32(np.int8(row8[s8])))
-    sc_hi = float32(int32(np.int8(row8[s8 + 4])))
-    d = _f16_half(row[52 * nb + (b >> 1)], b & 1)
+    lo = _dot16(_bits_at(w0, e0, sl, three), _bits_at(w1, e1, sl, three),
+                _bits_at(w2, e2, sl, three), _bits_at(w3, e3, sl, three), xq, v0 >> 2)
+    hi = _dot16(_bits_at(w0 >> f, e0, sh, three), _bits_at(w1 >> f, e1, sh, three),
+                _bits_at(w2 >> f, e2, sh, three), _bits_at(w3 >> f, e3, sh, three), xq,
+                (v0 >> 2) + 16)
+    sc_lo = float32(int32(np.int8(sc & uint32(0xFF))))
+    sc_hi = float32(int32(np.int8(sc >> uint32(8))))
     gl = v0 >> 5
     xl = v0 >> 4
-    return d * (sc_lo * (xd[gl] * float32(lo) - float32(32) * xs[xl])
-                + sc_hi * (xd[gl + 2] * float32(hi) - float32(32) * xs[xl + 4]))
+    return _f16_half(dw, b & 1) * (sc_lo * (xd[gl] * float32(lo) - float32(32) * xs[xl])
+                                   + sc_hi * (xd[gl + 2] * float32(hi) - float32(32) * xs[xl + 4]))
 
 
-# type -> (unit dot, units per block, values per block)
+# type -> (fetch, dot, units per block, values per block)
 UNITS = {
-    Q4_0: (_unit_q4_0, 1, 32), Q4_1: (_unit_q4_1, 1, 32), Q5_0: (_unit_q5_0, 1, 32),
-    Q5_1: (_unit_q5_1, 1, 32), Q8_0: (_unit_q8_0, 2, 32),
-    Q4_K: (_unit_q4_k, 8, 256), Q5_K: (_unit_q5_k, 8, 256), Q6_K: (_unit_q6_k, 8, 256),
+    Q4_0: (_fetch_q4_0, _dot_q4_0, 1, 32), Q4_1: (_fetch_q4_1, _dot_q4_1, 1, 32),
+    Q5_0: (_fetch_q5_0, _dot_q5_0, 1, 32), Q5_1: (_fetch_q5_1, _dot_q5_1, 1, 32),
+    Q8_0: (_fetch_q8_0, _dot_q8_0, 2, 32),
+    Q4_K: (_fetch_q4_k, _dot_q4_k, 8, 256), Q5_K: (_fetch_q5_k, _dot_q5_k, 8, 256),
+    Q6_K: (_fetch_q6_k, _dot_q6_k, 8, 256),
 }
 
 
-@functools.lru_cache(maxsize=None)
-def q8_pair_dot(qtype: int):
-    """Device function pair_dot(row_a, row_b, row_a8, row_b8, cols, sm, lane) -> this lane's
-    partial dots of two GPU-layout rows (uint32 and uint8 views) with the q8 activations in sm."""
-    unit, upb, bv = UNITS[qtype]
-    unroll = UNROLL
-    step = WARP * unroll
-    n_words = 4 * unroll
+@cuda.jit(device=True, inline=True)
+def _pair_rows(p, p0, p1, swiglu, rows0, rows1, rows2):
+    """Virtual row pair p -> (matrix of its rows, first row, whether it is an odd count's last
+    row alone). SwiGLU: pair p is row p of gate (matrix 0) and of up (matrix 1)."""
+    if swiglu:
+        return 0, p, False
+    if p < p0:
+        m, r, n = 0, 2 * p, rows0
+    elif p < p1:
+        m, r, n = 1, 2 * (p - p0), rows1
+    else:
+        m, r, n = 2, 2 * (p - p1), rows2
+    return m, r, r + 1 >= n
 
-    @cuda.jit(device=True)
-    def pair_dot(ra, rb, ra8, rb8, cols, sm, lane):
+
+@cuda.jit(device=True, inline=True)
+def _pick(m, a0, a1, a2):
+    if m == 0:
+        return a0
+    return a1 if m == 1 else a2
+
+
+def _store_one(o, e, r, acc, mode):
+    """o[0, r] = acc (+ bias e[r] in mode 1, + residual e[0, r] in mode 2)."""
+    if mode == 1:
+        acc += e[r]
+    elif mode == 2:
+        acc += e[0, r]
+    o[0, r] = acc
+
+
+store_one = cuda.jit(device=True, inline=True)(_store_one)
+
+
+@functools.lru_cache(maxsize=None)
+def q8_kernel(qtype: int, n_mat: int, norm: bool, mode: int, warps: int, unroll: int,
+              split: int):
+    """The fast mat-vec kernel (module docstring); arguments and launch as gemv.py's kernel.
+    `split` warps of a block share each row pair, each taking a slice of its units."""
+    from ._jit import cuda_kernel
+    fetch, dot, upb, bv = UNITS[qtype]
+    threads = warps * WARP
+    step = WARP * unroll
+    nq = 4 * unroll          # quant words per row and batch
+    nh = 8 * unroll          # fetched words per row and batch
+    swiglu = mode == 3
+    groups = warps // split  # pairs a block works on at once
+
+    @cuda.jit(device=True, inline=True)
+    def load(ra, rb, ra8, rb8, u0, u_end, nb, qa, qb, ha, hb):
+        """Batch loads: units u0 + 32 i (i < unroll, below u_end) of both rows, quants and
+        fetched words."""
+        for i in range(unroll):
+            u = u0 + WARP * i
+            if u < u_end:
+                qa[4 * i], qa[4 * i + 1], qa[4 * i + 2], qa[4 * i + 3] = load_u32x4(ra, u)
+                qb[4 * i], qb[4 * i + 1], qb[4 * i + 2], qb[4 * i + 3] = load_u32x4(rb, u)
+                (ha[8 * i], ha[8 * i + 1], ha[8 * i + 2], ha[8 * i + 3], ha[8 * i + 4],
+                 ha[8 * i + 5], ha[8 * i + 6], ha[8 * i + 7]) = fetch(ra, ra8, u, nb)
+                (hb[8 * i], hb[8 * i + 1], hb[8 * i + 2], hb[8 * i + 3], hb[8 * i + 4],
+                 hb[8 * i + 5], hb[8 * i + 6], hb[8 * i + 7]) = fetch(rb, rb8, u, nb)
+
+    @cuda.jit(device=True, inline=True)
+    def compute(u0, u_end, nb, q, h, xq, xd, xs):
+        acc = float32(0)
+        for i in range(unroll):
+            u = u0 + WARP * i
+            if u < u_end:
+                acc += dot(q[4 * i], q[4 * i + 1], q[4 * i + 2], q[4 * i + 3],
+                           h[8 * i], h[8 * i + 1], h[8 * i + 2], h[8 * i + 3], h[8 * i + 4],
+                           h[8 * i + 5], h[8 * i + 6], h[8 * i + 7], u, nb, xq, xd, xs)
+        return acc
+
+    @cuda.jit(device=True, inline=True)
+    def pair_rows(p, p0, p1, w0, w1, w2, v0, v1, v2):
+        """Pair p's two rows (uint32 and uint8 views); an odd count's last row comes twice."""
+        m, r, last = _pair_rows(p, p0, p1, swiglu, w0.shape[0], w1.shape[0], w2.shape[0])
+        if swiglu:
+            return w0[r], w1[r], v0[r], v1[r]
+        w = _pick(m, w0, w1, w2)
+        v = _pick(m, v0, v1, v2)
+        r2 = r if last else r + 1
+        return w[r], w[r2], v[r], v[r2]
+
+    @cuda.jit(device=True, inline=True)
+    def finish(p, p0, p1, a, b, o0, o1, o2, e0, e1, e2, rows0, rows1, rows2):
+        """The epilogue of pair p's two dots: SwiGLU, or store (+ bias / residual) each row."""
+        m, r, last = _pair_rows(p, p0, p1, swiglu, rows0, rows1, rows2)
+        if swiglu:
+            o0[0, r] = a / (float32(1) + math.exp(-a)) * b
+        else:
+            o = _pick(m, o0, o1, o2)
+            e = _pick(m, e0, e1, e2)
+            store_one(o, e, r, a, mode)
+            if not last:
+                store_one(o, e, r + 1, b, mode)
+
+    @cuda_kernel
+    def _gemv_q8(o0, o1, o2, w0, w1, w2, v0, v1, v2, e0, e1, e2, x, norm_w, eps):
+        """As gemv.py's kernel. The block's warps form `groups` groups of `split`; each round, a
+        group takes a row pair (grid-strided) and its warp s the s-th slice of the pair's units,
+        streaming it in batches of `unroll` units per lane and row (all loads of a batch issued
+        before any is used; the first batch's before the activations are staged). The slices'
+        sums meet in shared memory; rounds are block-uniform so the barriers are reached by all."""
+        sm = cuda.shared.array(0, float32)
+        red = cuda.shared.array(32, float32)
+        part = cuda.shared.array((warps, 2), float32)
+        qa = cuda.local.array(nq, uint32)
+        qb = cuda.local.array(nq, uint32)
+        ha = cuda.local.array(nh, uint32)
+        hb = cuda.local.array(nh, uint32)
+        tid = cuda.threadIdx.x
+        lane = tid % WARP
+        wi = tid // WARP
+        sl = wi % split
+        cols = x.shape[1]
+        nb = cols // bv
+        n_units = nb * upb
+        chunk = ((n_units + split * step - 1) // (split * step)) * step   # units per slice
+        u_lo = sl * chunk
+        u_end = min(n_units, u_lo + chunk)
+        if swiglu:
+            n_pairs = w0.shape[0]
+            p0 = p1 = n_pairs
+        else:
+            p0 = (w0.shape[0] + 1) // 2
+            p1 = p0 + ((w1.shape[0] + 1) // 2 if n_mat > 1 else 0)
+            n_pairs = p1 + ((w2.shape[0] + 1) // 2 if n_mat > 2 else 0)
+        first = cuda.blockIdx.x * groups
+        stride = cuda.gridDim.x * groups
+        rounds = (n_pairs - first + stride - 1) // stride if first < n_pairs else 0
+        p = first + wi // split
+        if rounds > 0 and p < n_pairs:                   # batch 0 flies during the staging
+            ra, rb, ra8, rb8 = pair_rows(p, p0, p1, w0, w1, w2, v0, v1, v2)
+            load(ra, rb, ra8, rb8, u_lo + lane, u_end, nb, qa, qb, ha, hb)
+        stage_q8(sm, x, norm_w, eps, norm, red, threads)
+        cuda.syncthreads()                               # activations staged
         nw = cols // 4
         xq = sm[:nw].view(np.uint32)
         xd = sm[nw:nw + cols // 32]
         xs = sm[nw + cols // 32:]
-        nb = cols // bv
-        n_units = nb * upb
-        wa = cuda.local.array(n_words, uint32)
-        wb = cuda.local.array(n_words, uint32)
-        acc_a = float32(0)
-        acc_b = float32(0)
-        full = n_units // step
-        for it in range(full):
-            u0 = it * step + lane
-            for i in range(unroll):                      # every load in flight first
-                wa[4 * i], wa[4 * i + 1], wa[4 * i + 2], wa[4 * i + 3] = \
-                    load_u32x4(ra, u0 + WARP * i)
-                wb[4 * i], wb[4 * i + 1], wb[4 * i + 2], wb[4 * i + 3] = \
-                    load_u32x4(rb, u0 + WARP * i)
-            for i in range(unroll):
-                u = u0 + WARP * i
-                acc_a += unit(wa[4 * i], wa[4 * i + 1], wa[4 * i + 2], wa[4 * i + 3], ra, ra8,
-                              u, nb, xq, xd, xs)
-                acc_b += unit(wb[4 * i], wb[4 * i + 1], wb[4 * i + 2], wb[4 * i + 3], rb, rb8,
-                              u, nb, xq, xd, xs)
-        for u in range(full * step + lane, n_units, WARP):
-            a0, a1, a2, a3 = load_u32x4(ra, u)
-            b0, b1, b2, b3 = load_u32x4(rb, u)
-            acc_a += unit(a0, a1, a2, a3, ra, ra8, u, nb, xq, xd, xs)
-            acc_b += unit(b0, b1, b2, b3, rb, rb8, u, nb, xq, xd, xs)
-        return acc_a, acc_b
+        rows0, rows1, rows2 = w0.shape[0], w1.shape[0], w2.shape[0]
+        for k in range(rounds):
+            p = first + k * stride + wi // split
+            acc_a = float32(0)
+            acc_b = float32(0)
+            if p < n_pairs:
+                ra, rb, ra8, rb8 = pair_rows(p, p0, p1, w0, w1, w2, v0, v1, v2)
+                for u0 in range(u_lo, u_end, step):
+                    if k > 0 or u0 > u_lo:
+                        load(ra, rb, ra8, rb8, u0 + lane, u_end, nb, qa, qb, ha, hb)
+                    acc_a += compute(u0 + lane, u_end, nb, qa, ha, xq, xd, xs)
+                    acc_b += compute(u0 + lane, u_end, nb, qb, hb, xq, xd, xs)
+            a = warp_sum(acc_a)
+            b = warp_sum(acc_b)
+            if split == 1:
+                if lane == 0 and p < n_pairs:
+                    finish(p, p0, p1, a, b, o0, o1, o2, e0, e1, e2, rows0, rows1, rows2)
+            else:
+                if lane == 0:
+                    part[wi, 0] = a
+                    part[wi, 1] = b
+                cuda.syncthreads()                       # every slice's sums parked
+                if lane == 0 and sl == 0 and p < n_pairs:
+                    for j in range(1, split):
+                        a += part[wi + j, 0]
+                        b += part[wi + j, 1]
+                    finish(p, p0, p1, a, b, o0, o1, o2, e0, e1, e2, rows0, rows1, rows2)
+                cuda.syncthreads()                       # parked sums read: free for the next
 
-    return pair_dot
+    return _gemv_q8

@@ -23,6 +23,7 @@ import numpy as np  # noqa: E402
 import numbaformer.backends.cuda  # noqa: E402,F401  (numpy shim, decoder registration)
 from numba import cuda  # noqa: E402
 
+from numbaformer.backends.cuda import elementwise  # noqa: E402
 from numbaformer.backends.cuda import gemv as G  # noqa: E402
 from numbaformer.backends.cuda import gemv_q8 as Q8  # noqa: E402
 from numbaformer.backends.cuda import matmul as M  # noqa: E402
@@ -58,20 +59,13 @@ def time_ms(fn, reps: int = 20, warmup: int = 3, per_graph: int = 10) -> float:
     return float(np.median(times))
 
 
-@cuda.jit
-def _copy16(dst, src):
-    i = cuda.grid(1)
-    if i < src.shape[0]:
-        dst[i] = src[i]
-
-
 def copy_bandwidth() -> float:
     """Device-to-device copy of 2 GiB as complex128 elements (16 bytes per thread), bytes read +
-    written per second (GB/s)."""
+    written per second (GB/s): the copy kernel bench --kernels measures against too."""
     n = (1 << 31) // 16
     a = cuda.device_array(n, np.complex128)
     b = cuda.device_array(n, np.complex128)
-    ms = time_ms(lambda: _copy16[(n + 255) // 256, 256, STREAM](b, a), reps=10, per_graph=2)
+    ms = time_ms(lambda: elementwise.copy16(b, a, STREAM), reps=10, per_graph=2)
     return 2 * n * 16 / ms / 1e6
 
 

@@ -114,6 +114,26 @@ def tiny_model(tmp_path_factory):
     return make
 
 
+@pytest.fixture
+def cuda_toy_shapes(monkeypatch):
+    """Under the simulator, the CUDA kernels' launch shapes and tiles patched small (each simulated
+    thread is a Python thread), so that toy inputs still cross warps, tiles and spans. Real shapes
+    on the GPU."""
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
+        return
+    from numbaformer.backends.cuda import (attention, elementwise, embed, gemv, matmul, norm,
+                                           rope, sample)
+    for mod, name, value in [
+            (gemv, "GEMV_WARPS", 1), (gemv, "SEGMENT_BYTES", 64), (gemv, "BLOCKS_PER_SM", 2),
+            (matmul, "GEMM_BM", 8), (matmul, "GEMM_BN", 8), (matmul, "GEMM_TM", 2),
+            (matmul, "GEMM_TN", 2), (norm, "NORM_THREADS", 32), (rope, "ROPE_THREADS", 32),
+            (rope, "ROPE_STORE_THREADS", 32), (embed, "EMBED_THREADS", 32),
+            (sample, "ARGMAX_THREADS", 32), (attention, "SPLIT", 4),
+            (attention, "DECODE_THREADS", 32), (attention, "QTILE", 2), (attention, "KTILE", 4),
+            (attention, "PREFILL_WARPS", 1), (elementwise, "ELEM_THREADS", 32)]:
+        monkeypatch.setattr(mod, name, value)
+
+
 @pytest.fixture(scope="session")
 def record_figure():
     """record_figure(name, text): a measured figure (agreement, deltas), printed at the end."""

@@ -394,6 +394,19 @@ def test_bench_table_on_stdout_backend_stats_on_stderr(model):
     assert len(stats) == 1 and json.loads(stats[0][len("backend: "):]) == {"threads": 1}
 
 
+def test_bench_kernels_profiles_every_op_of_a_decode_step(model):
+    r = cli("bench", "-m", model, "-p", 0, "-n", 4, "-r", 1, "--kernels", "--device", "cpu",
+            "-t", 1)
+    assert r.code == 0, r.err
+    assert "decode step at position 2 (cpu): 183 op calls" in r.out
+    assert "| norm_swiglu:ffn_gate:Q4_1 | 30 |" in r.out and "| total | 183 |" in r.out
+    r = cli("bench", "-m", model, "-p", 0, "-n", 4, "-r", 1, "--kernels", "--json", "--device",
+            "cpu", "-t", 1)
+    d = json.loads(r.out)
+    assert d["rows"][0]["test"] == "tg4" and d["kernels"]["position"] == 2
+    assert sum(o["calls"] for o in d["kernels"]["ops"]) == 183 and d["kernels"]["copy_GBps"] > 0
+
+
 def test_bench_json(model):
     r = cli("bench", "-m", model, "-p", 16, "-n", 4, "-r", 2, "--json", "--device", "cpu")
     assert r.code == 0, r.err

@@ -42,21 +42,12 @@ def greedy_ids(model, prompt, n):
     return [s.id for s in generate_step(model, prompt, sampler, max_tokens=n)]
 
 
-def test_tiny_generation_equals_cpu(tmp_path, monkeypatch):
+def test_tiny_generation_equals_cpu(tmp_path, cuda_toy_shapes):
     """Greedy generation on a 2-layer width-64 model with a 300-token vocab (tests/gguf_builder.py):
     same tokens on CUDA as on the CPU (under the simulator on CI: toy launch shapes, so spans and
     tiles are crossed)."""
     from gguf_builder import tiny_llama
     from numbaformer.backends.cpu import CPUBackend
-    from numbaformer.backends.cuda import attention, gemv, matmul
-    if not ON_GPU:
-        for mod, name, value in [(gemv, "GEMV_WARPS", 1), (gemv, "SEGMENT_BYTES", 64),
-                                 (matmul, "GEMM_BM", 8), (matmul, "GEMM_BN", 8),
-                                 (matmul, "GEMM_TM", 2), (matmul, "GEMM_TN", 2),
-                                 (attention, "SPLIT", 4), (attention, "DECODE_THREADS", 32),
-                                 (attention, "QTILE", 2), (attention, "KTILE", 4),
-                                 (attention, "PREFILL_WARPS", 1)]:
-            monkeypatch.setattr(mod, name, value)
     path = tiny_llama().write(tmp_path / "tiny.gguf")
     mf = load_model_file(path, tokenizer=False)
     prompt = [5, 17, 33]
@@ -173,3 +164,15 @@ def test_cut_model_decode_fidelity(cut_model, cut_reference):
     print(f"q8 decode vs exact (CPU): mean KL {np.mean(kl):.2e} nats, max {np.max(kl):.2e}; "
           f"top-1 agreement {np.mean(agree):.1%} of {len(kl)} positions")
     assert np.mean(kl) <= 0.005 and np.mean(agree) >= 0.98
+
+
+@pytest.mark.skipif(ON_GPU, reason="the simulator's backend selection")
+@pytest.mark.parametrize("exact", [False, True])
+def test_exact_reaches_the_cuda_backend(monkeypatch, exact):
+    """--exact (load_engine(exact=...)) selects the f32 mat-vec path of the CUDA backend."""
+    from numbaformer.backends import select_backend
+    from numbaformer.backends.cuda.backend import CUDABackend
+    monkeypatch.setenv("NUMBAFORMER_ALLOW_CUDASIM", "1")
+    monkeypatch.delenv("CUDA_FORCE_CPU", raising=False)
+    be = select_backend("cuda", exact=exact, quiet=True)
+    assert isinstance(be, CUDABackend) and be.exact is exact and be.stats()["exact"] is exact

@@ -7,6 +7,7 @@ steps (token ids, positions) live in backend arrays too, so a captured CUDA grap
 """
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -152,3 +153,28 @@ class Backend(ABC):
     def stats(self) -> dict:
         """Memory statistics for --verbose and bench."""
         return {}
+
+    # --- measuring (bench --kernels) ---------------------------------------------------------
+    def time_us(self, fn, reps: int = 20) -> float:
+        """Microseconds one fn() (which only launches ops, and has run once: compiled) takes, over
+        reps runs, synchronized."""
+        self.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        self.synchronize()
+        return (time.perf_counter() - t0) / reps * 1e6
+
+    def copy_bandwidth(self, nbytes: int = 1 << 28) -> float:
+        """GB/s (bytes read + written) of copying nbytes between two arrays, the best of 3 (on the
+        host: numpy's single-threaded copy)."""
+        src = np.ones(nbytes // 4, np.float32)
+        dst = np.empty_like(src)
+        best = min(_seconds(lambda: np.copyto(dst, src)) for _ in range(3))
+        return 2 * nbytes / best / 1e9
+
+
+def _seconds(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0

@@ -1,4 +1,5 @@
-"""Elementwise ops on the GPU: SiLU(gate) * up and the residual add; one thread per element."""
+"""Elementwise ops on the GPU: SiLU(gate) * up, the residual add, and a 16-byte copy (the bandwidth
+ceiling that bench --kernels and gpu_bench measure against); one thread per element."""
 from __future__ import annotations
 
 import math
@@ -42,3 +43,15 @@ def silu_mul(out, gate, up, stream) -> None:
 def add(out, a, b, stream) -> None:
     """out = a + b; (n, d) f32."""
     _add_kernel[_grid(out.size), ELEM_THREADS, stream](out, a, b)
+
+
+@cuda_kernel
+def _copy16_kernel(dst, src):
+    i = cuda.grid(1)
+    if i < src.shape[0]:
+        dst[i] = src[i]
+
+
+def copy16(dst, src, stream) -> None:
+    """dst = src, (n,) complex128: one 16-byte load and store per thread."""
+    _copy16_kernel[_grid(src.shape[0]), ELEM_THREADS, stream](dst, src)

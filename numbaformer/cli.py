@@ -24,12 +24,12 @@ class UserError(Exception):
 
 
 def _engine(model, device="auto", gpu=0, threads=None, ctx=None, quiet=False, batch=512,
-            kv_type=None):
+            kv_type=None, exact=False):
     """The engine; quiet (--json) keeps the notes off stderr, but a kernel compile is still
     announced there: every run that compiles says so."""
     from .engine import load_engine
     return load_engine(model, device=device, gpu=gpu, threads=threads, n_ctx=ctx, quiet=quiet,
-                       n_batch=batch, kv_type=kv_type, announce_compiles=True)
+                       n_batch=batch, kv_type=kv_type, exact=exact, announce_compiles=True)
 
 
 def _decode(data: bytes, source: str) -> str:
@@ -87,6 +87,9 @@ threads_opt = click.option("-t", "--threads", type=click.IntRange(min=1), defaul
                            help="CPU threads (default: all cores).")
 kv_opt = click.option("--kv-type", type=click.Choice(["f16", "f32"]), default=None,
                        help="KV cache precision (default: f16 on CUDA, f32 on the CPU).")
+exact_opt = click.option("--exact", is_flag=True,
+                         help="Decode mat-vecs with f32 activations (default: 8-bit activations "
+                              "where the GPU has a fast path, as llama.cpp).")
 model_opt = click.option("-m", "--model", "model", type=str, default=None,
                          help="GGUF file (default: SmolLM2-135M-Instruct Q4_1, fetched once).")
 
@@ -180,13 +183,14 @@ def sampling_options(f):
 @gpu_opt
 @threads_opt
 @kv_opt
+@exact_opt
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object at the end.")
 @click.option("--logprobs", type=click.IntRange(min=0, max=100), default=0,
               help="With --json (needs it): the top K log-probs of each generated token.")
 @click.option("-v", "--verbose", is_flag=True, help="Print backend statistics.")
 def generate(model, prompt, file, n_predict, ctx, temp, top_k, top_p, min_p, repeat_penalty,
              repeat_last_n, presence_penalty, frequency_penalty, seed, stop, ignore_eos, chat,
-             system, device, gpu, threads, kv_type, as_json, logprobs, verbose):
+             system, device, gpu, threads, kv_type, exact, as_json, logprobs, verbose):
     """Generate text from a prompt, streaming it to stdout (stats on stderr)."""
     from .generate import stream_generate
     from .sampling import make_sampler
@@ -196,7 +200,7 @@ def generate(model, prompt, file, n_predict, ctx, temp, top_k, top_p, min_p, rep
                        presence_penalty, frequency_penalty, seed)
     text = _read_text(prompt, file)
     system = None if system is None else _checked_text(system, "the system message")
-    eng = _engine(model, device, gpu, threads, ctx, quiet=as_json, kv_type=kv_type)
+    eng = _engine(model, device, gpu, threads, ctx, quiet=as_json, kv_type=kv_type, exact=exact)
     tok = eng.tokenizer
     if chat:
         from .chat_template import render_model_chat
@@ -265,15 +269,17 @@ def _read_line(prompt: str) -> str:
 @gpu_opt
 @threads_opt
 @kv_opt
+@exact_opt
 @click.option("--stats", is_flag=True, help="Print the speed of each reply (stderr).")
 def chat(model, system, n_predict, ctx, temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n,
-         presence_penalty, frequency_penalty, seed, device, gpu, threads, kv_type, stats):
+         presence_penalty, frequency_penalty, seed, device, gpu, threads, kv_type, exact, stats):
     """Interactive chat: history kept, Ctrl-C stops a reply, Ctrl-D quits, /help."""
     from .chat import run_chat
     params = _sampling(temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n,
                        presence_penalty, frequency_penalty, seed)
     system = None if system is None else _checked_text(system, "the system message")
-    run_chat(_engine(model, device, gpu, threads, ctx, kv_type=kv_type), params, system=system,
+    run_chat(_engine(model, device, gpu, threads, ctx, kv_type=kv_type, exact=exact), params,
+             system=system,
              max_tokens=n_predict, stats=stats, read=_read_line)
 
 
@@ -377,19 +383,31 @@ def perplexity(model, file, ctx, device, gpu, threads, kv_type):
 @gpu_opt
 @threads_opt
 @kv_opt
+@exact_opt
+@click.option("--kernels", is_flag=True,
+              help="Also time every op of a decode step (at position n-gen / 2): bytes read, "
+                   "GB/s and % of the copy bandwidth measured in the same run.")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
-def bench(model, n_prompt, n_gen, reps, device, gpu, threads, kv_type, as_json):
+def bench(model, n_prompt, n_gen, reps, device, gpu, threads, kv_type, exact, kernels, as_json):
     """Prompt-processing and generation throughput (llama-bench style)."""
     from .bench import format_table, run_bench
     if n_prompt == 0 and n_gen == 0:
         raise UserError("nothing to measure: -p and -n are both 0")
     eng = _engine(model, device, gpu, threads, ctx=max(n_prompt, n_gen, 16), quiet=as_json,
-                  batch=max(n_prompt, 1), kv_type=kv_type)
+                  batch=max(n_prompt, 1), kv_type=kv_type, exact=exact)
     rows = run_bench(eng, n_prompt, n_gen, reps)
+    prof = None
+    if kernels:
+        from .profile import profile_decode
+        prof = profile_decode(eng.model, n_gen // 2)
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        click.echo(json.dumps({"rows": rows, "kernels": prof.as_dict()} if prof else rows,
+                              indent=2))
     else:
         click.echo(format_table(rows))
+        if prof:
+            click.echo("\n" + prof.table(f"decode step at position {prof.position} "
+                                         f"({eng.backend.name})"))
     stats = eng.backend.stats()
     if stats:
         click.echo(f"backend: {json.dumps(stats)}", err=True)

@@ -37,9 +37,10 @@ def _cuda_unavailable_reason() -> str | None:
 
 
 def select_backend(device: str = "auto", *, gpu: int = 0, threads: int | None = None,
-                   quiet: bool = False):
+                   quiet: bool = False, exact: bool = False):
     """The backend for `device`. 'auto' falls back to the CPU with a one-line notice on stderr;
-    'cuda' without a usable GPU raises BackendError. CUDA_FORCE_CPU=1 forces the CPU."""
+    'cuda' without a usable GPU raises BackendError. CUDA_FORCE_CPU=1 forces the CPU. exact:
+    decode mat-vecs with f32 activations (the CPU's are today)."""
     if device not in DEVICES:
         raise BackendError(f"unknown device '{device}' (choose from {', '.join(DEVICES)})")
     if os.environ.get("CUDA_FORCE_CPU", "") not in ("", "0"):
@@ -48,7 +49,7 @@ def select_backend(device: str = "auto", *, gpu: int = 0, threads: int | None = 
         reason = _cuda_unavailable_reason()
         if reason is None:
             from .cuda.backend import CUDABackend
-            return CUDABackend(gpu)
+            return CUDABackend(gpu, exact=exact)
         if device == "cuda":
             raise BackendError(f"--device cuda: {reason}")
         if not quiet:

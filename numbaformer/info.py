@@ -18,6 +18,9 @@ def model_info(mf: ModelFile, n_ctx: int | None = None) -> dict:
     n_ctx = n_ctx or cfg.n_ctx_train
     tok = mf.tokenizer
     weight_bytes = sum(t.n_bytes for t in gf.tensors.values())
+    from .backends.cuda.layout import device_bytes           # numpy only: no numba.cuda import
+    mats = mf.weights.matrices()
+    gpu_bytes = weight_bytes - sum(t.nbytes for t in mats) + sum(device_bytes(t) for t in mats)
     return {
         "path": gf.path,
         "architecture": cfg.file_arch,
@@ -41,7 +44,7 @@ def model_info(mf: ModelFile, n_ctx: int | None = None) -> dict:
         "tokenizer": {"model": tok.kind, "pre": tok.pre, "bos_id": tok.bos_id,
                       "eos_id": tok.eos_id, "add_bos": tok.add_bos},
         "chat_template": "tokenizer.chat_template" in gf.metadata,
-        "memory": {"weights_bytes": weight_bytes, "kv_ctx": n_ctx,
+        "memory": {"weights_bytes": weight_bytes, "gpu_weights_bytes": gpu_bytes, "kv_ctx": n_ctx,
                    "kv_f16_bytes": cfg.kv_cache_bytes(n_ctx, 2)},
     }
 
@@ -63,7 +66,8 @@ def format_info(d: dict) -> str:
         ("context", d["context_length"]),
         ("rope", f"{d['rope']['layout']}, base {d['rope']['base']:g}"),
         ("tokenizer", f"{d['tokenizer']['model']} ({d['tokenizer']['pre']})"),
-        ("memory", f"weights {_gib(m['weights_bytes'])}, f16 KV cache at "
+        ("memory", f"weights {_gib(m['weights_bytes'])} ({_gib(m['gpu_weights_bytes'])} in the "
+                   f"GPU layout), f16 KV cache at "
                    f"{plural(m['kv_ctx'])} {_gib(m['kv_f16_bytes'])}"),
     ]
     return "\n".join(f"{k:>13}: {v}" for k, v in lines)

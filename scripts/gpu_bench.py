@@ -27,7 +27,8 @@ from numbaformer.backends.cuda import elementwise  # noqa: E402
 from numbaformer.backends.cuda import gemv as G  # noqa: E402
 from numbaformer.backends.cuda import gemv_q8 as Q8  # noqa: E402
 from numbaformer.backends.cuda import matmul as M  # noqa: E402
-from numbaformer.backends.cuda.backend import device_bytes, upload_matrix  # noqa: E402
+from numbaformer.backends.cuda.backend import upload_matrix  # noqa: E402
+from numbaformer.backends.cuda.layout import device_bytes  # noqa: E402
 from numbaformer.backends.cuda.gemv import fast_path  # noqa: E402
 from numbaformer.backends.cuda.graph import CudaGraph  # noqa: E402
 from numbaformer.quants import DECODERS, GGML_TYPES, TYPE_IDS  # noqa: E402

@@ -108,6 +108,11 @@ def test_info_json(model):
     assert d["parameters"] == 134_515_008
     assert d["tied_embeddings"] is True and d["rope"]["layout"] == "normal"
     assert d["memory"]["kv_f16_bytes"] == 2 * 30 * 3 * 64 * 8192 * 2
+    # the GPU layout pads each plane of a row to 16 bytes: SmolLM2's Q4_1 rows (576 or 1536 values,
+    # 2 planes) and its Q8_0 embedding (576 values, 2 planes) grow by less than 32 bytes a row
+    grow = d["memory"]["gpu_weights_bytes"] - d["memory"]["weights_bytes"]
+    rows = 30 * (576 + 2 * 192 + 576 + 2 * 1536 + 576) + 49152
+    assert 0 < grow < 32 * rows
 
 
 # --- tokenize -------------------------------------------------------------------------------------

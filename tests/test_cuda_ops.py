@@ -351,8 +351,10 @@ def test_pool_reuses_buckets(cu):
 
 def test_memory_estimate_and_refusal(smollm2):
     from numbaformer.backends.cuda.backend import WORKSPACE_BYTES, check_fits, memory_needed
+    from numbaformer.backends.cuda.layout import device_bytes
     need = memory_needed(smollm2, 8192, 512)
-    weights = sum(t.nbytes for t in smollm2.weights.matrices())
+    weights = sum(device_bytes(t) for t in smollm2.weights.matrices())      # the GPU layout
+    assert weights > sum(t.nbytes for t in smollm2.weights.matrices())
     assert need >= weights + smollm2.config.kv_cache_bytes(8192, 2) + WORKSPACE_BYTES
     check_fits(need, need, 2 * need, 8192)                      # exactly enough: fine
     with pytest.raises(MemoryError) as e:

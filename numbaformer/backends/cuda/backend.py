@@ -10,7 +10,7 @@ from numba.cuda.core import config
 from ..base import Backend
 from . import attention, elementwise, embed, gemv, matmul, norm, rope, sample
 from .graph import CudaGraph, graphs_supported
-from .layout import repack, row_pitch
+from .layout import device_bytes, repack
 from .pool import DevicePool
 
 WORKSPACE_BYTES = 256 << 20          # kernels, scratch and fragmentation headroom in the estimate
@@ -20,11 +20,6 @@ def upload_matrix(host: np.ndarray, qtype: int, cols: int, stream=0):
     """GGUF rows (rows, row_bytes) uint8 -> the device, repacked into the GPU layout (layout.py):
     (rows, pitch) uint8, every row and plane 16-byte aligned for the kernels' vector loads."""
     return cuda.to_device(repack(host, qtype, cols), stream=stream)
-
-
-def device_bytes(t) -> int:
-    """Bytes a weight matrix takes on the device (the GPU layout pads each plane of a row to 16)."""
-    return t.rows * row_pitch(t.qtype, t.cols)
 
 
 def memory_needed(mf, n_ctx: int, n_batch: int) -> int:

@@ -70,6 +70,11 @@ def row_pitch(qtype: int, cols: int) -> int:
     return plane_offsets(qtype, n_blocks(qtype, cols))[-1]
 
 
+def device_bytes(t) -> int:
+    """Bytes a weight matrix (QTensor) takes on the device in this layout."""
+    return t.rows * row_pitch(t.qtype, t.cols)
+
+
 def repack(raw: np.ndarray, qtype: int, cols: int) -> np.ndarray:
     """GGUF rows (rows, row_bytes) uint8 -> the GPU layout (rows, pitch) uint8."""
     rows, nb = raw.shape[0], n_blocks(qtype, cols)

@@ -101,18 +101,32 @@ class Profile:
     ops: list[OpRow]
     step_us: float
     copy_gbps: float
+    launches: int | None = None       # kernels a step launches, where the backend counts them
 
     def as_dict(self) -> dict:
         bw = self.copy_gbps
         return {"position": self.position, "step_us": round(self.step_us, 1),
-                "copy_GBps": round(bw, 1),
+                "copy_GBps": round(bw, 1), "launches": self.launches,
                 "ops": [{"op": r.op, "calls": r.calls, "us": round(r.us, 2), "bytes": r.nbytes,
                          "GBps": round(r.gbps(), 1), "pct_of_copy_bw": round(100 * r.gbps() / bw, 1)}
                         for r in self.ops]}
 
     def table(self, title: str) -> str:
-        """The table `numbaformer bench --kernels` prints."""
-        return format_profile(self.ops, self.step_us, self.copy_gbps, title)
+        """The table `numbaformer bench --kernels` prints: per op calls, time per step, share, MB
+        read, GB/s, % of the copy bandwidth; a total row."""
+        rows, bw = self.ops, self.copy_gbps
+        total = sum(r.us for r in rows)
+        launches = "" if self.launches is None else f"{self.launches} kernel launches, "
+        lines = [f"{title}: {launches}{sum(r.calls for r in rows)} op calls, {total:.0f} us timed "
+                 f"one by one, {self.step_us:.0f} us as one step; copy bandwidth {bw:.0f} GB/s",
+                 "| op | calls | us/step | % of step | MB read | GB/s | % of copy BW |",
+                 "|---|---:|---:|---:|---:|---:|---:|"]
+        for r in rows + [OpRow("total", sum(r.calls for r in rows), total,
+                               sum(r.nbytes for r in rows))]:
+            g = r.gbps()
+            lines.append(f"| {r.op} | {r.calls} | {r.us:.1f} | {100 * r.us / total:.1f} | "
+                         f"{r.nbytes / 1e6:.2f} | {g:.0f} | {100 * g / bw:.1f} |")
+        return "\n".join(lines)
 
 
 def profile_decode(model, pos: int, reps: int = 20) -> Profile:
@@ -128,20 +142,10 @@ def profile_decode(model, pos: int, reps: int = 20) -> Profile:
         r.us += model.ops.time_us(lambda: fn(*args, **kw), reps)
         r.nbytes += nbytes
     ops = model.ops
-    step_us = ops.time_us(lambda: model._run(model.buf.rows(1), True), reps)
-    return Profile(pos, sorted(rows.values(), key=lambda r: -r.us), step_us, ops.copy_bandwidth())
 
+    def step():
+        model._run(model.buf.rows(1), True)
+    step_us = ops.time_us(step, reps)
+    return Profile(pos, sorted(rows.values(), key=lambda r: -r.us), step_us, ops.copy_bandwidth(),
+                   ops.count_launches(step))
 
-def format_profile(rows: list[OpRow], step_us: float, bw: float, title: str) -> str:
-    """Markdown table: per op calls, time per step, share, MB read, GB/s, % of the copy BW."""
-    total = sum(r.us for r in rows)
-    moved = sum(r.nbytes for r in rows)
-    lines = [f"{title}: {sum(r.calls for r in rows)} op calls, {total:.0f} us timed one by one, "
-             f"{step_us:.0f} us as one step; copy bandwidth {bw:.0f} GB/s",
-             "| op | calls | us/step | % of step | MB read | GB/s | % of copy BW |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    for r in rows + [OpRow("total", sum(r.calls for r in rows), total, moved)]:
-        g = r.gbps()
-        lines.append(f"| {r.op} | {r.calls} | {r.us:.1f} | {100 * r.us / total:.1f} | "
-                     f"{r.nbytes / 1e6:.2f} | {g:.0f} | {100 * g / bw:.1f} |")
-    return "\n".join(lines)

@@ -165,6 +165,10 @@ class Backend(ABC):
         self.synchronize()
         return (time.perf_counter() - t0) / reps * 1e6
 
+    def count_launches(self, fn) -> int | None:
+        """Kernel launches one fn() makes, where the backend can count them (CUDA graphs)."""
+        return None
+
     def copy_bandwidth(self, nbytes: int = 1 << 28) -> float:
         """GB/s (bytes read + written) of copying nbytes between two arrays, the best of 3 (on the
         host: numpy's single-threaded copy)."""

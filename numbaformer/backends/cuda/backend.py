@@ -220,6 +220,16 @@ class CUDABackend(Backend):
         g.close()
         return cuda.event_elapsed_time(e0, e1) * 1e3 / reps
 
+    def count_launches(self, fn) -> int | None:
+        """Nodes of a CUDA graph of one fn() (fn has run once: compiled)."""
+        if not graphs_supported():
+            return None
+        g = CudaGraph()
+        g.capture(self.stream, fn)
+        n = g.node_count()
+        g.close()
+        return n
+
     def copy_bandwidth(self, nbytes: int = 1 << 31) -> float:
         """GB/s (read + written) of a device-to-device copy of nbytes with 16-byte accesses."""
         if not graphs_supported():

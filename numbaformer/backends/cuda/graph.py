@@ -135,6 +135,13 @@ class CudaGraph:
             raise GraphError("launch() before capture()")
         check(driver.cuGraphLaunch(self._exec, stream_handle(stream)), "cuGraphLaunch")
 
+    def node_count(self) -> int | None:
+        """Nodes (kernel launches, copies) of the captured graph; None under the simulator."""
+        if self._graph is None:
+            return None
+        err, _, n = driver.cuGraphGetNodes(self._graph, 0)
+        return int(n) if err == driver.CUresult.CUDA_SUCCESS else None
+
     def close(self):
         if self._exec is not None:
             check(driver.cuGraphExecDestroy(self._exec), "cuGraphExecDestroy")

@@ -29,7 +29,7 @@ from ...quants import GGML_TYPES, QK, U
 from ._jit import cuda_kernel
 from .decoders import DECODERS
 from . import gemv_q8
-from .gemv_q8 import UNITS, q8_kernel, smem_words, store_one
+from .gemv_q8 import UNITS, finish_pair, pair_ranges, pair_views, q8_kernel, smem_words
 from .intrinsics import load_u32x4, syncwarp
 from .layout import PLANES, gather_block
 from .reduce import WARP, block_sum, warp_sum
@@ -191,37 +191,15 @@ def _gemv_kernel(qtype: int, n_mat: int, norm: bool, mode: int, warps: int):
         lane = tid % WARP
         wi = tid // WARP
         seg = segs[wi]
-        if mode == 3:
-            n_pairs = w0.shape[0]
-            p0 = p1 = n_pairs
-        else:
-            p0 = (w0.shape[0] + 1) // 2
-            p1 = p0 + ((w1.shape[0] + 1) // 2 if n_mat > 1 else 0)
-            n_pairs = p1 + ((w2.shape[0] + 1) // 2 if n_mat > 2 else 0)
+        p0, p1, n_pairs = pair_ranges(w0, w1, w2, n_mat, mode == 3)
+        rows0, rows1, rows2 = w0.shape[0], w1.shape[0], w2.shape[0]
         for p in range(cuda.blockIdx.x * warps + wi, n_pairs, cuda.gridDim.x * warps):
-            if mode == 3:
-                a, b = pair_dot(w0[p], w1[p], v0[p], v1[p], False, cols, sm, seg, regs, lane)
-                a = warp_sum(a)
-                b = warp_sum(b)
-                if lane == 0:
-                    o0[0, p] = a / (float32(1) + math.exp(-a)) * b
-            else:
-                # which matrix the pair belongs to, and its first row there
-                if p < p0:
-                    w, v, o, e, r = w0, v0, o0, e0, 2 * p
-                elif p < p1:
-                    w, v, o, e, r = w1, v1, o1, e1, 2 * (p - p0)
-                else:
-                    w, v, o, e, r = w2, v2, o2, e2, 2 * (p - p1)
-                last = r + 1 >= w.shape[0]                  # an odd row count's last row
-                r2 = r if last else r + 1
-                a, b = pair_dot(w[r], w[r2], v[r], v[r2], last, cols, sm, seg, regs, lane)
-                a = warp_sum(a)
-                b = warp_sum(b)
-                if lane == 0:
-                    store_one(o, e, r, a, mode)
-                    if not last:
-                        store_one(o, e, r + 1, b, mode)
+            ra, rb, ra8, rb8, last = pair_views(p, p0, p1, mode == 3, w0, w1, w2, v0, v1, v2)
+            a, b = pair_dot(ra, rb, ra8, rb8, last, cols, sm, seg, regs, lane)
+            a = warp_sum(a)
+            b = warp_sum(b)
+            if lane == 0:
+                finish_pair(p, p0, p1, mode, a, b, o0, o1, o2, e0, e1, e2, rows0, rows1, rows2)
 
     return _gemv
 

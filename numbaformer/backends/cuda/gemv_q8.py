@@ -361,9 +361,21 @@ UNITS = {
 
 
 @cuda.jit(device=True, inline=True)
+def pair_ranges(w0, w1, w2, n_mat, swiglu):
+    """(p0, p1, n_pairs): virtual row pairs [0, p0) are w0's (rows 2q, 2q+1), [p0, p1) w1's,
+    [p1, n_pairs) w2's; SwiGLU: pair p is row p of gate (w0) and of up (w1)."""
+    if swiglu:
+        n = w0.shape[0]
+        return n, n, n
+    p0 = (w0.shape[0] + 1) // 2
+    p1 = p0 + ((w1.shape[0] + 1) // 2 if n_mat > 1 else 0)
+    return p0, p1, p1 + ((w2.shape[0] + 1) // 2 if n_mat > 2 else 0)
+
+
+@cuda.jit(device=True, inline=True)
 def _pair_rows(p, p0, p1, swiglu, rows0, rows1, rows2):
     """Virtual row pair p -> (matrix of its rows, first row, whether it is an odd count's last
-    row alone). SwiGLU: pair p is row p of gate (matrix 0) and of up (matrix 1)."""
+    row alone)."""
     if swiglu:
         return 0, p, False
     if p < p0:
@@ -382,6 +394,20 @@ def _pick(m, a0, a1, a2):
     return a1 if m == 1 else a2
 
 
+@cuda.jit(device=True, inline=True)
+def pair_views(p, p0, p1, swiglu, w0, w1, w2, v0, v1, v2):
+    """Pair p's two rows as uint32 and uint8 views, and whether the second is the first again (an
+    odd count's last row)."""
+    m, r, last = _pair_rows(p, p0, p1, swiglu, w0.shape[0], w1.shape[0], w2.shape[0])
+    if swiglu:
+        return w0[r], w1[r], v0[r], v1[r], False
+    w = _pick(m, w0, w1, w2)
+    v = _pick(m, v0, v1, v2)
+    r2 = r if last else r + 1
+    return w[r], w[r2], v[r], v[r2], last
+
+
+@cuda.jit(device=True, inline=True)
 def _store_one(o, e, r, acc, mode):
     """o[0, r] = acc (+ bias e[r] in mode 1, + residual e[0, r] in mode 2)."""
     if mode == 1:
@@ -391,7 +417,19 @@ def _store_one(o, e, r, acc, mode):
     o[0, r] = acc
 
 
-store_one = cuda.jit(device=True, inline=True)(_store_one)
+@cuda.jit(device=True, inline=True)
+def finish_pair(p, p0, p1, mode, a, b, o0, o1, o2, e0, e1, e2, rows0, rows1, rows2):
+    """The epilogue of pair p's two dots (module docstring of gemv.py: modes 0-3)."""
+    swiglu = mode == 3
+    m, r, last = _pair_rows(p, p0, p1, swiglu, rows0, rows1, rows2)
+    if swiglu:
+        o0[0, r] = a / (float32(1) + math.exp(-a)) * b
+    else:
+        o = _pick(m, o0, o1, o2)
+        e = _pick(m, e0, e1, e2)
+        _store_one(o, e, r, a, mode)
+        if not last:
+            _store_one(o, e, r + 1, b, mode)
 
 
 @functools.lru_cache(maxsize=None)
@@ -433,30 +471,6 @@ def q8_kernel(qtype: int, n_mat: int, norm: bool, mode: int, warps: int, unroll:
                            h[8 * i + 5], h[8 * i + 6], h[8 * i + 7], u, nb, xq, xd, xs)
         return acc
 
-    @cuda.jit(device=True, inline=True)
-    def pair_rows(p, p0, p1, w0, w1, w2, v0, v1, v2):
-        """Pair p's two rows (uint32 and uint8 views); an odd count's last row comes twice."""
-        m, r, last = _pair_rows(p, p0, p1, swiglu, w0.shape[0], w1.shape[0], w2.shape[0])
-        if swiglu:
-            return w0[r], w1[r], v0[r], v1[r]
-        w = _pick(m, w0, w1, w2)
-        v = _pick(m, v0, v1, v2)
-        r2 = r if last else r + 1
-        return w[r], w[r2], v[r], v[r2]
-
-    @cuda.jit(device=True, inline=True)
-    def finish(p, p0, p1, a, b, o0, o1, o2, e0, e1, e2, rows0, rows1, rows2):
-        """The epilogue of pair p's two dots: SwiGLU, or store (+ bias / residual) each row."""
-        m, r, last = _pair_rows(p, p0, p1, swiglu, rows0, rows1, rows2)
-        if swiglu:
-            o0[0, r] = a / (float32(1) + math.exp(-a)) * b
-        else:
-            o = _pick(m, o0, o1, o2)
-            e = _pick(m, e0, e1, e2)
-            store_one(o, e, r, a, mode)
-            if not last:
-                store_one(o, e, r + 1, b, mode)
-
     @cuda_kernel
     def _gemv_q8(o0, o1, o2, w0, w1, w2, v0, v1, v2, e0, e1, e2, x, norm_w, eps):
         """As gemv.py's kernel. The block's warps form `groups` groups of `split`; each round, a
@@ -481,19 +495,13 @@ def q8_kernel(qtype: int, n_mat: int, norm: bool, mode: int, warps: int, unroll:
         chunk = ((n_units + split * step - 1) // (split * step)) * step   # units per slice
         u_lo = sl * chunk
         u_end = min(n_units, u_lo + chunk)
-        if swiglu:
-            n_pairs = w0.shape[0]
-            p0 = p1 = n_pairs
-        else:
-            p0 = (w0.shape[0] + 1) // 2
-            p1 = p0 + ((w1.shape[0] + 1) // 2 if n_mat > 1 else 0)
-            n_pairs = p1 + ((w2.shape[0] + 1) // 2 if n_mat > 2 else 0)
+        p0, p1, n_pairs = pair_ranges(w0, w1, w2, n_mat, swiglu)
         first = cuda.blockIdx.x * groups
         stride = cuda.gridDim.x * groups
         rounds = (n_pairs - first + stride - 1) // stride if first < n_pairs else 0
         p = first + wi // split
         if rounds > 0 and p < n_pairs:                   # batch 0 flies during the staging
-            ra, rb, ra8, rb8 = pair_rows(p, p0, p1, w0, w1, w2, v0, v1, v2)
+            ra, rb, ra8, rb8, last = pair_views(p, p0, p1, swiglu, w0, w1, w2, v0, v1, v2)
             load(ra, rb, ra8, rb8, u_lo + lane, u_end, nb, qa, qb, ha, hb)
         stage_q8(sm, x, norm_w, eps, norm, red, threads)
         cuda.syncthreads()                               # activations staged
@@ -507,7 +515,7 @@ def q8_kernel(qtype: int, n_mat: int, norm: bool, mode: int, warps: int, unroll:
             acc_a = float32(0)
             acc_b = float32(0)
             if p < n_pairs:
-                ra, rb, ra8, rb8 = pair_rows(p, p0, p1, w0, w1, w2, v0, v1, v2)
+                ra, rb, ra8, rb8, last = pair_views(p, p0, p1, swiglu, w0, w1, w2, v0, v1, v2)
                 for u0 in range(u_lo, u_end, step):
                     if k > 0 or u0 > u_lo:
                         load(ra, rb, ra8, rb8, u0 + lane, u_end, nb, qa, qb, ha, hb)
@@ -517,7 +525,8 @@ def q8_kernel(qtype: int, n_mat: int, norm: bool, mode: int, warps: int, unroll:
             b = warp_sum(acc_b)
             if split == 1:
                 if lane == 0 and p < n_pairs:
-                    finish(p, p0, p1, a, b, o0, o1, o2, e0, e1, e2, rows0, rows1, rows2)
+                    finish_pair(p, p0, p1, mode, a, b, o0, o1, o2, e0, e1, e2, rows0, rows1,
+                                rows2)
             else:
                 if lane == 0:
                     part[wi, 0] = a
@@ -527,7 +536,8 @@ def q8_kernel(qtype: int, n_mat: int, norm: bool, mode: int, warps: int, unroll:
                     for j in range(1, split):
                         a += part[wi + j, 0]
                         b += part[wi + j, 1]
-                    finish(p, p0, p1, a, b, o0, o1, o2, e0, e1, e2, rows0, rows1, rows2)
+                    finish_pair(p, p0, p1, mode, a, b, o0, o1, o2, e0, e1, e2, rows0, rows1,
+                                rows2)
                 cuda.syncthreads()                       # parked sums read: free for the next
 
     return _gemv_q8

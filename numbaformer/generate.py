@@ -5,13 +5,13 @@ keeps the logits on the device and brings back only the token id.
 """
 from __future__ import annotations
 
-import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from .model import DECODE_CHUNK
 from .sampling import log_softmax
 
 
@@ -82,30 +82,36 @@ def generate_step(model, prompt_ids: Sequence[int], sampler, *, max_tokens: int,
     stats.prompt_tokens = len(feed)
     t0 = time.perf_counter()
     stats.finish_reason = "length"
-    for i in range(max_tokens) if max_tokens >= 0 else itertools.count():
+    i = 0
+    while max_tokens < 0 or i < max_tokens:
         if pos + len(feed) > model.n_ctx:
             stats.finish_reason = "context"
             break
-        logits = model.forward(feed, pos, greedy=on_device)
-        pos += len(feed)
-        if on_device:
-            step = Step(model.greedy_token())
+        if on_device and i > 0:            # decode: several greedy steps per replay
+            left = max_tokens - i if max_tokens >= 0 else DECODE_CHUNK
+            n = min(DECODE_CHUNK, left, model.n_ctx - pos)
+            steps = [Step(t) for t in model.decode_greedy(feed[0], pos, n)]
         else:
-            step = _sample_host(model.ops.to_host(logits)[0], sampler, history, logprobs)
-        now = time.perf_counter()
-        if i == 0:
-            stats.prefill_s = stats.ttft_s = now - t0
-            t_decode = now
-        else:
-            stats.decode_s = now - t_decode
-        stats.generated_tokens = i + 1
-        history.append(step.id)
-        feed = [step.id]
-        if step.id in eog:
-            stats.finish_reason = "stop"
+            logits = model.forward(feed, pos, greedy=on_device)
+            steps = [Step(model.greedy_token()) if on_device else
+                     _sample_host(model.ops.to_host(logits)[0], sampler, history, logprobs)]
+        for step in steps:
+            pos += len(feed)
+            now = time.perf_counter()
+            if i == 0:
+                stats.prefill_s = stats.ttft_s = now - t0
+                t_decode = now
+            else:
+                stats.decode_s = now - t_decode
+            i += 1
+            stats.generated_tokens = i
+            history.append(step.id)
+            feed = [step.id]
+            if step.id in eog:
+                stats.finish_reason = "stop"
+                yield step
+                return
             yield step
-            return
-        yield step
 
 
 def _sample_host(logits: np.ndarray, sampler, history: list[int], k: int) -> Step:

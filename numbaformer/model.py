@@ -16,6 +16,10 @@ from .kvcache import KVCache
 from .loader import ModelFile
 
 
+MAX_CHUNK = 16                 # decode steps one greedy graph replay may run
+DECODE_CHUNK = 8               # the steps generation and bench run per replay (greedy on device)
+
+
 class Buffers:
     """Activations for up to n_batch tokens, allocated once; `rows(n)` gives views of n rows."""
 
@@ -34,6 +38,7 @@ class Buffers:
         self.up = a((n_batch, cfg.n_ff))
         self.logits = a((1, cfg.n_vocab))                # last token's logits
         self.next_id = a((1,), np.int32)                 # greedy pick, on the device
+        self.chunk_ids = a((MAX_CHUNK,), np.int32)       # the picks of a multi-step decode
         self._all_logits = None
         self._ops, self._cfg, self.n_batch = ops, cfg, n_batch
 
@@ -84,6 +89,27 @@ class Model:
                 if last:
                     self._head(v.x_last, v.xn_last, self.buf.logits, greedy)
         return self.buf.logits
+
+    def decode_greedy(self, tok: int, pos: int, n: int) -> list[int]:
+        """n greedy decode steps in one replay: token `tok` at position pos, then each step's
+        pick fed to the next on the device; returns the n picks (read once). Every step writes its
+        K/V, so the caller that keeps fewer picks simply decodes from its own position again (the
+        positions past it are overwritten before they are read)."""
+        if not 1 <= n <= MAX_CHUNK:
+            raise ValueError(f"a greedy chunk is 1..{MAX_CHUNK} steps, not {n}")
+        self._check([tok], pos)
+        if pos + n > self.n_ctx:
+            raise ValueError(f"positions {pos}..{pos + n - 1} exceed the context of {self.n_ctx} "
+                             f"tokens")
+        self._load_step(np.array([tok], np.int32), pos)
+        v, b = self.buf.rows(1), self.buf
+
+        def steps():
+            for j in range(n):
+                self._run(v, True)
+                self.ops.advance(b.ids, b.pos, b.next_id, b.chunk_ids, j)
+        self.ops.replay(("decode_greedy", n), steps)
+        return [int(t) for t in self.ops.to_host(b.chunk_ids)[:n]]
 
     def forward_all(self, ids, start_pos: int = 0) -> np.ndarray:
         """Logits of every position (n, n_vocab) as a host float32 array (teacher forcing)."""

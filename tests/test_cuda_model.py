@@ -57,6 +57,28 @@ def test_tiny_generation_equals_cpu(tmp_path, cuda_toy_shapes):
     assert gpu == cpu
 
 
+def test_multi_step_greedy_equals_single_steps(tmp_path, cuda_toy_shapes):
+    """decode_greedy: n steps in one replay (one CUDA graph on the GPU), each pick fed to the next
+    by the device, equals n host-fed single steps, and the CPU's picks."""
+    from gguf_builder import tiny_llama
+    from numbaformer.backends.cpu import CPUBackend
+    mf = load_model_file(tiny_llama().write(tmp_path / "tiny.gguf"), tokenizer=False)
+    n = 2 if not ON_GPU else 12
+    picks = []
+    for ops in (CPUBackend(), cuda_backend()):
+        m = Model(mf, ops, n_ctx=32, n_batch=4)
+        m.forward([5, 17, 33], 0, greedy=True)
+        single = [m.greedy_token()]
+        for j in range(n):
+            m.forward([single[-1]], 3 + j, greedy=True)
+            single.append(m.greedy_token())
+        assert m.decode_greedy(single[0], 3, n) == single[1:]
+        if ON_GPU:                                                      # a replay of the graph
+            assert m.decode_greedy(single[0], 3, n) == single[1:]
+        picks.append(single)
+    assert picks[0] == picks[1]
+
+
 @gpu_only
 @pytest.mark.cuda
 @pytest.mark.parametrize("name", [GGML_TYPES[t].name for t in DECODERS])

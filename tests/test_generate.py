@@ -118,6 +118,33 @@ def test_context_end_ends_with_context(engine, llamacpp, greedy_runs):
     assert res.ids == [] and res.finish_reason == "context"
 
 
+def test_greedy_chunks_equal_single_steps(engine, llamacpp):
+    """decode_greedy(tok, pos, n) (n steps per replay, each pick fed to the next on the device)
+    picks what n single greedy steps pick; a chunk that ends early (the caller keeps fewer picks)
+    leaves the cache good for the next one; generate_step's chunks cross max_tokens limits."""
+    from numbaformer.model import DECODE_CHUNK, MAX_CHUNK
+    prompt = llamacpp[0]["prompt_ids"]
+    m = engine.model
+    m.forward(prompt, 0, greedy=True)
+    ref = [m.greedy_token()]
+    for j in range(2 * DECODE_CHUNK - 1):                  # single steps, the host feeding each
+        m.forward([ref[-1]], len(prompt) + j, greedy=True)
+        ref.append(m.greedy_token())
+    first = ref[0]
+    got = m.decode_greedy(first, len(prompt), 5)
+    assert got == ref[1:6]
+    # keep 2 of them, then continue from there: the 3 extra steps' cache slots are overwritten
+    got = m.decode_greedy(ref[2], len(prompt) + 2, 7)
+    assert got == ref[3:10]
+    for n in (DECODE_CHUNK + 3, 2 * DECODE_CHUNK):
+        res = run(engine, prompt, n, ignore_eos=True)
+        assert res.ids == ref[:n] and res.stats.generated_tokens == n
+    with pytest.raises(ValueError, match="chunk"):
+        m.decode_greedy(first, len(prompt), MAX_CHUNK + 1)
+    with pytest.raises(ValueError, match="exceed the context"):
+        m.decode_greedy(first, m.n_ctx - 2, 3)
+
+
 def test_no_limit_runs_to_the_end_of_generation(engine, llamacpp, greedy_runs):
     """max_tokens -1 (llama.cpp's -n -1) stops at the end-of-generation token."""
     prompt = llamacpp[CHAT_PROMPT]["prompt_ids"]

@@ -139,6 +139,14 @@ class Backend(ABC):
     def argmax(self, out, logits) -> None:
         """out[0] (int32) = index of the largest of logits (n_vocab,) (greedy decoding)."""
 
+    def advance(self, ids, pos, next_id, out, j: int) -> None:
+        """Feed the greedy pick to the next decode step without the host: ids[0] = next_id[0],
+        pos[0] += 1, and out[j] = next_id[0] (int32 arrays; out collects a chunk's picks). Host
+        arrays here; a device backend overrides it with a kernel."""
+        ids[0] = next_id[0]
+        pos[0] += 1
+        out[j] = next_id[0]
+
     def replay(self, key, fn) -> None:
         """Run fn(), which only launches ops on buffers fixed at load. A backend that can record
         (CUDA graphs) records it on the first call for `key` and replays the record afterwards."""

@@ -182,20 +182,26 @@ class CUDABackend(Backend):
     def argmax(self, out, logits):
         sample.argmax(out, logits, self.stream)
 
+    def advance(self, ids, pos, next_id, out, j):
+        sample.advance(ids, pos, next_id, out, j, self.stream)
+
     # --- graphs -----------------------------------------------------------------------------
     def replay(self, key, fn) -> None:
-        """First call: run fn (compiling/loading every kernel it launches) and capture it into a
-        CUDA graph. Later calls replay the graph. Direct launches under the simulator."""
+        """Run fn() once per call. First call for `key`: run it directly (compiling/loading every
+        kernel it launches, and doing this call's work), then capture it into a CUDA graph without
+        running it again (fn may advance device state, as a multi-step decode does). Later calls
+        replay the graph. Direct launches under the simulator."""
         if not graphs_supported():
             fn()
             return
         g = self.graphs.get(key)
         if g is None:
-            fn()                                   # compile + load outside the capture
+            fn()                                   # this call's work; compiles + loads
             self.stream.synchronize()
             g = CudaGraph()
-            g.capture(self.stream, fn)
+            g.capture(self.stream, fn)             # records only
             self.graphs[key] = g
+            return
         g.launch(self.stream)
         self.graph_launches += 1
 

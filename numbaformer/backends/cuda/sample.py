@@ -1,4 +1,5 @@
-"""Greedy decoding on the GPU: the argmax of the logits, so only one int32 crosses to the host."""
+"""Greedy decoding on the GPU: the argmax of the logits, so only one int32 crosses to the host, and
+`advance`, which feeds it to the next decode step inside a multi-step graph."""
 from __future__ import annotations
 
 import math
@@ -61,3 +62,18 @@ def _argmax_kernel(out, logits):
 def argmax(out, logits, stream) -> None:
     """out[0] (int32) = first index of the maximum of logits (n_vocab,) f32."""
     _argmax_kernel[1, ARGMAX_THREADS, stream](out, logits)
+
+
+@cuda_kernel
+def _advance_kernel(ids, pos, next_id, out, j):
+    """One thread: the next step's token is this step's pick, one position on."""
+    if cuda.grid(1) == 0:
+        t = next_id[0]
+        ids[0] = t
+        pos[0] += 1
+        out[j] = t
+
+
+def advance(ids, pos, next_id, out, j: int, stream) -> None:
+    """ids[0] = next_id[0], pos[0] += 1, out[j] = next_id[0] (int32 device arrays), on the GPU."""
+    _advance_kernel[1, 1, stream](ids, pos, next_id, out, j)

@@ -1,18 +1,19 @@
 """Decode mat-vecs (one token), fused with what surrounds them in the graph.
 
-One kernel family, `_gemv_kernel(qtype, n_mat, norm, mode, warps, exact)`:
+Two kernels with one structure: the fast one (gemv_q8.q8_kernel) and the exact one here
+(`_gemv_kernel(qtype, n_mat, norm, mode, warps)`), chosen by `fast_path(qtype, exact)`:
   prologue  x is staged in shared memory once per block; with `norm`, as rmsnorm(x) * w (the block
-            reduces x^2 itself), so a norm never costs a launch of its own. The fast path stages
-            it as 8-bit integers per 32 values (gemv_q8.py); the exact path as f32, with its
-            16-value sums for the K-quant min terms;
+            reduces x^2 itself), so a norm never costs a launch of its own. The fast kernel stages
+            it as 8-bit integers per 32 values for the quantized types, as f32 for the float
+            types; the exact kernel as f32, with its 16-value sums for the K-quant min terms;
   rows      up to three matrices of one type and width (Q, K, V) form one virtual range of row
             pairs; blocks are persistent (a grid of a few blocks per SM) and their warps walk the
             pairs with a grid stride, so the staging is paid a few times per SM, not per row;
-  row dot   fast path (the types of gemv_q8.UNITS): 16-byte units of the row's q plane straight
-            into registers, dp4a against the q8 activations; exact path (every type, and the
-            `exact` option): each row streams through a per-warp shared segment of whole blocks
-            in GGUF order (16-byte loads for the float types, whose layout is unchanged; a block
-            gather from the planes for the others) dotted with the type's dot32 from quants.py;
+  row dot   fast kernel (gemv_q8.UNITS and F32_UNITS): 16-byte units of the row's q plane straight
+            into registers, dp4a against the q8 activations (f32 FMAs for the float types, which
+            are exact and take it always); exact kernel (the quantized types with `exact`, Q2_K,
+            Q3_K): each row streams through a per-warp shared segment of whole blocks gathered
+            into GGUF order from the planes, dotted with the type's dot32 from quants.py;
   epilogue  mode 0: store; 1: + bias; 2: + residual (out may be the residual); 3 (SwiGLU): the two
             matrices are gate and up, out[r] = silu(gate[r] . x) * (up[r] . x).
 Weights: rows in the GPU layout (layout.py), (rows, pitch) uint8 with uint32 views.
@@ -20,19 +21,19 @@ Weights: rows in the GPU layout (layout.py), (rows, pitch) uint8 with uint32 vie
 from __future__ import annotations
 
 import functools
-import math
 
 import numpy as np
-from numba import cuda, float32, uint8, uint32
+from numba import cuda, float32, uint8
 
-from ...quants import GGML_TYPES, QK, U
+from ...quants import GGML_TYPES, QK
 from ._jit import cuda_kernel
 from .decoders import DECODERS
 from . import gemv_q8
-from .gemv_q8 import UNITS, finish_pair, pair_ranges, pair_views, q8_kernel, smem_words
-from .intrinsics import load_u32x4, syncwarp
-from .layout import PLANES, gather_block
-from .reduce import WARP, block_sum, warp_sum
+from .gemv_q8 import (F32_UNITS, UNITS, finish_pair, pair_ranges, pair_views, q8_kernel,
+                      smem_words, stage_f32)
+from .intrinsics import syncwarp
+from .layout import gather_block
+from .reduce import WARP, warp_sum
 
 GEMV_WARPS = 8
 BLOCKS_PER_SM = 4
@@ -41,9 +42,10 @@ MODES = {"store": 0, "bias": 1, "residual": 2, "swiglu": 3}
 
 
 def fast_path(qtype: int, exact: bool = False) -> bool:
-    """Whether a mat-vec of this type takes the q8 path (not asked to be exact, and a type with a
-    unit dot)."""
-    return not exact and qtype in UNITS
+    """Whether a mat-vec of this type takes the fast kernel (gemv_q8.py): the float types always
+    (their units dot f32 activations: exact), the quantized types with a unit dot unless asked to
+    be exact (8-bit activations)."""
+    return qtype in F32_UNITS or (not exact and qtype in UNITS)
 
 
 def segment_blocks(qtype: int) -> int:
@@ -55,61 +57,25 @@ def segment_blocks(qtype: int) -> int:
     return k * max(1, SEGMENT_BYTES // (k * cb))
 
 
-@cuda.jit(device=True, inline=True)
-def _stage_load(regs, row, u0, lane, seg_units, row_units):
-    """Issue this lane's 16-byte loads of the segment starting at unit u0 into regs."""
-    for i in range(regs.shape[0] // 4):
-        u = lane + i * WARP
-        if u < seg_units and u0 + u < row_units:
-            a0, a1, a2, a3 = load_u32x4(row, u0 + u)
-            regs[4 * i] = a0
-            regs[4 * i + 1] = a1
-            regs[4 * i + 2] = a2
-            regs[4 * i + 3] = a3
-
-
-def _identity(qtype: int) -> bool:
-    """The GPU layout of this type is its GGUF rows (the float types)."""
-    return len(PLANES[qtype]) == 1
-
-
 @functools.lru_cache(maxsize=None)
 def _staged_row_dot(qtype: int, seg_blocks: int):
-    """A device function (row, row8, cols, xs, xsum, seg, regs, lane) -> this lane's partial dot."""
+    """A device function (row8, cols, xs, xsum, seg, lane) -> this lane's partial dot."""
     dot32 = DECODERS[qtype][1]
     cb = GGML_TYPES[qtype].chunk_bytes
     cpb = GGML_TYPES[qtype].chunks_per_block
-    seg_units = seg_blocks * cb // 16
-    identity = _identity(qtype)
     gather = gather_block(qtype)
 
     @cuda.jit(device=True)
-    def row_dot(row, row8, cols, xs, xsum, seg, regs, lane):
+    def row_dot(row8, cols, xs, xsum, seg, lane):
         """The row streams through the warp's segment `seg` seg_blocks blocks at a time, in GGUF
-        order. Float types: this lane's 16-byte units sit in regs (issued one segment ahead), are
-        copied in, a syncwarp publishes them, the next loads are issued. Other types: lane i
-        gathers block i of the segment from the planes. Then the lane dots chunks lane, lane+32,
-        .. of the segment, and a syncwarp frees the segment."""
-        seg32 = seg.view(np.uint32)
+        order: lane i gathers block i of the segment from the planes, a syncwarp publishes them,
+        the lane dots chunks lane, lane+32, .. of the segment, and a syncwarp frees it."""
         n_blocks = cols // QK // cpb
-        row_units = row.shape[0] // 4
         acc = float32(0)
-        if identity:
-            _stage_load(regs, row, 0, lane, seg_units, row_units)
         for b0 in range(0, n_blocks, seg_blocks):
-            if identity:
-                for i in range(regs.shape[0] // 4):
-                    u = lane + i * WARP
-                    if u < seg_units:
-                        for e in range(4):
-                            seg32[4 * u + e] = regs[4 * i + e]
-            else:
-                for i in range(lane, min(seg_blocks, n_blocks - b0), WARP):
-                    gather(row8, n_blocks, b0 + i, seg[i * cb:])
+            for i in range(lane, min(seg_blocks, n_blocks - b0), WARP):
+                gather(row8, n_blocks, b0 + i, seg[i * cb:])
             syncwarp()                                  # segment visible to every lane
-            if identity and b0 + seg_blocks < n_blocks:  # the next segment's loads fly meanwhile
-                _stage_load(regs, row, ((b0 + seg_blocks) * cb) // 16, lane, seg_units,
-                            row_units)
             nc = min(seg_blocks, n_blocks - b0) * cpb
             for c in range(lane, nc, WARP):
                 acc += dot32(seg, (c // cpb) * cb, c % cpb, xs, QK * (b0 * cpb + c), 16, xsum)
@@ -121,56 +87,30 @@ def _staged_row_dot(qtype: int, seg_blocks: int):
 
 @functools.lru_cache(maxsize=None)
 def _pair_dot(qtype: int):
-    """(device function pair_dot(row_a, row_b, row_a8, row_b8, same, cols, sm, seg, regs, lane)
-    -> two partial dots of the exact path, the staged segment's bytes). sm holds f32 x' and its
-    16-value sums."""
+    """(device function pair_dot(row_a8, row_b8, same, cols, sm, seg, lane) -> two partial dots of
+    the exact path, the staged segment's bytes). sm holds f32 x' and its 16-value sums."""
     sb = segment_blocks(qtype)
     row_dot = _staged_row_dot(qtype, sb)
 
     @cuda.jit(device=True)
-    def staged_pair(row_a, row_b, row_a8, row_b8, same, cols, sm, seg, regs, lane):
+    def staged_pair(row_a8, row_b8, same, cols, sm, seg, lane):
         """Partial dots of two rows, one after the other (row_b skipped when `same`)."""
         xsum = sm[cols:]
-        a = row_dot(row_a, row_a8, cols, sm, xsum, seg, regs, lane)
-        b = a if same else row_dot(row_b, row_b8, cols, sm, xsum, seg, regs, lane)
+        a = row_dot(row_a8, cols, sm, xsum, seg, lane)
+        b = a if same else row_dot(row_b8, cols, sm, xsum, seg, lane)
         return a, b
     return staged_pair, sb * GGML_TYPES[qtype].chunk_bytes
 
 
-@cuda.jit(device=True)
-def _stage_f32(sm, x, norm_w, eps, norm, red, threads):
-    """x' = x or rmsnorm(x) * norm_w into sm[:cols], its 16-value sums into sm[cols:]."""
-    tid = cuda.threadIdx.x
-    cols = x.shape[1]
-    xsum = sm[cols:]
-    scale = float32(1)
-    if norm:
-        ss = float32(0)
-        for i in range(tid, cols, threads):
-            ss += x[0, i] * x[0, i]
-        ss = block_sum(ss, red)
-        scale = float32(1) / math.sqrt(ss / float32(cols) + eps)
-    for i in range(tid, cols, threads):
-        sm[i] = (x[0, i] * scale) * norm_w[i] if norm else x[0, i]
-    cuda.syncthreads()                               # x' staged
-    for g in range(tid, cols // 16, threads):
-        s = float32(0)
-        for i in range(16):
-            s += sm[U(16 * g + i)]
-        xsum[g] = s
-
-
 def smem_bytes(qtype: int, cols: int, exact: bool) -> int:
     """Dynamic shared memory of a mat-vec launch: the staged activations."""
-    return 4 * (smem_words(cols) if fast_path(qtype, exact) else cols + cols // 16)
+    return 4 * (smem_words(qtype, cols) if fast_path(qtype, exact) else cols + cols // 16)
 
 
 @functools.lru_cache(maxsize=None)
 def _gemv_kernel(qtype: int, n_mat: int, norm: bool, mode: int, warps: int):
     """The exact mat-vec kernel (f32 activations, staged rows)."""
     pair_dot, seg_bytes = _pair_dot(qtype)
-    seg_units = max(1, seg_bytes // 16)
-    n_regs = 4 * ((seg_units + WARP - 1) // WARP)
     threads = warps * WARP
 
     @cuda_kernel
@@ -183,10 +123,9 @@ def _gemv_kernel(qtype: int, n_mat: int, norm: bool, mode: int, warps: int):
         sm = cuda.shared.array(0, float32)
         segs = cuda.shared.array((warps, seg_bytes), uint8)
         red = cuda.shared.array(32, float32)
-        regs = cuda.local.array(n_regs, uint32)
         tid = cuda.threadIdx.x
         cols = x.shape[1]
-        _stage_f32(sm, x, norm_w, eps, norm, red, threads)
+        stage_f32(sm, x, norm_w, eps, norm, red, threads)
         cuda.syncthreads()                               # activations staged
         lane = tid % WARP
         wi = tid // WARP
@@ -195,7 +134,7 @@ def _gemv_kernel(qtype: int, n_mat: int, norm: bool, mode: int, warps: int):
         rows0, rows1, rows2 = w0.shape[0], w1.shape[0], w2.shape[0]
         for p in range(cuda.blockIdx.x * warps + wi, n_pairs, cuda.gridDim.x * warps):
             ra, rb, ra8, rb8, last = pair_views(p, p0, p1, mode == 3, w0, w1, w2, v0, v1, v2)
-            a, b = pair_dot(ra, rb, ra8, rb8, last, cols, sm, seg, regs, lane)
+            a, b = pair_dot(ra8, rb8, last, cols, sm, seg, lane)
             a = warp_sum(a)
             b = warp_sum(b)
             if lane == 0:

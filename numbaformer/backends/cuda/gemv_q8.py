@@ -25,9 +25,9 @@ import math
 import numpy as np
 from numba import cuda, float32, int32, uint32
 
-from ...quants import Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0
-from .intrinsics import (dp4a, f16_bits_to_f32, load_f32x4, load_u32x4, load_u32x4_shared,
-                         shfl_xor_sync)
+from ...quants import BF16, F16, F32, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, U
+from .intrinsics import (as_f32, dp4a, f16_bits_to_f32, load_f32x4, load_u32x4,
+                         load_u32x4_shared, shfl_xor_sync)
 from .reduce import FULL_MASK, WARP, block_sum, warp_sum
 
 UNROLL = 2                    # units per row and lane in a batch (all its loads in flight)
@@ -36,8 +36,11 @@ SPLIT = 2                     # warps per pair then (H200 sweep: no gain at the 
 LO = 0x0F0F0F0F
 
 
-def smem_words(cols: int) -> int:
-    """Shared 32-bit words of the staged activations: xq (cols/4), xd (cols/32), xs (cols/16)."""
+def smem_words(qtype: int, cols: int) -> int:
+    """Shared 32-bit words of the staged activations: xq (cols/4), xd (cols/32), xs (cols/16);
+    float types: x' (cols) and its 16-value sums (cols/16)."""
+    if qtype in F32_UNITS:
+        return cols + cols // 16
     return cols // 4 + cols // 32 + cols // 16
 
 
@@ -84,6 +87,29 @@ def _quantize_word(v0, v1, v2, v3, w, nw, xq, xd, xs):
             xs[w // 4] = d * float32(s)
         if w % 8 == 0:
             xd[w // 8] = d
+
+
+@cuda.jit(device=True)
+def stage_f32(sm, x, norm_w, eps, norm, red, threads):
+    """x' = x or rmsnorm(x) * norm_w into sm[:cols], its 16-value sums into sm[cols:]."""
+    tid = cuda.threadIdx.x
+    cols = x.shape[1]
+    xsum = sm[cols:]
+    scale = float32(1)
+    if norm:
+        ss = float32(0)
+        for i in range(tid, cols, threads):
+            ss += x[0, i] * x[0, i]
+        ss = block_sum(ss, red)
+        scale = float32(1) / math.sqrt(ss / float32(cols) + eps)
+    for i in range(tid, cols, threads):
+        sm[i] = (x[0, i] * scale) * norm_w[i] if norm else x[0, i]
+    cuda.syncthreads()                               # x' staged
+    for g in range(tid, cols // 16, threads):
+        s = float32(0)
+        for i in range(16):
+            s += sm[U(16 * g + i)]
+        xsum[g] = s
 
 
 @cuda.jit(device=True)
@@ -350,6 +376,51 @@ def _dot_q6_k(w0, w1, w2, w3, e0, e1, e2, e3, sc, dw, h6, h7, u, nb, xq, xd, xs)
                                    + sc_hi * (xd[gl + 2] * float32(hi) - float32(32) * xs[xl + 4]))
 
 
+# --- float types: f32 activations (staged as f32), a unit is 16 bytes of the row -------------------
+
+@cuda.jit(device=True, inline=True)
+def _fetch_none(row, row8, u, nb):
+    return _Z, _Z, _Z, _Z, _Z, _Z, _Z, _Z
+
+
+@cuda.jit(device=True, inline=True)
+def _dot_f32(w0, w1, w2, w3, h0, h1, h2, h3, h4, h5, h6, h7, u, nb, x, xd, xs):
+    """Values 4u .. 4u+3 (f32 bits) with x'[4u ..]."""
+    a0, a1, a2, a3 = load_f32x4(x, u)
+    return as_f32(w0) * a0 + as_f32(w1) * a1 + as_f32(w2) * a2 + as_f32(w3) * a3
+
+
+@cuda.jit(device=True, inline=True)
+def _dot_f16(w0, w1, w2, w3, h0, h1, h2, h3, h4, h5, h6, h7, u, nb, x, xd, xs):
+    """Values 8u .. 8u+7 (two f16 a word, low half first) with x'[8u ..]."""
+    a0, a1, a2, a3 = load_f32x4(x, 2 * u)
+    b0, b1, b2, b3 = load_f32x4(x, 2 * u + 1)
+    return (_f16_half(w0, 0) * a0 + _f16_half(w0, 1) * a1 + _f16_half(w1, 0) * a2
+            + _f16_half(w1, 1) * a3 + _f16_half(w2, 0) * b0 + _f16_half(w2, 1) * b1
+            + _f16_half(w3, 0) * b2 + _f16_half(w3, 1) * b3)
+
+
+@cuda.jit(device=True, inline=True)
+def _bf16_pair(w, a, b):
+    """Two bf16 (low half first) of word w dotted with a, b: each is the upper half of an f32."""
+    return as_f32(w << uint32(16)) * a + as_f32(w & uint32(0xFFFF0000)) * b
+
+
+@cuda.jit(device=True, inline=True)
+def _dot_bf16(w0, w1, w2, w3, h0, h1, h2, h3, h4, h5, h6, h7, u, nb, x, xd, xs):
+    """Values 8u .. 8u+7 (bf16) with x'[8u ..]."""
+    a0, a1, a2, a3 = load_f32x4(x, 2 * u)
+    b0, b1, b2, b3 = load_f32x4(x, 2 * u + 1)
+    return (_bf16_pair(w0, a0, a1) + _bf16_pair(w1, a2, a3) + _bf16_pair(w2, b0, b1)
+            + _bf16_pair(w3, b2, b3))
+
+
+# float type -> (fetch, dot, units per 32 values, 32): exact, so taken with --exact too
+F32_UNITS = {
+    F32: (_fetch_none, _dot_f32, 8, 32), F16: (_fetch_none, _dot_f16, 4, 32),
+    BF16: (_fetch_none, _dot_bf16, 4, 32),
+}
+
 # type -> (fetch, dot, units per block, values per block)
 UNITS = {
     Q4_0: (_fetch_q4_0, _dot_q4_0, 1, 32), Q4_1: (_fetch_q4_1, _dot_q4_1, 1, 32),
@@ -438,7 +509,8 @@ def q8_kernel(qtype: int, n_mat: int, norm: bool, mode: int, warps: int, unroll:
     """The fast mat-vec kernel (module docstring); arguments and launch as gemv.py's kernel.
     `split` warps of a block share each row pair, each taking a slice of its units."""
     from ._jit import cuda_kernel
-    fetch, dot, upb, bv = UNITS[qtype]
+    f32x = qtype in F32_UNITS                # f32 activations (float types) or q8
+    fetch, dot, upb, bv = F32_UNITS[qtype] if f32x else UNITS[qtype]
     threads = warps * WARP
     step = WARP * unroll
     nq = 4 * unroll          # quant words per row and batch
@@ -503,12 +575,19 @@ def q8_kernel(qtype: int, n_mat: int, norm: bool, mode: int, warps: int, unroll:
         if rounds > 0 and p < n_pairs:                   # batch 0 flies during the staging
             ra, rb, ra8, rb8, last = pair_views(p, p0, p1, swiglu, w0, w1, w2, v0, v1, v2)
             load(ra, rb, ra8, rb8, u_lo + lane, u_end, nb, qa, qb, ha, hb)
-        stage_q8(sm, x, norm_w, eps, norm, red, threads)
+        if f32x:
+            stage_f32(sm, x, norm_w, eps, norm, red, threads)
+        else:
+            stage_q8(sm, x, norm_w, eps, norm, red, threads)
         cuda.syncthreads()                               # activations staged
         nw = cols // 4
-        xq = sm[:nw].view(np.uint32)
-        xd = sm[nw:nw + cols // 32]
-        xs = sm[nw + cols // 32:]
+        if f32x:                                         # x' itself (xd, xs unused)
+            xq = sm[:cols]
+            xd = xs = sm[cols:]
+        else:
+            xq = sm[:nw].view(np.uint32)
+            xd = sm[nw:nw + cols // 32]
+            xs = sm[nw + cols // 32:]
         rows0, rows1, rows2 = w0.shape[0], w1.shape[0], w2.shape[0]
         for k in range(rounds):
             p = first + k * stride + wi // split

@@ -133,7 +133,7 @@ def test_matmul_every_type(exact, name, n):
     assert np.all(err <= bound * (8 if ON_GPU else 1)), f"{name}: max err/bound {np.max(err / bound):.2f}"
 
 
-FAST_TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]
+FAST_TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 
 
 def q8_bound(raw, qt, xq):

@@ -25,7 +25,8 @@ import math
 import numpy as np
 from numba import cuda, float32, int32, uint32
 
-from ...quants import BF16, F16, F32, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, U
+from ...quants import (BF16, F16, F32, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K,
+                       Q8_0, U)
 from .intrinsics import (as_f32, dp4a, f16_bits_to_f32, load_f32x4, load_u32x4,
                          load_u32x4_shared, shfl_xor_sync)
 from .reduce import FULL_MASK, WARP, block_sum, warp_sum
@@ -376,6 +377,92 @@ def _dot_q6_k(w0, w1, w2, w3, e0, e1, e2, e3, sc, dw, h6, h7, u, nb, xq, xd, xs)
                                    + sc_hi * (xd[gl + 2] * float32(hi) - float32(32) * xs[xl + 4]))
 
 
+# --- 2- and 3-bit K-quants: a unit is 16 bytes of qs, 64 values in four runs of 16 --------------
+# qs byte k of a block holds four 2-bit fields f: value 32j + l of chunk j = 4 (k // 32) + f, l = k %
+# 32. So unit u' = u % 4 (bytes 16u' ..) holds, per field f, the 16 values 32j + 16(u' % 2) + i of
+# chunk j = 4 (u' // 2) + f: sub-block 2j + u' % 2, each with its own scale.
+
+@cuda.jit(device=True, inline=True)
+def _two_bit_runs(w0, w1, w2, w3, e0, e1, e2, e3, f, hbit, xq, xw):
+    """Integer dot of field f of the unit's words (| high bit j << 2 from e when hbit >= 0) with
+    16 activations at word xw."""
+    s = uint32(2 * f)
+    m = uint32(0x03030303)
+    if hbit < 0:
+        return _dot16((w0 >> s) & m, (w1 >> s) & m, (w2 >> s) & m, (w3 >> s) & m, xq, xw)
+    hs = uint32(hbit)
+    one = uint32(0x01010101)
+    two = uint32(2)
+    return _dot16(((w0 >> s) & m) | (((e0 >> hs) & one) << two),
+                  ((w1 >> s) & m) | (((e1 >> hs) & one) << two),
+                  ((w2 >> s) & m) | (((e2 >> hs) & one) << two),
+                  ((w3 >> s) & m) | (((e3 >> hs) & one) << two), xq, xw)
+
+
+@cuda.jit(device=True, inline=True)
+def _fetch_q2_k(row, row8, u, nb):
+    """Scale bytes 8(u' // 2) .. +8 of the block (scale 2j + u' % 2 of its four chunks j) and
+    the d, dmin word."""
+    b = u >> 2
+    w = 16 * nb + 4 * b + 2 * ((u >> 1) & 1)              # scales plane at byte 64 nb
+    return row[w], row[w + 1], row[20 * nb + b], _Z, _Z, _Z, _Z, _Z
+
+
+@cuda.jit(device=True, inline=True)
+def _dot_q2_k(w0, w1, w2, w3, s0, s1, dm, h3, h4, h5, h6, h7, u, nb, xq, xd, xs):
+    """y = d * sc * q - dmin * m per 16-value run (scale byte: low nibble sc, high nibble m)."""
+    hh = u & 1
+    v0 = 256 * (u >> 2) + 128 * ((u >> 1) & 1) + 16 * hh
+    acc = float32(0)
+    mins = float32(0)
+    for f in range(4):
+        sw = s0 if f < 2 else s1
+        sm = (sw >> uint32(8 * (2 * (f & 1) + hh))) & uint32(0xFF)
+        v = v0 + 32 * f
+        acc += (float32(int32(sm & uint32(15))) * xd[v >> 5]
+                * float32(_two_bit_runs(w0, w1, w2, w3, _Z, _Z, _Z, _Z, f, -1, xq, v >> 2)))
+        mins += float32(int32(sm >> uint32(4))) * xs[v >> 4]
+    return _f16_half(dm, 0) * acc - _f16_half(dm, 1) * mins
+
+
+@cuda.jit(device=True, inline=True)
+def _fetch_q3_k(row, row8, u, nb):
+    """hmask bytes 16(u' % 2) .. (bit j of byte l: value l of chunk j), the 12 scale bytes (3
+    words) and the d word."""
+    b = u >> 2
+    e0, e1, e2, e3 = load_u32x4(row, 4 * nb + 2 * b + (u & 1))    # hmask plane at byte 64 nb
+    sw = 24 * nb + 3 * b                                          # scales plane at byte 96 nb
+    dw = (96 * nb + (12 * nb + 15) // 16 * 16) // 4 + (b >> 1)    # d plane after it
+    return e0, e1, e2, e3, row[sw], row[sw + 1], row[sw + 2], row[dw]
+
+
+@cuda.jit(device=True, inline=True)
+def _q3k_scale6(a0, a1, hi, i):
+    """Signed 6-bit scale i of a Q3_K block from its scale words (bytes 0-3, 4-7, 8-11)."""
+    k = i & 7
+    lo_b = ((a0 if k < 4 else a1) >> uint32(8 * (k & 3))) & uint32(0xFF)
+    lo = (lo_b >> uint32(4 * (i >> 3))) & uint32(15)
+    h = (hi >> uint32(8 * (i & 3) + 2 * (i >> 2))) & uint32(3)
+    return float32(int32(lo | (h << uint32(4))) - 32)
+
+
+@cuda.jit(device=True, inline=True)
+def _dot_q3_k(w0, w1, w2, w3, e0, e1, e2, e3, a0, a1, hi, dw, u, nb, xq, xd, xs):
+    """y = d * scale * q, q = low 2 bits | high bit << 2, minus 4: (dx * sum (q+4) xq - 4 xs)."""
+    b = u >> 2
+    hh = u & 1
+    hb = (u >> 1) & 1
+    v0 = 256 * b + 128 * hb + 16 * hh
+    acc = float32(0)
+    for f in range(4):
+        j = 4 * hb + f
+        v = v0 + 32 * f
+        sumi = _two_bit_runs(w0, w1, w2, w3, e0, e1, e2, e3, f, j, xq, v >> 2)
+        acc += _q3k_scale6(a0, a1, hi, 2 * j + hh) * (xd[v >> 5] * float32(sumi)
+                                                       - float32(4) * xs[v >> 4])
+    return _f16_half(dw, b & 1) * acc
+
+
 # --- float types: f32 activations (staged as f32), a unit is 16 bytes of the row -------------------
 
 @cuda.jit(device=True, inline=True)
@@ -427,7 +514,8 @@ UNITS = {
     Q5_0: (_fetch_q5_0, _dot_q5_0, 1, 32), Q5_1: (_fetch_q5_1, _dot_q5_1, 1, 32),
     Q8_0: (_fetch_q8_0, _dot_q8_0, 2, 32),
     Q4_K: (_fetch_q4_k, _dot_q4_k, 8, 256), Q5_K: (_fetch_q5_k, _dot_q5_k, 8, 256),
-    Q6_K: (_fetch_q6_k, _dot_q6_k, 8, 256),
+    Q6_K: (_fetch_q6_k, _dot_q6_k, 8, 256), Q2_K: (_fetch_q2_k, _dot_q2_k, 4, 256),
+    Q3_K: (_fetch_q3_k, _dot_q3_k, 4, 256),
 }
 
 

@@ -36,7 +36,7 @@ PLANES: dict[int, tuple[tuple[int, int], ...]] = {
     Q5_1: ((8, 24), (4, 8), (0, 4)),                         # qs | qh | d m
     Q8_0: ((2, 34), (0, 2)),                                 # qs | d
     Q2_K: ((16, 80), (0, 16), (80, 84)),                     # qs | scales | d dmin
-    Q3_K: ((32, 96), (0, 32), (96, 110)),                    # qs | hmask | scales d
+    Q3_K: ((32, 96), (0, 32), (96, 108), (108, 110)),        # qs | hmask | scales | d
     Q4_K: ((16, 144), (0, 16)),                              # qs | d dmin scales
     Q5_K: ((48, 176), (16, 48), (0, 16)),                    # qs | qh | d dmin scales
     Q6_K: ((0, 128), (128, 192), (192, 208), (208, 210)),    # ql | qh | scales | d

@@ -40,11 +40,11 @@ if [ "${1:-}" != "--quick" ]; then
       -o /tmp/llama3-8b-q4_k.gguf >/dev/null 2>&1
   python3 scripts/make_synthetic_gguf.py --preset smollm2-135m --type Q4_1 --output-type Q8_0 \
       -o /tmp/smollm2-135m-q4_1.gguf --vocab-from .models/smollm2-8l.gguf >/dev/null 2>&1
-  step bench-8b   python3 -m numbaformer.cli bench -m /tmp/llama3-8b-q4_k.gguf --device cuda -p 512 -n 128 -r 3
-  step bench-smol python3 -m numbaformer.cli bench -m /tmp/smollm2-135m-q4_1.gguf --device cuda -p 512 -n 128 -r 3
+  step bench-8b   python3 -m numbaformer.cli bench -m /tmp/llama3-8b-q4_k.gguf --device cuda -p 512 -n 128 -r 3 --kernels
+  step bench-smol python3 -m numbaformer.cli bench -m /tmp/smollm2-135m-q4_1.gguf --device cuda -p 512 -n 128 -r 3 --kernels
 fi
 echo; echo "gpu_check summary ($(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)):"
 printf '%s\n' "${rows[@]}"
-grep -h "pp512\|tg128" "$logs"/bench-*.log 2>/dev/null
+grep -h "pp512\|tg128\|kernel launches\|| total" "$logs"/bench-*.log 2>/dev/null
 grep -h "max |dlogprob|\|vs llama.cpp" "$logs/models.log" 2>/dev/null
 ! printf '%s\n' "${rows[@]}" | grep -q FAIL

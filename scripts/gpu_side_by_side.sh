@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# numbaformer and llama.cpp side by side on the same random-weight files, in one device run.
+#
+#   here (no GPU):  bash scripts/gpu_side_by_side.sh prep
+#                   packs llama.cpp's source (shared/gpu/llamacpp.sh) and SmolLM2's tokenizer (the
+#                   header of the real file, 1.8 MB) into .gpu-carry/, with shared/gpu (device-env.sh,
+#                   the gguf wheel): name .gpu-carry in the device call's carry (~14 MB).
+#   on the device:  bash scripts/gpu_side_by_side.sh run [TYPES]   (TYPES default Q4_K,Q5_K,Q6_K,Q8_0,Q4_0)
+#                   starts the llama.cpp build, writes the Llama-3-8B-shaped files (Q4_K's output
+#                   Q6_K, the others' their own type) and the SmolLM2-shaped Q4_1 file, times the
+#                   mat-vecs per type (gpu_bench.py), then `numbaformer bench --kernels` and
+#                   `llama-bench -fa 1` on every file; the tables are the last lines printed.
+# About 7 minutes on an H200 (the llama.cpp build takes ~5 of them, beside the other steps).
+set -uo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+cd "$here"
+carry=.gpu-carry
+case "${1:-}" in
+  prep)
+    mkdir -p "$carry/shared"
+    shared=${NUMBAFORMER_SHARED:-$here/../shared}
+    cp -r "$shared/gpu" "$carry/shared/"
+    [ -f "$carry/llamacpp-src.tgz" ] || bash "$shared/gpu/llamacpp.sh" pack "$carry"
+    python3 - "$carry/smollm2-vocab.gguf" <<'PY'
+import sys
+from numbaformer.fetch import fetch_model
+from numbaformer.synthetic import raw_header_len
+buf = open(fetch_model(quiet=True), "rb").read(16 << 20)
+open(sys.argv[1], "wb").write(buf[:raw_header_len(buf)])
+PY
+    du -sh "$carry" ;;
+  run)
+    types=${2:-Q4_K,Q5_K,Q6_K,Q8_0,Q4_0}
+    export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+    S=$carry/shared
+    # shellcheck disable=SC1091
+    source "$S/gpu/device-env.sh" >/dev/null || { echo "error: device env failed"; exit 2; }
+    bash "$S/gpu/llamacpp.sh" build "$carry/llamacpp-src.tgz" >/dev/null
+    files=""
+    for t in ${types//,/ }; do files="$files /tmp/l8-$t.gguf"; done
+    files="$files /tmp/s135-Q4_1.gguf"
+    gen() { python3 scripts/make_synthetic_gguf.py "$@" >/dev/null 2>&1; }
+    (for t in ${types//,/ }; do o=$t; [ "$t" = Q4_K ] && o=Q6_K
+       [ -f "/tmp/l8-$t.gguf" ] || gen --preset llama3-8b --type "$t" --output-type "$o" -o "/tmp/l8-$t.gguf"
+     done
+     gen --preset smollm2-135m --type Q4_1 --output-type Q8_0 -o /tmp/s135-Q4_1.gguf \
+         --vocab-from "$carry/smollm2-vocab.gguf"
+     touch /tmp/side-by-side.gen) &
+    python3 scripts/gpu_bench.py --paths fast --gemm-types "" 2>&1 | grep "^device\|gemv" | tail -30
+    until [ -f /tmp/side-by-side.gen ]; do sleep 2; done
+    for f in $files; do
+      echo "== numbaformer $f"
+      timeout 150 python3 -m numbaformer.cli bench -m "$f" --device cuda -p 512 -n 128 -r 2 --kernels \
+        2>/dev/null | grep -E "pp512|tg128|kernel launches|\| total"
+    done
+    BIN=$(bash "$S/gpu/llamacpp.sh" wait) || exit 1
+    for f in $files; do
+      echo "== llama.cpp $f"
+      "$BIN/llama-bench" -m "$f" -ngl 99 -fa 1 -p 512 -n 128 -r 2 2>&1 | grep -E "pp512|tg128"
+    done ;;
+  *) sed -n 2,14p "$0"; exit 2 ;;
+esac

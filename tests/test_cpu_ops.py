@@ -19,6 +19,13 @@ Error bounds, u = 2^-24 (float32's unit roundoff), all elementwise:
   One wrong quant value among 768 already errs by ~1e-3 * sum|x w|.
 - attention: 64u * max|v|: scores are float32 dot products over head_dim <= 64 terms and the
   softmax sums <= 64 weights, each ~64u ~ 4e-6 relative at worst.
+- the 8-bit mat-vec (fast path, Q4_0/Q4_1/Q8_0, one token): against the float64 product of W with
+  llama.cpp's q8_1 rounding of x (reference.q8_activations), within (n_blocks + 8)u * sum over
+  blocks of |d q| . |x_q| + |m| |x_q| (the integer sums are exact; each block adds a float32 term of
+  that size). Where the kernel quantizes its own normed x, values within 1e-3 of a rounding tie may
+  round the other way: reference.q8_tie_slack adds |W| times their d.
+
+The exact-path tests use a backend with exact=True; FAST (exact=False) is the default backend.
 """
 from __future__ import annotations
 
@@ -32,14 +39,16 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 from gguf.quants import dequantize as gguf_dequantize
 
 from numbaformer.backends.base import RopeParams
-from numbaformer.backends.cpu import CPUBackend
+from numbaformer.backends.cpu import CPUBackend, CPUTensor
 from numbaformer.backends.cpu.dequant import dequantize
+from numbaformer.backends.cpu.layout import KIND, pack, unpack
 from numbaformer.kvcache import KVCache
 from numbaformer.quants import DECODERS, GGML_TYPES
 from numbaformer.weights import QTensor
 
 U = 2.0 ** -24
-OPS = CPUBackend()
+OPS = CPUBackend(exact=True)
+FAST = CPUBackend()
 TYPE_NAMES = [GGML_TYPES[t].name for t in DECODERS]
 FLOAT_TYPES = ("F32", "F16", "BF16")
 # byte offsets of the fp16 scale fields in each block (ggml-common.h's block_* structs)
@@ -491,3 +500,138 @@ def test_argmax():
     logits = np.array([1.0, 5.0, -3.0, 5.0, 4.9], np.float32)
     OPS.argmax(out, logits)
     assert out[0] == 1                       # the first of equal maxima, as np.argmax
+
+
+# --- the 8-bit mat-vec: packed weights, q8 activations (the default single-token path) ------------
+
+FAST_TYPES = [GGML_TYPES[t].name for t in KIND]
+
+
+def packed_tensor(name: str, rows: int, cols: int, rng) -> tuple[np.ndarray, CPUTensor]:
+    raw = random_rows(name, rows, cols, rng)
+    t = QTensor("w", QT[name], rows, cols, raw)
+    return raw, FAST.upload_matrix(t)
+
+
+def q8_bound(raw: np.ndarray, name: str, xq: np.ndarray) -> np.ndarray:
+    """(rows,): (n_blocks + 8)u * sum over blocks of |d q| . |x_q| + |m| |x_q| (module doc)."""
+    W = gguf_rows(raw, name).astype(np.float64)
+    rows, cols = W.shape
+    M = np.zeros_like(W)
+    if name == "Q4_1":                               # the block's min: f16 at byte 2 of its 20
+        m = raw.reshape(rows, -1, 20)[:, :, 2:4].copy().view(np.float16)[..., 0]
+        M = np.repeat(m.astype(np.float64), 32, axis=1)
+    return (cols // 32 + 8) * U * ((np.abs(W - M) + np.abs(M)) @ np.abs(xq)) + 1e-30
+
+
+def test_packed_layout_round_trips():
+    """Packing is lossless (a permutation of bytes, Q8_0's quants + 128), rows padded to 16."""
+    rng = np.random.default_rng(20)
+    for name in FAST_TYPES:
+        for rows, cols in ((1, 32), (37, 64), (300, 96), (48, 576)):
+            raw = random_rows(name, rows, cols, rng)
+            p = pack(raw, QT[name], rows, cols)
+            assert p.groups == -(-rows // 16) and p.w.nbytes == p.groups * 16 * raw.shape[1]
+            assert np.array_equal(unpack(p, QT[name]), raw), (name, rows, cols)
+
+
+@pytest.mark.parametrize("name", FAST_TYPES)
+@pytest.mark.parametrize("rows,cols", [(37, 64), (576, 576), (300, 1536)])
+def test_matvec_q8_fast_path(name, rows, cols):
+    """One token's product (with bias, and the residual form) equals W @ q8(x) in float64 to the
+    bound above; x has a quiet block (its own scale) and an all-zero block (d = 0)."""
+    rng = np.random.default_rng([21, rows, cols])
+    raw, w = packed_tensor(name, rows, cols, rng)
+    assert FAST._fast(np.zeros((1, cols)), w) and not OPS._fast(np.zeros((1, cols)), w)
+    x = rng.standard_normal((1, cols)).astype(np.float32)
+    x[0, :32] *= 1e-3
+    x[0, 32:64] = 0
+    xq = ref.q8_activations(x[0])
+    W = gguf_rows(raw, name).astype(np.float64)
+    bias = rng.standard_normal(rows).astype(np.float32)
+    bound = q8_bound(raw, name, xq)
+    out = np.full((1, rows), np.nan, np.float32)
+    FAST.matmul(out, x, w, bias)
+    err = np.abs(out[0] - (W @ xq + bias))
+    assert (err <= bound + 2 * U * np.abs(bias)).all(), f"max err/bound {np.max(err / bound):.2f}"
+    x0 = rng.standard_normal((1, rows)).astype(np.float32)
+    acc = x0.copy()
+    FAST.matmul_add(acc, x, w, np.empty((1, rows), np.float32))
+    err = np.abs(acc[0] - (x0[0] + W @ xq))
+    assert (err <= bound + 2 * U * np.abs(x0[0])).all(), f"max err/bound {np.max(err / bound):.2f}"
+
+
+def test_matvec_q8_fused_norm_qkv_and_swiglu():
+    """The fused single-token ops against the composition on the q8 rounding of the normed x:
+    norm + Q/K/V (three matrices in one launch, biases), norm + gate/up + SwiGLU."""
+    rng = np.random.default_rng(22)
+    cols, rows = 576, (576, 192, 48)
+    mats = [packed_tensor("Q4_1", r, cols, rng) for r in rows]
+    x = (rng.standard_normal((1, cols)) * 3).astype(np.float32)
+    nw = rng.uniform(0.5, 1.5, cols).astype(np.float32)
+    biases = [rng.standard_normal(r).astype(np.float32) for r in rows]
+    outs = [np.full((1, r), np.nan, np.float32) for r in rows]
+    xn = np.empty((1, cols), np.float32)
+    FAST.norm_matmul(outs, x, nw, 1e-5, [m[1] for m in mats], biases, xn)
+    OPS.rmsnorm(want_xn := np.empty_like(xn), x, nw, 1e-5)
+    assert np.array_equal(xn, want_xn)               # the normed x, as the exact op computes it
+    slack = ref.q8_tie_slack(xn[0])
+    xq = ref.q8_activations(xn[0])
+    for out, (raw, w), b in zip(outs, mats, biases):
+        W = gguf_rows(raw, "Q4_1").astype(np.float64)
+        err = np.abs(out[0] - (W @ xq + b))
+        assert (err <= q8_bound(raw, "Q4_1", xq) + 2 * U * np.abs(b) + np.abs(W) @ slack).all()
+    (rg, gate), (ru, up) = packed_tensor("Q4_1", 1536, cols, rng), packed_tensor("Q4_1", 1536,
+                                                                               cols, rng)
+    out = np.full((1, 1536), np.nan, np.float32)
+    FAST.norm_swiglu(out, x, nw, 1e-5, gate, up, xn, np.empty((1, 1536), np.float32))
+    Wg, Wu = gguf_rows(rg, "Q4_1").astype(np.float64), gguf_rows(ru, "Q4_1").astype(np.float64)
+    g, u = Wg @ xq, Wu @ xq
+    eg = q8_bound(rg, "Q4_1", xq) + np.abs(Wg) @ slack
+    eu = q8_bound(ru, "Q4_1", xq) + np.abs(Wu) @ slack
+    want = ref.silu(g) * u                           # |d silu/dg| <= 1.1
+    err = np.abs(out[0] - want)
+    assert (err <= 1.1 * eg * np.abs(u) + np.abs(ref.silu(g)) * eu + 8 * U * np.abs(want)).all()
+
+
+@pytest.mark.parametrize("kind", ["q4_0", "q4_1", "q8_0"])
+def test_generic_ir_equals_vnni(kind):
+    """The portable IR of the inner loop (CPUs without AVX-512 VNNI) gives the same bits as the
+    kernel this machine uses: the integer sums are exact either way, the float steps the same."""
+    from numba import njit
+
+    from numbaformer.backends.cpu.simd import DOT_ROWS16, GENERIC_ROWS16
+    fast, generic = DOT_ROWS16[kind], GENERIC_ROWS16[kind]
+
+    @njit
+    def both(res, w, xq, xd, xsq):
+        for g in range(w.shape[0]):
+            fast(res[0, g], w, g, xq, xd, xsq)
+            generic(res[1, g], w, g, xq, xd, xsq)
+
+    name = {"q4_0": "Q4_0", "q4_1": "Q4_1", "q8_0": "Q8_0"}[kind]
+    rng = np.random.default_rng(23)
+    raw, w = packed_tensor(name, 40, 256, rng)                 # 3 row groups
+    x = rng.standard_normal(256).astype(np.float32)
+    xq, xd, xsq = FAST._q8_scratch(256)
+    from numbaformer.backends.cpu.gemv_q8 import quantize_q8
+    quantize_q8(x, xq, xd, xsq)
+    res = np.zeros((2, 3, 16), np.float32)
+    both(res, w.packed.w, xq, xd, xsq)
+    assert same_bits(res[0], res[1]) and np.isfinite(res).all()
+
+
+def test_quantize_q8_matches_reference():
+    """The activation quantizer: d = max|x| / 127 and q = rint(x * (1/d)) per 32 values, as
+    reference.q8_activations; zero blocks give d = 0, q = 0."""
+    from numbaformer.backends.cpu.gemv_q8 import quantize_q8
+    rng = np.random.default_rng(24)
+    x = (rng.standard_normal(576) * 10.0 ** rng.integers(-6, 4, 576)).astype(np.float32)
+    x[64:96] = 0
+    x[96:128] = np.arange(32) - 15.5                  # d = 1: every value a rounding tie (to even)
+    x[127] = 127
+    xq, xd, xsq = np.empty(576, np.int8), np.empty(18, np.float32), np.empty(18, np.int32)
+    quantize_q8(x, xq, xd, xsq)
+    got = (xq.reshape(18, 32).astype(np.float64) * xd[:, None]).reshape(-1)
+    assert np.array_equal(got, ref.q8_activations(x))
+    assert np.array_equal(xsq, xq.reshape(18, 32).sum(1)) and xd[2] == 0

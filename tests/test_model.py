@@ -2,6 +2,10 @@
 against the float64 reference (tests/reference.py) and against llama.cpp's outputs, teacher-forced
 on prompt_ids + greedy_ids of tests/data/reference/prompts.json; and the invariants of the graph:
 prefill equals decode, chunking and the thread count change nothing beyond rounding.
+
+Prefill (the GEMM) is exact f32 on either path; decode's mat-vecs quantize activations to 8 bits
+unless the backend is exact. The invariants that compare decode with prefill run exact; the fast
+decode is held against the exact path (KL divergence, top-1) and against llama.cpp's bounds.
 """
 from __future__ import annotations
 
@@ -69,6 +73,29 @@ def test_llamacpp_bounds(vs_llamacpp, record_figure):
     check_bounds(vs_llamacpp)
 
 
+# --- the fast decode path (8-bit activations) -----------------------------------------------------
+
+def test_fast_decode_fidelity(engine, llamacpp, record_figure):
+    """Decode with 8-bit activations (the default) on every prompt, teacher-forced: within
+    llama.cpp's bounds, and against the exact path on the same ids (f32 activations): mean KL
+    divergence <= 0.005 nats and top-1 agreement >= 98 %."""
+    m = engine.model
+    assert not engine.backend.exact and getattr(m.w.layers[0].attn_q, "packed", None) is not None
+    v = compare(lambda ids: decode_steps(m, ids), llamacpp)
+    record_figure("vs llama.cpp (CPU decode, q8 activations, SmolLM2)", summary(v))
+    check_bounds(v)
+    kl, agree = [], []
+    for r in llamacpp:
+        ids = teacher_ids(r)
+        lq = log_softmax(decode_steps(m, ids))
+        le = log_softmax(m.forward_all(ids))                  # the GEMM: f32 activations
+        kl.extend(np.sum(np.exp(le) * (le - lq), axis=1))
+        agree.extend(lq.argmax(1) == le.argmax(1))
+    record_figure("CPU q8 decode vs exact", f"mean KL {np.mean(kl):.2e} nats, max "
+                  f"{np.max(kl):.2e}; top-1 agreement {np.mean(agree):.1%} of {len(kl)} positions")
+    assert np.mean(kl) <= 0.005 and np.mean(agree) >= 0.98
+
+
 # --- invariants of the graph ----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -81,8 +108,16 @@ def decode_steps(model: Model, ids) -> np.ndarray:
     return np.stack([model.ops.to_host(model.forward([t], i))[0] for i, t in enumerate(ids)])
 
 
-def test_prefill_equals_decode_steps(engine, sample_ids):
-    m = engine.model
+@pytest.fixture
+def exact(engine):
+    """The shared engine with every product exact (f32 activations) for the test's duration."""
+    engine.backend.exact = True
+    yield engine
+    engine.backend.exact = False
+
+
+def test_prefill_equals_decode_steps(exact, sample_ids):
+    m = exact.model
     prefill = m.forward_all(sample_ids)
     steps = decode_steps(m, sample_ids)
     assert close_rows(steps, prefill)
@@ -174,7 +209,7 @@ def test_tiny_model_paths_agree_with_reference(tiny_model, arch):
         assert mf.config.rope_neox == (arch == "qwen2") and mf.config.qkv_bias == (arch == "qwen2")
         ids = list(np.random.default_rng(0).integers(0, mf.config.n_vocab, 13))
         want = ReferenceModel(mf).forward(ids)
-        model = Model(mf, CPUBackend(), n_ctx=32, n_batch=5)      # chunks of 5, 5, 3
+        model = Model(mf, CPUBackend(exact=True), n_ctx=32, n_batch=5)   # chunks of 5, 5, 3
         prefill = model.forward_all(ids)
         assert np.abs(log_softmax(prefill) - log_softmax(want)).max() <= 5e-3
         assert close_rows(decode_steps(model, ids), prefill)

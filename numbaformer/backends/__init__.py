@@ -40,7 +40,8 @@ def select_backend(device: str = "auto", *, gpu: int = 0, threads: int | None = 
                    quiet: bool = False, exact: bool = False):
     """The backend for `device`. 'auto' falls back to the CPU with a one-line notice on stderr;
     'cuda' without a usable GPU raises BackendError. CUDA_FORCE_CPU=1 forces the CPU. exact:
-    decode mat-vecs with f32 activations (the CPU's are today)."""
+    decode mat-vecs with f32 activations (else 8-bit activations where the weights' type has a
+    fast mat-vec, on either device)."""
     if device not in DEVICES:
         raise BackendError(f"unknown device '{device}' (choose from {', '.join(DEVICES)})")
     if os.environ.get("CUDA_FORCE_CPU", "") not in ("", "0"):
@@ -55,4 +56,4 @@ def select_backend(device: str = "auto", *, gpu: int = 0, threads: int | None = 
         if not quiet:
             print(f"note: {reason}; running on the CPU", file=sys.stderr)
     from .cpu import CPUBackend
-    return CPUBackend(threads)
+    return CPUBackend(threads, exact=exact)

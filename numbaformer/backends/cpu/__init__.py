@@ -1,14 +1,29 @@
 """CPU backend: numba.njit(parallel=True, cache=True) ops over the model graph's op table."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
+from ...weights import QTensor
 from ..base import Backend
-from . import attention, elementwise, embed, matmul, norm, rope
+from . import attention, elementwise, embed, gemv_q8, matmul, norm, rope
+from .layout import KIND, Packed, pack, packed_shape
+
+
+@dataclasses.dataclass(frozen=True)
+class CPUTensor(QTensor):
+    """A weight matrix as the CPU uses it: the GGUF rows (the file's view) and, for the types with
+    an 8-bit-activation mat-vec, the same weights packed in row groups (layout.py)."""
+
+    packed: Packed | None = None
 
 
 class CPUBackend(Backend):
-    """Weights stay memory-mapped in their GGUF form; activations are numpy arrays."""
+    """Weights stay memory-mapped in their GGUF form (plus, unless exact, a packed copy of the
+    Q4_0/Q4_1/Q8_0 matrices); activations are numpy arrays.
+    `exact`: every product with f32 activations (else a single token's mat-vecs quantize the
+    activations to 8 bits, as llama.cpp does; prefill's GEMM is f32 either way)."""
 
     name = "cpu"
     default_kv_type = "f32"
@@ -17,11 +32,17 @@ class CPUBackend(Backend):
         """f32 storage either way: numba has no float16 on the CPU ("f16" rounds on store)."""
         return np.float32
 
-    def __init__(self, n_threads: int | None = None):
+    def __init__(self, n_threads: int | None = None, exact: bool = False):
         import numba
         if n_threads:
             numba.set_num_threads(max(1, min(n_threads, numba.config.NUMBA_NUM_THREADS)))
         self.n_threads = numba.get_num_threads()
+        self.exact = exact
+        self._packs: dict[int, tuple[QTensor, CPUTensor]] = {}     # id(GGUF tensor) -> packed
+        self._plans: dict[tuple, tuple] = {}                       # ids of ws -> FastMatvec
+        self._q8: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        # per prange chunk of the fast mat-vec (as many as numba may have threads): 2 x 16 results
+        self._chunks = np.zeros((numba.config.NUMBA_NUM_THREADS, 2, 16), np.float32)
 
     def alloc(self, shape, dtype=np.float32):
         return np.zeros(shape, dtype=dtype)
@@ -35,10 +56,95 @@ class CPUBackend(Backend):
     def copy_in(self, dst, host):
         dst[:len(host)] = host
 
+    # --- weights: the packed copy for the fast mat-vec, made once per matrix ----------------------
+    def upload(self, weights):
+        """The weights with each Q4_0/Q4_1/Q8_0 matrix the mat-vec reads also packed (not when
+        exact), all in one arena in the order a decode step reads them."""
+        if self.exact:
+            return weights
+        mats = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+        order = [getattr(L, k) for L in weights.layers for k in mats] + [weights.output]
+        todo = list({id(t): t for t in order if t.qtype in KIND and id(t) not in self._packs}
+                    .values())
+        shapes = [packed_shape(t.qtype, t.rows, t.cols) for t in todo]
+        arena = np.empty(sum(g * n for g, n in shapes) + 64, np.uint8)  # huge pages when large
+        at = -arena.ctypes.data % 64                                     # 64-byte aligned
+        for t, (g, n) in zip(todo, shapes):
+            self.upload_matrix(t, arena[at:at + g * n].reshape(g, n))
+            at += g * n
+        up = self.upload_matrix
+        layers = tuple(dataclasses.replace(L, **{k: up(getattr(L, k)) for k in mats})
+                       for L in weights.layers)
+        output = up(weights.output)                  # the embedding table only when tied to it
+        embd = output if weights.token_embd is weights.output else weights.token_embd
+        return dataclasses.replace(weights, token_embd=embd, output=output, layers=layers)
+
+    def upload_matrix(self, t: QTensor, out: np.ndarray | None = None) -> QTensor:
+        """t as a CPUTensor with its packed copy (into `out` if given) when its type has one;
+        packed once per matrix."""
+        if t.qtype not in KIND:
+            return t
+        if id(t) not in self._packs:
+            p = CPUTensor(t.name, t.qtype, t.rows, t.cols, t.data,
+                          pack(t.data, t.qtype, t.rows, t.cols, out))
+            self._packs[id(t)] = (t, p)              # t kept alive: its id stays its own
+        return self._packs[id(t)][1]
+
+    def _q8_scratch(self, cols: int):
+        """(xq (cols,) int8, xd (cols/32,) f32, xsq (cols/32,) int32): one set per width."""
+        if cols not in self._q8:
+            self._q8[cols] = (np.zeros(cols, np.int8), np.zeros(cols // 32, np.float32),
+                              np.zeros(cols // 32, np.int32))
+        return self._q8[cols]
+
+    def _fast(self, x, *ws):
+        """The FastMatvec of ws for one token's product (all packed, of one kind) unless exact;
+        else None. Made once per ws."""
+        if self.exact or x.shape[0] != 1:
+            return None
+        key = tuple(map(id, ws))
+        if key not in self._plans:
+            ps = [getattr(w, "packed", None) for w in ws]
+            ok = all(p is not None and p.kind == ps[0].kind for p in ps)
+            q8 = self._q8_scratch(ws[0].cols)
+            self._plans[key] = (gemv_q8.FastMatvec(ps, q8, self._chunks) if ok else None,
+                                ws)                  # ws kept alive: their ids stay theirs
+        return self._plans[key][0]
+
+    # --- ops ------------------------------------------------------------------------------------
     embed = staticmethod(embed.embed)
     rmsnorm = staticmethod(norm.rmsnorm)
-    matmul = staticmethod(matmul.matmul)
     rope = staticmethod(rope.rope)
+
+    def matmul(self, out, x, w, bias=None):
+        fast = self._fast(x, w)
+        if not fast:
+            return matmul.matmul(out, x, w, bias)
+        fast.matvec((out[0],), x[0])
+        if bias is not None:
+            matmul._add_bias(out, bias)
+
+    def matmul_add(self, x, a, w, scratch):
+        fast = self._fast(a, w)
+        if not fast:
+            return super().matmul_add(x, a, w, scratch)
+        fast.matvec((x[0],), a[0], residual=True)
+
+    def norm_matmul(self, outs, x, norm_w, eps, ws, biases, scratch):
+        fast = self._fast(x, *ws)
+        if not fast:
+            return super().norm_matmul(outs, x, norm_w, eps, ws, biases, scratch)
+        fast.matvec([o[0] for o in outs], x[0], norm=(norm_w, eps, scratch[0]))
+        for out, b in zip(outs, biases):
+            if b is not None:
+                matmul._add_bias(out, b)
+
+    def norm_swiglu(self, out, x, norm_w, eps, w_gate, w_up, scratch, up):
+        fast = self._fast(x, w_gate, w_up)
+        if not fast:
+            return super().norm_swiglu(out, x, norm_w, eps, w_gate, w_up, scratch, up)
+        fast.swiglu(out[0], x[0], (norm_w, eps, scratch[0]))
+
     @staticmethod
     def kv_store(cache, layer, k, v, pos):
         attention.kv_store(cache.k, cache.v, layer, k, v, pos, cache.kv_type == "f16")
@@ -54,4 +160,4 @@ class CPUBackend(Backend):
         out[0] = np.argmax(logits)
 
     def stats(self) -> dict:
-        return {"threads": self.n_threads}
+        return {"threads": self.n_threads, "exact": self.exact}

@@ -1,0 +1,174 @@
+"""The inner loop of the 8-bit mat-vec as LLVM vector code: 16 weight rows against q8 activations.
+
+LLVM vectorizes an 8-bit dot product written as a numba loop, but only through 32-bit lanes
+(vpmovzxbd + vpmaddwd: about 2 weights per instruction), and never into AVX-512 VNNI's vpdpbusd,
+which multiplies 64 unsigned bytes by 64 signed bytes and adds each 4 products into one of 16 int32
+lanes. So this one loop is written as LLVM IR: DOT_ROWS16[kind] is an intrinsic
+
+    dot(res, w, g, xq, xd, xsq)
+
+that leaves in res[0:16] the dot products of the 16 rows of row group g of a packed matrix
+(layout.py: w (G, n_blocks * block_bytes(kind)) uint8, each block its quants then 16 f16 scales d
+and, for q4_1, 16 f16 mins m) with the quantized activations (xq (cols,) int8; per 32-value block
+b: scale xd[b] f32, sum of quants xsq[b] int32). Lane i of the int32 accumulator is row i of the
+group; each 64-byte load of quants holds 4 values of every row, and the 4 activation bytes that
+pair with them are broadcast to all lanes:
+
+    kind "q4_0"  y = d*(q-8):  4 loads per block; low nibbles pair with x[4k:4k+4], high with
+                 x[16+4k:20+4k]; row sum += (xd * (dot - 8*xsq)) * d
+    kind "q4_1"  y = d*q + m:  as q4_0; row sum += (xd * dot) * d + (xd * xsq) * m
+    kind "q8_0"  y = d*q:      8 loads per block of bytes q+128 (unsigned); row sum +=
+                 (xd * (dot - 128*xsq)) * d
+
+The integer sums are exact; the float steps are float32, in this order, each `+ a * b` one fused
+multiply-add. Each block also prefetches the bytes PREFETCH ahead of it. On a CPU without AVX-512
+VNNI the same IR spells vpdpbusd out as widening multiplies and adds, which LLVM lowers for the
+host (slower, the same bits: tested). The choice follows the CPU numba compiles for
+(NUMBA_CPU_NAME / NUMBA_CPU_FEATURES), by which numba's cache keys kernels too.
+"""
+from __future__ import annotations
+
+import llvmlite.binding as ll
+from llvmlite import ir
+from numba.core import cgutils, config, types
+from numba.extending import intrinsic
+
+R = 16                                   # rows per group: the int32 lanes of one 512-bit vector
+KINDS = {"q4_0": (4, 8), "q4_1": (4, 0), "q8_0": (8, 128)}   # kind -> (64-byte loads per block,
+#                                                               offset of the unsigned quants)
+
+_I8, _I32, _I64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
+_VI = ir.VectorType(_I32, R)
+_VF = ir.VectorType(ir.FloatType(), R)
+_VH = ir.VectorType(ir.HalfType(), R)
+_FMA = ("contract",)                     # a * b + c may fuse; nothing is reassociated
+PREFETCH = 1024                          # bytes ahead of the block in use to prefetch (0: none)
+
+
+def block_bytes(kind: str) -> int:
+    """Bytes of one packed block of 16 rows x 32 values: quants, d, (m)."""
+    return 64 * KINDS[kind][0] + (64 if kind == "q4_1" else 32)
+
+
+def has_vnni() -> bool:
+    """Whether numba compiles for a CPU with AVX-512 VNNI (vpdpbusd on 512-bit vectors)."""
+    if config.CPU_FEATURES is not None:
+        feats = config.CPU_FEATURES
+    elif config.CPU_NAME not in (None, "host"):
+        return False                     # a named generic CPU: assume nothing
+    else:
+        feats = ll.get_host_cpu_features().flatten()
+    return all(f"+{f}" in feats.split(",") for f in ("avx512f", "avx512bw", "avx512vnni"))
+
+
+def _dpbusd(builder, acc, w, x, vnni: bool):
+    """acc + per int32 lane the sum of the 4 products u8(w byte) * i8(x byte) of that lane."""
+    if vnni:
+        fn = builder.module.declare_intrinsic("llvm.x86.avx512.vpdpbusd.512",
+                                              fnty=ir.FunctionType(_VI, [_VI, _VI, _VI]))
+        return builder.call(fn, [acc, w, x])
+    v64 = ir.VectorType(_I32, 4 * R)
+    b64 = ir.VectorType(_I8, 4 * R)
+    p = builder.mul(builder.zext(builder.bitcast(w, b64), v64),
+                    builder.sext(builder.bitcast(x, b64), v64))
+    for j in range(4):
+        lanes = ir.Constant(_VI, list(range(j, 4 * R, 4)))
+        acc = builder.add(acc, builder.shuffle_vector(p, ir.Constant(v64, None), lanes))
+    return acc
+
+
+def _splat(builder, value, vec_ty):
+    v = builder.insert_element(ir.Constant(vec_ty, None), value, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(v, ir.Constant(vec_ty, None), ir.Constant(_VI, [0] * R))
+
+
+def _row(builder, arr, g, ty):
+    """Pointer (to `ty`) to row g of a 2-D array, by its row stride in bytes."""
+    base = builder.bitcast(arr.data, _I8.as_pointer())
+    p = builder.gep(base, [builder.mul(g, builder.extract_value(arr.strides, 0))])
+    return builder.bitcast(p, ty.as_pointer())
+
+
+def _at(builder, base, offset, ty):
+    """Unaligned load of a `ty` at base + offset (elements of base's type)."""
+    return builder.load(builder.bitcast(builder.gep(base, [offset]), ty.as_pointer()), align=1)
+
+
+def _i64(v: int):
+    return ir.Constant(_I64, v)
+
+
+def _prefetch(builder, wb, nbytes: int) -> None:
+    """Prefetch the nbytes (a block's) PREFETCH bytes past wb: the blocks after the one in use,
+    across row groups and matrices (an arena holds them in the order they are read)."""
+    fn = builder.module.declare_intrinsic(
+        "llvm.prefetch", fnty=ir.FunctionType(ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32]))
+    for line in range(0, nbytes, 64):          # read, keep in all cache levels, data
+        builder.call(fn, [builder.gep(wb, [_i64(PREFETCH + line)]), ir.Constant(_I32, 0),
+                          ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+
+
+def _block_dot(builder, wb, xb, loads: int, vnni: bool):
+    """Per lane (row) i the int32 dot of the block's unsigned quants at wb with the 32 int8
+    activations at xb: two chains of vpdpbusd (so that they overlap), then added."""
+    nib = ir.Constant(_VI, [0x0F0F0F0F] * R)
+    dots = [ir.Constant(_VI, [0] * R)] * 2
+    for k in range(loads):
+        v = _at(builder, wb, _i64(64 * k), _VI)
+        if loads == 4:              # nibbles: low ones pair with x[4k..], high ones with x[16+4k..]
+            lo = builder.and_(v, nib)
+            hi = builder.and_(builder.lshr(v, ir.Constant(_VI, [4] * R)), nib)
+            for c, (half, q) in enumerate(((0, lo), (16, hi))):
+                xw = _splat(builder, _at(builder, xb, _i64(half + 4 * k), _I32), _VI)
+                dots[c] = _dpbusd(builder, dots[c], q, xw, vnni)
+        else:                       # bytes: load k pairs with x[4k..]
+            xw = _splat(builder, _at(builder, xb, _i64(4 * k), _I32), _VI)
+            dots[k & 1] = _dpbusd(builder, dots[k & 1], v, xw, vnni)
+    return builder.add(dots[0], dots[1])
+
+
+def _dot_rows16(kind: str, vnni: bool):
+    """The intrinsic dot(res, w, g, xq, xd, xsq) for one packed kind (see the module doc)."""
+    loads, offset = KINDS[kind]
+    bb, d_at = block_bytes(kind), 64 * loads          # bytes per block; where its d (then m) are
+
+    def body(context, builder, sig, args):
+        arrs = [context.make_array(t)(context, builder, a) if isinstance(t, types.Array) else a
+                for t, a in zip(sig.args, args)]
+        res, xq, xd, xsq = (arrs[i].data for i in (0, 3, 4, 5))
+        w = _row(builder, arrs[1], args[2], _I8)
+        n_blocks = builder.extract_value(arrs[4].shape, 0)
+        acc_slot = cgutils.alloca_once_value(builder, ir.Constant(_VF, [0.0] * R))
+        with cgutils.for_range(builder, n_blocks) as loop:
+            b = loop.index
+            wb = builder.gep(w, [builder.mul(b, _i64(bb))])
+            if PREFETCH:
+                _prefetch(builder, wb, bb)
+            dot = _block_dot(builder, wb, builder.gep(xq, [builder.mul(b, _i64(32))]), loads,
+                             vnni)
+            sq = _splat(builder, builder.load(builder.gep(xsq, [b])), _VI)
+            if offset:                                                       # dot - off * xsq
+                dot = builder.sub(dot, builder.mul(sq, ir.Constant(_VI, [offset] * R)))
+            xdb = _splat(builder, builder.load(builder.gep(xd, [b])), _VF)
+            dv = builder.fpext(_at(builder, wb, _i64(d_at), _VH), _VF)
+            t = builder.fmul(xdb, builder.sitofp(dot, _VF))                  # xd * dot
+            acc = builder.fadd(builder.load(acc_slot), builder.fmul(t, dv, flags=_FMA),
+                               flags=_FMA)                                   # acc + t * d
+            if kind == "q4_1":                                               # acc + xd*xsq * m
+                mv = builder.fpext(_at(builder, wb, _i64(d_at + 32), _VH), _VF)
+                xs = builder.fmul(xdb, builder.sitofp(sq, _VF))
+                acc = builder.fadd(acc, builder.fmul(xs, mv, flags=_FMA), flags=_FMA)
+            builder.store(acc, acc_slot)
+        builder.store(builder.load(acc_slot), builder.bitcast(res, _VF.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    @intrinsic
+    def dot(typingctx, res, w, g, xq, xd, xsq):
+        return types.void(res, w, types.intp, xq, xd, xsq), body
+
+    return dot
+
+
+VNNI = has_vnni()
+DOT_ROWS16 = {kind: _dot_rows16(kind, VNNI) for kind in KINDS}      # what the kernels use
+GENERIC_ROWS16 = {kind: _dot_rows16(kind, False) for kind in KINDS}  # the portable IR, for tests

@@ -462,6 +462,29 @@ def test_kv_store_and_attention(n, start, n_head, n_kv, head_dim, kv_type):
     assert np.abs(out - want).max() <= 64 * U * np.abs(vals).max()
 
 
+@pytest.mark.parametrize("kv_type", ["f32", "f16"])
+@pytest.mark.parametrize("neox", [False, True])
+def test_rope_store_one_token_equals_the_ops(kv_type, neox):
+    """One token's fused rope + K/V store (the decode path) writes the bits of rope(q), rope(k)
+    and kv_store, and nothing else."""
+    rng = np.random.default_rng([16, neox])
+    params = RopeParams(64, 64, 10000.0, 1.0, neox)
+    freqs = params.inv_freq()
+    q = rng.standard_normal((1, 9 * 64)).astype(np.float32)
+    k = rng.standard_normal((1, 3 * 64)).astype(np.float32)
+    v = rng.standard_normal((1, 3 * 64)).astype(np.float32)
+    pos = np.array([37], np.int32)
+    a, b = make_cache(2, 3, 64, 64, kv_type), make_cache(2, 3, 64, 64, kv_type)
+    qa, ka = q.copy(), k.copy()
+    OPS.rope_store(qa, ka, v, pos, a, 1, freqs, params)
+    qb, kb = q.copy(), k.copy()
+    OPS.rope(qb, pos, 9, freqs, params)
+    OPS.rope(kb, pos, 3, freqs, params)
+    OPS.kv_store(b, 1, kb, v, pos)
+    assert same_bits(qa, qb) and same_bits(ka, kb)
+    assert same_bits(a.k, b.k) and same_bits(a.v, b.v)
+
+
 def test_f16_cache_rounds_like_numpy():
     """Values of every magnitude (f16 subnormals, ties, overflow, zeros, inf, nan) are stored as
     numpy's round-to-nearest-even float16 conversion keeps them."""

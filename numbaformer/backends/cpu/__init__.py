@@ -145,6 +145,12 @@ class CPUBackend(Backend):
             return super().norm_swiglu(out, x, norm_w, eps, w_gate, w_up, scratch, up)
         fast.swiglu(out[0], x[0], (norm_w, eps, scratch[0]))
 
+    def rope_store(self, q, k, v, pos, cache, layer, inv_freq, rope_params):
+        if q.shape[0] == 1:
+            rope.rope_store_one(q, k, v, pos, cache, layer, inv_freq, rope_params)
+        else:
+            super().rope_store(q, k, v, pos, cache, layer, inv_freq, rope_params)
+
     @staticmethod
     def kv_store(cache, layer, k, v, pos):
         attention.kv_store(cache.k, cache.v, layer, k, v, pos, cache.kv_type == "f16")

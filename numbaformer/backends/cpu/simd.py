@@ -42,7 +42,7 @@ _VI = ir.VectorType(_I32, R)
 _VF = ir.VectorType(ir.FloatType(), R)
 _VH = ir.VectorType(ir.HalfType(), R)
 _FMA = ("contract",)                     # a * b + c may fuse; nothing is reassociated
-PREFETCH = 1024                          # bytes ahead of the block in use to prefetch (0: none)
+PREFETCH = 4096                          # bytes ahead of the block in use to prefetch (0: none)
 
 
 def block_bytes(kind: str) -> int:

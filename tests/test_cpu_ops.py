@@ -623,8 +623,8 @@ def test_generic_ir_equals_vnni(kind):
     kernel this machine uses: the integer sums are exact either way, the float steps the same."""
     from numba import njit
 
-    from numbaformer.backends.cpu.simd import DOT_ROWS16, GENERIC_ROWS16
-    fast, generic = DOT_ROWS16[kind], GENERIC_ROWS16[kind]
+    from numbaformer.backends.cpu import simd
+    fast, generic = getattr(simd, f"dot_{kind}"), simd.GENERIC_ROWS16[kind]
 
     @njit
     def both(res, w, xq, xd, xsq):

@@ -4,24 +4,22 @@ Activations: x' (the input, or rmsnorm(x) * w when fused) is quantized per 32 va
 q8_1: d = max|x'| / 127, q = rint(x' * (1 / d)) in float32 (compiled without fast math, so the
 rounding is exactly that), with d (xd) and the sum of the quants (xsq) per block. Each kernel does
 this serially, then splits the row groups of its matrices evenly into chunks, one prange iteration
-each (as many as numba may have threads), and each group is one call of simd.DOT_ROWS16.
+each (as many as numba may have threads), and each group is one call of simd.dot_rows16.
 Epilogues (residual add, SwiGLU) run on the 16 results of a group.
 
 One dispatch and one prange launch per fused op of a decode step: norm + Q/K/V (three matrices in
 one loop), output projection + residual, norm + gate/up + SwiGLU, down projection + residual,
 norm + output head. The backend (CPUBackend) makes a `FastMatvec` once per set of matrices (the
-kernels' arguments that do not change), and calls it.
+kernels' arguments that do not change), and calls it. The kernels serve every packed kind.
 """
 from __future__ import annotations
-
-import functools
 
 import numpy as np
 from numba import prange
 
 from ._jit import cpu_jit
 from .norm import _rmsnorm_row
-from .simd import DOT_ROWS16, R
+from .simd import KIND_ID, R, dot_rows16
 
 
 @cpu_jit()
@@ -52,52 +50,49 @@ def _prologue(x, norm_w, eps, xn, xq, xd, xsq):
         quantize_q8(x, xq, xd, xsq)
 
 
-@functools.lru_cache(maxsize=None)
-def kernels(kind: str):
-    """(matvec3, swiglu) for one packed kind. Both take the prologue's arguments first: x (cols,),
-    norm_w (cols,) or (0,), eps, xn (cols,) scratch, the q8 scratch xq, xd, xsq; and last a scratch
-    (chunks, 2, 16) f32: one chunk of the row groups per prange iteration, each with its results."""
-    dot = DOT_ROWS16[kind]
+# Both kernels take the prologue's arguments first: x (cols,), norm_w (cols,) or (0,), eps, xn
+# (cols,) scratch, the q8 scratch xq, xd, xsq; then the kind (simd.KIND_ID) of their packed
+# matrices; and last a scratch (chunks, 2, 16) f32: one chunk of the row groups per prange
+# iteration, each with its 16 (or 2 x 16) results.
 
-    @cpu_jit(parallel=True)
-    def matvec3(x, norm_w, eps, xn, xq, xd, xsq, ws, outs, n_mats, residual, scratch):
-        # ws: a tuple of 3 packed matrices (Packed.w); outs: 3 (rows_m,) f32. The first n_mats
-        # are used (the rest repeat one of them). outs[m] = (or +=, residual) W_m @ x'.
-        _prologue(x, norm_w, eps, xn, xq, xd, xsq)
-        total = 0
-        for mi in range(n_mats):
-            total += ws[mi].shape[0]
-        nc = scratch.shape[0]
-        for c in prange(nc):
-            res = scratch[c, 0]
-            for t in range(c * total // nc, (c + 1) * total // nc):
-                mi, g = 0, t
-                while g >= ws[mi].shape[0]:
-                    g -= ws[mi].shape[0]
-                    mi += 1
-                dot(res, ws[mi], g, xq, xd, xsq)
-                out = outs[mi]
-                r0 = g * R
-                for i in range(min(R, out.shape[0] - r0)):
-                    out[r0 + i] = out[r0 + i] + res[i] if residual else res[i]
+@cpu_jit(parallel=True)
+def _matvec3(x, norm_w, eps, xn, xq, xd, xsq, kind, ws, outs, n_mats, residual, scratch):
+    # ws: a tuple of 3 packed matrices (Packed.w); outs: 3 (rows_m,) f32. The first n_mats are
+    # used (the rest repeat one of them). outs[m] = (or +=, residual) W_m @ x'.
+    _prologue(x, norm_w, eps, xn, xq, xd, xsq)
+    total = 0
+    for mi in range(n_mats):
+        total += ws[mi].shape[0]
+    nc = scratch.shape[0]
+    for c in prange(nc):
+        res = scratch[c, 0]
+        for t in range(c * total // nc, (c + 1) * total // nc):
+            mi, g = 0, t
+            while g >= ws[mi].shape[0]:
+                g -= ws[mi].shape[0]
+                mi += 1
+            dot_rows16(kind, res, ws[mi], g, xq, xd, xsq)
+            out = outs[mi]
+            r0 = g * R
+            for i in range(min(R, out.shape[0] - r0)):
+                out[r0 + i] = out[r0 + i] + res[i] if residual else res[i]
 
-    @cpu_jit(parallel=True)
-    def swiglu(x, norm_w, eps, xn, xq, xd, xsq, wg, wu, out, scratch):
-        # gate and up packed alike; out (n_ff,) = silu(Wg x') * (Wu x'), a group of both at a time
-        _prologue(x, norm_w, eps, xn, xq, xd, xsq)
-        total = wg.shape[0]
-        nc = scratch.shape[0]
-        for c in prange(nc):
-            rg, ru = scratch[c, 0], scratch[c, 1]
-            for g in range(c * total // nc, (c + 1) * total // nc):
-                dot(rg, wg, g, xq, xd, xsq)
-                dot(ru, wu, g, xq, xd, xsq)
-                r0 = g * R
-                for i in range(min(R, out.shape[0] - r0)):
-                    gv = rg[i]
-                    out[r0 + i] = gv / (np.float32(1.0) + np.exp(-gv)) * ru[i]
 
-    return matvec3, swiglu
+@cpu_jit(parallel=True)
+def _swiglu(x, norm_w, eps, xn, xq, xd, xsq, kind, wg, wu, out, scratch):
+    # gate and up packed alike; out (n_ff,) = silu(Wg x') * (Wu x'), a group of both at a time
+    _prologue(x, norm_w, eps, xn, xq, xd, xsq)
+    total = wg.shape[0]
+    nc = scratch.shape[0]
+    for c in prange(nc):
+        rg, ru = scratch[c, 0], scratch[c, 1]
+        for g in range(c * total // nc, (c + 1) * total // nc):
+            dot_rows16(kind, rg, wg, g, xq, xd, xsq)
+            dot_rows16(kind, ru, wu, g, xq, xd, xsq)
+            r0 = g * R
+            for i in range(min(R, out.shape[0] - r0)):
+                gv = rg[i]
+                out[r0 + i] = gv / (np.float32(1.0) + np.exp(-gv)) * ru[i]
 
 
 NO_NORM = np.zeros(0, np.float32)
@@ -109,7 +104,7 @@ class FastMatvec:
     scratch (chunks, 2, 16) f32."""
 
     def __init__(self, packs, q8, chunks):
-        self.matvec3, self.swiglu3 = kernels(packs[0].kind)
+        self.kind = KIND_ID[packs[0].kind]
         self.n = len(packs)
         self.mats = tuple(p.w for p in packs) + (packs[0].w,) * (3 - self.n)
         self.q8, self.chunks = q8, chunks
@@ -119,10 +114,10 @@ class FastMatvec:
         x' = x, or rmsnorm(x) * norm_w with norm = (norm_w, eps, xn (cols,) scratch for x')."""
         norm_w, eps, xn = norm or (NO_NORM, 0.0, x)
         outs = tuple(outs) + (outs[0],) * (3 - len(outs))
-        self.matvec3(x, norm_w, eps, xn, *self.q8, self.mats, outs, self.n, residual,
-                     self.chunks)
+        _matvec3(x, norm_w, eps, xn, *self.q8, self.kind, self.mats, outs, self.n, residual,
+                 self.chunks)
 
     def swiglu(self, out, x, norm) -> None:
         """out (n_ff,) f32 = silu(W_0 @ x') * (W_1 @ x') (gate, up), x' = rmsnorm(x) * norm_w;
         norm as in matvec."""
-        self.swiglu3(x, *norm, *self.q8, self.mats[0], self.mats[1], out, self.chunks)
+        _swiglu(x, *norm, *self.q8, self.kind, self.mats[0], self.mats[1], out, self.chunks)

@@ -3,7 +3,8 @@
 LLVM vectorizes an 8-bit dot product written as a numba loop, but only through 32-bit lanes
 (vpmovzxbd + vpmaddwd: about 2 weights per instruction), and never into AVX-512 VNNI's vpdpbusd,
 which multiplies 64 unsigned bytes by 64 signed bytes and adds each 4 products into one of 16 int32
-lanes. So this one loop is written as LLVM IR: DOT_ROWS16[kind] is an intrinsic
+lanes. So this one loop is written as LLVM IR, one intrinsic per kind (dot_q4_0, dot_q4_1,
+dot_q8_0; `dot_rows16(kind, ...)` picks one by KIND_ID at run time):
 
     dot(res, w, g, xq, xd, xsq)
 
@@ -31,7 +32,7 @@ from __future__ import annotations
 import llvmlite.binding as ll
 from llvmlite import ir
 from numba.core import cgutils, config, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, register_jitable
 
 R = 16                                   # rows per group: the int32 lanes of one 512-bit vector
 KINDS = {"q4_0": (4, 8), "q4_1": (4, 0), "q8_0": (8, 128)}   # kind -> (64-byte loads per block,
@@ -169,6 +170,20 @@ def _dot_rows16(kind: str, vnni: bool):
     return dot
 
 
+# Module globals, not closure cells: numba keys a cached kernel by the pickled contents of its
+# closure, and an intrinsic pickles differently in every process (the kernel would never load).
 VNNI = has_vnni()
-DOT_ROWS16 = {kind: _dot_rows16(kind, VNNI) for kind in KINDS}      # what the kernels use
+dot_q4_0, dot_q4_1, dot_q8_0 = (_dot_rows16(kind, VNNI) for kind in KINDS)
+KIND_ID = {kind: i for i, kind in enumerate(KINDS)}
 GENERIC_ROWS16 = {kind: _dot_rows16(kind, False) for kind in KINDS}  # the portable IR, for tests
+
+
+@register_jitable(inline="always")
+def dot_rows16(kind, res, w, g, xq, xd, xsq):
+    """The dot of kind KIND_ID `kind` (a branch per row group: the kernels serve every kind)."""
+    if kind == 0:
+        dot_q4_0(res, w, g, xq, xd, xsq)
+    elif kind == 1:
+        dot_q4_1(res, w, g, xq, xd, xsq)
+    else:
+        dot_q8_0(res, w, g, xq, xd, xsq)

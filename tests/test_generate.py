@@ -2,6 +2,11 @@
 real SmolLM2 engine: greedy continuations against llama.cpp's, finish reasons (eog "stop", the context
 "context", max_tokens "length"; -1 no limit), stop strings held back while streaming, --ignore-eos, seeded
 determinism, log-probs, and the chat loop's reuse of the KV cache.
+
+The engine runs exact (f32 decode activations) in this module: several tests hold decode steps to
+the prefill path's logits (argmax, log-probs, a cached prefix, chat turns), which only the exact
+path matches to float rounding. The default 8-bit decode is held to the exact path and to
+llama.cpp in test_model.py.
 """
 from __future__ import annotations
 
@@ -30,6 +35,14 @@ def greedy_sampler():
 def run(engine, ids, max_tokens, model=None, **kw):
     return stream_generate(model or engine.model, engine.tokenizer, ids, greedy_sampler(),
                            max_tokens=max_tokens, **kw)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def exact_engine(engine):
+    """The shared engine with every product exact for this module's tests."""
+    engine.backend.exact = True
+    yield engine
+    engine.backend.exact = False
 
 
 @pytest.fixture(scope="module")

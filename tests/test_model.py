@@ -12,11 +12,14 @@ from __future__ import annotations
 import numba
 import numpy as np
 import pytest
-from llamacpp_check import check_bounds, compare, summary, teacher_ids, top2_gap
+from llamacpp_check import (check_bounds, compare, required_greedy_prefix, summary, teacher_ids,
+                            top2_gap)
 from reference import ReferenceModel, log_softmax
 
+from numbaformer.generate import stream_generate
 from numbaformer.loader import load_model_file
 from numbaformer.model import Model
+from numbaformer.sampling import SamplingParams, make_sampler
 
 # Decode (mat-vec) and prefill (GEMM) sum each dot product in another order, and the difference
 # travels through 30 layers: measured 2e-6 * max|logit| on SmolLM2. Allowed: 2e-5 * max|logit| of
@@ -39,11 +42,11 @@ def reference_model(engine):
 
 
 @pytest.mark.parametrize("k", range(3))
-def test_logprobs_match_float64_reference(engine, reference_model, llamacpp, k, record_figure):
+def test_logprobs_match_float64_reference(exact, reference_model, llamacpp, k, record_figure):
     """Within 5e-3 of the float64 reference's log-prob of every token at every position; the
     same top-1 wherever the reference's top-2 gap exceeds 1e-2."""
     ids = teacher_ids(llamacpp[k])
-    got = log_softmax(engine.model.forward_all(ids))
+    got = log_softmax(exact.model.forward_all(ids))
     want_logits = reference_model.forward(ids)
     want = log_softmax(want_logits)
     delta = np.abs(got - want).max()
@@ -94,6 +97,17 @@ def test_fast_decode_fidelity(engine, llamacpp, record_figure):
     record_figure("CPU q8 decode vs exact", f"mean KL {np.mean(kl):.2e} nats, max "
                   f"{np.max(kl):.2e}; top-1 agreement {np.mean(agree):.1%} of {len(kl)} positions")
     assert np.mean(kl) <= 0.005 and np.mean(agree) >= 0.98
+
+
+def test_fast_greedy_matches_llamacpp_until_a_near_tie(engine, llamacpp):
+    """Greedy generation with the 8-bit decode equals llama.cpp's greedy_ids up to the first
+    position where llama.cpp's top-2 logit gap is below 1.0 (as the exact path must)."""
+    sampler = make_sampler(SamplingParams(temperature=0.0))
+    for r in llamacpp:
+        must = required_greedy_prefix(r)
+        res = stream_generate(engine.model, engine.tokenizer, r["prompt_ids"], sampler,
+                              max_tokens=max(must, 1))
+        assert res.ids[:must] == r["greedy_ids"][:must]
 
 
 # --- invariants of the graph ----------------------------------------------------------------------

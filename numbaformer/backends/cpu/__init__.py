@@ -166,4 +166,4 @@ class CPUBackend(Backend):
         out[0] = np.argmax(logits)
 
     def stats(self) -> dict:
-        return {"threads": self.n_threads, "exact": self.exact}
+        return {"threads": self.n_threads}

@@ -3,11 +3,11 @@
 Caches: k_cache, v_cache (n_layer, n_kv_head, n_ctx, head_dim), f16 (default) or f32. Query token t at position pos[t]
 attends to cache positions 0..pos[t] of KV head h // (n_head // n_kv_head).
 
-Decode (one token): the key range is split into spans of SPLIT keys, one block per (KV head, span),
-so that a few KV heads still fill the GPU at long contexts and each K/V row is read once for all the
-query heads that share it (GQA); each block leaves its unnormalized outputs, maxes and sums, and a
-merge kernel combines the spans with a log-sum-exp pass. The grid covers the whole context and spans
-past pos[0] exit at once, so one captured launch serves every step.
+Decode (one token, one launch): the key range is split into spans of SPLIT keys, one block per (KV
+head, span), so that a few KV heads still fill the GPU at long contexts and each K/V row is read once
+for all the query heads that share it (GQA); with one span the block writes the output, with several
+the last block of a KV head to finish merges the spans' parts (log-sum-exp). The grid covers the whole
+context and spans past pos[0] exit at once, so one captured launch serves every step.
 Prefill (n tokens): one block per (head, QTILE queries); each warp owns QTILE / warps queries, lanes
 split head_dim, keys stream through shared memory in tiles with an online softmax.
 """
@@ -20,11 +20,11 @@ import numpy as np
 from numba import cuda, float32, int32, uint32
 
 from ._jit import cuda_kernel
-from .intrinsics import f16_bits_to_f32, load_u32x4
-from .reduce import WARP, block_max, block_sum, warp_sum
+from .intrinsics import f16_bits_to_f32, load_f32x4, load_u32x4, shfl_sync
+from .reduce import FULL_MASK, WARP, warp_max, warp_sum
 
-SPLIT = 64               # keys per decode block (short chains, many blocks)
-DECODE_THREADS = 128     # a multiple of head_dim (or head_dim itself when larger)
+SPLIT = 128              # keys per decode block (<= DECODE_THREADS: one key per lane)
+DECODE_THREADS = 128     # 4 warps
 QTILE = 16               # queries per prefill block
 KTILE = 32               # keys per shared-memory tile in prefill
 PREFILL_WARPS = 4
@@ -49,133 +49,169 @@ def kv_store(k_cache, v_cache, layer: int, k, v, pos, stream) -> None:
     _kv_store_kernel[k.shape[0], 128, stream](k_cache, v_cache, layer, k, v, pos)
 
 
+@cuda.jit(device=True, inline=True)
+def _key_dot(sc, qs, kc, j, head_dim: int, group: int, f16: bool):
+    """sc[h] = q_h . K[j] for the group's heads (q_h scaled, staged in qs); K[j] read whole as
+    16-byte loads (8 halves or 4 floats each)."""
+    for h in range(group):
+        sc[h] = 0
+    if f16:
+        row32 = kc[j].view(np.uint32)
+        for c in range(head_dim // 8):
+            w0, w1, w2, w3 = load_u32x4(row32, c)
+            for e in range(8):
+                w = w0 if e < 2 else (w1 if e < 4 else (w2 if e < 6 else w3))
+                kv = f16_bits_to_f32(w >> uint32(16 * (e & 1)))
+                for h in range(group):
+                    sc[h] += qs[h * head_dim + 8 * c + e] * kv
+    else:
+        row = kc[j]
+        for c in range(head_dim // 4):
+            a0, a1, a2, a3 = load_f32x4(row, c)
+            for h in range(group):
+                b = h * head_dim + 4 * c
+                sc[h] += qs[b] * a0 + qs[b + 1] * a1 + qs[b + 2] * a2 + qs[b + 3] * a3
+
+
 @functools.lru_cache(maxsize=None)
-def _split_kernel(split: int, threads: int, head_dim: int, group: int, f16: bool):
-    n_vec = head_dim // 8                         # a K row as 16-byte vectors of 8 halves (f16)
+def _decode_kernel(split: int, warps: int, head_dim: int, group: int, f16: bool):
+    dpl = (head_dim + WARP - 1) // WARP            # output dims per lane (the last lanes may idle)
     gh = group * head_dim
+    threads = warps * WARP
 
     @cuda_kernel
-    def _attn_split(part_o, part_ml, q, k_cache, v_cache, layer, pos, scale):
+    def _attn_decode(out, part_o, part_ml, count, q, k_cache, v_cache, layer, pos, scale):
         """Block (g, s): the `group` query heads of KV head g over keys [s*split, min((s+1)*split,
-        pos + 1)), so each K and V row is read once for all of them. Scores: thread t takes keys
-        t, t+threads, .. and dots the whole key row (read as 16-byte loads) with every head's q
-        (scaled, in shared memory); then per head a block max and sum (barriers inside); then thread
-        t takes output dim t % head_dim of every head over keys of its slice (t // head_dim), the
-        slices meet in shared memory (barrier) and their sum is part_o[head, s] (not normalized),
-        part_ml[head, s] = (max, sum). An empty span writes sum 0."""
+        pos + 1)); blocks past pos exit, so one captured launch serves every step. Lane l of warp
+        w takes key s*split + 32w + l: its scores for every head (the whole K row against q
+        staged in shared memory), then per head the warp's max, weights and sum (shuffles); then
+        the warp's keys' V rows, lane l holding output dims dpl*l .., each key's weight broadcast
+        from its lane. The warps' (max, sum, output) meet in shared memory (one barrier) and
+        merge. One span: the block writes the output. Several: it leaves its unnormalized output
+        and (max, sum) in part_o/part_ml, and the last block of KV head g to finish (a counter
+        per KV head, after a memory fence) merges the spans and resets the counter."""
         g = cuda.blockIdx.x
         s = cuda.blockIdx.y
-        tid = cuda.threadIdx.x
+        p_last = pos[0]
         start = s * split
-        stop = min(start + split, pos[0] + 1)
-        if start >= stop:
-            if tid < group:
-                part_ml[g * group + tid, s, 0] = float32(-math.inf)
-                part_ml[g * group + tid, s, 1] = float32(0)
+        if start > p_last:
             return
+        n_spans = p_last // split + 1
+        stop = min(start + split, p_last + 1)
+        tid = cuda.threadIdx.x
+        lane = tid % WARP
+        w = tid // WARP
         qs = cuda.shared.array(gh, float32)
-        sc = cuda.shared.array((group, split), float32)
-        red = cuda.shared.array(32, float32)
-        po = cuda.shared.array((threads, group), float32)
+        wm = cuda.shared.array((warps, group), float32)
+        wl = cuda.shared.array((warps, group), float32)
+        wo = cuda.shared.array((warps, gh), float32)
+        is_last = cuda.shared.array(1, int32)
         for i in range(tid, gh, threads):
             qs[i] = q[0, g * gh + i] * scale
         cuda.syncthreads()                                  # q staged
         kc = k_cache[layer, g]
         vc = v_cache[layer, g]
-        acc = cuda.local.array(group, float32)
-        for j in range(start + tid, stop, threads):
-            for h in range(group):
-                acc[h] = 0
-            if f16:                                         # 8 halves per 16-byte load
-                row32 = kc[j].view(np.uint32)
-                for c in range(n_vec):
-                    w0, w1, w2, w3 = load_u32x4(row32, c)
-                    for e in range(8):
-                        w = w0 if e < 2 else (w1 if e < 4 else (w2 if e < 6 else w3))
-                        kv = f16_bits_to_f32(w >> uint32(16 * (e & 1)))
-                        for h in range(group):
-                            acc[h] += qs[h * head_dim + 8 * c + e] * kv
+        sc = cuda.local.array(group, float32)
+        acc = cuda.local.array((group, dpl), float32)
+        k0 = start + w * WARP                               # the warp's first key
+        j = k0 + lane
+        valid = w * WARP + lane < split and j < stop
+        if valid:
+            _key_dot(sc, qs, kc, j, head_dim, group, f16)
+        n_keys = max(0, min(WARP, split - w * WARP, stop - k0))   # warp-uniform
+        for h in range(group):
+            x = sc[h] if valid else float32(-math.inf)
+            m = warp_max(x)
+            p = math.exp(x - m) if valid else float32(0)
+            sc[h] = p
+            total = warp_sum(p)
+            if lane == 0:
+                wm[w, h] = m
+                wl[w, h] = total
+            for e in range(dpl):
+                acc[h, e] = 0
+        for kk in range(n_keys):
+            vr = vc[k0 + kk]
+            for e in range(dpl):
+                d = min(dpl * lane + e, head_dim - 1)
+                vv = float32(vr[d])
+                for h in range(group):
+                    acc[h, e] += shfl_sync(FULL_MASK, sc[h], kk) * vv
+        for h in range(group):
+            for e in range(dpl):
+                if dpl * lane + e < head_dim:
+                    wo[w, h * head_dim + dpl * lane + e] = acc[h, e]
+        cuda.syncthreads()                                  # every warp's part parked
+        for i in range(tid, gh, threads):
+            h = i // head_dim
+            mx = float32(-math.inf)
+            for u in range(warps):
+                mx = max(mx, wm[u, h])
+            den = float32(0)
+            o = float32(0)
+            for u in range(warps):
+                if wm[u, h] > float32(-math.inf):
+                    f = math.exp(wm[u, h] - mx)
+                    den += wl[u, h] * f
+                    o += wo[u, i] * f
+            head = g * group + h
+            d = i - h * head_dim
+            if n_spans == 1:
+                out[0, head * head_dim + d] = o / den
             else:
-                row = kc[j]
-                for d in range(head_dim):
-                    kv = row[d]
-                    for h in range(group):
-                        acc[h] += qs[h * head_dim + d] * kv
-            for h in range(group):
-                sc[h, j - start] = acc[h]
-        cuda.syncthreads()                                  # scores complete
-        n = stop - start
-        for h in range(group):
-            m = float32(-math.inf)
-            for j in range(tid, n, threads):
-                m = max(m, sc[h, j])
-            m = block_max(m, red)
-            total = float32(0)
-            for j in range(tid, n, threads):
-                e = math.exp(sc[h, j] - m)
-                sc[h, j] = e
-                total += e
-            total = block_sum(total, red)                   # also orders sc's weights
-            if tid == 0:
-                part_ml[g * group + h, s, 0] = m
-                part_ml[g * group + h, s, 1] = total
-        d = tid % head_dim
-        n_slices = threads // head_dim
-        for h in range(group):
-            acc[h] = 0
-        for j in range(tid // head_dim, n, n_slices):
-            vv = float32(vc[start + j, d])
-            for h in range(group):
-                acc[h] += sc[h, j] * vv
-        for h in range(group):
-            po[tid, h] = acc[h]
-        cuda.syncthreads()                                  # every slice's partial output parked
-        if tid < head_dim:
-            for h in range(group):
-                o = float32(0)
-                for k in range(n_slices):
-                    o += po[tid + k * head_dim, h]
-                part_o[g * group + h, s, tid] = o
+                part_o[head, s, d] = o
+                if d == 0:
+                    part_ml[head, s, 0] = mx
+                    part_ml[head, s, 1] = den
+        if n_spans == 1:
+            return
+        cuda.threadfence()                                  # this span's part visible to all
+        cuda.syncthreads()                                  # .. from every thread of the block
+        if tid == 0:
+            done = cuda.atomic.add(count, g, 1)
+            is_last[0] = 1 if done == n_spans - 1 else 0
+        cuda.syncthreads()                                  # is_last set
+        if is_last[0] == 0:
+            return
+        cuda.threadfence()
+        for i in range(tid, gh, threads):
+            h = i // head_dim
+            head = g * group + h
+            d = i - h * head_dim
+            mx = float32(-math.inf)
+            for u in range(n_spans):
+                mx = max(mx, part_ml[head, u, 0])
+            den = float32(0)
+            o = float32(0)
+            for u in range(n_spans):
+                f = math.exp(part_ml[head, u, 0] - mx)
+                den += part_ml[head, u, 1] * f
+                o += part_o[head, u, d] * f
+            out[0, head * head_dim + d] = o / den
+        if tid == 0:
+            count[g] = 0                                    # ready for the next launch
 
-    return _attn_split
-
-
-@cuda_kernel
-def _merge_kernel(out, part_o, part_ml, pos, split):
-    """Block h combines head h's spans 0..pos[0] // split:
-    out = sum_s o_s e^(m_s - M) / sum_s l_s e^(m_s - M), M the largest span max."""
-    h = cuda.blockIdx.x
-    head_dim = part_o.shape[2]
-    n = pos[0] // split + 1
-    mx = float32(-math.inf)
-    for s in range(n):
-        mx = max(mx, part_ml[h, s, 0])
-    den = float32(0)
-    for s in range(n):
-        den += part_ml[h, s, 1] * math.exp(part_ml[h, s, 0] - mx)
-    for d in range(cuda.threadIdx.x, head_dim, cuda.blockDim.x):
-        acc = float32(0)
-        for s in range(n):
-            acc += part_o[h, s, d] * math.exp(part_ml[h, s, 0] - mx)
-        out[0, h * head_dim + d] = acc / den
+    return _attn_decode
 
 
 def decode_attention(out, q, k_cache, v_cache, layer: int, pos, scale: float, scratch, stream):
     """One query: out (1, n_head*head_dim) f32. scratch: (part_o (n_head, S, hd) f32,
-    part_ml (n_head, S, 2) f32) with S >= ceil(n_ctx / SPLIT)."""
-    part_o, part_ml = scratch
+    part_ml (n_head, S, 2) f32, count (n_kv,) int32 zeros) with S >= ceil(n_ctx / SPLIT)."""
+    part_o, part_ml, count = scratch
     n_head, n_spans, head_dim = part_o.shape
     n_kv = k_cache.shape[1]
-    threads = max(DECODE_THREADS, head_dim)
-    k = _split_kernel(SPLIT, threads, head_dim, n_head // n_kv, k_cache.dtype == np.float16)
-    k[(n_kv, n_spans), threads, stream](part_o, part_ml, q, k_cache, v_cache, layer, pos,
-                                         np.float32(scale))
-    _merge_kernel[n_head, min(head_dim, 128), stream](out, part_o, part_ml, pos, SPLIT)
+    warps = DECODE_THREADS // WARP
+    assert head_dim % 8 == 0 and SPLIT <= DECODE_THREADS, (head_dim, SPLIT)
+    k = _decode_kernel(SPLIT, warps, head_dim, n_head // n_kv, k_cache.dtype == np.float16)
+    k[(n_kv, n_spans), warps * WARP, stream](out, part_o, part_ml, count, q, k_cache, v_cache,
+                                             layer, pos, np.float32(scale))
 
 
-def decode_scratch_shape(n_head: int, head_dim: int, n_ctx: int) -> tuple:
+def decode_scratch_shape(n_head: int, n_kv: int, head_dim: int, n_ctx: int) -> tuple:
+    """(shape, dtype) of decode_attention's scratch arrays."""
     n_spans = (n_ctx + SPLIT - 1) // SPLIT
-    return (n_head, n_spans, head_dim), (n_head, n_spans, 2)
+    return (((n_head, n_spans, head_dim), np.float32), ((n_head, n_spans, 2), np.float32),
+            ((n_kv,), np.int32))
 
 
 @functools.lru_cache(maxsize=None)

@@ -168,9 +168,11 @@ class CUDABackend(Backend):
 
     def _scratch(self, q_dim: int, k_cache):
         head_dim, n_ctx = k_cache.shape[3], k_cache.shape[2]
-        shapes = attention.decode_scratch_shape(q_dim // head_dim, head_dim, n_ctx)
-        if self._decode_scratch is None or self._decode_scratch[0].shape != shapes[0]:
-            self._decode_scratch = tuple(self.pool.alloc(s) for s in shapes)
+        shapes = attention.decode_scratch_shape(q_dim // head_dim, k_cache.shape[1], head_dim,
+                                                n_ctx)
+        if self._decode_scratch is None or self._decode_scratch[0].shape != shapes[0][0] or \
+                self._decode_scratch[2].shape != shapes[2][0]:
+            self._decode_scratch = tuple(self.pool.alloc(s, d) for s, d in shapes)
         return self._decode_scratch
 
     def silu_mul(self, out, gate, up):

@@ -143,6 +143,25 @@ def _gemv_kernel(qtype: int, n_mat: int, norm: bool, mode: int, warps: int):
     return _gemv
 
 
+_GRID_CAPS: dict = {}
+
+
+def grid_cap(k, threads: int, smem: int) -> int:
+    """Blocks of a grid that are all resident at once: SMs x min(BLOCKS_PER_SM, what the compiled
+    kernel's registers and shared memory allow). A persistent grid larger than that runs a second,
+    partial wave (a Q6_K kernel at 92 registers fits 2 blocks of 256 threads per SM, not 4). Before
+    the first launch has compiled k, BLOCKS_PER_SM is taken (the results do not depend on the
+    grid: each pair is one warp group's, in a fixed order)."""
+    cap = _GRID_CAPS.get((k, threads, smem))
+    if cap is None:
+        kernels = list(getattr(k, "overloads", {}).values())
+        if not kernels or not hasattr(kernels[0], "max_cooperative_grid_blocks"):
+            return _n_sms() * BLOCKS_PER_SM
+        fit = min(kk.max_cooperative_grid_blocks(threads, smem) for kk in kernels)
+        cap = _GRID_CAPS[(k, threads, smem)] = max(1, min(fit, _n_sms() * BLOCKS_PER_SM))
+    return cap
+
+
 @functools.lru_cache(maxsize=None)
 def _n_sms() -> int:
     from numba.cuda.core import config
@@ -165,7 +184,8 @@ def gemv(outs, ws, x, stream, *, mode: str = "store", extras=None, norm_w=None, 
     if fast_path(qtype, exact):
         if pairs < gemv_q8.SPLIT_BELOW * slots:
             split = min(gemv_q8.SPLIT, GEMV_WARPS)
-        k = q8_kernel(qtype, n_mat, norm_w is not None, m, GEMV_WARPS, gemv_q8.UNROLL, split)
+        k = q8_kernel(qtype, n_mat, norm_w is not None, m, GEMV_WARPS, gemv_q8.UNROLL, split,
+                      gemv_q8.PROBE)
     else:
         k = _gemv_kernel(qtype, n_mat, norm_w is not None, m, GEMV_WARPS)
     o = list(outs) + [outs[0]] * (3 - len(outs))
@@ -179,5 +199,5 @@ def gemv(outs, ws, x, stream, *, mode: str = "store", extras=None, norm_w=None, 
     if opt_in is not None:
         opt_in(k, smem, *args)
     groups = GEMV_WARPS // split
-    grid = max(1, min((pairs + groups - 1) // groups, _n_sms() * BLOCKS_PER_SM))
+    grid = max(1, min((pairs + groups - 1) // groups, grid_cap(k, GEMV_WARPS * WARP, smem)))
     k[grid, GEMV_WARPS * WARP, stream, smem](*args)

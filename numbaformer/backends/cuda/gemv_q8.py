@@ -34,6 +34,8 @@ from .reduce import FULL_MASK, WARP, block_sum, warp_sum
 UNROLL = 2                    # units per row and lane in a batch (all its loads in flight)
 SPLIT_BELOW = 0               # pairs per warp of the grid below which warps split a pair's units
 SPLIT = 2                     # warps per pair then (H200 sweep: no gain at the 8B shapes, so off)
+PROBE = 0                     # timing probes only (scripts/gpu_probe.py): 1 skips the staging,
+                              # 2 replaces the unit dots by an XOR of the loaded words
 LO = 0x0F0F0F0F
 
 
@@ -113,11 +115,20 @@ def stage_f32(sm, x, norm_w, eps, norm, red, threads):
         xsum[g] = s
 
 
+@cuda.jit(device=True, inline=True)
+def _sumsq_word(xr, w, nw):
+    if w >= nw:
+        return float32(0)
+    a, b, c, d = load_f32x4(xr, w)
+    return a * a + b * b + c * c + d * d
+
+
 @cuda.jit(device=True)
 def stage_q8(sm, x, norm_w, eps, norm, red, threads):
     """x (1, cols) f32 -> the q8 activations in sm (module docstring); with `norm`, of
     rmsnorm(x) * norm_w. Thread t takes words t, t + threads, .. (4 values each, 8 threads per 32
-    values), two words per step so that two loads are in flight at once."""
+    values), four words per step with all their loads issued first: the staging is a chain of
+    L2 round trips (the weights' first batch waits behind it), so it makes as few as it can."""
     tid = cuda.threadIdx.x
     cols = x.shape[1]
     nw = cols // 4
@@ -128,18 +139,24 @@ def stage_q8(sm, x, norm_w, eps, norm, red, threads):
     scale = float32(1)
     if norm:
         ss = float32(0)
-        for w in range(tid, nw, threads):
-            a, b, c, d = load_f32x4(xr, w)
-            ss += a * a + b * b + c * c + d * d
+        for base in range(tid, nw, 4 * threads):
+            ss += (_sumsq_word(xr, base, nw) + _sumsq_word(xr, base + threads, nw)) + \
+                (_sumsq_word(xr, base + 2 * threads, nw) + _sumsq_word(xr, base + 3 * threads, nw))
         ss = block_sum(ss, red)
         scale = float32(1) / math.sqrt(ss / float32(cols) + eps)
-    for base in range(0, nw, 2 * threads):
+    for base in range(0, nw, 4 * threads):
         wa = base + tid
         wb = wa + threads
+        wc = wb + threads
+        wd = wc + threads
         a0, a1, a2, a3 = _x_word(xr, norm_w, wa, nw, scale, norm)
         b0, b1, b2, b3 = _x_word(xr, norm_w, wb, nw, scale, norm)
+        c0, c1, c2, c3 = _x_word(xr, norm_w, wc, nw, scale, norm)
+        d0, d1, d2, d3 = _x_word(xr, norm_w, wd, nw, scale, norm)
         _quantize_word(a0, a1, a2, a3, wa, nw, xq, xd, xs)
         _quantize_word(b0, b1, b2, b3, wb, nw, xq, xd, xs)
+        _quantize_word(c0, c1, c2, c3, wc, nw, xq, xd, xs)
+        _quantize_word(d0, d1, d2, d3, wd, nw, xq, xd, xs)
 
 
 @cuda.jit(device=True, inline=True)
@@ -593,7 +610,7 @@ def finish_pair(p, p0, p1, mode, a, b, o0, o1, o2, e0, e1, e2, rows0, rows1, row
 
 @functools.lru_cache(maxsize=None)
 def q8_kernel(qtype: int, n_mat: int, norm: bool, mode: int, warps: int, unroll: int,
-              split: int):
+              split: int, probe: int = 0):
     """The fast mat-vec kernel (module docstring); arguments and launch as gemv.py's kernel.
     `split` warps of a block share each row pair, each taking a slice of its units."""
     from ._jit import cuda_kernel
@@ -625,7 +642,12 @@ def q8_kernel(qtype: int, n_mat: int, norm: bool, mode: int, warps: int, unroll:
         acc = float32(0)
         for i in range(unroll):
             u = u0 + WARP * i
-            if u < u_end:
+            if u < u_end and probe == 2:
+                t = q[4 * i] ^ q[4 * i + 1] ^ q[4 * i + 2] ^ q[4 * i + 3]
+                for j in range(8):
+                    t ^= h[8 * i + j]
+                acc += float32(t & uint32(1))
+            elif u < u_end:
                 acc += dot(q[4 * i], q[4 * i + 1], q[4 * i + 2], q[4 * i + 3],
                            h[8 * i], h[8 * i + 1], h[8 * i + 2], h[8 * i + 3], h[8 * i + 4],
                            h[8 * i + 5], h[8 * i + 6], h[8 * i + 7], u, nb, xq, xd, xs)
@@ -663,7 +685,9 @@ def q8_kernel(qtype: int, n_mat: int, norm: bool, mode: int, warps: int, unroll:
         if rounds > 0 and p < n_pairs:                   # batch 0 flies during the staging
             ra, rb, ra8, rb8, last = pair_views(p, p0, p1, swiglu, w0, w1, w2, v0, v1, v2)
             load(ra, rb, ra8, rb8, u_lo + lane, u_end, nb, qa, qb, ha, hb)
-        if f32x:
+        if probe == 1:
+            pass
+        elif f32x:
             stage_f32(sm, x, norm_w, eps, norm, red, threads)
         else:
             stage_q8(sm, x, norm_w, eps, norm, red, threads)

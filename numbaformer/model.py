@@ -162,10 +162,10 @@ class Model:
         ops.embed(v.x, self.w.token_embd, v.ids)
         for i, L in enumerate(self.w.layers):
             # attention block: x += Wo attn(rope(Wq xn), rope(Wk xn), Wv xn), xn = rmsnorm(x)
-            ops.norm_matmul((v.q, v.k, v.v), v.x, L.attn_norm, cfg.norm_eps,
-                            (L.attn_q, L.attn_k, L.attn_v),
-                            (L.attn_q_bias, L.attn_k_bias, L.attn_v_bias), v.xn)
-            ops.rope_store(v.q, v.k, v.v, v.pos, kv, i, self.inv_freq, self.rope)
+            ops.qkv_rope(v.q, v.k, v.v, v.x, L.attn_norm, cfg.norm_eps,
+                         (L.attn_q, L.attn_k, L.attn_v),
+                         (L.attn_q_bias, L.attn_k_bias, L.attn_v_bias), v.xn, v.pos, kv, i,
+                         self.inv_freq, self.rope)
             ops.attention(v.attn, v.q, kv, i, v.pos, self.scale)
             ops.matmul_add(v.x, v.attn, L.attn_output, v.proj)
             # feed-forward block: x += Wd (silu(Wg xn) * Wu xn), xn = rmsnorm(x)

@@ -283,6 +283,38 @@ def test_rope_store_matches_reference(cu, neox):
         np.testing.assert_array_equal(vc[1, :, p].reshape(-1), v[t])
 
 
+@pytest.mark.parametrize("neox,kv_type,bias", [(False, "f16", False), (True, "f32", True),
+                                               (True, "f16", False)])
+def test_qkv_rope_one_launch_equals_the_composition(cu, neox, kv_type, bias):
+    """Decode's Q, K, V with rope and the cache store in one launch (the fast mat-vec's rope
+    epilogue) against norm_matmul then rope_store on the same backend: the same q8 dots and the
+    same rotation arithmetic, so the same numbers; the cache's other rows untouched."""
+    from numbaformer.backends.base import Backend, RopeParams
+    from numbaformer.kvcache import KVCache
+    hd, n_q, n_kv, cols, qt = sizes((16, 4, 2, 64, "Q8_0"), (128, 32, 8, 4096, "Q4_K"))
+    rp = RopeParams(hd, hd, 10000.0, 1.0, neox)
+    rng = np.random.default_rng(12)
+    mats = [rand_qtensor(cu, TYPE_IDS[qt], r * hd, cols, seed=20 + r)[1] for r in (n_q, n_kv, n_kv)]
+    biases = [dev(cu, rng.standard_normal(r * hd).astype(np.float32)) if bias else None
+              for r in (n_q, n_kv, n_kv)]
+    x = dev(cu, rng.standard_normal((1, cols)).astype(np.float32))
+    nw = dev(cu, rng.uniform(0.5, 1.5, cols).astype(np.float32))
+    pos, inv = dev(cu, np.array([5], np.int32)), dev(cu, rp.inv_freq())
+    cfg = type("C", (), {"n_layer": 2, "n_head_kv": n_kv, "head_dim": hd})
+    from numbaformer.backends.cuda import gemv
+    assert gemv.rope_fusable(mats, False, hd, hd)
+    got = []
+    for op in (cu.qkv_rope, lambda *a: Backend.qkv_rope(cu, *a)):
+        cache = KVCache(cu, cfg, 8, kv_type)
+        q, k, v = cu.alloc((1, n_q * hd)), cu.alloc((1, n_kv * hd)), cu.alloc((1, n_kv * hd))
+        op(q, k, v, x, nw, 1e-5, mats, biases, cu.alloc((1, cols)), pos, cache, 1, inv, rp)
+        got.append([host(cu, a) for a in (q, k, cache.k, cache.v)])
+    for a, b in zip(*got):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    kc = got[0][2].astype(np.float64)
+    assert np.abs(kc[1, :, 5]).sum() > 0 and not kc[0].any() and not kc[1, :, :5].any()
+
+
 @pytest.mark.parametrize("name", ["Q8_0", "Q4_K", "F16", "Q6_K"])
 def test_embed_rows(cu, name):
     qt = TYPE_IDS[name]

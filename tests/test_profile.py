@@ -36,15 +36,15 @@ def test_profile_counts_every_op_and_byte(tiny, backend, cuda_toy_shapes):
     prof = profile_decode(m, pos, reps=1)
     rows, step_us, bw = prof.ops, prof.step_us, prof.copy_gbps
     by_op = {r.op: r for r in rows}
-    # one step: the embedding row, per layer six fused ops, the head and the argmax
-    assert sum(r.calls for r in rows) == 1 + 6 * N_LAYER + 2
-    assert by_op["attention"].calls == by_op["rope_store"].calls == N_LAYER
+    # one step: the embedding row, per layer five fused ops, the head and the argmax
+    assert sum(r.calls for r in rows) == 1 + 5 * N_LAYER + 2
+    key = next(k for k in by_op if k.startswith("qkv_rope:attn_q"))
+    assert by_op["attention"].calls == by_op[key].calls == N_LAYER
     kv_row = cfg.n_head_kv * cfg.head_dim * 4                     # f32 K (or V) of one position
     act = 4 * cfg.q_dim * 2                                        # q in, attention out
     assert by_op["attention"].nbytes == N_LAYER * (2 * kv_row * (pos + 1) + act + 4)
     weights = {t.name: t for t in m.w.layers[0].__dict__.values() if hasattr(t, "qtype")}
     qkv = sum(weights[f"blk.0.attn_{k}.weight"].data.nbytes for k in "qkv")
-    key = next(k for k in by_op if k.startswith("norm_matmul:attn_q"))
     assert by_op[key].nbytes >= N_LAYER * qkv                      # + x, norm weights, outputs
     assert by_op[key].nbytes - N_LAYER * qkv < N_LAYER * 4 * 16 * cfg.n_embd
     emb = next(r for k, r in by_op.items() if k.startswith("embed:"))

@@ -108,6 +108,13 @@ class Backend(ABC):
         self.rope(k, pos, k.shape[1] // rope.head_dim, inv_freq, rope)
         self.kv_store(cache, layer, k, v, pos)
 
+    def qkv_rope(self, q, k, v, x, norm_w, eps: float, ws, biases, scratch, pos, cache,
+                 layer: int, inv_freq, rope: RopeParams) -> None:
+        """The attention block's input side: (q, k, v) = rmsnorm(x) * norm_w @ (Wq, Wk, Wv).T
+        (+ biases), then rope_store (q and k rotated, k and v into the cache at pos)."""
+        self.norm_matmul((q, k, v), x, norm_w, eps, ws, biases, scratch)
+        self.rope_store(q, k, v, pos, cache, layer, inv_freq, rope)
+
     def matmul_add(self, x, a, w, scratch) -> None:
         """x += a @ W.T (the residual update); scratch (n, rows) may be used for the product."""
         self.matmul(scratch, a, w)

@@ -150,6 +150,20 @@ class CUDABackend(Backend):
         gemv.gemv([out], [w_gate, w_up], x, self.stream, mode="swiglu", norm_w=norm_w, eps=eps,
                   opt_in=matmul._opt_in, exact=self.exact)
 
+    def qkv_rope(self, q, k, v, x, norm_w, eps, ws, biases, scratch, pos, cache, layer,
+                 inv_freq, rp):
+        """Decode: one launch (the fast mat-vec's rope epilogue) where gemv.rope_fusable; else the
+        composition."""
+        n_bias = sum(b is not None for b in biases)
+        if x.shape[0] > 1 or n_bias not in (0, 3) or \
+                not gemv.rope_fusable(ws, self.exact, rp.rope_dim, rp.head_dim):
+            return super().qkv_rope(q, k, v, x, norm_w, eps, ws, biases, scratch, pos, cache,
+                                    layer, inv_freq, rp)
+        gemv.gemv([q, k, v], ws, x, self.stream, mode="rope",
+                  extras=list(biases) if n_bias else None, norm_w=norm_w, eps=eps,
+                  opt_in=matmul._opt_in, exact=self.exact,
+                  rope=(pos, inv_freq, cache.k, cache.v, layer, rp.head_dim, rp.neox))
+
     def rope_store(self, q, k, v, pos, cache, layer, inv_freq, rp):
         rope.rope_store(q, k, v, pos, cache.k, cache.v, layer, inv_freq, rp, self.stream)
 

@@ -170,22 +170,44 @@ def _n_sms() -> int:
     return cuda.get_current_device().MULTIPROCESSOR_COUNT
 
 
+@functools.lru_cache(maxsize=None)
+def _no_rope():
+    """Stand-ins for the rope arguments of launches without rope (one kernel signature)."""
+    return (cuda.to_device(np.zeros(1, np.int32)), cuda.to_device(np.zeros(1, np.float64)),
+            cuda.to_device(np.zeros((1, 1, 1, 2), np.float16)), 0)
+
+
+def rope_fusable(ws, exact: bool, rope_dim: int, head_dim: int) -> bool:
+    """Whether Q, K, V (and their rope and cache store) can be one fast launch: one type and
+    width, the fast kernel, rope over whole heads."""
+    return (len({(w.qtype, w.cols) for w in ws}) == 1 and fast_path(ws[0].qtype, exact)
+            and rope_dim == head_dim)
+
+
 def gemv(outs, ws, x, stream, *, mode: str = "store", extras=None, norm_w=None, eps=0.0,
-         opt_in=None, exact: bool = False) -> None:
+         opt_in=None, exact: bool = False, rope=None) -> None:
     """Fused decode mat-vec: outs[m] (1, rows_m) f32 from QTensors ws[m] (same type and width, GPU
     layout) and x (1, cols) f32; see the module docstring for `mode`, extras (bias arrays or the
-    residual), norm_w (rmsnorm x with these weights first) and `exact` (f32 activations)."""
+    residual), norm_w (rmsnorm x with these weights first) and `exact` (f32 activations).
+    mode "rope" (Q, K, V; extras: their biases or None; the fast kernel only, rope_fusable):
+    rope = (pos, inv_freq, k_cache, v_cache, layer, head_dim, neox) rotates Q and K by pos[0]
+    and writes K and V into the caches' row pos[0] too."""
     n_mat, qtype, cols = len(ws), ws[0].qtype, ws[0].cols
     assert all(w.qtype == qtype and w.cols == cols for w in ws) and 1 <= n_mat <= 3
-    m = MODES[mode]
+    if mode == "rope":
+        assert n_mat == 3 and fast_path(qtype, exact)
+        m = 5 if extras else 4
+    else:
+        m = MODES[mode]
     pairs = ws[0].rows if m == 3 else sum((w.rows + 1) // 2 for w in ws)
     slots = _n_sms() * BLOCKS_PER_SM * GEMV_WARPS          # warps of a full grid
     split = 1
     if fast_path(qtype, exact):
         if pairs < gemv_q8.SPLIT_BELOW * slots:
             split = min(gemv_q8.SPLIT, GEMV_WARPS)
+        hd, neox = (rope[5], rope[6]) if rope else (0, False)
         k = q8_kernel(qtype, n_mat, norm_w is not None, m, GEMV_WARPS, gemv_q8.UNROLL, split,
-                      gemv_q8.PROBE)
+                      gemv_q8.PROBE, hd, neox)
     else:
         k = _gemv_kernel(qtype, n_mat, norm_w is not None, m, GEMV_WARPS)
     o = list(outs) + [outs[0]] * (3 - len(outs))
@@ -195,6 +217,13 @@ def gemv(outs, ws, x, stream, *, mode: str = "store", extras=None, norm_w=None, 
     e = list(extras) if extras else []
     e += [o[0] if m == 2 else x[0]] * (3 - len(e))
     args = (*o, *w32, *w8, *e, x, x[0] if norm_w is None else norm_w, np.float32(eps))
+    if fast_path(qtype, exact):
+        if rope:
+            pos, inv_freq, kc, vc, layer = rope[:5]
+            args += (pos, inv_freq, kc, vc, np.int64(layer))
+        else:
+            pos, inv_freq, cache, layer = _no_rope()
+            args += (pos, inv_freq, cache, cache, np.int64(layer))
     smem = smem_bytes(qtype, cols, exact)
     if opt_in is not None:
         opt_in(k, smem, *args)

@@ -23,7 +23,7 @@ import functools
 import math
 
 import numpy as np
-from numba import cuda, float32, int32, uint32
+from numba import cuda, float32, float64, int32, uint32
 
 from ...quants import (BF16, F16, F32, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K,
                        Q8_0, U)
@@ -608,9 +608,70 @@ def finish_pair(p, p0, p1, mode, a, b, o0, o1, o2, e0, e1, e2, rows0, rows1, row
             _store_one(o, e, r + 1, b, mode)
 
 
+# --- rope epilogue (modes 4, 5 = 4 + bias): Q, K, V in one launch, rope on Q and K, K and V into
+# --- the cache; the row pairs of Q and K are rope's pairs (the rotation needs both values) -------
+
+@cuda.jit(device=True, inline=True)
+def _rope_rows(p, p0, p1, head_dim, neox):
+    """Pair p of the Q|K|V range -> (matrix, row a, row b): Q's and K's pairs are rope's pairs
+    (rows 2i, 2i+1 of a head, or i, i + head_dim/2 with neox), V's adjacent rows."""
+    if p < p0:
+        m, q = 0, p
+    elif p < p1:
+        m, q = 1, p - p0
+    else:
+        return 2, 2 * (p - p1), 2 * (p - p1) + 1
+    if neox:
+        half = head_dim // 2
+        h = q // half
+        r = h * head_dim + (q - h * half)
+        return m, r, r + half
+    return m, 2 * q, 2 * q + 1
+
+
+@cuda.jit(device=True, inline=True)
+def rope_views(p, p0, p1, head_dim, neox, w0, w1, w2, v0, v1, v2):
+    """pair_views for the rope modes."""
+    m, r, r2 = _rope_rows(p, p0, p1, head_dim, neox)
+    w = _pick(m, w0, w1, w2)
+    v = _pick(m, v0, v1, v2)
+    return w[r], w[r2], v[r], v[r2], False
+
+
+@cuda.jit(device=True, inline=True)
+def finish_rope_pair(p, p0, p1, head_dim, neox, bias, a, b, o0, o1, o2, e0, e1, e2, pos,
+                     inv_freq, kc, vc, layer):
+    """(+ bias), rotate Q's and K's pair by pos[0] * inv_freq[i] (the angle in float64, the
+    rotation in f32: rope.py's arithmetic), store into o0/o1/o2, and K's and V's pair into the
+    cache row pos[0]."""
+    m, r, r2 = _rope_rows(p, p0, p1, head_dim, neox)
+    if bias:
+        e = _pick(m, e0, e1, e2)
+        a += e[r]
+        b += e[r2]
+    if m < 2:
+        i = r % head_dim if neox else (r % head_dim) // 2
+        theta = float64(pos[0]) * inv_freq[i]
+        c = float32(math.cos(theta))
+        sn = float32(math.sin(theta))
+        a, b = a * c - b * sn, a * sn + b * c
+    o = _pick(m, o0, o1, o2)
+    o[0, r] = a
+    o[0, r2] = b
+    if m > 0:
+        g = r // head_dim
+        d = r - g * head_dim
+        if m == 1:
+            kc[layer, g, pos[0], d] = a
+            kc[layer, g, pos[0], d + r2 - r] = b
+        else:
+            vc[layer, g, pos[0], d] = a
+            vc[layer, g, pos[0], d + 1] = b
+
+
 @functools.lru_cache(maxsize=None)
 def q8_kernel(qtype: int, n_mat: int, norm: bool, mode: int, warps: int, unroll: int,
-              split: int, probe: int = 0):
+              split: int, probe: int = 0, head_dim: int = 0, neox: bool = False):
     """The fast mat-vec kernel (module docstring); arguments and launch as gemv.py's kernel.
     `split` warps of a block share each row pair, each taking a slice of its units."""
     from ._jit import cuda_kernel
@@ -622,6 +683,22 @@ def q8_kernel(qtype: int, n_mat: int, norm: bool, mode: int, warps: int, unroll:
     nh = 8 * unroll          # fetched words per row and batch
     swiglu = mode == 3
     groups = warps // split  # pairs a block works on at once
+    rope = mode >= 4         # modes 4, 5: Q, K, V with rope and the cache store (5: + bias)
+
+    @cuda.jit(device=True, inline=True)
+    def views(p, p0, p1, w0, w1, w2, v0, v1, v2):
+        if rope:
+            return rope_views(p, p0, p1, head_dim, neox, w0, w1, w2, v0, v1, v2)
+        return pair_views(p, p0, p1, swiglu, w0, w1, w2, v0, v1, v2)
+
+    @cuda.jit(device=True, inline=True)
+    def finish(p, p0, p1, a, b, o0, o1, o2, e0, e1, e2, rows0, rows1, rows2, pos, inv_freq, kc,
+               vc, layer):
+        if rope:
+            finish_rope_pair(p, p0, p1, head_dim, neox, mode == 5, a, b, o0, o1, o2, e0, e1, e2,
+                             pos, inv_freq, kc, vc, layer)
+        else:
+            finish_pair(p, p0, p1, mode, a, b, o0, o1, o2, e0, e1, e2, rows0, rows1, rows2)
 
     @cuda.jit(device=True, inline=True)
     def load(ra, rb, ra8, rb8, u0, u_end, nb, qa, qb, ha, hb):
@@ -654,7 +731,8 @@ def q8_kernel(qtype: int, n_mat: int, norm: bool, mode: int, warps: int, unroll:
         return acc
 
     @cuda_kernel
-    def _gemv_q8(o0, o1, o2, w0, w1, w2, v0, v1, v2, e0, e1, e2, x, norm_w, eps):
+    def _gemv_q8(o0, o1, o2, w0, w1, w2, v0, v1, v2, e0, e1, e2, x, norm_w, eps, pos, inv_freq,
+                 kc, vc, layer):
         """As gemv.py's kernel. The block's warps form `groups` groups of `split`; each round, a
         group takes a row pair (grid-strided) and its warp s the s-th slice of the pair's units,
         streaming it in batches of `unroll` units per lane and row (all loads of a batch issued
@@ -683,7 +761,7 @@ def q8_kernel(qtype: int, n_mat: int, norm: bool, mode: int, warps: int, unroll:
         rounds = (n_pairs - first + stride - 1) // stride if first < n_pairs else 0
         p = first + wi // split
         if rounds > 0 and p < n_pairs:                   # batch 0 flies during the staging
-            ra, rb, ra8, rb8, last = pair_views(p, p0, p1, swiglu, w0, w1, w2, v0, v1, v2)
+            ra, rb, ra8, rb8, last = views(p, p0, p1, w0, w1, w2, v0, v1, v2)
             load(ra, rb, ra8, rb8, u_lo + lane, u_end, nb, qa, qb, ha, hb)
         if probe == 1:
             pass
@@ -706,7 +784,7 @@ def q8_kernel(qtype: int, n_mat: int, norm: bool, mode: int, warps: int, unroll:
             acc_a = float32(0)
             acc_b = float32(0)
             if p < n_pairs:
-                ra, rb, ra8, rb8, last = pair_views(p, p0, p1, swiglu, w0, w1, w2, v0, v1, v2)
+                ra, rb, ra8, rb8, last = views(p, p0, p1, w0, w1, w2, v0, v1, v2)
                 for u0 in range(u_lo, u_end, step):
                     if k > 0 or u0 > u_lo:
                         load(ra, rb, ra8, rb8, u0 + lane, u_end, nb, qa, qb, ha, hb)
@@ -716,8 +794,8 @@ def q8_kernel(qtype: int, n_mat: int, norm: bool, mode: int, warps: int, unroll:
             b = warp_sum(acc_b)
             if split == 1:
                 if lane == 0 and p < n_pairs:
-                    finish_pair(p, p0, p1, mode, a, b, o0, o1, o2, e0, e1, e2, rows0, rows1,
-                                rows2)
+                    finish(p, p0, p1, a, b, o0, o1, o2, e0, e1, e2, rows0, rows1, rows2, pos,
+                           inv_freq, kc, vc, layer)
             else:
                 if lane == 0:
                     part[wi, 0] = a
@@ -727,8 +805,8 @@ def q8_kernel(qtype: int, n_mat: int, norm: bool, mode: int, warps: int, unroll:
                     for j in range(1, split):
                         a += part[wi + j, 0]
                         b += part[wi + j, 1]
-                    finish_pair(p, p0, p1, mode, a, b, o0, o1, o2, e0, e1, e2, rows0, rows1,
-                                rows2)
+                    finish(p, p0, p1, a, b, o0, o1, o2, e0, e1, e2, rows0, rows1, rows2, pos,
+                           inv_freq, kc, vc, layer)
                 cuda.syncthreads()                       # parked sums read: free for the next
 
     return _gemv_q8

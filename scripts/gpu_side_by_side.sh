@@ -35,7 +35,8 @@ PY
     S=$carry/shared
     # shellcheck disable=SC1091
     source "$S/gpu/device-env.sh" >/dev/null || { echo "error: device env failed"; exit 2; }
-    bash "$S/gpu/llamacpp.sh" build "$carry/llamacpp-src.tgz" >/dev/null
+    # (an earlier step of the same device call may have started the build already)
+    [ -d /tmp/llamacpp/llama.cpp ] || bash "$S/gpu/llamacpp.sh" build "$carry/llamacpp-src.tgz" >/dev/null
     files=""
     for t in ${types//,/ }; do files="$files /tmp/l8-$t.gguf"; done
     files="$files /tmp/s135-Q4_1.gguf"

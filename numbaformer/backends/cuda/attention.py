@@ -25,6 +25,7 @@ from .reduce import FULL_MASK, WARP, warp_max, warp_sum
 
 SPLIT = 128              # keys per decode block (<= DECODE_THREADS: one key per lane)
 DECODE_THREADS = 128     # 4 warps
+PV_BATCH = 8             # V rows a warp loads at once (the loop is a chain of L2 round trips)
 QTILE = 16               # queries per prefill block
 KTILE = 32               # keys per shared-memory tile in prefill
 PREFILL_WARPS = 4
@@ -130,13 +131,19 @@ def _decode_kernel(split: int, warps: int, head_dim: int, group: int, f16: bool)
                 wl[w, h] = total
             for e in range(dpl):
                 acc[h, e] = 0
-        for kk in range(n_keys):
-            vr = vc[k0 + kk]
-            for e in range(dpl):
-                d = min(dpl * lane + e, head_dim - 1)
-                vv = float32(vr[d])
+        vv = cuda.local.array((PV_BATCH, dpl), float32)
+        for kb in range(0, n_keys, PV_BATCH):               # a batch's V loads all in flight
+            for i in range(PV_BATCH):
+                vr = vc[min(k0 + kb + i, stop - 1)]         # past the keys: weight 0 below
+                for e in range(dpl):
+                    vv[i, e] = float32(vr[min(dpl * lane + e, head_dim - 1)])
+            for i in range(PV_BATCH):
                 for h in range(group):
-                    acc[h, e] += shfl_sync(FULL_MASK, sc[h], kk) * vv
+                    p = shfl_sync(FULL_MASK, sc[h], (kb + i) % WARP)
+                    if kb + i >= n_keys:
+                        p = float32(0)
+                    for e in range(dpl):
+                        acc[h, e] += p * vv[i, e]
         for h in range(group):
             for e in range(dpl):
                 if dpl * lane + e < head_dim:

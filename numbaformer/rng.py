@@ -1,17 +1,17 @@
 """The sampler's counter-based random numbers: Philox-4x32-10 (Salmon et al., SC'11; Random123).
 
-A draw is a pure function of (seed, token index, vocabulary id), so the same seed gives the same text
-whatever the order the numbers are asked for in: one decode step per graph replay or sixteen, the host
-or the device. The sampler (sampling.py, backends/*/sample.py) uses one uniform per candidate token
-(Gumbel-max), from
+A draw is a pure function of (seed, token index, vocabulary id), so the same seed gives the same
+text whatever the order the numbers are asked for in: one decode step per graph replay or sixteen,
+the host or the device. The sampler (sampling.py, backends/*/sample.py) uses one uniform per
+candidate token (Gumbel-max), from
 
     counter = (id >> 2, index, 0, 0), key = (seed & 0xFFFFFFFF, seed >> 32), word id & 3
 
 so four neighbouring ids share one Philox block. `philox4x32` is written once, as arithmetic on
-np.uint64 values holding 32-bit words (a 32 x 32-bit product never overflows them), so the same code
-runs on numpy scalars, on numpy arrays (the host sampler, vectorized over candidates), under
-`numba.njit` (the CPU backend) and under `cuda.jit(device=True)` (the CUDA backend and its simulator).
-No branch, no call: each backend wraps it with its own jit decorator.
+np.uint64 values holding 32-bit words (a 32 x 32-bit product never overflows them), so the same
+code runs on numpy scalars, on numpy arrays (the host sampler, vectorized over candidates), under
+`numba.njit` (the CPU backend) and under `cuda.jit(device=True)` (the CUDA backend and its
+simulator). No branch, no call: each backend wraps it with its own jit decorator.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""sampling.py and rng.py: greedy, the candidate sets of top-k / top-p / min-p (on hand-made logits),
-llama.cpp's penalties, the distribution temperature gives (a chi-square test on seeded draws),
+"""sampling.py and rng.py: greedy, the candidate sets of top-k / top-p / min-p (on hand-made
+logits), llama.cpp's penalties, the distribution temperature gives (a chi-square test on seeded draws),
 seeded determinism, the validation of every parameter; Philox-4x32-10 against Random123's known
 answers; the whole host chain against tests/reference.py's independent one on random logits."""
 from __future__ import annotations

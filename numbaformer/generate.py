@@ -1,7 +1,10 @@
 """Generation: `generate_step()` yields tokens; helpers stream text and collect results.
 
-The CLI (and any server) consume the same stream. Greedy decoding without log-probs or penalties
-keeps the logits on the device and brings back only the token id.
+The CLI (and any server) consume the same stream. On a backend that samples on the device (CUDA),
+the whole sampling chain runs there unless log-probs are asked for: DECODE_CHUNK steps per graph
+replay, each pick fed to the next step on the device, the ids read once per chunk. Elsewhere,
+greedy decoding without penalties keeps the logits on the device too; any other setting copies
+each step's logits to the host sampler.
 """
 from __future__ import annotations
 
@@ -75,26 +78,23 @@ def generate_step(model, prompt_ids: Sequence[int], sampler, *, max_tokens: int,
     stats = stats if stats is not None else GenerationStats()
     eog = frozenset(eog_ids)
     params = sampler.params
-    on_device = params.greedy and not params.has_penalties and logprobs == 0
+    chain = logprobs == 0 and model.ops.samples_on_device
+    on_device = not chain and params.greedy and not params.has_penalties and logprobs == 0
     history = list(prompt_ids)
     n_cached = min(n_cached, len(history) - 1)          # at least one token must run
     pos, feed = n_cached, history[n_cached:]
     stats.prompt_tokens = len(feed)
     t0 = time.perf_counter()
     stats.finish_reason = "length"
+    if chain:
+        model.start_sampling(sampler, history, eog, max_tokens)
     i = 0
     while max_tokens < 0 or i < max_tokens:
         if pos + len(feed) > model.n_ctx:
             stats.finish_reason = "context"
             break
-        if on_device and i > 0:            # decode: several greedy steps per replay
-            left = max_tokens - i if max_tokens >= 0 else DECODE_CHUNK
-            n = min(DECODE_CHUNK, left, model.n_ctx - pos)
-            steps = [Step(t) for t in model.decode_greedy(feed[0], pos, n)]
-        else:
-            logits = model.forward(feed, pos, greedy=on_device)
-            steps = [Step(model.greedy_token()) if on_device else
-                     _sample_host(model.ops.to_host(logits)[0], sampler, history, logprobs)]
+        steps = _next_steps(model, sampler, history, feed, pos, i, max_tokens, logprobs,
+                            "chain" if chain else "greedy" if on_device else None)
         for step in steps:
             pos += len(feed)
             now = time.perf_counter()
@@ -114,9 +114,28 @@ def generate_step(model, prompt_ids: Sequence[int], sampler, *, max_tokens: int,
             yield step
 
 
+def _next_steps(model, sampler, history, feed, pos: int, i: int, max_tokens: int, logprobs: int,
+                device: str | None) -> list[Step]:
+    """The next token(s): after the prefill (i > 0) a chunk of decode steps in one replay when the
+    device picks ("chain": the sampling chain; "greedy": argmax), else one step."""
+    if device and i > 0:
+        left = max_tokens - i if max_tokens >= 0 else DECODE_CHUNK
+        n = min(DECODE_CHUNK, left, model.n_ctx - pos)
+        if device == "chain":
+            return [Step(t) for t in model.decode_chunk(feed[0], pos, n)]
+        return [Step(t) for t in model.decode_greedy(feed[0], pos, n)]
+    if device == "chain":
+        model.forward(feed, pos, sample=True)
+        return [Step(t) for t in model.sampled()]
+    logits = model.forward(feed, pos, greedy=device == "greedy")
+    if device == "greedy":
+        return [Step(model.greedy_token())]
+    return [_sample_host(model.ops.to_host(logits)[0], sampler, history, logprobs)]
+
+
 def _sample_host(logits: np.ndarray, sampler, history: list[int], k: int) -> Step:
     raw = logits.copy() if k else None
-    tok = sampler(logits, history)
+    tok = sampler(logits, history, index=len(history))
     if not k:
         return Step(tok)
     lp = log_softmax(raw)

@@ -11,19 +11,19 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from .backends.base import Backend, RopeParams
+from .backends.base import Backend, RopeParams, SamplerState, sampler_params
 from .kvcache import KVCache
 from .loader import ModelFile
 
 
-MAX_CHUNK = 16                 # decode steps one greedy graph replay may run
-DECODE_CHUNK = 8               # the steps generation and bench run per replay (greedy on device)
+MAX_CHUNK = 16                 # decode steps one graph replay may run
+DECODE_CHUNK = 8               # the steps generation and bench run per replay
 
 
 class Buffers:
     """Activations for up to n_batch tokens, allocated once; `rows(n)` gives views of n rows."""
 
-    def __init__(self, ops: Backend, cfg, n_batch: int):
+    def __init__(self, ops: Backend, cfg, n_batch: int, n_ctx: int):
         a = ops.alloc
         self.ids = a((n_batch,), np.int32)               # token ids of this step
         self.pos = a((n_batch,), np.int32)               # their positions
@@ -39,6 +39,10 @@ class Buffers:
         self.logits = a((1, cfg.n_vocab))                # last token's logits
         self.next_id = a((1,), np.int32)                 # greedy pick, on the device
         self.chunk_ids = a((MAX_CHUNK,), np.int32)       # the picks of a multi-step decode
+        self.sampler = SamplerState(                     # the sampling chain (base.py)
+            fparams=a((8,), np.float64), iparams=a((8,), np.int64),
+            hist=a((n_ctx,), np.int32), counts=a((cfg.n_vocab,), np.int32),
+            eog=a((cfg.n_vocab,), np.uint8), out=a((2 + MAX_CHUNK,), np.int32))
         self._all_logits = None
         self._ops, self._cfg, self.n_batch = ops, cfg, n_batch
 
@@ -54,6 +58,8 @@ class Buffers:
         v = SimpleNamespace(**{k: getattr(self, k)[:n] for k in names})
         v.x_last = self.x[n - 1:n]
         v.xn_last = self.xn[n - 1:n]
+        v.ids_last = self.ids[n - 1:n]
+        v.pos_last = self.pos[n - 1:n]
         return v
 
 
@@ -67,27 +73,30 @@ class Model:
         self.n_batch = max(1, min(n_batch, n_ctx))
         self.w = ops.upload(mf.weights)
         self.kv = KVCache(ops, cfg, n_ctx, kv_type or ops.default_kv_type)
-        self.buf = Buffers(ops, cfg, self.n_batch)
+        self.buf = Buffers(ops, cfg, self.n_batch, n_ctx)
         self.rope = RopeParams.from_config(cfg)
         self.inv_freq = ops.to_device(self.rope.inv_freq(mf.weights.rope_freqs))
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
 
-    def forward(self, ids, start_pos: int, *, greedy: bool = False):
+    def forward(self, ids, start_pos: int, *, greedy: bool = False, sample: bool = False):
         """Run tokens `ids` at positions start_pos.. (in chunks of n_batch); return the last
         token's logits (1, n_vocab) as a backend array. With greedy, also leave its argmax in
-        buf.next_id (read it with `greedy_token()`)."""
+        buf.next_id (read it with `greedy_token()`); with sample, pick the next token with the
+        sampling chain set by `start_sampling` (read it with `sampled()`; the logits are then
+        penalized)."""
         ids = self._check(ids, start_pos)
+        pick = "sample" if sample else "greedy" if greedy else None
         for c in range(0, len(ids), self.n_batch):
             chunk = ids[c:c + self.n_batch]
             self._load_step(chunk, start_pos + c)
             v = self.buf.rows(len(chunk))
             last = c + self.n_batch >= len(ids)
             if len(chunk) == 1:
-                self.ops.replay(("decode", greedy), lambda: self._run(v, greedy))
+                self.ops.replay(("decode", pick), lambda: self._run(v, pick))
             else:
                 self._layers(v)
                 if last:
-                    self._head(v.x_last, v.xn_last, self.buf.logits, greedy)
+                    self._head(v, self.buf.logits, pick)
         return self.buf.logits
 
     def decode_greedy(self, tok: int, pos: int, n: int) -> list[int]:
@@ -106,10 +115,56 @@ class Model:
 
         def steps():
             for j in range(n):
-                self._run(v, True)
+                self._run(v, "greedy")
                 self.ops.advance(b.ids, b.pos, b.next_id, b.chunk_ids, j)
         self.ops.replay(("decode_greedy", n), steps)
         return [int(t) for t in self.ops.to_host(b.chunk_ids)[:n]]
+
+    def start_sampling(self, sampler, history, eog_ids=(), max_tokens: int = -1) -> None:
+        """Set the sampling chain for one generation: sampler's params and seed (make_sampler),
+        the penalty window over `history` (the prompt; the chain appends each pick), the ids
+        that end generation, and the limit: the token of position len(history) + max_tokens - 1
+        (or n_ctx, whichever is first) is the last (-1: only n_ctx)."""
+        p, st, ops = sampler.params, self.buf.sampler, self.ops
+        hist = np.asarray(history, np.int32)[:self.n_ctx]
+        stop = self.n_ctx if max_tokens < 0 else min(self.n_ctx, len(hist) + max_tokens - 1)
+        fp, ip = sampler_params(p, sampler.seed, stop)
+        ops.copy_in(st.fparams, fp)
+        ops.copy_in(st.iparams, ip)
+        ops.copy_in(st.hist, hist)
+        if p.has_penalties:
+            window = hist if p.repeat_last_n == -1 else hist[max(0, len(hist) - p.repeat_last_n):]
+            ops.copy_in(st.counts, np.bincount(window, minlength=self.cfg.n_vocab).astype(np.int32))
+        eog = np.zeros(self.cfg.n_vocab, np.uint8)
+        eog[[t for t in eog_ids if 0 <= t < self.cfg.n_vocab]] = 1
+        ops.copy_in(st.eog, eog)
+
+    def decode_chunk(self, tok: int, pos: int, n: int) -> list[int]:
+        """n decode steps in one replay, each picking with the sampling chain (start_sampling)
+        and feeding its pick to the next on the device: token `tok` at position pos first.
+        Returns the picks that count (read once): all n, or up to and including an id that ends
+        generation or the one at the limit; the steps after those repeat the last step and leave
+        no trace. A caller that keeps fewer picks decodes from its own position again (the
+        positions past it are overwritten before they are read)."""
+        if not 1 <= n <= MAX_CHUNK:
+            raise ValueError(f"a decode chunk is 1..{MAX_CHUNK} steps, not {n}")
+        self._check([tok], pos)
+        if pos + n > self.n_ctx:
+            raise ValueError(f"positions {pos}..{pos + n - 1} exceed the context of {self.n_ctx} "
+                             f"tokens")
+        self._load_step(np.array([tok], np.int32), pos)
+        v = self.buf.rows(1)
+
+        def steps():
+            for j in range(n):
+                self._run(v, "sample", j)
+        self.ops.replay(("decode_chunk", n), steps)
+        return self.sampled()
+
+    def sampled(self) -> list[int]:
+        """The picks of the last sampling forward or decode_chunk that count."""
+        out = self.ops.to_host(self.buf.sampler.out)
+        return [int(t) for t in out[2:2 + out[0]]]
 
     def forward_all(self, ids, start_pos: int = 0) -> np.ndarray:
         """Logits of every position (n, n_vocab) as a host float32 array (teacher forcing)."""
@@ -122,16 +177,21 @@ class Model:
             v = self.buf.rows(n)
             self._layers(v)
             logits = self.buf.all_logits()[:n]
-            self._head(v.x, v.xn, logits, False)
+            self._logits(v.x, v.xn, logits)
             out[c:c + n] = self.ops.to_host(logits)
         return out
 
     def warmup(self) -> None:
-        """Compile (or load from the cache) what the first tokens need: a 2-token prefill and a
-        decode step, at the start of the cache (overwritten by the first real step)."""
+        """Compile (or load from the cache) what the first tokens need: a 2-token prefill, a
+        decode step and the sampling kernel, at the start of the cache (overwritten by the first
+        real step)."""
         self.forward([0, 0], 0)
         self.forward([0], 2, greedy=True)
         self.greedy_token()
+        if self.ops.samples_on_device:             # the sampling chain's kernel
+            v = self.buf.rows(1)
+            self.ops.sample(self.buf.logits[0], v.ids_last, v.pos_last, self.buf.sampler, 0)
+            self.sampled()
 
     def greedy_token(self) -> int:
         return int(self.ops.to_host(self.buf.next_id)[0])
@@ -153,9 +213,9 @@ class Model:
         self.ops.copy_in(self.buf.ids, chunk)
         self.ops.copy_in(self.buf.pos, np.arange(pos0, pos0 + len(chunk), dtype=np.int32))
 
-    def _run(self, v, greedy: bool) -> None:
+    def _run(self, v, pick, j: int = 0) -> None:
         self._layers(v)
-        self._head(v.x_last, v.xn_last, self.buf.logits, greedy)
+        self._head(v, self.buf.logits, pick, j)
 
     def _layers(self, v) -> None:
         ops, cfg, kv = self.ops, self.cfg, self.kv
@@ -173,8 +233,15 @@ class Model:
                             v.up)
             ops.matmul_add(v.x, v.gate, L.ffn_down, v.proj)
 
-    def _head(self, x, xn, logits, greedy: bool) -> None:
+    def _head(self, v, logits, pick=None, j: int = 0) -> None:
+        """The last token's logits; pick: None, "greedy" (argmax into buf.next_id) or "sample"
+        (step j of the sampling chain)."""
+        self._logits(v.x_last, v.xn_last, logits)
+        if pick == "greedy":
+            self.ops.argmax(self.buf.next_id, logits[0])
+        elif pick == "sample":
+            self.ops.sample(logits[0], v.ids_last, v.pos_last, self.buf.sampler, j)
+
+    def _logits(self, x, xn, logits) -> None:
         self.ops.norm_matmul((logits,), x, self.w.output_norm, self.cfg.norm_eps,
                              (self.w.output,), (None,), xn)
-        if greedy:
-            self.ops.argmax(self.buf.next_id, logits[0])

@@ -85,7 +85,7 @@ def record_decode_step(model, pos: int) -> list:
     rec = Recorder(ops, pos + 1)
     model.ops = rec
     try:
-        model._run(model.buf.rows(1), True)
+        model._run(model.buf.rows(1), "greedy")
     finally:
         model.ops = ops
     ops.synchronize()
@@ -144,7 +144,7 @@ def profile_decode(model, pos: int, reps: int = 20) -> Profile:
     ops = model.ops
 
     def step():
-        model._run(model.buf.rows(1), True)
+        model._run(model.buf.rows(1), "greedy")
     step_us = ops.time_us(step, reps)
     return Profile(pos, sorted(rows.values(), key=lambda r: -r.us), step_us, ops.copy_bandwidth(),
                    ops.count_launches(step))

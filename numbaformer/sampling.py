@@ -1,7 +1,14 @@
 """Sampling: `make_sampler(...)` returns a callable picking the next token from host logits.
 
 Order as llama.cpp's default chain: penalties -> top-k -> top-p -> min-p -> temperature -> draw.
-Temperature 0 is greedy (argmax after penalties). Same seed and settings -> same choices.
+Candidates are ordered by the float32 distance d = max - logit (increasing; equal distances by
+increasing id), the order the device sampler uses too; top-k keeps the first k, top-p the shortest
+prefix whose untempered mass reaches top_p of the top-k set's, min-p those with d <= -log(min_p).
+The draw is Gumbel-max: argmax over the candidates of -d / temperature - log(-log(u)), u from
+rng.py's Philox keyed by (seed, token index, id): the softmax of logit / temperature over the
+candidates, and a pure function of the seed and the position, so the host and the device
+(backends/*/sample.py) draw the same token from the same logits. Temperature 0 is greedy (argmax
+after penalties).
 """
 from __future__ import annotations
 
@@ -10,6 +17,11 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
+
+from .rng import philox4x32, uniform24
+
+MASK64 = (1 << 64) - 1
+_LO = np.uint64(0xFFFFFFFF)
 
 
 @dataclass(frozen=True)
@@ -72,41 +84,80 @@ def apply_penalties(logits: np.ndarray, history: Sequence[int], p: SamplingParam
     logits[ids] = v - n * p.frequency_penalty - p.presence_penalty
 
 
-def _truncate(logits: np.ndarray, p: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
-    """Candidate ids and their logits after top-k, top-p and min-p (on untempered probabilities),
-    sorted by decreasing logit."""
-    if 0 < p.top_k < len(logits):
-        ids = np.argpartition(-logits, p.top_k - 1)[:p.top_k]
-    else:
-        ids = np.arange(len(logits))
-    ids = ids[np.argsort(-logits[ids], kind="stable")]
-    lg = logits[ids].astype(np.float64)
-    probs = np.exp(lg - lg[0])
-    probs /= probs.sum()
+def distances(logits: np.ndarray) -> np.ndarray:
+    """float32 d = max(logits) - logits (correctly rounded, as the device computes it); NaN and -inf
+    logits are infinitely far."""
+    lg = np.asarray(logits, np.float32)
+    d = lg.max() - lg
+    d[~(d >= 0)] = np.inf
+    return d
+
+
+def candidates(logits: np.ndarray, p: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
+    """Candidate ids after top-k, top-p and min-p (on untempered probabilities), in the sampling
+    order (distance, then id), with their distances d (float64 of the float32 distance)."""
+    d32 = distances(logits)
+    n = len(d32)
+    k = p.top_k if 0 < p.top_k < n else n
+    dmin = -np.log(p.min_p) if p.min_p > 0 else np.inf
+    if k < n:
+        ids = np.flatnonzero(d32 <= np.partition(d32, k - 1)[k - 1])
+    else:                                   # the min-p set holds every candidate
+        ids = np.flatnonzero(d32.astype(np.float64) <= dmin)
+    ids = ids[np.argsort(d32[ids], kind="stable")][:k]
+    d = d32[ids].astype(np.float64)
     keep = len(ids)
     if p.top_p < 1.0:
-        keep = min(keep, int(np.searchsorted(np.cumsum(probs), p.top_p)) + 1)
-    if p.min_p > 0.0:
-        keep = min(keep, max(1, int(np.sum(probs >= p.min_p * probs[0]))))
-    return ids[:keep], lg[:keep]
+        e = np.exp(-d)
+        z = e.sum() if k < n else np.exp(-d32.astype(np.float64)).sum()
+        keep = min(keep, int(np.searchsorted(np.cumsum(e), p.top_p * z)) + 1)
+    keep = min(keep, max(1, int(np.sum(d <= dmin))))
+    return ids[:keep], d[:keep]
 
 
-def make_sampler(params: SamplingParams) -> Callable[[np.ndarray, Sequence[int]], int]:
-    """A callable (logits (n_vocab,) f32 host array, token history) -> next token id.
-    The logits array is modified in place by the penalties."""
+def _truncate(logits: np.ndarray, p: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
+    """Candidate ids and their logits (float64), sorted by decreasing logit."""
+    ids, _ = candidates(logits, p)
+    return ids, np.asarray(logits)[ids].astype(np.float64)
+
+
+def gumbel(seed: int, index: int, ids) -> np.ndarray:
+    """float64 Gumbel noise -log(-log(u)) of each id at token index `index`: u from rng.py's Philox,
+    counter (id >> 2, index, 0, 0), key (seed low, seed high), word id & 3."""
+    ids = np.atleast_1d(np.asarray(ids)).astype(np.uint64)
+    zero = np.zeros_like(ids)
+    seed &= MASK64
+    words = philox4x32(ids >> np.uint64(2), zero + np.uint64(index), zero, zero,
+                       np.uint64(seed) & _LO, np.uint64(seed >> 32))
+    u = uniform24(np.choose((ids & np.uint64(3)).astype(np.intp), words))
+    return -np.log(-np.log(u))
+
+
+def resolve_seed(seed: int | None) -> int:
+    """The 64-bit seed of a generation: `seed` (its low 64 bits), or a random one for None."""
+    return int(np.random.SeedSequence().entropy) & MASK64 if seed is None else seed & MASK64
+
+
+def make_sampler(params: SamplingParams) -> Callable[..., int]:
+    """A callable (logits (n_vocab,) f32 host array, token history, index=None) -> next token id.
+    index: the token index the draw is keyed by (generation passes the position of the token being
+    sampled, len(history)); None counts the calls. The logits are modified in place by the
+    penalties. `.seed` is the 64-bit seed (random when params.seed is None)."""
     params.validate()
-    rng = np.random.default_rng(params.seed)
+    seed = resolve_seed(params.seed)
+    calls = [0]
 
-    def sample(logits: np.ndarray, history: Sequence[int] = ()) -> int:
+    def sample(logits: np.ndarray, history: Sequence[int] = (), index: int | None = None) -> int:
         apply_penalties(logits, history, params)
         if params.greedy:
             return int(np.argmax(logits))
-        ids, lg = _truncate(logits, params)
-        w = np.exp((lg - lg[0]) / params.temperature)
-        u = rng.random() * w.sum()
-        return int(ids[min(int(np.searchsorted(np.cumsum(w), u, side="right")), len(ids) - 1)])
+        if index is None:
+            index, calls[0] = calls[0], calls[0] + 1
+        ids, d = candidates(logits, params)
+        return int(ids[np.argmax(-d / params.temperature + gumbel(seed, index, ids))])
 
     sample.params = params
+    sample.seed = seed
     return sample
 
 

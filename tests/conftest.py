@@ -128,7 +128,7 @@ def cuda_toy_shapes(monkeypatch):
             (matmul, "GEMM_BM", 8), (matmul, "GEMM_BN", 8), (matmul, "GEMM_TM", 2),
             (matmul, "GEMM_TN", 2), (norm, "NORM_THREADS", 32), (rope, "ROPE_THREADS", 32),
             (rope, "ROPE_STORE_THREADS", 32), (embed, "EMBED_THREADS", 32),
-            (sample, "ARGMAX_THREADS", 32), (attention, "SPLIT", 4),
+            (sample, "ARGMAX_THREADS", 32), (sample, "SAMPLE_THREADS", 32), (attention, "SPLIT", 4),
             (attention, "DECODE_THREADS", 32), (attention, "QTILE", 2), (attention, "KTILE", 4),
             (attention, "PREFILL_WARPS", 1), (elementwise, "ELEM_THREADS", 32)]:
         monkeypatch.setattr(mod, name, value)

@@ -5,6 +5,8 @@ rope follows llama.cpp's layouts (llama: adjacent pairs; qwen2: NeoX halves).
 """
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 from gguf.constants import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
@@ -124,3 +126,69 @@ def log_softmax(logits):
     logits = np.asarray(logits, np.float64)
     m = logits.max(axis=-1, keepdims=True)
     return logits - m - np.log(np.exp(logits - m).sum(axis=-1, keepdims=True))
+
+
+# --- sampling: Philox-4x32-10 and the whole chain, written from their definitions ------------------
+
+PHILOX_M = (0xD2511F53, 0xCD9E8D57)
+PHILOX_W = (0x9E3779B9, 0xBB67AE85)
+
+
+def philox4x32_10(ctr, key):
+    """Random123's philox4x32_R(10, ctr, key) on Python ints: a round with the key, then the key
+    bumped before each of rounds 2..10."""
+    ctr, key = list(ctr), list(key)
+    for r in range(10):
+        if r:
+            key = [(key[0] + PHILOX_W[0]) % 2**32, (key[1] + PHILOX_W[1]) % 2**32]
+        p0, p1 = PHILOX_M[0] * ctr[0], PHILOX_M[1] * ctr[2]
+        ctr = [(p1 >> 32) ^ ctr[1] ^ key[0], p1 % 2**32, (p0 >> 32) ^ ctr[3] ^ key[1], p0 % 2**32]
+    return tuple(ctr)
+
+
+def gumbel(seed, index, token):
+    """-log(-log(u)), u = (top 24 bits of Philox word token % 4 of counter (token // 4, index, 0, 0)
+    under key (seed % 2^32, seed // 2^32)) + 1/2) / 2^24."""
+    token, index, seed = int(token), int(index), int(seed)
+    word = philox4x32_10((token // 4, index, 0, 0), (seed % 2**32, seed // 2**32))[token % 4]
+    return -np.log(-np.log(((word >> 8) + 0.5) / 2**24))
+
+
+def sample_chain(logits, recent, *, temperature, top_k=0, top_p=1.0, min_p=0.0,
+                 repeat_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0, seed=0, index=0):
+    """The sampling chain in float64: llama.cpp's penalties over the ids `recent` (the window), then
+    (temperature > 0) candidates in order of decreasing logit (ties: smaller id first), top-k,
+    top-p (the shortest prefix with mass >= top_p of the top-k set's), min-p (p >= min_p * p_max),
+    and the argmax of logit / temperature + gumbel(seed, index, id) over them.
+    Returns (id, margins): how far the inputs are from changing each decision, for the tests to
+    skip near-ties: {"top_k": the logit gap at the cut, "top_p": the relative mass gap at the cut,
+    "min_p": the log-ratio gap at the cut, "draw": the gap between the two best perturbed scores,
+    "greedy": the top-2 logit gap}, inf where there is no such decision."""
+    x = np.asarray(logits, np.float64).copy()
+    for t, c in Counter(int(t) for t in recent).items():
+        v = x[t] / repeat_penalty if x[t] > 0 else x[t] * repeat_penalty
+        x[t] = v - c * frequency_penalty - presence_penalty
+    order = np.lexsort((np.arange(len(x)), -x))
+    gaps = dict.fromkeys(("top_k", "top_p", "min_p", "draw", "greedy"), np.inf)
+    if temperature == 0:
+        gaps["greedy"] = x[order[0]] - x[order[1]]
+        return int(order[0]), gaps
+    k = top_k if 0 < top_k < len(x) else len(x)
+    if k < len(x):
+        gaps["top_k"] = x[order[k - 1]] - x[order[k]]
+    keep = k
+    w = np.exp(x[order] - x[order[0]])
+    if top_p < 1.0:
+        cum = np.cumsum(w[:k]) / w[:k].sum()
+        cut = next(r for r in range(k) if cum[r] >= top_p)
+        keep = min(keep, cut + 1)
+        gaps["top_p"] = min(cum[cut] - top_p, top_p - cum[cut - 1] if cut else np.inf)
+    if min_p > 0:
+        ratio = np.log(w[:keep])                   # log(p / p_max)
+        keep = min(keep, max(1, int(np.sum(ratio >= np.log(min_p)))))
+        gaps["min_p"] = np.abs(ratio - np.log(min_p)).min()
+    scores = sorted(((x[i] - x[order[0]]) / temperature + gumbel(seed, index, i), i)
+                    for i in order[:keep])
+    if keep > 1:
+        gaps["draw"] = scores[-1][0] - scores[-2][0]
+    return int(scores[-1][1]), gaps

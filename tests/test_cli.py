@@ -501,6 +501,38 @@ def test_cuda_force_cpu(model):
     assert json.loads(r.out)["device"] == "cpu"
 
 
+def test_generate_cuda_samples_on_device(tmp_path, cuda_toy_shapes, monkeypatch):
+    """`generate --device cuda` with sampling options (the CUDA backend under the simulator, a
+    2-layer toy model): streams the text of the ids the CPU backend's sampling op picks, the
+    decode steps in multi-step replays (decode_chunk; 2 steps here, DECODE_CHUNK on a GPU)."""
+    import numbaformer.generate as gen
+    from gguf_builder import tiny_llama
+    from numbaformer.backends.cpu import CPUBackend
+    from numbaformer.loader import load_model_file
+    from numbaformer.model import Model
+    monkeypatch.setattr(gen, "DECODE_CHUNK", 2)
+    path = tiny_llama().write(tmp_path / "tiny.gguf")
+    chunks, real = [], Model.decode_chunk
+    monkeypatch.setattr(Model, "decode_chunk", lambda self, tok, pos, n: chunks.append(
+        (self.ops.name, n)) or real(self, tok, pos, n))
+    r = cli("generate", "-m", path, "-p", "the cat", "-n", 3, "-c", 32, "--device", "cuda",
+            "--exact", "--temp", 0.7, "--top-k", 20, "--top-p", 0.9, "--min-p", 0.05,
+            "--repeat-penalty", 1.1, "--seed", 3,
+            env={"NUMBA_ENABLE_CUDASIM": "1", "NUMBAFORMER_ALLOW_CUDASIM": "1"})
+    assert r.code == 0, r.err
+    assert chunks == [("cuda", 2)]
+    mf = load_model_file(path)
+    ops = CPUBackend(exact=True)
+    ops.samples_on_device = True
+    ids = mf.tokenizer.encode("the cat", add_special=True, parse_special=True)
+    p = SamplingParams(temperature=0.7, top_k=20, top_p=0.9, min_p=0.05, repeat_penalty=1.1,
+                       seed=3)
+    want = stream_generate(Model(mf, ops, n_ctx=32), mf.tokenizer, ids, make_sampler(p),
+                           max_tokens=3)
+    assert len(want.ids) == 3 and chunks == [("cuda", 2), ("cpu", 2)]
+    assert r.out == want.text + "\n" and r.err.splitlines()[-1].startswith("[length]")
+
+
 def test_help_and_version():
     r = cli("--help")
     assert r.code == 0 and "generate" in r.out and "bench" in r.out

@@ -34,7 +34,9 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import reference as R
 import reference as ref
+from sampling_cases import OPTIONS, chain_cases, check_bookkeeping, run_op
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 from gguf.quants import dequantize as gguf_dequantize
 
@@ -43,6 +45,7 @@ from numbaformer.backends.cpu import CPUBackend, CPUTensor
 from numbaformer.backends.cpu.dequant import dequantize
 from numbaformer.backends.cpu.layout import KIND, pack, unpack
 from numbaformer.kvcache import KVCache
+from numbaformer.sampling import SamplingParams, make_sampler
 from numbaformer.quants import DECODERS, GGML_TYPES
 from numbaformer.weights import QTensor
 
@@ -523,6 +526,47 @@ def test_argmax():
     logits = np.array([1.0, 5.0, -3.0, 5.0, 4.9], np.float32)
     OPS.argmax(out, logits)
     assert out[0] == 1                       # the first of equal maxima, as np.argmax
+
+
+# --- the sampling chain (sample): against tests/reference.py, then its bookkeeping -------------------
+
+@pytest.mark.parametrize("name", OPTIONS)
+@pytest.mark.parametrize("n_vocab", [1000, 577])
+def test_sample_op_matches_reference(name, n_vocab):
+    checked = 0
+    for logits, history, p, want in chain_cases(n_vocab, OPTIONS[name], seed=n_vocab):
+        got = run_op(OPS, logits, history, p)
+        assert got == make_sampler(p)(logits.copy(), history, index=len(history))
+        if want is not None:
+            assert got == want
+            checked += 1
+    assert checked >= 8
+
+
+def test_sample_op_ties_and_flat_logits():
+    """Exact ties (rounded logits) go to the smaller id, as the reference orders them; flat
+    logits (all within 0.05 of each other) cut exactly."""
+    rng = np.random.default_rng(3)
+    checked = 0
+    for flat in (False, True) * 10:
+        logits = (rng.standard_normal(700) * 0.01 + 4 if flat else
+                  np.round(rng.standard_normal(700), 1)).astype(np.float32)
+        p = SamplingParams(temperature=1.0, top_k=int(rng.choice([0, 7, 300])),
+                           top_p=float(rng.choice([1.0, 0.5])), min_p=float(rng.choice([0, 0.99])),
+                           seed=int(rng.integers(0, 2**63)))
+        history = [1, 2, 3]
+        want, m = R.sample_chain(logits, [], temperature=1.0, top_k=p.top_k, top_p=p.top_p,
+                                 min_p=p.min_p, seed=p.seed, index=3)
+        got = run_op(OPS, logits, history, p)
+        if m["draw"] > 1e-4 and m["top_p"] > 1e-6 and m["min_p"] > 1e-6 and (
+                not flat or m["top_k"] > 1e-6):
+            assert got == want
+            checked += 1
+    assert checked >= 12
+
+
+def test_sample_op_bookkeeping():
+    check_bookkeeping(OPS)
 
 
 # --- the 8-bit mat-vec: packed weights, q8 activations (the default single-token path) ------------

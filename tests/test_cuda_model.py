@@ -79,6 +79,48 @@ def test_multi_step_greedy_equals_single_steps(tmp_path, cuda_toy_shapes):
     assert picks[0] == picks[1]
 
 
+@pytest.mark.cuda
+def test_sampled_chunk_ends_at_eog_as_cpu(tmp_path, cuda_toy_shapes, monkeypatch):
+    """Generation with the sampling chain on the device (temperature, top-k, top-p, min-p, a
+    repeat penalty, a seed): a chunk of 3 steps (8 on the GPU) in one replay picks the ids the CPU
+    backend's op picks one step per replay, and an eog id picked mid-chunk ends it there: the
+    ids past it are not yielded and the later steps write no cache position past the last fed
+    token. On the GPU, the chunk's captured graph then serves other settings (greedy with
+    penalties): replayed, not captured again."""
+    import numbaformer.generate as gen
+    from gguf_builder import tiny_llama
+    from numbaformer.backends.cpu import CPUBackend
+    mf = load_model_file(tiny_llama().write(tmp_path / "tiny.gguf"), tokenizer=False)
+    p = SamplingParams(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.1,
+                       seed=7)
+    prompt, n = [5, 17, 33], 8 if ON_GPU else 3
+    cpu_ops = CPUBackend(exact=True)
+    cpu_ops.samples_on_device = True
+    cpu = Model(mf, cpu_ops, n_ctx=32, n_batch=4, kv_type="f32")
+    monkeypatch.setattr(gen, "DECODE_CHUNK", 1)
+    ref = [s.id for s in generate_step(cpu, prompt, make_sampler(p), max_tokens=12)]
+    k = next(i for i in range(2, n) if ref[i] not in ref[:i])         # mid-chunk: step i - 1
+    monkeypatch.setattr(gen, "DECODE_CHUNK", n)
+    from numbaformer.backends.cuda.backend import CUDABackend
+    gpu = Model(mf, CUDABackend(exact=True), n_ctx=32, n_batch=4, kv_type="f32")
+    got = [s.id for s in generate_step(gpu, prompt, make_sampler(p), max_tokens=12,
+                                       eog_ids={ref[k]})]
+    assert got == ref[:k + 1]
+    written = len(prompt) + k
+    keys = gpu.ops.to_host(gpu.kv.k)
+    assert not keys[:, :, written:].any()
+    np.testing.assert_allclose(keys[:, :, :written], cpu.kv.k[:, :, :written], atol=1e-5)
+    if ON_GPU:
+        p2 = SamplingParams(temperature=0.0, repeat_penalty=1.3, repeat_last_n=-1)
+        monkeypatch.setattr(gen, "DECODE_CHUNK", 1)
+        want = [s.id for s in generate_step(cpu, prompt, make_sampler(p2), max_tokens=1 + n)]
+        monkeypatch.setattr(gen, "DECODE_CHUNK", n)
+        graphs, launches = len(gpu.ops.graphs), gpu.ops.graph_launches
+        assert [s.id for s in generate_step(gpu, prompt, make_sampler(p2),
+                                            max_tokens=1 + n)] == want
+        assert len(gpu.ops.graphs) == graphs and gpu.ops.graph_launches == launches + 1
+
+
 @gpu_only
 @pytest.mark.cuda
 @pytest.mark.parametrize("name", [GGML_TYPES[t].name for t in DECODERS])

@@ -12,10 +12,12 @@ import os
 import numpy as np
 import pytest
 import reference as R
+from sampling_cases import OPTIONS, chain_cases, check_bookkeeping, run_op
 from gguf.constants import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 
 from numbaformer.quants import DECODERS, GGML_TYPES, TYPE_IDS
+from numbaformer.sampling import SamplingParams
 from numbaformer.synthetic import random_blocks
 from numbaformer.weights import QTensor
 
@@ -40,6 +42,7 @@ def cu():
                (matmul, "GEMM_BM", 8), (matmul, "GEMM_BN", 8), (matmul, "GEMM_TM", 2),
                (matmul, "GEMM_TN", 2), (norm, "NORM_THREADS", 32), (rope, "ROPE_THREADS", 32),
                (rope, "ROPE_STORE_THREADS", 32), (embed, "EMBED_THREADS", 32), (sample, "ARGMAX_THREADS", 32),
+               (sample, "SAMPLE_THREADS", 32),
                (attention, "SPLIT", 4), (attention, "DECODE_THREADS", 32), (attention, "QTILE", 2),
                (attention, "KTILE", 4), (attention, "PREFILL_WARPS", 1),
                (elementwise, "ELEM_THREADS", 32)]
@@ -362,6 +365,148 @@ def test_attention_decode_and_prefill(cu, kv_type):
         out1 = cu.alloc((1, n_q * hd))
         cu.attention(out1, dev(cu, q[t:t + 1]), cache, 0, dev(cu, pos[t:t + 1]), scale)
         np.testing.assert_allclose(host(cu, out1)[0], ref[t], rtol=0, atol=2e-5)
+
+
+# --- the sampling chain ------------------------------------------------------------------------------
+
+CPU_OPS = None
+
+
+def cpu_ops():
+    global CPU_OPS
+    if CPU_OPS is None:
+        from numbaformer.backends.cpu import CPUBackend
+        CPU_OPS = CPUBackend()
+    return CPU_OPS
+
+
+def check_cases(cu, cases, min_checked):
+    """Each case's pick equals the CPU op's and, away from near-ties, the reference's."""
+    checked = 0
+    for logits, history, p, want in cases:
+        got = run_op(cu, logits, history, p)
+        if want is not None:
+            assert got == want == run_op(cpu_ops(), logits, history, p), p
+            checked += 1
+    assert checked >= min_checked
+
+
+@pytest.mark.parametrize("n_vocab", sizes([1000], [49152, 128256]))
+@pytest.mark.parametrize("name", OPTIONS)
+def test_sample_matches_reference(cu, name, n_vocab):
+    """Each option alone and combined, small path (the survivors sorted in shared memory)."""
+    n = sizes(3, 10)
+    check_cases(cu, chain_cases(n_vocab, OPTIONS[name], n=n, seed=n_vocab), n - 1)
+
+
+FLAT_OPTIONS = [dict(top_k=300), dict(top_p=0.5), dict(top_k=40, top_p=0.9, min_p=0.05),
+                dict(top_k=0, min_p=0.99, temperature=2.0)]
+
+
+def flat_cases(n_vocab, n, seed):
+    """Logits rounded to 0.5 (exact ties, broken by id) or all within ~0.05 of each other (whole
+    bins of candidates), with each of FLAT_OPTIONS; the reference's pick unless a cut or the
+    draw is a near-tie (the top-k cut may fall inside ties: the order breaks them exactly)."""
+    rng = np.random.default_rng(seed)
+    for c in range(n):
+        flat = c % 2 == 1
+        logits = (rng.standard_normal(n_vocab) * 0.01 + 4 if flat else
+                  np.round(2 * rng.standard_normal(n_vocab)) / 2).astype(np.float32)
+        opts = FLAT_OPTIONS[c % len(FLAT_OPTIONS)]
+        p = SamplingParams(**{"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0,
+                              **opts, "seed": int(rng.integers(0, 2**63))})
+        want, m = R.sample_chain(logits, [], temperature=p.temperature, top_k=p.top_k,
+                                 top_p=p.top_p, min_p=p.min_p, seed=p.seed, index=3)
+        robust = m["draw"] > 1e-4 and m["top_p"] > 1e-6 and m["min_p"] > 1e-6 and (
+            not flat or m["top_k"] > 1e-6)
+        yield logits, [5, 6, 7], p, want if robust else None
+
+
+def test_sample_big_path(cu, monkeypatch):
+    """Survivors beyond the shared-memory candidates (SAMPLE_CAP 32 under the simulator, its
+    real 2048 on the GPU, with 128k flat or tied logits): the cuts by radix select, down to the
+    last levels of the key for ties, then Gumbel-max over the vocabulary."""
+    from numbaformer.backends.cuda import sample
+    levels = set()
+    if not ON_GPU:
+        monkeypatch.setattr(sample, "SAMPLE_CAP", 32)
+        real = sample._histogram
+
+        def histogram(logits, m, shift, prefix, hc, hm):      # the simulator runs Python
+            levels.add(shift)
+            return real(logits, m, shift, prefix, hc, hm)
+        monkeypatch.setattr(sample, "_histogram", histogram)
+    n_vocab = sizes(600, 128256)
+    check_cases(cu, flat_cases(n_vocab, sizes(8, 16), seed=11), sizes(5, 10))
+    if not ON_GPU:
+        assert levels == {38, 27, 16, 5}                      # every refinement level ran
+    check_cases(cu, chain_cases(n_vocab, OPTIONS["combined"], n=sizes(3, 10), seed=12),
+                sizes(2, 9))
+
+
+def test_sample_bookkeeping(cu):
+    check_bookkeeping(cu)
+
+
+_SAMPLE_PTX = """
+import json, re, sys
+import numbaformer.backends.cuda
+from numba import cuda, types
+import numba.cuda.dispatcher as d
+d.get_current_device = lambda: type("F", (), {"compute_capability": (9, 0)})()  # offline only
+from numbaformer.backends.cuda import sample
+a = lambda t: t[::1]
+sig = (a(types.int32), a(types.float32), a(types.int32), a(types.int32), a(types.float64),
+       a(types.int64), a(types.int32), a(types.int32), a(types.uint8), a(types.int32),
+       a(types.uint64), types.int64)
+try:
+    ptx, _ = cuda.compile_ptx(sample._sample_kernel.py_func, sig, cc=(9, 0), launch_bounds=1024)
+except Exception as e:  # only a missing toolchain (NVRTC, NVVM, libdevice) skips; bugs fail
+    if type(e).__name__ not in ("DynamicLibNotFoundError", "FileNotFoundError", "NvvmSupportError",
+                                "CudaSupportError", "ImportError", "OSError"):
+        raise
+    print(json.dumps({"skip": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}))
+    sys.exit()
+print(json.dumps({"maxntid": re.findall(r"\\.maxntid (\\d+)", ptx),
+                  "shared": sum(map(int, re.findall(r"\\.shared .*\\[(\\d+)\\]", ptx)))}))
+"""
+
+
+@pytest.mark.skipif(ON_GPU, reason="offline compile check (the GPU run compiles it for real)")
+def test_sample_kernel_compiles_for_sm90():
+    """The sampling kernel through NVVM for sm_90 (no GPU): it types on the real target, its launch
+    bound is the one block of 1024 threads, and its static shared memory fits in 48 KiB."""
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-c", _SAMPLE_PTX], capture_output=True, text=True,
+                          env=dict(os.environ, NUMBA_ENABLE_CUDASIM="0"), timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = __import__("json").loads(done.stdout.splitlines()[-1])
+    if "skip" in got:
+        pytest.skip(f"NVVM unavailable: {got['skip']}")
+    assert got["maxntid"] == ["1024"] and 40 * 1024 < got["shared"] <= 48 * 1024
+
+
+@pytest.mark.skipif(not ON_GPU, reason="times the kernel on the GPU")
+def test_sample_kernel_time(cu, record_figure):
+    """Microseconds per sampling step (one kernel launch in a graph) at real vocabulary sizes, for
+    the lead's profile: greedy, the CLI defaults, top-p alone, no truncation, penalties."""
+    settings = {"greedy": dict(temperature=0.0),
+                "defaults (k40 p.95 min-p.05)": dict(),
+                "top-p .9 alone": dict(top_k=0, min_p=0.0, top_p=0.9),
+                "no truncation": dict(top_k=0, top_p=1.0, min_p=0.0),
+                "penalties + defaults": dict(repeat_penalty=1.1, frequency_penalty=0.1)}
+    from sampling_cases import op_state
+    for n_vocab in (49152, 128256):
+        logits = (np.random.default_rng(0).standard_normal(n_vocab) * 3).astype(np.float32)
+        for name, kw in settings.items():
+            p = SamplingParams(seed=1, **kw)
+            st = op_state(cu, p, list(range(64)), n_vocab, n_ctx=128)
+            x = cu.to_device(logits)
+            ids, pos = cu.to_device(np.zeros(1, np.int32)), cu.to_device(np.array([63], np.int32))
+            us = cu.time_us(lambda: cu.sample(x, ids, pos, st, 0), reps=50)
+            record_figure(f"sample kernel, vocab {n_vocab}, {name}", f"{us:.1f} us")
+            assert us < 2000
 
 
 # --- the pool ---------------------------------------------------------------------------------------

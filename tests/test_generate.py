@@ -383,3 +383,121 @@ def test_chat_interrupted_prefill_does_not_poison_the_cache(engine, monkeypatch)
     history = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": ""},
                {"role": "user", "content": "What is 2+2?"}]
     assert out == "\n" + expected_reply(engine, history) + "\n" + "\n"
+
+
+# --- the sampling chain on the device (decode_chunk), on the CPU backend's `sample` op -------------
+
+CHAIN_SETTINGS = {
+    "sampled": SamplingParams(temperature=0.9, top_k=20, top_p=0.9, min_p=0.02,
+                              repeat_penalty=1.2, frequency_penalty=0.1, repeat_last_n=16, seed=5),
+    "greedy+penalties": SamplingParams(temperature=0.0, repeat_penalty=1.5, presence_penalty=0.3,
+                                       repeat_last_n=-1),
+    "no truncation": SamplingParams(temperature=1.5, top_k=0, top_p=1.0, min_p=0.0, seed=9),
+}
+TINY_PROMPT = [5, 17, 33, 101]
+
+
+@pytest.fixture(scope="module")
+def tiny_mf(tmp_path_factory):
+    """gguf_builder's 2-layer model with its 300-token gpt2 vocabulary (a tokenizer for text)."""
+    from gguf_builder import tiny_llama
+    from numbaformer.loader import load_model_file
+    mf = load_model_file(tiny_llama().write(tmp_path_factory.mktemp("tiny") / "tiny.gguf"))
+    yield mf
+    mf.close()
+
+
+def chain_model(mf, n_ctx: int = 64, chain: bool = True) -> Model:
+    """A model on a CPU backend that samples with its `sample` op (decode_chunk), as CUDA does;
+    chain=False: the host sampler."""
+    from numbaformer.backends.cpu import CPUBackend
+    ops = CPUBackend(exact=True)
+    ops.samples_on_device = chain
+    return Model(mf, ops, n_ctx=n_ctx, n_batch=8)
+
+
+def chain_ids(model, p, max_tokens=20, prompt=TINY_PROMPT, **kw) -> list[int]:
+    return [s.id for s in generate_step(model, prompt, make_sampler(p), max_tokens=max_tokens,
+                                        **kw)]
+
+
+@pytest.mark.parametrize("name", CHAIN_SETTINGS)
+def test_chain_same_seed_any_chunk_size(tiny_mf, monkeypatch, name):
+    """Same seed, same ids: one step per replay, 3 or 8, and the host sampler (the draw is keyed
+    by the position, not by when it is made); greedy with penalties is the penalized argmax."""
+    import numbaformer.generate as gen
+    p = CHAIN_SETTINGS[name]
+    host = chain_ids(chain_model(tiny_mf, chain=False), p)
+    for chunk, sizes in ((1, [1] * 19), (3, [3] * 6 + [1]), (8, [8, 8, 3])):
+        monkeypatch.setattr(gen, "DECODE_CHUNK", chunk)
+        m = chain_model(tiny_mf)
+        real, asked = m.decode_chunk, []
+        monkeypatch.setattr(m, "decode_chunk", lambda t, pos, n: asked.append(n) or real(t, pos, n))
+        assert chain_ids(m, p) == host, chunk
+        assert asked == sizes
+    assert len(set(host)) > 3
+
+
+def test_chain_ends_inside_a_chunk(tiny_mf, monkeypatch):
+    """An eog id picked mid-chunk ends generation there ("stop"), the later steps of the chunk
+    leave the cache as it was (no position past the last fed token is written); so does the
+    length limit set by start_sampling."""
+    import numbaformer.generate as gen
+    monkeypatch.setattr(gen, "DECODE_CHUNK", 8)
+    p, L = CHAIN_SETTINGS["sampled"], len(TINY_PROMPT)
+    full = chain_model(tiny_mf)
+    ref = chain_ids(full, p)
+    k = next(i for i in range(3, 20) if ref[i] not in ref[:i] and (i - 1) % 8 not in (0, 7))
+    m, stats = chain_model(tiny_mf), GenerationStats()
+    assert chain_ids(m, p, eog_ids={ref[k]}, stats=stats) == ref[:k + 1]
+    assert stats.finish_reason == "stop"
+    written = L + k                          # positions 0 .. L + k - 1: prompt, then ref[:k]
+    assert not m.kv.k[:, :, written:].any() and not m.kv.v[:, :, written:].any()
+    assert np.array_equal(m.kv.k[:, :, :written], full.kv.k[:, :, :written])
+    m = chain_model(tiny_mf)                 # the limit: 3 tokens, the chunk asked for 8 steps
+    m.start_sampling(make_sampler(p), TINY_PROMPT, max_tokens=3)
+    m.forward(TINY_PROMPT, 0, sample=True)
+    first = m.sampled()
+    assert first == ref[:1] and m.decode_chunk(first[0], L, 8) == ref[1:3]
+    assert not m.kv.k[:, :, L + 2:].any()
+
+
+def test_chain_limits(tiny_mf, monkeypatch):
+    """max_tokens inside a chunk ("length") and the end of the context ("context"): the host
+    path's ids and finish reasons."""
+    import numbaformer.generate as gen
+    monkeypatch.setattr(gen, "DECODE_CHUNK", 4)
+    p, L = CHAIN_SETTINGS["sampled"], len(TINY_PROMPT)
+    for n_ctx, max_tokens, reason, n in ((64, 11, "length", 11), (L + 6, 20, "context", 7),
+                                         (L + 6, 7, "length", 7), (L + 6, -1, "context", 7)):
+        got, want = GenerationStats(), GenerationStats()
+        ids = chain_ids(chain_model(tiny_mf, n_ctx), p, max_tokens, stats=got)
+        assert ids == chain_ids(chain_model(tiny_mf, n_ctx, chain=False), p, max_tokens,
+                                stats=want)
+        assert len(ids) == n and got.finish_reason == want.finish_reason == reason
+
+
+def test_chain_stop_string_mid_chunk(tiny_mf, monkeypatch):
+    """A stop string completed by a token in the middle of a chunk: the text ends before it, the
+    ids at the completing token; the positions the chunk decoded past it are reused: the next
+    generation from the cached prefix picks what a fresh model picks."""
+    import numbaformer.generate as gen
+    monkeypatch.setattr(gen, "DECODE_CHUNK", 8)
+    tok, p = tiny_mf.tokenizer, CHAIN_SETTINGS["sampled"]
+    ref = stream_generate(chain_model(tiny_mf), tok, TINY_PROMPT, make_sampler(p), max_tokens=20,
+                          ignore_eos=True)
+    text0 = tok.decode(TINY_PROMPT[-1:] + ref.ids)[len(tok.decode(TINY_PROMPT[-1:])):]
+    assert text0 == ref.text
+    k = next(i for i in range(4, 16) if (i - 1) % 8 not in (0, 7)
+             and tok.decode(ref.ids[i - 1:i + 1]) not in tok.decode(ref.ids[:i]))
+    stop = tok.decode(ref.ids[k - 1:k + 1])
+    m = chain_model(tiny_mf)
+    res = stream_generate(m, tok, TINY_PROMPT, make_sampler(p), max_tokens=20, stop=[stop],
+                          ignore_eos=True)
+    assert res.finish_reason == "stop" and res.ids == ref.ids[:k + 1]
+    assert res.text == ref.text[:ref.text.index(stop)]
+    follow = TINY_PROMPT + res.ids[:-1] + [42, 43]
+    cached = len(TINY_PROMPT) + len(res.ids) - 1
+    p2 = CHAIN_SETTINGS["no truncation"]
+    assert chain_ids(m, p2, 10, prompt=follow, n_cached=cached) == \
+        chain_ids(chain_model(tiny_mf), p2, 10, prompt=follow)

@@ -1,16 +1,20 @@
-"""sampling.py: greedy, the candidate sets of top-k / top-p / min-p (on hand-made logits),
-llama.cpp's penalties, the distribution temperature gives (a chi-square test on seeded draws),
-seeded determinism, and the validation of every parameter."""
+"""sampling.py and rng.py: greedy, the candidate sets of top-k / top-p / min-p (on hand-made
+logits), llama.cpp's penalties, the distribution temperature gives (a chi-square test on seeded draws),
+seeded determinism, the validation of every parameter; Philox-4x32-10 against Random123's known
+answers; the whole host chain against tests/reference.py's independent one on random logits."""
 from __future__ import annotations
 
 import math
 
 import numpy as np
 import pytest
+import reference as R
 from reference import log_softmax as ref_log_softmax
+from sampling_cases import OPTIONS, chain_cases
 
-from numbaformer.sampling import (SamplingParams, _truncate, apply_penalties, log_softmax,
-                                  make_sampler)
+from numbaformer.rng import philox4x32, uniform24
+from numbaformer.sampling import (SamplingParams, _truncate, apply_penalties, gumbel,
+                                  log_softmax, make_sampler)
 
 OFF = dict(top_k=0, top_p=1.0, min_p=0.0)          # no truncation
 # probabilities 0.5, 0.3, 0.15, 0.05 on ids 2, 0, 3, 1
@@ -186,6 +190,77 @@ def draws(seed, n=200) -> list[int]:
 def test_same_seed_same_draws():
     assert draws(7) == draws(7)
     assert draws(7) != draws(8)
+
+
+def test_draw_is_keyed_by_seed_and_index():
+    """A draw depends on (seed, index) only: asked out of order, or by another sampler with the
+    same seed, index 5 gives the same token; the call counter stands in when no index is given."""
+    logits = np.random.default_rng(4).standard_normal(300).astype(np.float32)
+    p = params(temperature=1.0, seed=42)
+    a, b = make_sampler(p), make_sampler(p)
+    picks = [a(logits.copy(), index=i) for i in (5, 0, 5, 3)]
+    assert picks[0] == picks[2] == b(logits.copy(), index=5)
+    assert [b(logits.copy()) for _ in range(4)] == [a(logits.copy(), index=i) for i in range(4)]
+    assert len({a(logits.copy(), index=i) for i in range(40)}) > 5
+    assert make_sampler(params(seed=None)).seed != make_sampler(params(seed=None)).seed
+    assert make_sampler(params(seed=-1)).seed == 2**64 - 1
+
+
+def test_candidate_ties_go_to_the_smaller_id():
+    logits = np.array([1.0, 3.0, 2.0, 3.0, 3.0, 2.0], np.float32)
+    assert kept_of(logits, top_k=2) == [1, 3]
+    assert kept_of(logits, top_k=4) == [1, 3, 4, 2]
+
+
+def kept_of(logits, **kw):
+    return _truncate(logits.copy(), params(**kw))[0].tolist()
+
+
+# --- rng.py: Philox-4x32-10 -----------------------------------------------------------------------
+
+# Random123's kat_vectors: counter, key, the four output words
+PHILOX_KAT = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+]
+
+
+@pytest.mark.parametrize("ctr,key,words", PHILOX_KAT)
+def test_philox_known_answers(ctr, key, words):
+    u = np.uint64
+    assert R.philox4x32_10(ctr, key) == words
+    assert tuple(int(w) for w in philox4x32(*map(u, ctr), *map(u, key))) == words
+    arrays = philox4x32(*(np.full(3, c, np.uint64) for c in ctr), *map(u, key))
+    assert all((a == w).all() for a, w in zip(arrays, words))      # numpy arrays: same words
+
+
+def test_philox_and_gumbel_against_the_reference():
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        ctr = tuple(int(c) for c in rng.integers(0, 2**32, 4))
+        key = tuple(int(c) for c in rng.integers(0, 2**32, 2))
+        got = philox4x32(*(np.uint64(c) for c in ctr), *(np.uint64(c) for c in key))
+        assert tuple(int(w) for w in got) == R.philox4x32_10(ctr, key)
+    seed, index = 2**64 - 12345, 77
+    ids = np.array([0, 1, 2, 3, 4, 1001, 128255])
+    want = [R.gumbel(seed, index, int(t)) for t in ids]
+    assert np.array_equal(gumbel(seed, index, ids), want)
+    assert uniform24(np.uint64(0)) == 2.0 ** -25 and uniform24(np.uint64(2**32 - 1)) < 1.0
+
+
+# --- the whole chain against the reference --------------------------------------------------------
+
+@pytest.mark.parametrize("name", OPTIONS)
+def test_host_chain_matches_reference(name):
+    checked = 0
+    for logits, history, p, want in chain_cases(1000, OPTIONS[name]):
+        got = make_sampler(p)(logits.copy(), history, index=len(history))
+        if want is not None:
+            assert got == want
+            checked += 1
+    assert checked >= 8
 
 
 # --- validation -----------------------------------------------------------------------------------

@@ -15,6 +15,12 @@ import numpy as np
 
 from ..config import ModelConfig
 
+# The sampling chain's parameters on the device, written once per generation (so one captured graph
+# serves every setting). fparams (8,) float64 and iparams (8,) int64, by these indices:
+F_TEMP, F_TOP_P, F_MIN_P_D, F_REPEAT, F_PRESENCE, F_FREQUENCY = range(6)
+I_TOP_K, I_LAST_N, I_SEED, I_STOP_POS = range(4)
+ID_BITS = 18                  # a vocabulary id fits in 18 bits on the device (ids < 262144)
+
 
 @dataclass(frozen=True)
 class RopeParams:
@@ -38,6 +44,48 @@ class RopeParams:
         if freq_factors is not None:
             f = f / freq_factors.astype(np.float64)
         return f
+
+
+@dataclass(frozen=True)
+class SamplerState:
+    """The sampling chain's backend arrays, allocated once by the model; `sample` reads and
+    updates them.
+
+    fparams (8,) f64: temperature (0 = greedy), top_p (1 = off), min_p as the distance
+                      -log(min_p) below the top logit (inf = off), repeat, presence and frequency
+                      penalties, at F_TEMP, F_TOP_P, F_MIN_P_D, F_REPEAT, F_PRESENCE, F_FREQUENCY
+    iparams (8,) i64: top_k (0 = off), repeat_last_n (0 = no penalties, -1 = all), the 64-bit seed
+                      (its bit pattern), stop_pos (the last position a sampled token may take), at
+                      I_TOP_K, I_LAST_N, I_SEED, I_STOP_POS
+    hist    (n_ctx,) i32: the token at each position (the prompt, then each pick)
+    counts  (n_vocab,) i32: occurrences of each id among the last repeat_last_n tokens
+    eog     (n_vocab,) u8: 1 for the ids that end generation
+    out     (2 + max steps,) i32: [0] picks that count, [1] 1 once generation ended (an eog id or
+                      stop_pos), [2 + j] the pick of step j
+    """
+
+    fparams: object
+    iparams: object
+    hist: object
+    counts: object
+    eog: object
+    out: object
+
+
+def sampler_params(params, seed: int, stop_pos: int) -> tuple[np.ndarray, np.ndarray]:
+    """(fparams (8,) f64, iparams (8,) i64) host arrays of SamplingParams `params` for SamplerState:
+    penalties off (repeat_last_n 0) unless one is set; seed as its 64-bit pattern."""
+    fp = np.zeros(8, np.float64)
+    ip = np.zeros(8, np.int64)
+    fp[F_TEMP], fp[F_TOP_P] = params.temperature, params.top_p
+    fp[F_MIN_P_D] = -np.log(params.min_p) if params.min_p > 0 else np.inf
+    fp[F_REPEAT], fp[F_PRESENCE] = params.repeat_penalty, params.presence_penalty
+    fp[F_FREQUENCY] = params.frequency_penalty
+    ip[I_TOP_K] = params.top_k
+    ip[I_LAST_N] = params.repeat_last_n if params.has_penalties else 0
+    ip[I_SEED] = np.uint64(seed & 0xFFFFFFFFFFFFFFFF).view(np.int64)
+    ip[I_STOP_POS] = stop_pos
+    return fp, ip
 
 
 class Backend(ABC):
@@ -145,6 +193,20 @@ class Backend(ABC):
     @abstractmethod
     def argmax(self, out, logits) -> None:
         """out[0] (int32) = index of the largest of logits (n_vocab,) (greedy decoding)."""
+
+    samples_on_device = False     # generation samples with the `sample` op (else on the host)
+
+    @abstractmethod
+    def sample(self, logits, ids, pos, st: SamplerState, j: int) -> None:
+        """Step j of a decode chain: pick the next token from logits (n_vocab,) f32 of the token at
+        position pos[0] with SamplingParams' chain (sampling.py): penalties (applied to logits in
+        place), then top-k, top-p, min-p on the untempered probabilities, then a Gumbel-max draw
+        at the temperature from rng.py's Philox keyed by (seed, pos[0] + 1, id); temperature 0 is
+        the argmax. Then record it: st.hist, st.counts (the penalty window), st.out[2 + j] and
+        st.out[0] = j + 1; st.out[1] = 1 when it is an eog id or pos[0] + 1 >= stop_pos, else feed
+        it on: ids[0] = pick, pos[0] += 1 (int32 (1,) views). With st.out[1] set and j > 0 the
+        step does nothing (step 0 clears it), so the steps of a chunk after the end of generation
+        repeat the last step's inputs and leave the cache and the state as they were."""
 
     def advance(self, ids, pos, next_id, out, j: int) -> None:
         """Feed the greedy pick to the next decode step without the host: ids[0] = next_id[0],

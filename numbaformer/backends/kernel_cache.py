@@ -4,7 +4,8 @@ numba's `cache=True` invalidates a cached kernel only when the file that defines
 a function it calls from another module does (a kernel in backends/cpu/matmul.py inlines the block
 decoders of quants.py). So each backend's kernels are cached under a folder named by a hash of the
 source files they are built from (quants.py, backends/*.py and backends/<name>/): a change there
-starts a fresh cache; anything else reuses it.
+starts a fresh cache; anything else reuses it. rng.py (the sampler's Philox, inlined into both
+backends' sampling kernels) counts as one of those sources.
 Base folder: NUMBA_CACHE_DIR if set, else ~/.cache/numbaformer/numba.
 """
 from __future__ import annotations
@@ -20,10 +21,11 @@ PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 
 @functools.lru_cache(maxsize=None)
 def source_hash(backend: str) -> str:
-    """Hash of the sources a backend's kernels are built from: quants.py, the backends package's
-    own modules and the backend's folder (so a CUDA edit leaves the CPU cache valid)."""
+    """Hash of the sources a backend's kernels are built from: quants.py, rng.py, the backends
+    package's own modules and the backend's folder (so a CUDA edit leaves the CPU cache valid)."""
     backends = PACKAGE_ROOT / "backends"
-    files = [PACKAGE_ROOT / "quants.py", *backends.glob("*.py"), *(backends / backend).rglob("*.py")]
+    files = [PACKAGE_ROOT / "quants.py", PACKAGE_ROOT / "rng.py", *backends.glob("*.py"),
+             *(backends / backend).rglob("*.py")]
     h = hashlib.sha256()
     for path in sorted(files):
         h.update(str(path.relative_to(PACKAGE_ROOT)).encode())

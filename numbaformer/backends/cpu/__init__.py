@@ -7,7 +7,7 @@ import numpy as np
 
 from ...weights import QTensor
 from ..base import Backend
-from . import attention, elementwise, embed, gemv_q8, matmul, norm, rope
+from . import attention, elementwise, embed, gemv_q8, matmul, norm, rope, sample
 from .layout import KIND, Packed, pack, packed_shape
 
 
@@ -164,6 +164,8 @@ class CPUBackend(Backend):
     @staticmethod
     def argmax(out, logits):
         out[0] = np.argmax(logits)
+
+    sample = staticmethod(sample.sample)
 
     def stats(self) -> dict:
         return {"threads": self.n_threads}

@@ -61,6 +61,7 @@ class CUDABackend(Backend):
         self.graph_launches = 0
         self.weight_bytes = 0
         self._decode_scratch = None
+        self._sample_scratch = None
 
     # --- memory -----------------------------------------------------------------------------
     def alloc(self, shape, dtype=np.float32):
@@ -200,6 +201,14 @@ class CUDABackend(Backend):
 
     def advance(self, ids, pos, next_id, out, j):
         sample.advance(ids, pos, next_id, out, j, self.stream)
+
+    samples_on_device = True
+
+    def sample(self, logits, ids, pos, st, j):
+        if self._sample_scratch is None:           # the first call runs outside any capture
+            self._sample_scratch = (self.pool.alloc((sample.BINS,), np.int32),
+                                    self.pool.alloc((sample.BINS,), np.uint64))
+        sample.sample(logits, ids, pos, st, self._sample_scratch, j, self.stream)
 
     # --- graphs -----------------------------------------------------------------------------
     def replay(self, key, fn) -> None:

@@ -1,5 +1,5 @@
-"""Device-side helpers for the CUDA kernels: vector loads, f16 -> f32, int8 dot, byte permute, funnel
-shift, and warp shuffles that also run under the simulator.
+"""Device-side helpers for the CUDA kernels: vector loads, f16 -> f32, float bit casts, int8 dot,
+byte permute, funnel shift, and warp shuffles that also run under the simulator.
 
 Each helper is a plain Python function, the exact reference and what runs under NUMBA_ENABLE_CUDASIM=1
 (the simulator calls kernels as Python), with an `@overload` for the CUDA target that emits the one PTX
@@ -48,6 +48,11 @@ def load_u32x2(arr, i):
 def as_f32(u):
     """The float32 whose bit pattern is the low 32 bits of integer u (a bit cast, no instruction)."""
     return np.uint32(int(u) & _U32).view(np.float32)
+
+
+def f32_bits(x):
+    """The bit pattern of float32 x as uint32 (a bit cast, no instruction)."""
+    return np.float32(x).view(np.uint32)
 
 
 def load_f32x4(arr, i):
@@ -212,6 +217,17 @@ if not config.ENABLE_CUDASIM:
         return types.float32(u), codegen
 
     @intrinsic
+    def _bits_of_f32(typingctx, x):
+        if not isinstance(x, types.Float):
+            raise NumbaTypeError(f"f32_bits needs a float, got {x}")
+
+        def codegen(context, builder, sig, args):
+            v = context.cast(builder, args[0], sig.args[0], types.float32)
+            return builder.bitcast(v, _i32)
+
+        return types.uint32(x), codegen
+
+    @intrinsic
     def _ld_x4(typingctx, arr, i):
         """4 consecutive 32-bit elements (float32 or uint32) by one plain 16-byte vector load."""
         if not (isinstance(arr, types.Array) and arr.ndim == 1 and arr.layout == "C"
@@ -276,6 +292,10 @@ if not config.ENABLE_CUDASIM:
     @overload(as_f32, target="cuda")
     def _ol_as_f32(u):
         return lambda u: _bitcast_f32(u)
+
+    @overload(f32_bits, target="cuda")
+    def _ol_f32_bits(x):
+        return lambda x: _bits_of_f32(x)
 
     @overload(load_f32x4, target="cuda")
     def _ol_load_f32x4(arr, i):

@@ -117,25 +117,45 @@ _SIM_LOCK = threading.Lock()
 _SIM_TIMEOUT_S = 60.0
 
 
-def _sim_exchange(mask, value, src_of):
+def _sim_warp(mask):
+    """(lane, barrier, slots) of the calling simulated thread's warp for the lanes of mask."""
     t = threading.current_thread()  # the simulator's BlockThread for this CUDA thread
     warp, lane = divmod(t.thread_id, 32)
     nthreads = int(np.prod(t._manager._block_dim))
     lanes = int(mask) & ((1 << min(32, nthreads - 32 * warp)) - 1)
-    src = src_of(lane)
-    if not (lanes >> lane) & 1 or not (lanes >> src) & 1:
-        raise RuntimeError(f"shuffle: lane {lane} -> {src} outside mask {int(mask):#x} of the warp")
     with _SIM_LOCK:
         warps = t._manager.__dict__.setdefault("_nf_warps", {})
         if (warp, lanes) not in warps:
             warps[warp, lanes] = (threading.Barrier(bin(lanes).count("1"), timeout=_SIM_TIMEOUT_S),
                                   [None] * 32)
         barrier, slots = warps[warp, lanes]
+    return lane, lanes, barrier, slots
+
+
+def _sim_exchange(mask, value, src_of):
+    lane, lanes, barrier, slots = _sim_warp(mask)
+    src = src_of(lane)
+    if not (lanes >> lane) & 1 or not (lanes >> src) & 1:
+        raise RuntimeError(f"shuffle: lane {lane} -> {src} outside mask {int(mask):#x} of the warp")
     slots[lane] = value
     barrier.wait()
     out = slots[src]
     barrier.wait()
     return out
+
+
+def _sim_allgather(value):
+    """Under the simulator: (this lane, [the values of lanes 0..31]) once every lane of the warp
+    has posted its value; mma.py's warp-wide emulations (mma, ldmatrix) build their tiles from it.
+    All 32 lanes must call it, as .sync.aligned instructions require of a full warp."""
+    lane, lanes, barrier, slots = _sim_warp(0xFFFFFFFF)
+    if lanes != 0xFFFFFFFF:
+        raise RuntimeError("warp-wide emulation needs whole warps (blockDim a multiple of 32)")
+    slots[lane] = value
+    barrier.wait()
+    out = list(slots)
+    barrier.wait()
+    return lane, out
 
 
 def syncwarp():

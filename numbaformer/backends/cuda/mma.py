@@ -10,9 +10,9 @@ NUMBA_ENABLE_CUDASIM=1, with an `@overload` for the CUDA target emitting one inl
     d0, d1, d2, d3 = mma_bf16(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3)
 
 Under the simulator the warp-level primitives (mma_*, ldmatrix_*) are emulated for the whole warp:
-every lane posts its operands (intrinsics._sim_allgather, as the shuffles exchange values), each lane
-assembles the tile from the 32 fragments by the layout below, computes it in NumPy and takes its own
-fragment of the result. Like `.sync.aligned` on the GPU, all 32 lanes of the warp must make the same
+every lane posts its operands (intrinsics._sim_warp_op, as the shuffles exchange values), one lane
+assembles the tile from the 32 fragments by the layout below and computes it in NumPy, and each
+lane takes its own fragment of the result. Like `.sync.aligned` on the GPU, all 32 lanes of the warp must make the same
 call. cp.async copies are held per thread until the cp_async_wait that completes their group, so a
 kernel that reads a stage before waiting for it reads stale data under the simulator too.
 
@@ -42,7 +42,7 @@ import threading
 import numpy as np
 from numba.cuda.core import config
 
-from .intrinsics import _sim_allgather
+from .intrinsics import _sim_warp_op
 
 _U32 = 0xFFFFFFFF
 
@@ -99,15 +99,16 @@ def _tile(kind, values, shape):
 
 
 def _sim_mma(a, b, c, elem, akind, bkind, k):
-    lane, frags = _sim_allgather((a, b, c))
-    A = _tile(akind, _elements([f[0] for f in frags], elem), (16, k))
-    B = _tile(bkind, _elements([f[1] for f in frags], elem), (k, 8))
-    if elem == "s8":
-        C = _tile("c", np.array([f[2] for f in frags], dtype=np.int64), (16, 8))
-        D = (A @ B + C).astype(np.int32)                            # wraps like the hardware
-    else:
+    def compute(frags):
+        A = _tile(akind, _elements([f[0] for f in frags], elem), (16, k))
+        B = _tile(bkind, _elements([f[1] for f in frags], elem), (k, 8))
+        if elem == "s8":
+            C = _tile("c", np.array([f[2] for f in frags], dtype=np.int64), (16, 8))
+            return (A @ B + C).astype(np.int32)                     # wraps like the hardware
         C = _tile("c", np.array([f[2] for f in frags], dtype=np.float64), (16, 8))
-        D = (A @ B + C).astype(np.float32)
+        return (A @ B + C).astype(np.float32)
+
+    lane, D = _sim_warp_op((a, b, c), compute)
     rows, cols = _POS["c"]
     return tuple(D[rows[lane], cols[lane]])
 
@@ -121,15 +122,14 @@ def _row16(arr, i):
 
 
 def _sim_ldmatrix(arr, i, n, trans):
-    lane, rows = _sim_allgather((arr, int(i)))
+    lane, rows = _sim_warp_op((arr, int(i)), lambda addrs: [_row16(*a).copy() for a in addrs])
     g, t = lane >> 2, lane & 3
     out = []
     for m in range(n):
         if trans:
-            lo, hi = _row16(*rows[8 * m + 2 * t])[g], _row16(*rows[8 * m + 2 * t + 1])[g]
+            lo, hi = rows[8 * m + 2 * t][g], rows[8 * m + 2 * t + 1][g]
         else:
-            row = _row16(*rows[8 * m + g])
-            lo, hi = row[2 * t], row[2 * t + 1]
+            lo, hi = rows[8 * m + g][2 * t], rows[8 * m + g][2 * t + 1]
         out.append(np.uint32(int(lo) | (int(hi) << 16)))
     return out[0] if n == 1 else tuple(out)
 

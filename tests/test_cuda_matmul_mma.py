@@ -118,17 +118,20 @@ def test_gemm_every_type(cu, name, record_figure):
     record_figure(f"tensor-core GEMM {name} {n}x{rows}x{cols}", f"max err/bound {ratio:.3f}")
 
 
-@pytest.mark.parametrize("name,tile,bk", [
-    ("Q4_K", (32, 32, 2, 2), 32),       # 4 warps: 2 along tokens, 2 along rows
-    ("Q4_K", (16, 32, 1, 2), 64),       # 2 warps along rows; 4 k-tiles per K-quant block
-    ("Q8_0", (32, 16, 2, 1), 64),       # 96 values: a last k-tile of 32 (zero-filled half)
-    ("Q6_K", (16, 16, 1, 1), 128),      # 2 k-tiles per block: 4 ldmatrix k-steps per tile
+@pytest.mark.parametrize("name,tile,bk,lookahead", [
+    ("Q4_K", (32, 32, 2, 2), 32, 1),    # 4 warps: 2 along tokens, 2 along rows; double buffering
+    ("Q4_K", (16, 32, 1, 2), 64, 3),    # 2 warps along rows; 4 k-tiles per K-quant block
+    ("Q8_0", (32, 16, 2, 1), 64, 2),    # 96 values: a last k-tile of 32 (zero-filled half), and
+    #                                     raw units of 2 blocks, the last one short
+    ("Q8_0", (16, 16, 1, 1), 32, 3),    # a raw unit per k-tile, 4 in flight
+    ("Q6_K", (16, 16, 1, 1), 128, 2),   # 2 k-tiles per block: 8 ldmatrix k-steps per tile
 ])
-def test_gemm_other_tiles(cu, monkeypatch, name, tile, bk):
+def test_gemm_other_tiles(cu, monkeypatch, name, tile, bk, lookahead):
     from numbaformer.backends.cuda import matmul_mma
     if ON_GPU and not SMALL:
         pytest.skip("the real tiles are the test on the GPU")
     monkeypatch.setattr(matmul_mma, "MMA_BK", bk)
+    monkeypatch.setattr(matmul_mma, "MMA_LOOKAHEAD", lookahead)
     qt = TYPE_IDS[name]
     cols = 512 if GGML_TYPES[qt].block_size == 256 else 96
     W, w = rand_weights(cu, qt, 24, cols, seed=7)
@@ -230,7 +233,7 @@ PTX_TYPES = ["Q4_K", "Q6_K", "Q8_0", "Q4_0", "F16", "BF16", "F32", "Q3_K"]
 
 
 def test_ptx_gemm_per_type(record_figure):
-    """The default kernel (MMA_TILES[0], MMA_BK, MMA_MIN_BLOCKS, store epilogue) of each type
+    """The default kernel (MMA_TILES[0], MMA_BK, MMA_LOOKAHEAD, MMA_MIN_BLOCKS, store epilogue) of each type
     compiles to PTX with mma.sync, ldmatrix and cp.async, and where ptxas is installed assembles
     for sm_90 without spilling to local memory; the SwiGLU one for Q4_K too."""
     ptx = offline_ptx(f"""
@@ -241,9 +244,11 @@ bm, bn, wm, wn = M.MMA_TILES[0]
 sig = (A(f32, 2, "C"), A(u8, 2, "C"), A(u8, 2, "C"), A(u16, 2, "C"), A(u16, 2, "C"),
        A(u16, 2, "C"), A(f32, 2, "C"))
 for name in {PTX_TYPES!r}:
-    k = M._gemm_kernel(TYPE_IDS[name], bm, bn, M.MMA_BK, wm, wn, 0, M.MMA_MIN_BLOCKS)
+    k = M._gemm_kernel(TYPE_IDS[name], bm, bn, M.MMA_BK, wm, wn, 0, M.MMA_LOOKAHEAD,
+                       M.MMA_MIN_BLOCKS)
     ptx[name] = compile(k, sig)
-k = M._gemm_kernel(TYPE_IDS["Q4_K"], bm, bn, M.MMA_BK, wm, wn, 3, M.MMA_MIN_BLOCKS)
+k = M._gemm_kernel(TYPE_IDS["Q4_K"], bm, bn, M.MMA_BK, wm, wn, 3, M.MMA_LOOKAHEAD,
+                   M.MMA_MIN_BLOCKS)
 ptx["Q4_K swiglu"] = compile(k, sig)
 """)
     figures = []

@@ -59,7 +59,9 @@ from .reduce import block_sum
 # whose grid fills the GPU (>= MMA_FILL blocks per SM), else the last.
 MMA_TILES = ((128, 128, 2, 4), (64, 128, 2, 4), (64, 64, 2, 2))
 MMA_BK = 32                # values of the shared dimension per k-tile (32, 64, 128 or 256)
+MMA_LOOKAHEAD = 2          # x tiles (and raw units) copied ahead of the tile in use
 MMA_MIN_BLOCKS = 1         # launch bounds: blocks per SM the registers must allow
+MAX_SMEM = 227 << 10       # the most dynamic shared memory a block may opt in to (sm_90)
 MMA_FILL = 1
 BF16_THREADS = 256
 EPILOGUES = {"store": 0, "bias": 1, "residual": 2, "swiglu": 3}
@@ -308,10 +310,16 @@ def stage_plan(qtype: int, bk: int) -> dict:
                 **{k: tuple(v) for k, v in parts.items()})
 
 
-def smem_bytes(qtype: int, bm: int, bn: int, bk: int) -> int:
-    """Dynamic shared memory of a launch: 2 stages each of the x tile, the bf16 weight tile and
-    the raw unit."""
-    return 2 * (2 * bm * bk + 2 * bn * bk + bn * stage_plan(qtype, bk)["unit"])
+def raw_stages(qtype: int, bk: int, lookahead: int) -> int:
+    """Raw-unit buffers: the units of tiles t+1 .. t+L+1 are in use or in flight at once."""
+    return -(-lookahead // stage_plan(qtype, bk)["tpu"]) + 1
+
+
+def smem_bytes(qtype: int, bm: int, bn: int, bk: int, lookahead: int) -> int:
+    """Dynamic shared memory of a launch: L+1 stages of the x tile (bf16), 2 of the dequantized
+    weight tile, raw_stages of the raw unit."""
+    return ((lookahead + 1) * 2 * bm * bk + 2 * 2 * bn * bk
+            + raw_stages(qtype, bk, lookahead) * bn * stage_plan(qtype, bk)["unit"])
 
 
 # --- the kernel ------------------------------------------------------------------------------------
@@ -327,7 +335,7 @@ def cached_kernel(threads: int, min_blocks: int):
 
 @functools.lru_cache(maxsize=None)
 def _gemm_kernel(qtype: int, bm: int, bn: int, bk: int, wm: int, wn: int, epilogue: int,
-                 min_blocks: int):
+                 lookahead: int, min_blocks: int):
     plan = stage_plan(qtype, bk)
     decode = decoder(qtype)
     threads = 32 * wm * wn
@@ -345,7 +353,11 @@ def _gemm_kernel(qtype: int, bm: int, bn: int, bk: int, wm: int, wn: int, epilog
     RDIV = max(1, 8 // CPR)
     ACC = MT * NT * 4
     AF = 4 * MT
-    X_WORDS = 2 * bm * bk // 2
+    L = lookahead                               # x tiles in flight ahead of the one in use
+    XST = L + 1                                 # x stages
+    RST = raw_stages(qtype, bk, L)              # raw-unit stages
+    WAIT_LOOP, WAIT_FIRST = L - 1, L            # cp.async groups that may stay pending
+    X_WORDS = XST * bm * bk // 2
     W_WORDS = 2 * bn * bk // 2
     nbu, tpu, cpb, bs = plan["nbu"], plan["tpu"], plan["cpb"], plan["bs"]
     UB, P, SHIFT = plan["unit"], plan["pitch"], plan["shift"]
@@ -485,10 +497,10 @@ def _gemm_kernel(qtype: int, bm: int, bn: int, bk: int, wm: int, wn: int, epilog
                 store_shared_u32x4(ws, base + swz(rho, 2 * pc + 1), wv[4], wv[5], wv[6], wv[7])
 
     @cuda.jit(device=True, inline=True)
-    def mma_tile(xs, ws, stage, acc, af, wmi, wni, lane):
-        """acc += the warp's (wtm x bk) x (bk x wtn) product of tile stage."""
-        xbase = stage * bm * CPR
-        wbase = stage * bn * CPR
+    def mma_tile(xs, ws, xstage, wstage, acc, af, wmi, wni, lane):
+        """acc += the warp's (wtm x bk) x (bk x wtn) product of the staged tiles."""
+        xbase = xstage * bm * CPR
+        wbase = wstage * bn * CPR
         for ks in range(KSTEPS):
             for mt in range(MT):
                 row = wmi * wtm + mt * 16 + (lane & 15)
@@ -556,38 +568,43 @@ def _gemm_kernel(qtype: int, bm: int, bn: int, bk: int, wm: int, wn: int, epilog
         n_tiles = (cols + bk - 1) // bk
         for i in range(ACC):
             acc[i] = float32(0)
-        # prologue: x tile 0, the raw unit of tile 0 (and of tile 1 when it starts one), tile 0
-        # dequantized
-        stage_x(xs, xb, 0, 0, m0, n_tok, cols, tid)
+        # Group g(i) of cp.async copies, committed at iteration i: x tile i+L and the raw unit
+        # that tile i+L+1 starts, if it starts one. The prologue commits the raw unit 0, then
+        # g(-L) .. g(-1); the short planes of those units are stored at once.
         stage_raw(rs, w0, w1, 0, 0, bx, rows, nb, tid)
         load_short(pre, w0h, w1h, 0, bx, rows, nb, tid)
         store_short(rs16, pre, 0, tid)
-        if tpu == 1 and n_tiles > 1:
-            stage_raw(rs, w0, w1, 1, 1, bx, rows, nb, tid)
-            load_short(pre, w0h, w1h, 1, bx, rows, nb, tid)
-            store_short(rs16, pre, 1, tid)
         cp_async_commit()
-        cp_async_wait(0)
+        for i in range(-L, 0):
+            if i + L < n_tiles:
+                stage_x(xs, xb, i + L, (i + L) % XST, m0, n_tok, cols, tid)
+            j = i + L + 1
+            if j < n_tiles and j % tpu == 0:
+                stage_raw(rs, w0, w1, j // tpu, (j // tpu) % RST, bx, rows, nb, tid)
+                load_short(pre, w0h, w1h, j // tpu, bx, rows, nb, tid)
+                store_short(rs16, pre, (j // tpu) % RST, tid)
+            cp_async_commit()
+        cp_async_wait(WAIT_FIRST)
         cuda.syncthreads()                               # raw unit 0 visible to every thread
         dequant(ws, rs, rs8, rs16, 0, 0, 0, cols, tid, wv)
         for t in range(n_tiles):
-            cp_async_wait(0)
-            cuda.syncthreads()    # x tile t, dequantized tile t, raw unit of t+1 visible; every
-            #                       warp done with tile t-1: its x, weight and raw stages free
-            if t + 1 < n_tiles:
-                stage_x(xs, xb, t + 1, (t + 1) % 2, m0, n_tok, cols, tid)
-            u2 = (t + 2) // tpu
-            new_unit = t + 2 < n_tiles and (t + 2) % tpu == 0
+            cp_async_wait(WAIT_LOOP)
+            cuda.syncthreads()    # g(t-L) landed: x tile t, the raw unit of t+1; the dequantized
+            #                       tile t visible; every warp done with tile t-1's stages
+            if t + L < n_tiles:
+                stage_x(xs, xb, t + L, (t + L) % XST, m0, n_tok, cols, tid)
+            j = t + L + 1
+            new_unit = j < n_tiles and j % tpu == 0
             if new_unit:
-                stage_raw(rs, w0, w1, u2, u2 % 2, bx, rows, nb, tid)
-                load_short(pre, w0h, w1h, u2, bx, rows, nb, tid)
+                stage_raw(rs, w0, w1, j // tpu, (j // tpu) % RST, bx, rows, nb, tid)
+                load_short(pre, w0h, w1h, j // tpu, bx, rows, nb, tid)
             cp_async_commit()
             if t + 1 < n_tiles:
-                dequant(ws, rs, rs8, rs16, t + 1, (t + 1) % 2, ((t + 1) // tpu) % 2, cols, tid,
+                dequant(ws, rs, rs8, rs16, t + 1, (t + 1) % 2, ((t + 1) // tpu) % RST, cols, tid,
                         wv)
-            mma_tile(xs, ws, t % 2, acc, af, wmi, wni, lane)
+            mma_tile(xs, ws, t % XST, (t % 2), acc, af, wmi, wni, lane)
             if new_unit:
-                store_short(rs16, pre, u2 % 2, tid)
+                store_short(rs16, pre, (j // tpu) % RST, tid)
         finish(out, extra, acc, m0, bx, wmi, wni, lane, n_tok, w0.shape[0])
 
     return _gemm
@@ -608,7 +625,7 @@ def gemm(out, xb, w, stream, *, bias=None, residual=None, up=None, tile=None) ->
     """out (n, rows) f32 = xb (n, cols) bf16 (uint16, to_bf16) @ W.T, W a QTensor on the device in
     the GPU layout, + bias (rows,) | + residual (n, rows) (may be `out`) | SwiGLU: out =
     silu(x @ W.T) * (x @ up.T) with `up` a QTensor of W's type and shape. tile: (bm, bn, wm, wn)
-    instead of pick_tile's."""
+    instead of pick_tile's; MMA_BK, MMA_LOOKAHEAD, MMA_MIN_BLOCKS are read at each call."""
     from .gemv import _n_sms
     from .matmul import _opt_in
     n, cols = xb.shape
@@ -618,13 +635,15 @@ def gemm(out, xb, w, stream, *, bias=None, residual=None, up=None, tile=None) ->
     if up is not None:
         assert (up.qtype, up.rows, up.cols) == (w.qtype, w.rows, w.cols)
     bm, bn, wm, wn = tile or pick_tile(n, w.rows, up is not None, _n_sms())
-    k = _gemm_kernel(w.qtype, bm, bn, MMA_BK, wm, wn, epilogue, MMA_MIN_BLOCKS)
+    smem = smem_bytes(w.qtype, bm, bn, MMA_BK, MMA_LOOKAHEAD)
+    if smem > MAX_SMEM:
+        raise ValueError(f"tensor-core GEMM tile {bm}x{bn}x{MMA_BK} (lookahead {MMA_LOOKAHEAD}) "
+                         f"needs {smem} bytes of shared memory, over {MAX_SMEM}")
+    k = _gemm_kernel(w.qtype, bm, bn, MMA_BK, wm, wn, epilogue, MMA_LOOKAHEAD, MMA_MIN_BLOCKS)
     w1 = (up if up is not None else w).data
     extra = bias if bias is not None else residual if residual is not None else out
     args = (out, w.data, w1, w.data.view(np.uint16), w1.view(np.uint16), xb, extra)
-    smem = smem_bytes(w.qtype, bm, bn, MMA_BK)
     _opt_in(k, smem, *args)
     per = bn // 2 if up is not None else bn
     grid = (-(-w.rows // per), -(-n // bm))
     k[grid, 32 * wm * wn, stream, smem](*args)
-

@@ -121,9 +121,11 @@ def cuda_toy_shapes(monkeypatch):
     on the GPU."""
     if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
         return
-    from numbaformer.backends.cuda import (attention, elementwise, embed, gemv, matmul, norm,
-                                           rope, sample)
+    from numbaformer.backends.cuda import (attention, elementwise, embed, gemv, matmul, matmul_mma,
+                                           norm, rope, sample)
     for mod, name, value in [
+            (matmul_mma, "MMA_TILES", ((16, 16, 1, 1),)), (matmul_mma, "MMA_BK", 32),
+            (matmul_mma, "BF16_THREADS", 32),
             (gemv, "GEMV_WARPS", 1), (gemv, "SEGMENT_BYTES", 64), (gemv, "BLOCKS_PER_SM", 2),
             (matmul, "GEMM_BM", 8), (matmul, "GEMM_BN", 8), (matmul, "GEMM_TM", 2),
             (matmul, "GEMM_TN", 2), (norm, "NORM_THREADS", 32), (rope, "ROPE_THREADS", 32),

@@ -33,12 +33,14 @@ def cu():
     """The CUDA backend modules, with toy launch shapes under the simulator."""
     from numba import cuda  # noqa: F401  (simulator or driver, as conftest decided)
 
-    from numbaformer.backends.cuda import (attention, elementwise, embed, gemv, matmul, norm,
-                                           rope, sample)
+    from numbaformer.backends.cuda import (attention, elementwise, embed, gemv, matmul, matmul_mma,
+                                           norm, rope, sample)
     from numbaformer.backends.cuda.backend import CUDABackend
     saved = []
     if not ON_GPU:
-        toy = [(gemv, "GEMV_WARPS", 1), (gemv, "SEGMENT_BYTES", 64), (gemv, "BLOCKS_PER_SM", 2),
+        toy = [(matmul_mma, "MMA_TILES", ((16, 16, 1, 1),)), (matmul_mma, "MMA_BK", 32),
+               (matmul_mma, "BF16_THREADS", 32),
+               (gemv, "GEMV_WARPS", 1), (gemv, "SEGMENT_BYTES", 64), (gemv, "BLOCKS_PER_SM", 2),
                (matmul, "GEMM_BM", 8), (matmul, "GEMM_BN", 8), (matmul, "GEMM_TM", 2),
                (matmul, "GEMM_TN", 2), (norm, "NORM_THREADS", 32), (rope, "ROPE_THREADS", 32),
                (rope, "ROPE_STORE_THREADS", 32), (embed, "EMBED_THREADS", 32), (sample, "ARGMAX_THREADS", 32),

@@ -8,7 +8,7 @@ from numba import cuda
 from numba.cuda.core import config
 
 from ..base import Backend
-from . import attention, elementwise, embed, gemv, matmul, norm, rope, sample
+from . import attention, elementwise, embed, gemv, matmul, matmul_mma, norm, rope, sample
 from .graph import CudaGraph, graphs_supported
 from .layout import device_bytes, repack
 from .pool import DevicePool
@@ -24,10 +24,12 @@ def upload_matrix(host: np.ndarray, qtype: int, cols: int, stream=0):
 
 def memory_needed(mf, n_ctx: int, n_batch: int) -> int:
     """Bytes the model needs on the GPU: weights, an f16 KV cache for n_ctx, activations for n_batch
-    tokens, logits, and WORKSPACE_BYTES for kernels, scratch and fragmentation."""
+    tokens (and their bf16 copy for the tensor-core GEMM), logits, and WORKSPACE_BYTES for
+    kernels, scratch and fragmentation."""
     cfg = mf.config
     return (sum(device_bytes(t) for t in mf.weights.matrices()) + cfg.kv_cache_bytes(n_ctx, 2)
             + 4 * n_batch * (4 * cfg.n_embd + 2 * cfg.q_dim + 2 * cfg.kv_dim + 2 * cfg.n_ff)
+            + 2 * n_batch * max(cfg.n_embd, cfg.q_dim, cfg.n_ff)
             + 4 * (n_batch + 1) * cfg.n_vocab + WORKSPACE_BYTES)
 
 
@@ -41,8 +43,9 @@ def check_fits(need: int, free: int, total: int, n_ctx: int) -> None:
 
 class CUDABackend(Backend):
     """Weights uploaded once in the GPU layout; activations and the f16 KV cache from the pool.
-    `exact`: every mat-vec with f32 activations (else 8-bit activations where the type has a fast
-    path, as llama.cpp's MMVQ)."""
+    `exact`: every matrix product with f32 activations and FP32 arithmetic (matmul.py); else
+    decode mat-vecs take 8-bit activations where the type has a fast path (as llama.cpp's MMVQ),
+    and prefill products (n > 1 tokens) the bf16 tensor-core GEMM (matmul_mma.py)."""
 
     name = "cuda"
     default_kv_type = "f16"
@@ -62,6 +65,7 @@ class CUDABackend(Backend):
         self.weight_bytes = 0
         self._decode_scratch = None
         self._sample_scratch = None
+        self._xb = None                              # bf16 activations of the tensor-core GEMM
 
     # --- memory -----------------------------------------------------------------------------
     def alloc(self, shape, dtype=np.float32):
@@ -122,17 +126,42 @@ class CUDABackend(Backend):
     def rmsnorm(self, out, x, w, eps):
         norm.rmsnorm(out, x, w, eps, self.stream)
 
+    def _tensor_cores(self, x) -> bool:
+        return x.shape[0] > 1 and not self.exact and matmul_mma.ENABLED
+
+    def _bf16(self, x, norm_w=None, eps=0.0):
+        """x (n, cols) f32 (or rmsnorm(x) * norm_w) in bf16, in the backend's scratch (n, cols)
+        uint16, which grows to the largest GEMM input seen."""
+        n, cols = x.shape
+        if self._xb is None or self._xb.size < n * cols:
+            if self._xb is not None:
+                self.pool.release(self._xb)
+            self._xb = self.pool.alloc(n * cols, np.uint16, zero=False)
+        xb = self._xb[:n * cols].reshape(n, cols)
+        matmul_mma.to_bf16(xb, x, self.stream, norm_w, eps)
+        return xb
+
     def matmul(self, out, x, w, bias=None):
+        if self._tensor_cores(x):
+            return matmul_mma.gemm(out, self._bf16(x), w, self.stream, bias=bias)
         matmul.matmul(out, x, w, self.stream, bias=bias, exact=self.exact)
 
     def matmul_add(self, x, a, w, scratch):
+        if self._tensor_cores(a):
+            return matmul_mma.gemm(x, self._bf16(a), w, self.stream, residual=x)
         matmul.matmul(x, a, w, self.stream, residual=x, exact=self.exact)
 
     def norm_matmul(self, outs, x, norm_w, eps, ws, biases, scratch):
         """Decode: one fused launch per run of matrices of one type and width (norm prologue,
-        bias epilogue); prefill: the default composition (norm, then GEMMs)."""
+        bias epilogue); prefill: the rmsnorm fused into the bf16 rounding, then one tensor-core
+        GEMM per matrix (bias epilogue), or with `exact` the default composition."""
         if x.shape[0] > 1:
-            return super().norm_matmul(outs, x, norm_w, eps, ws, biases, scratch)
+            if self.exact:
+                return super().norm_matmul(outs, x, norm_w, eps, ws, biases, scratch)
+            xb = self._bf16(x, norm_w, eps)
+            for out, w, b in zip(outs, ws, biases):
+                matmul_mma.gemm(out, xb, w, self.stream, bias=b)
+            return
         i = 0
         while i < len(ws):
             j = i + 1
@@ -146,7 +175,15 @@ class CUDABackend(Backend):
             i = j
 
     def norm_swiglu(self, out, x, norm_w, eps, w_gate, w_up, scratch, up):
-        if x.shape[0] > 1 or (w_gate.qtype, w_gate.cols) != (w_up.qtype, w_up.cols):
+        same = (w_gate.qtype, w_gate.rows, w_gate.cols) == (w_up.qtype, w_up.rows, w_up.cols)
+        if self._tensor_cores(x):
+            xb = self._bf16(x, norm_w, eps)
+            if same:                                  # one GEMM, SwiGLU in its epilogue
+                return matmul_mma.gemm(out, xb, w_gate, self.stream, up=w_up)
+            matmul_mma.gemm(out, xb, w_gate, self.stream)
+            matmul_mma.gemm(up, xb, w_up, self.stream)
+            return self.silu_mul(out, out, up)
+        if x.shape[0] > 1 or not same:
             return super().norm_swiglu(out, x, norm_w, eps, w_gate, w_up, scratch, up)
         gemv.gemv([out], [w_gate, w_up], x, self.stream, mode="swiglu", norm_w=norm_w, eps=eps,
                   opt_in=matmul._opt_in, exact=self.exact)

@@ -35,8 +35,8 @@ def _build():
         namespace["f16_to_f32"] = f16
         for fn in [f16, *copies.values()]:
             register_jitable(forceinline=True)(fn)
-    return {t: (copies[dq.__name__], copies[dot.__name__])
-            for t, (dq, dot) in quants.DECODERS.items()}
+    return copies, {t: (copies[dq.__name__], copies[dot.__name__])
+                    for t, (dq, dot) in quants.DECODERS.items()}
 
 
-DECODERS = _build()
+HELPERS, DECODERS = _build()   # HELPERS: every quants.py jitable by name (_k_scale_min, _f16, ...)

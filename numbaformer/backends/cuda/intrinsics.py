@@ -112,35 +112,64 @@ def shf_r(lo, hi, n):
 
 # Warp shuffles: on the GPU these are numba's cuda.shfl_*_sync (value int32, int64, float32 or
 # float64; cast a uint32 first). The simulator has none (numba issue 8433), so here every participating
-# lane posts its value in a slot of its warp and waits on a barrier per (block, warp, mask), reads its
-# source lane's slot, and waits again so no lane overwrites a slot before all have read. As on the
-# hardware, every lane named in mask must make the same calls; a source lane outside mask is an error
-# (undefined on the GPU). The warp and lane come from the simulator's BlockThread (thread_id,
-# _manager: numba-cuda 0.30.4 simulator/kernel.py).
+# lane posts its value in a slot of its warp and waits on a barrier per (block, warp, mask), then reads
+# its source lane's slot. The slots are double-buffered by the parity of the lane's call count: a
+# lane may post its next call's value while others still read this call's, and cannot get two calls
+# ahead, since the next barrier waits for every lane. As on the hardware, every lane named in mask
+# must make the same calls; a source lane outside mask is an error (undefined on the GPU). The warp
+# and lane come from the simulator's BlockThread (thread_id, _manager: numba-cuda 0.30.4
+# simulator/kernel.py).
 
 _SIM_LOCK = threading.Lock()
 _SIM_TIMEOUT_S = 60.0
 
 
-def _sim_exchange(mask, value, src_of):
+def _sim_warp(mask, value):
+    """Post value for this lane and wait for the lanes of mask: (lane, lanes, slots of this call,
+    the warp's shared state). The state's "memo" lets one lane compute a warp-wide result."""
     t = threading.current_thread()  # the simulator's BlockThread for this CUDA thread
     warp, lane = divmod(t.thread_id, 32)
     nthreads = int(np.prod(t._manager._block_dim))
     lanes = int(mask) & ((1 << min(32, nthreads - 32 * warp)) - 1)
-    src = src_of(lane)
-    if not (lanes >> lane) & 1 or not (lanes >> src) & 1:
-        raise RuntimeError(f"shuffle: lane {lane} -> {src} outside mask {int(mask):#x} of the warp")
     with _SIM_LOCK:
         warps = t._manager.__dict__.setdefault("_nf_warps", {})
         if (warp, lanes) not in warps:
-            warps[warp, lanes] = (threading.Barrier(bin(lanes).count("1"), timeout=_SIM_TIMEOUT_S),
-                                  [None] * 32)
-        barrier, slots = warps[warp, lanes]
+            warps[warp, lanes] = {"barrier": threading.Barrier(bin(lanes).count("1"),
+                                                               timeout=_SIM_TIMEOUT_S),
+                                  "slots": ([None] * 32, [None] * 32), "memo": [None, None],
+                                  "lock": threading.Lock()}
+        state = warps[warp, lanes]
+    calls = t.__dict__.setdefault("_nf_calls", {})
+    n = calls.get((warp, lanes), 0)
+    calls[warp, lanes] = n + 1
+    slots = state["slots"][n & 1]
     slots[lane] = value
-    barrier.wait()
-    out = slots[src]
-    barrier.wait()
-    return out
+    state["barrier"].wait()
+    return lane, lanes, n, slots, state
+
+
+def _sim_exchange(mask, value, src_of):
+    lane, lanes, _, slots, _ = _sim_warp(mask, value)
+    src = src_of(lane)
+    if not (lanes >> lane) & 1 or not (lanes >> src) & 1:
+        raise RuntimeError(f"shuffle: lane {lane} -> {src} outside mask {int(mask):#x} of the warp")
+    return slots[src]
+
+
+def _sim_warp_op(value, compute):
+    """Under the simulator: every lane of the warp posts value; compute(values of lanes 0..31) runs
+    once for the warp (by whichever lane gets there first) and each lane gets (its lane, the
+    result). mma.py's warp-wide emulations (mma, ldmatrix) use it. All 32 lanes must call it, as
+    .sync.aligned instructions require of a full warp."""
+    lane, lanes, n, slots, state = _sim_warp(0xFFFFFFFF, value)
+    if lanes != 0xFFFFFFFF:
+        raise RuntimeError("warp-wide emulation needs whole warps (blockDim a multiple of 32)")
+    with state["lock"]:
+        memo = state["memo"][n & 1]
+        if memo is None or memo[0] != n:
+            memo = (n, compute(slots))
+            state["memo"][n & 1] = memo
+    return lane, memo[1]
 
 
 def syncwarp():

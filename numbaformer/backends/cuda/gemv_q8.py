@@ -639,11 +639,11 @@ def rope_views(p, p0, p1, head_dim, neox, w0, w1, w2, v0, v1, v2):
 
 
 @cuda.jit(device=True, inline=True)
-def finish_rope_pair(p, p0, p1, head_dim, neox, bias, a, b, o0, o1, o2, e0, e1, e2, pos,
-                     inv_freq, kc, vc, layer):
-    """(+ bias), rotate Q's and K's pair by pos[0] * inv_freq[i] (the angle in float64, the
-    rotation in f32: rope.py's arithmetic), store into o0/o1/o2, and K's and V's pair into the
-    cache row pos[0]."""
+def finish_rope_pair(p, p0, p1, head_dim, neox, bias, a, b, o0, o1, o2, e0, e1, e2, pos, cs,
+                     sn, kc, vc, layer):
+    """(+ bias), rotate Q's and K's pair i by the angle pos[0] * inv_freq[i] (cs[i], sn[i]: its
+    cosine and sine, computed in float64 by the prologue; the rotation in f32: rope.py's
+    arithmetic), store into o0/o1/o2, and K's and V's pair into the cache row pos[0]."""
     m, r, r2 = _rope_rows(p, p0, p1, head_dim, neox)
     if bias:
         e = _pick(m, e0, e1, e2)
@@ -651,10 +651,9 @@ def finish_rope_pair(p, p0, p1, head_dim, neox, bias, a, b, o0, o1, o2, e0, e1, 
         b += e[r2]
     if m < 2:
         i = r % head_dim if neox else (r % head_dim) // 2
-        theta = float64(pos[0]) * inv_freq[i]
-        c = float32(math.cos(theta))
-        sn = float32(math.sin(theta))
-        a, b = a * c - b * sn, a * sn + b * c
+        c = cs[i]
+        s = sn[i]
+        a, b = a * c - b * s, a * s + b * c
     o = _pick(m, o0, o1, o2)
     o[0, r] = a
     o[0, r2] = b
@@ -684,6 +683,7 @@ def q8_kernel(qtype: int, n_mat: int, norm: bool, mode: int, warps: int, unroll:
     swiglu = mode == 3
     groups = warps // split  # pairs a block works on at once
     rope = mode >= 4         # modes 4, 5: Q, K, V with rope and the cache store (5: + bias)
+    n_angles = max(1, head_dim // 2)
 
     @cuda.jit(device=True, inline=True)
     def views(p, p0, p1, w0, w1, w2, v0, v1, v2):
@@ -692,11 +692,11 @@ def q8_kernel(qtype: int, n_mat: int, norm: bool, mode: int, warps: int, unroll:
         return pair_views(p, p0, p1, swiglu, w0, w1, w2, v0, v1, v2)
 
     @cuda.jit(device=True, inline=True)
-    def finish(p, p0, p1, a, b, o0, o1, o2, e0, e1, e2, rows0, rows1, rows2, pos, inv_freq, kc,
+    def finish(p, p0, p1, a, b, o0, o1, o2, e0, e1, e2, rows0, rows1, rows2, pos, cs, sn, kc,
                vc, layer):
         if rope:
             finish_rope_pair(p, p0, p1, head_dim, neox, mode == 5, a, b, o0, o1, o2, e0, e1, e2,
-                             pos, inv_freq, kc, vc, layer)
+                             pos, cs, sn, kc, vc, layer)
         else:
             finish_pair(p, p0, p1, mode, a, b, o0, o1, o2, e0, e1, e2, rows0, rows1, rows2)
 
@@ -740,6 +740,8 @@ def q8_kernel(qtype: int, n_mat: int, norm: bool, mode: int, warps: int, unroll:
         sums meet in shared memory; rounds are block-uniform so the barriers are reached by all."""
         sm = cuda.shared.array(0, float32)
         red = cuda.shared.array(32, float32)
+        cs = cuda.shared.array(n_angles, float32)        # rope modes: cos, sin of pair i's angle
+        sn = cuda.shared.array(n_angles, float32)
         part = cuda.shared.array((warps, 2), float32)
         qa = cuda.local.array(nq, uint32)
         qb = cuda.local.array(nq, uint32)
@@ -769,7 +771,12 @@ def q8_kernel(qtype: int, n_mat: int, norm: bool, mode: int, warps: int, unroll:
             stage_f32(sm, x, norm_w, eps, norm, red, threads)
         else:
             stage_q8(sm, x, norm_w, eps, norm, red, threads)
-        cuda.syncthreads()                               # activations staged
+        if rope:                                         # the angles (float64), as rope.py
+            for i in range(cuda.threadIdx.x, n_angles, threads):
+                theta = float64(pos[0]) * inv_freq[i]
+                cs[i] = float32(math.cos(theta))
+                sn[i] = float32(math.sin(theta))
+        cuda.syncthreads()                               # activations (and angles) staged
         nw = cols // 4
         if f32x:                                         # x' itself (xd, xs unused)
             xq = sm[:cols]
@@ -795,7 +802,7 @@ def q8_kernel(qtype: int, n_mat: int, norm: bool, mode: int, warps: int, unroll:
             if split == 1:
                 if lane == 0 and p < n_pairs:
                     finish(p, p0, p1, a, b, o0, o1, o2, e0, e1, e2, rows0, rows1, rows2, pos,
-                           inv_freq, kc, vc, layer)
+                           cs, sn, kc, vc, layer)
             else:
                 if lane == 0:
                     part[wi, 0] = a
@@ -806,7 +813,7 @@ def q8_kernel(qtype: int, n_mat: int, norm: bool, mode: int, warps: int, unroll:
                         a += part[wi + j, 0]
                         b += part[wi + j, 1]
                     finish(p, p0, p1, a, b, o0, o1, o2, e0, e1, e2, rows0, rows1, rows2, pos,
-                           inv_freq, kc, vc, layer)
+                           cs, sn, kc, vc, layer)
                 cuda.syncthreads()                       # parked sums read: free for the next
 
     return _gemv_q8

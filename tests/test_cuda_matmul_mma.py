@@ -179,10 +179,13 @@ def test_to_bf16_rounds_and_norms(cu):
     assert np.all(np.abs(got - ref) <= (2.0**-8 + 2.0**-20) * np.abs(ref))
 
 
-def test_backend_prefill_takes_tensor_cores_and_exact_the_fp32_path(cu):
-    """CUDABackend's prefill ops (matmul + bias, matmul_add, norm_matmul of Q/K/V, norm_swiglu)
-    go through the tensor-core GEMM within its bf16 bound; with `exact` they keep the FP32
+def test_backend_prefill_takes_tensor_cores_and_exact_the_fp32_path(cu, monkeypatch):
+    """With the tensor-core GEMM enabled (matmul_mma.ENABLED, NUMBAFORMER_MMA=1: off by default
+    until measured on a GPU), CUDABackend's prefill ops (matmul + bias, matmul_add, norm_matmul
+    of Q/K/V, norm_swiglu) go through it within its bf16 bound; with `exact` they keep the FP32
     GEMM's 16 f32 roundoffs, a bound the bf16 path would break."""
+    from numbaformer.backends.cuda import matmul_mma
+    monkeypatch.setattr(matmul_mma, "ENABLED", True)
     qt = TYPE_IDS["Q4_K"]
     n, d, ff = real((5, 256, 24), (77, 4096, 2048))
     rng = np.random.default_rng(13)

@@ -9,6 +9,8 @@ Variants (each against the copy bandwidth measured in the same run, both Llama-3
   nocompute the unit dots replaced by an XOR of the loaded words (loads and loop only)
   unroll4   4 units per row and lane in flight (2 today)
   split2    two warps share every row pair, each half its units
+  prequant  x quantized by a kernel of its own (timed with it), every block reading it from L2
+  pq-splitN prequant, and N warps of a block share each row pair (shorter chains for long rows)
 Prints the kernel's registers and resident blocks per SM beside each row; a table last.
 """
 from __future__ import annotations
@@ -27,13 +29,17 @@ from numbaformer.quants import TYPE_IDS  # noqa: E402
 VARIANTS = {   # name -> module settings (GEMV_WARPS, BLOCKS_PER_SM, UNROLL, SPLIT, SPLIT_BELOW, PROBE)
     "base": {}, "fullgrid": {"fullgrid": True}, "nostage": {"PROBE": 1},
     "nocompute": {"PROBE": 2}, "unroll4": {"UNROLL": 4},
-    "split2": {"SPLIT": 2, "SPLIT_BELOW": 1 << 30},
+    "split2": {"SPLIT": 2, "SPLIT_BELOW": 1 << 30}, "prequant": {"PREQUANT": True},
+    "pq-split2": {"PREQUANT": True, "SPLIT": 2, "SPLIT_BELOW": 1 << 30},
+    "pq-split4": {"PREQUANT": True, "SPLIT": 4, "SPLIT_BELOW": 1 << 30},
+    "pq-split8": {"PREQUANT": True, "SPLIT": 8, "SPLIT_BELOW": 1 << 30},
 }
 
 
 def run_variant(name: str, qtype: int, shape, bw: float) -> tuple[float, str]:
     v = VARIANTS[name]
-    saved = (Q8.UNROLL, Q8.SPLIT, Q8.SPLIT_BELOW, Q8.PROBE, G.grid_cap)
+    saved = (Q8.UNROLL, Q8.SPLIT, Q8.SPLIT_BELOW, Q8.PROBE, G.grid_cap, G.PREQUANT)
+    G.PREQUANT = v.get("PREQUANT", False)
     Q8.UNROLL = v.get("UNROLL", Q8.UNROLL)
     Q8.SPLIT = v.get("SPLIT", Q8.SPLIT)
     Q8.SPLIT_BELOW = v.get("SPLIT_BELOW", Q8.SPLIT_BELOW)
@@ -42,15 +48,15 @@ def run_variant(name: str, qtype: int, shape, bw: float) -> tuple[float, str]:
         G.grid_cap = lambda k, t, s: G._n_sms() * G.BLOCKS_PER_SM
     try:
         r = B.bench_gemv(qtype, *shape, exact=False)
-        k = Q8.q8_kernel(qtype, 1, False, 0, G.GEMV_WARPS, Q8.UNROLL,
-                         Q8.SPLIT if Q8.SPLIT_BELOW else 1, Q8.PROBE)
+        k = Q8.q8_kernel(qtype, 1, False, 0, G.GEMV_WARPS, Q8.UNROLL,     # gemv()'s own key
+                         Q8.SPLIT if Q8.SPLIT_BELOW else 1, Q8.PROBE, 0, False, G.PREQUANT)
         regs = max(k.get_regs_per_thread().values()) if hasattr(k, "overloads") else 0
-        smem = G.smem_bytes(qtype, shape[1], False)
+        smem = 0 if G.PREQUANT else G.smem_bytes(qtype, shape[1], False)
         per_sm = min(kk.max_cooperative_grid_blocks(G.GEMV_WARPS * 32, smem)
                      for kk in k.overloads.values()) // G._n_sms()
         return 100 * r["GB/s"] / bw, f"{regs} regs, {per_sm} blocks/SM"
     finally:
-        Q8.UNROLL, Q8.SPLIT, Q8.SPLIT_BELOW, Q8.PROBE, G.grid_cap = saved
+        Q8.UNROLL, Q8.SPLIT, Q8.SPLIT_BELOW, Q8.PROBE, G.grid_cap, G.PREQUANT = saved
 
 
 def main() -> int:

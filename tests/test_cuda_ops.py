@@ -246,6 +246,39 @@ def _fused_qkv_and_swiglu(cu, q8):
     assert np.all(np.abs(host(cu, out) - ref) <= 2e-5 * np.abs(ref).max() + 2 * tie)
 
 
+@pytest.mark.parametrize("name,split", [("Q4_K", 1), ("Q8_0", 2), ("Q6_K", 1)])
+def test_prequant_mat_vec_equals_the_staged_one(cu, monkeypatch, name, split):
+    """gemv.PREQUANT (x quantized by a kernel of its own, read by every block from global memory)
+    gives the staged kernel's numbers bit for bit: norm + Q/K/V, SwiGLU, residual; also with a
+    row pair's units split over warps."""
+    from numbaformer.backends.cuda import gemv, gemv_q8
+    if split > 1:
+        monkeypatch.setattr(gemv_q8, "SPLIT", split)
+        monkeypatch.setattr(gemv_q8, "SPLIT_BELOW", 1 << 30)
+        monkeypatch.setattr(gemv, "GEMV_WARPS", 2 * gemv.GEMV_WARPS)
+    qt = TYPE_IDS[name]
+    rows, cols = sizes((12, 512), (1024, 4096))
+    mats = [rand_qtensor(cu, qt, rows, cols, seed=30 + s)[1] for s in range(3)]
+    rng = np.random.default_rng(31)
+    x = dev(cu, rng.standard_normal((1, cols)).astype(np.float32) * 2)
+    nw = dev(cu, rng.uniform(0.5, 1.5, cols).astype(np.float32))
+    xr = rng.standard_normal((1, rows)).astype(np.float32)
+    got = []
+    for pre in (False, True):
+        monkeypatch.setattr(gemv, "PREQUANT", pre)
+        outs = [cu.alloc((1, rows)) for _ in range(3)]
+        cu.norm_matmul(outs, x, nw, 1e-5, mats, [None] * 3, cu.alloc((1, cols)))
+        sw = cu.alloc((1, rows))
+        cu.norm_swiglu(sw, x, nw, 1e-5, mats[0], mats[1], cu.alloc((1, cols)), cu.alloc((1, rows)))
+        res = dev(cu, xr)
+        cu.matmul_add(res, dev(cu, np.ascontiguousarray(host(cu, x)[:, :cols])), mats[2],
+                      cu.alloc((1, rows)))
+        got.append([host(cu, a) for a in (*outs, sw, res)])
+    for a, b in zip(*got):
+        np.testing.assert_array_equal(a, b)
+    assert np.abs(got[0][0]).max() > 0 and cols in gemv._QBUFS      # the prequant path ran
+
+
 # --- elementwise, norm, rope, embedding, argmax ------------------------------------------------------
 
 @pytest.mark.parametrize("n,d", [(1, 7 * 32), (3, 33)])

@@ -37,6 +37,8 @@ from .reduce import WARP, warp_sum
 
 GEMV_WARPS = 8
 BLOCKS_PER_SM = 4
+PREQUANT = False         # quantized types: x quantized by a kernel of its own, read from L2 by every
+                         # block, instead of each block staging it (not yet timed on a GPU)
 SEGMENT_BYTES = 1024     # weight bytes a warp stages per step (exact path)
 MODES = {"store": 0, "bias": 1, "residual": 2, "swiglu": 3}
 
@@ -170,6 +172,23 @@ def _n_sms() -> int:
     return cuda.get_current_device().MULTIPROCESSOR_COUNT
 
 
+_QBUFS: dict = {}
+
+
+def _prequant(x, norm_w, eps, qtype, stream):
+    """x's q8 activations (or rmsnorm(x) * norm_w's) by quant_kernel into a buffer kept per width
+    (allocated on first use, outside any graph capture: the first call of a step runs eagerly)."""
+    cols = x.shape[1]
+    buf = _QBUFS.get(cols)
+    if buf is None:
+        buf = _QBUFS[cols] = cuda.device_array(smem_words(qtype, cols), np.float32)
+    threads = GEMV_WARPS * WARP
+    k = gemv_q8.quant_kernel(norm_w is not None, threads)
+    blocks = -(-(cols // 4) // (4 * threads))
+    k[blocks, threads, stream](buf, x, x[0] if norm_w is None else norm_w, np.float32(eps))
+    return buf
+
+
 @functools.lru_cache(maxsize=None)
 def _no_rope():
     """Stand-ins for the rope arguments of launches without rope (one kernel signature)."""
@@ -202,12 +221,16 @@ def gemv(outs, ws, x, stream, *, mode: str = "store", extras=None, norm_w=None, 
     pairs = ws[0].rows if m == 3 else sum((w.rows + 1) // 2 for w in ws)
     slots = _n_sms() * BLOCKS_PER_SM * GEMV_WARPS          # warps of a full grid
     split = 1
+    prequant = PREQUANT and fast_path(qtype, exact) and qtype not in F32_UNITS
+    if prequant:
+        buf = _prequant(x, norm_w, eps, qtype, stream)
+        norm_w, eps = buf, 0.0             # the kernel reads buf in norm_w's slot, no norm
     if fast_path(qtype, exact):
         if pairs < gemv_q8.SPLIT_BELOW * slots:
             split = min(gemv_q8.SPLIT, GEMV_WARPS)
         hd, neox = (rope[5], rope[6]) if rope else (0, False)
-        k = q8_kernel(qtype, n_mat, norm_w is not None, m, GEMV_WARPS, gemv_q8.UNROLL, split,
-                      gemv_q8.PROBE, hd, neox)
+        k = q8_kernel(qtype, n_mat, norm_w is not None and not prequant, m, GEMV_WARPS,
+                      gemv_q8.UNROLL, split, gemv_q8.PROBE, hd, neox, prequant)
     else:
         k = _gemv_kernel(qtype, n_mat, norm_w is not None, m, GEMV_WARPS)
     o = list(outs) + [outs[0]] * (3 - len(outs))
@@ -224,7 +247,7 @@ def gemv(outs, ws, x, stream, *, mode: str = "store", extras=None, norm_w=None, 
         else:
             pos, inv_freq, cache, layer = _no_rope()
             args += (pos, inv_freq, cache, cache, np.int64(layer))
-    smem = smem_bytes(qtype, cols, exact)
+    smem = 0 if prequant else smem_bytes(qtype, cols, exact)
     if opt_in is not None:
         opt_in(k, smem, *args)
     groups = GEMV_WARPS // split

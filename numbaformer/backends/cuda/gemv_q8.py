@@ -123,40 +123,78 @@ def _sumsq_word(xr, w, nw):
     return a * a + b * b + c * c + d * d
 
 
-@cuda.jit(device=True)
-def stage_q8(sm, x, norm_w, eps, norm, red, threads):
-    """x (1, cols) f32 -> the q8 activations in sm (module docstring); with `norm`, of
-    rmsnorm(x) * norm_w. Thread t takes words t, t + threads, .. (4 values each, 8 threads per 32
-    values), four words per step with all their loads issued first: the staging is a chain of
-    L2 round trips (the weights' first batch waits behind it), so it makes as few as it can."""
-    tid = cuda.threadIdx.x
-    cols = x.shape[1]
-    nw = cols // 4
-    xq = sm[:nw].view(np.uint32)
-    xd = sm[nw:nw + cols // 32]
-    xs = sm[nw + cols // 32:]
-    xr = x[0]
+@cuda.jit(device=True, inline=True)
+def _q8_scale(xr, cols, norm, eps, red, threads):
+    """1 / rms(x) with `norm` (the block reduces x^2: thread t takes words t, t + threads, ..,
+    four per step), else 1."""
     scale = float32(1)
     if norm:
+        tid = cuda.threadIdx.x
+        nw = cols // 4
         ss = float32(0)
         for base in range(tid, nw, 4 * threads):
             ss += (_sumsq_word(xr, base, nw) + _sumsq_word(xr, base + threads, nw)) + \
                 (_sumsq_word(xr, base + 2 * threads, nw) + _sumsq_word(xr, base + 3 * threads, nw))
         ss = block_sum(ss, red)
         scale = float32(1) / math.sqrt(ss / float32(cols) + eps)
+    return scale
+
+
+@cuda.jit(device=True, inline=True)
+def _q8_words(xr, norm_w, base, nw, scale, norm, xq, xd, xs, threads):
+    """Words base + t, + threads, + 2 threads, + 3 threads of the q8 activations (thread t), all
+    four words' loads issued before any is quantized."""
+    wa = base + cuda.threadIdx.x
+    wb = wa + threads
+    wc = wb + threads
+    wd = wc + threads
+    a0, a1, a2, a3 = _x_word(xr, norm_w, wa, nw, scale, norm)
+    b0, b1, b2, b3 = _x_word(xr, norm_w, wb, nw, scale, norm)
+    c0, c1, c2, c3 = _x_word(xr, norm_w, wc, nw, scale, norm)
+    d0, d1, d2, d3 = _x_word(xr, norm_w, wd, nw, scale, norm)
+    _quantize_word(a0, a1, a2, a3, wa, nw, xq, xd, xs)
+    _quantize_word(b0, b1, b2, b3, wb, nw, xq, xd, xs)
+    _quantize_word(c0, c1, c2, c3, wc, nw, xq, xd, xs)
+    _quantize_word(d0, d1, d2, d3, wd, nw, xq, xd, xs)
+
+
+@cuda.jit(device=True)
+def stage_q8(sm, x, norm_w, eps, norm, red, threads):
+    """x (1, cols) f32 -> the q8 activations in sm (module docstring); with `norm`, of
+    rmsnorm(x) * norm_w. Thread t takes words t, t + threads, .. (4 values each, 8 threads per 32
+    values), four words per step with all their loads issued first: the staging is a chain of
+    L2 round trips (the weights' first batch waits behind it), so it makes as few as it can."""
+    cols = x.shape[1]
+    nw = cols // 4
+    xq = sm[:nw].view(np.uint32)
+    xd = sm[nw:nw + cols // 32]
+    xs = sm[nw + cols // 32:]
+    xr = x[0]
+    scale = _q8_scale(xr, cols, norm, eps, red, threads)
     for base in range(0, nw, 4 * threads):
-        wa = base + tid
-        wb = wa + threads
-        wc = wb + threads
-        wd = wc + threads
-        a0, a1, a2, a3 = _x_word(xr, norm_w, wa, nw, scale, norm)
-        b0, b1, b2, b3 = _x_word(xr, norm_w, wb, nw, scale, norm)
-        c0, c1, c2, c3 = _x_word(xr, norm_w, wc, nw, scale, norm)
-        d0, d1, d2, d3 = _x_word(xr, norm_w, wd, nw, scale, norm)
-        _quantize_word(a0, a1, a2, a3, wa, nw, xq, xd, xs)
-        _quantize_word(b0, b1, b2, b3, wb, nw, xq, xd, xs)
-        _quantize_word(c0, c1, c2, c3, wc, nw, xq, xd, xs)
-        _quantize_word(d0, d1, d2, d3, wd, nw, xq, xd, xs)
+        _q8_words(xr, norm_w, base, nw, scale, norm, xq, xd, xs, threads)
+
+
+@functools.lru_cache(maxsize=None)
+def quant_kernel(norm: bool, threads: int):
+    """The staging as a kernel of its own (the mat-vec's `prequant` form reads its output):
+    block b writes words 4 b threads .. of the q8 activations of x (or rmsnorm(x) * norm_w) into
+    out (smem_words(qtype, cols),) f32, laid out as the shared staging. Every block reduces x^2
+    over the whole row first in stage_q8's order, so the numbers equal the staged ones."""
+    from ._jit import cuda_kernel
+
+    @cuda_kernel
+    def _quantize_q8(out, x, norm_w, eps):
+        red = cuda.shared.array(32, float32)
+        cols = x.shape[1]
+        nw = cols // 4
+        xr = x[0]
+        scale = _q8_scale(xr, cols, norm, eps, red, threads)
+        _q8_words(xr, norm_w, cuda.blockIdx.x * 4 * threads, nw, scale, norm,
+                  out[:nw].view(np.uint32), out[nw:nw + cols // 32], out[nw + cols // 32:],
+                  threads)
+
+    return _quantize_q8
 
 
 @cuda.jit(device=True, inline=True)
@@ -670,7 +708,8 @@ def finish_rope_pair(p, p0, p1, head_dim, neox, bias, a, b, o0, o1, o2, e0, e1, 
 
 @functools.lru_cache(maxsize=None)
 def q8_kernel(qtype: int, n_mat: int, norm: bool, mode: int, warps: int, unroll: int,
-              split: int, probe: int = 0, head_dim: int = 0, neox: bool = False):
+              split: int, probe: int = 0, head_dim: int = 0, neox: bool = False,
+              prequant: bool = False):
     """The fast mat-vec kernel (module docstring); arguments and launch as gemv.py's kernel.
     `split` warps of a block share each row pair, each taking a slice of its units."""
     from ._jit import cuda_kernel
@@ -765,7 +804,7 @@ def q8_kernel(qtype: int, n_mat: int, norm: bool, mode: int, warps: int, unroll:
         if rounds > 0 and p < n_pairs:                   # batch 0 flies during the staging
             ra, rb, ra8, rb8, last = views(p, p0, p1, w0, w1, w2, v0, v1, v2)
             load(ra, rb, ra8, rb8, u_lo + lane, u_end, nb, qa, qb, ha, hb)
-        if probe == 1:
+        if probe == 1 or prequant:       # prequant: quant_kernel's output is in norm_w's slot
             pass
         elif f32x:
             stage_f32(sm, x, norm_w, eps, norm, red, threads)
@@ -781,6 +820,10 @@ def q8_kernel(qtype: int, n_mat: int, norm: bool, mode: int, warps: int, unroll:
         if f32x:                                         # x' itself (xd, xs unused)
             xq = sm[:cols]
             xd = xs = sm[cols:]
+        elif prequant:
+            xq = norm_w[:nw].view(np.uint32)
+            xd = norm_w[nw:nw + cols // 32]
+            xs = norm_w[nw + cols // 32:]
         else:
             xq = sm[:nw].view(np.uint32)
             xd = sm[nw:nw + cols // 32]

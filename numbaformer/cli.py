@@ -88,8 +88,9 @@ threads_opt = click.option("-t", "--threads", type=click.IntRange(min=1), defaul
 kv_opt = click.option("--kv-type", type=click.Choice(["f16", "f32"]), default=None,
                        help="KV cache precision (default: f16 on CUDA, f32 on the CPU).")
 exact_opt = click.option("--exact", is_flag=True,
-                         help="Decode mat-vecs with f32 activations (default: 8-bit activations "
-                              "where the GPU has a fast path, as llama.cpp).")
+                         help="Exact matrix products: f32 activations and arithmetic (default: "
+                              "decode mat-vecs on 8-bit activations where the type has a fast "
+                              "path, on the GPU and the CPU, as llama.cpp).")
 model_opt = click.option("-m", "--model", "model", type=str, default=None,
                          help="GGUF file (default: SmolLM2-135M-Instruct Q4_1, fetched once).")
 

@@ -150,15 +150,22 @@ def q8_bound(raw, qt, xq):
     return 64 * U * (B @ np.abs(xq)) + 1e-30
 
 
-@pytest.mark.parametrize("name", FAST_TYPES)
-@pytest.mark.parametrize("split", [1, 2])
+@pytest.mark.parametrize("name,split", [(n, s) for n in FAST_TYPES for s in (1, 2)]
+                         + [("Q4_K", "pairs"), ("Q5_K", "pairs")])
 def test_matvec_q8_fast_path(cu, name, split, monkeypatch):
     """The 8-bit mat-vec equals the product with llama.cpp's q8_1 rounding of x (float64
     reference) to float32 roundoff, with bias and residual epilogues and odd row counts; split 2:
-    two warps share each row pair (forced), their sums added in shared memory."""
+    two warps share each row pair (forced), their sums added in shared memory; pairs: a lane
+    takes two adjacent K-quant units (gemv_q8.PAIR_UNITS)."""
     from numbaformer.backends.cuda import gemv, gemv_q8
     from numbaformer.backends.cuda.gemv import fast_path
-    if split == 2:
+    built = []
+    if split == "pairs":
+        monkeypatch.setattr(gemv_q8, "PAIR_UNITS", True)
+        monkeypatch.setattr(gemv_q8, "UNROLL", max(2, gemv_q8.UNROLL))
+        monkeypatch.setattr(gemv_q8, "SPLIT_BELOW", 0)
+        monkeypatch.setattr(gemv, "q8_kernel", lambda *a: built.append(a) or gemv_q8.q8_kernel(*a))
+    elif split == 2:
         monkeypatch.setattr(gemv, "GEMV_WARPS", max(2, gemv.GEMV_WARPS))
         monkeypatch.setattr(gemv_q8, "SPLIT_BELOW", 1 << 30)
     else:
@@ -185,6 +192,7 @@ def test_matvec_q8_fast_path(cu, name, split, monkeypatch):
     cu.matmul_add(xd, dev(cu, x), w, cu.alloc((1, rows)))
     err = np.abs(host(cu, xd)[0] - (x0[0] + ref))
     assert np.all(err <= bound + 4 * U * np.abs(x0[0])), f"max err/bound {np.max(err / bound):.2f}"
+    assert split != "pairs" or (built and all(a[-1] for a in built))   # the pair kernel ran
 
 
 @pytest.mark.parametrize("name", ["Q4_K", "Q8_0", "Q6_K"])

@@ -230,7 +230,8 @@ def gemv(outs, ws, x, stream, *, mode: str = "store", extras=None, norm_w=None, 
             split = min(gemv_q8.SPLIT, GEMV_WARPS)
         hd, neox = (rope[5], rope[6]) if rope else (0, False)
         k = q8_kernel(qtype, n_mat, norm_w is not None and not prequant, m, GEMV_WARPS,
-                      gemv_q8.UNROLL, split, gemv_q8.PROBE, hd, neox, prequant)
+                      gemv_q8.UNROLL, split, gemv_q8.PROBE, hd, neox, prequant,
+                      gemv_q8.PAIR_UNITS and qtype in gemv_q8.PAIR_DOTS)
     else:
         k = _gemv_kernel(qtype, n_mat, norm_w is not None, m, GEMV_WARPS)
     o = list(outs) + [outs[0]] * (3 - len(outs))

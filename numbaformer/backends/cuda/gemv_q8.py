@@ -34,6 +34,8 @@ from .reduce import FULL_MASK, WARP, block_sum, warp_sum
 UNROLL = 2                    # units per row and lane in a batch (all its loads in flight)
 SPLIT_BELOW = 0               # pairs per warp of the grid below which warps split a pair's units
 SPLIT = 2                     # warps per pair then (H200 sweep: no gain at the 8B shapes, so off)
+PAIR_UNITS = False            # Q4_K/Q5_K: a lane takes two adjacent units with one scale decode
+                              # (fewer instructions a byte; not yet timed on a GPU)
 PROBE = 0                     # timing probes only (scripts/gpu_probe.py): 1 skips the staging,
                               # 2 replaces the unit dots by an XOR of the loaded words
 LO = 0x0F0F0F0F
@@ -395,6 +397,64 @@ def _dot_q5_k(w0, w1, w2, w3, e0, e1, e2, e3, h0, h1, h2, h3, u, nb, xq, xd, xs)
     return _kquant_mins(lo, hi, h0, h1, h2, h3, g, v0, xd, xs)
 
 
+# --- pair units (PAIR_UNITS): a lane takes units u and u + 1 of a Q4_K/Q5_K block (32 bytes of qs,
+# --- one (scale, min) pair), so the scale decode and the float arithmetic are paid once for both
+
+@cuda.jit(device=True, inline=True)
+def _pair_sum(lo, hi, hdr0, hdr1, hdr2, hdr3, g, v0, xd, xs):
+    """Units 2g and 2g + 1's value from their integer dots over sub-blocks 2g (lo: values v0 ..
+    v0 + 31) and 2g + 1 (hi: v0 + 32 ..): d (sc_a dx_a lo + sc_b dx_b hi) - dmin (m_a s_a +
+    m_b s_b), s the 32-value sums of the q8 activations."""
+    sc, mn = _scales_pair(hdr1, hdr2, hdr3, g)
+    gl = v0 >> 5
+    xl = v0 >> 4
+    return (_f16_half(hdr0, 0) * (float32(int32(sc & uint32(0xFF))) * xd[gl] * float32(lo)
+                                  + float32(int32(sc >> uint32(8))) * xd[gl + 1] * float32(hi))
+            - _f16_half(hdr0, 1) * (float32(int32(mn & uint32(0xFF))) * (xs[xl] + xs[xl + 1])
+                                    + float32(int32(mn >> uint32(8))) * (xs[xl + 2] + xs[xl + 3])))
+
+
+@cuda.jit(device=True, inline=True)
+def _pair_q4_k(a0, a1, a2, a3, b0, b1, b2, b3, h0, h1, h2, h3, h4, h5, h6, h7, k0, k1, k2, k3,
+               k4, k5, k6, k7, u, nb, xq, xd, xs):
+    """Units u (even) and u + 1: bytes 32g .. 32g + 31 of qs (g = (u % 8) // 2); low nibbles are
+    values 64g + i (sub-block 2g), high ones 64g + 32 + i (2g + 1); header words h0..h3 (the
+    odd unit's fetch, k0..k7, is the same header)."""
+    g = (u >> 1) & 3
+    v0 = 256 * (u >> 3) + 64 * g
+    w = v0 >> 2
+    m = uint32(LO)
+    f = uint32(4)
+    lo = _dot16(a0 & m, a1 & m, a2 & m, a3 & m, xq, w) + \
+        _dot16(b0 & m, b1 & m, b2 & m, b3 & m, xq, w + 4)
+    hi = _dot16((a0 >> f) & m, (a1 >> f) & m, (a2 >> f) & m, (a3 >> f) & m, xq, w + 8) + \
+        _dot16((b0 >> f) & m, (b1 >> f) & m, (b2 >> f) & m, (b3 >> f) & m, xq, w + 12)
+    return _pair_sum(lo, hi, h0, h1, h2, h3, g, v0, xd, xs)
+
+
+@cuda.jit(device=True, inline=True)
+def _pair_q5_k(a0, a1, a2, a3, b0, b1, b2, b3, e0, e1, e2, e3, h0, h1, h2, h3, f0, f1, f2, f3,
+               k4, k5, k6, k7, u, nb, xq, xd, xs):
+    """As _pair_q4_k, with the 5th bits: qh bytes 0..15 (e, the even unit's fetch) and 16..31
+    (f, the odd unit's), bit j of qh[16h + i] for sub-block j."""
+    g = (u >> 1) & 3
+    v0 = 256 * (u >> 3) + 64 * g
+    w = v0 >> 2
+    one = uint32(0x01010101)
+    sl = uint32(2 * g)
+    sh = uint32(2 * g + 1)
+    t = uint32(4)
+    lo = _dot16(_bits_at(a0, e0, sl, one), _bits_at(a1, e1, sl, one), _bits_at(a2, e2, sl, one),
+                _bits_at(a3, e3, sl, one), xq, w) + \
+        _dot16(_bits_at(b0, f0, sl, one), _bits_at(b1, f1, sl, one), _bits_at(b2, f2, sl, one),
+               _bits_at(b3, f3, sl, one), xq, w + 4)
+    hi = _dot16(_bits_at(a0 >> t, e0, sh, one), _bits_at(a1 >> t, e1, sh, one),
+                _bits_at(a2 >> t, e2, sh, one), _bits_at(a3 >> t, e3, sh, one), xq, w + 8) + \
+        _dot16(_bits_at(b0 >> t, f0, sh, one), _bits_at(b1 >> t, f1, sh, one),
+               _bits_at(b2 >> t, f2, sh, one), _bits_at(b3 >> t, f3, sh, one), xq, w + 12)
+    return _pair_sum(lo, hi, h0, h1, h2, h3, g, v0, xd, xs)
+
+
 @cuda.jit(device=True, inline=True)
 def _fetch_q6_k(row, row8, u, nb):
     """qh words of the unit, its two int8 scales (low and high half, one word), the d word."""
@@ -563,6 +623,9 @@ F32_UNITS = {
     BF16: (_fetch_none, _dot_bf16, 4, 32),
 }
 
+# type -> its pair dot (PAIR_UNITS): units u, u + 1 from both units' quants and fetched words
+PAIR_DOTS = {Q4_K: _pair_q4_k, Q5_K: _pair_q5_k}
+
 # type -> (fetch, dot, units per block, values per block)
 UNITS = {
     Q4_0: (_fetch_q4_0, _dot_q4_0, 1, 32), Q4_1: (_fetch_q4_1, _dot_q4_1, 1, 32),
@@ -709,7 +772,7 @@ def finish_rope_pair(p, p0, p1, head_dim, neox, bias, a, b, o0, o1, o2, e0, e1, 
 @functools.lru_cache(maxsize=None)
 def q8_kernel(qtype: int, n_mat: int, norm: bool, mode: int, warps: int, unroll: int,
               split: int, probe: int = 0, head_dim: int = 0, neox: bool = False,
-              prequant: bool = False):
+              prequant: bool = False, pairs: bool = False):
     """The fast mat-vec kernel (module docstring); arguments and launch as gemv.py's kernel.
     `split` warps of a block share each row pair, each taking a slice of its units."""
     from ._jit import cuda_kernel
@@ -722,6 +785,16 @@ def q8_kernel(qtype: int, n_mat: int, norm: bool, mode: int, warps: int, unroll:
     swiglu = mode == 3
     groups = warps // split  # pairs a block works on at once
     rope = mode >= 4         # modes 4, 5: Q, K, V with rope and the cache store (5: + bias)
+    pairs = pairs and qtype in PAIR_DOTS and unroll % 2 == 0
+    pair_dot = PAIR_DOTS[qtype] if pairs else dot
+
+    @cuda.jit(device=True, inline=True)
+    def slot(ub, lane, i):
+        """The unit of batch slot i of a lane: ub + lane + 32 i, or with pairs the units
+        ub + 2 lane + 64 (i // 2) + i % 2 (a lane's slots 2j, 2j + 1 adjacent)."""
+        if pairs:
+            return ub + 2 * lane + 2 * WARP * (i >> 1) + (i & 1)
+        return ub + lane + WARP * i
     n_angles = max(1, head_dim // 2)
 
     @cuda.jit(device=True, inline=True)
@@ -740,11 +813,11 @@ def q8_kernel(qtype: int, n_mat: int, norm: bool, mode: int, warps: int, unroll:
             finish_pair(p, p0, p1, mode, a, b, o0, o1, o2, e0, e1, e2, rows0, rows1, rows2)
 
     @cuda.jit(device=True, inline=True)
-    def load(ra, rb, ra8, rb8, u0, u_end, nb, qa, qb, ha, hb):
-        """Batch loads: units u0 + 32 i (i < unroll, below u_end) of both rows, quants and
-        fetched words."""
+    def load(ra, rb, ra8, rb8, ub, lane, u_end, nb, qa, qb, ha, hb):
+        """Batch loads: the lane's units slot(ub, lane, i) (i < unroll, below u_end) of both
+        rows, quants and fetched words."""
         for i in range(unroll):
-            u = u0 + WARP * i
+            u = slot(ub, lane, i)
             if u < u_end:
                 qa[4 * i], qa[4 * i + 1], qa[4 * i + 2], qa[4 * i + 3] = load_u32x4(ra, u)
                 qb[4 * i], qb[4 * i + 1], qb[4 * i + 2], qb[4 * i + 3] = load_u32x4(rb, u)
@@ -754,10 +827,22 @@ def q8_kernel(qtype: int, n_mat: int, norm: bool, mode: int, warps: int, unroll:
                  hb[8 * i + 5], hb[8 * i + 6], hb[8 * i + 7]) = fetch(rb, rb8, u, nb)
 
     @cuda.jit(device=True, inline=True)
-    def compute(u0, u_end, nb, q, h, xq, xd, xs):
+    def compute(ub, lane, u_end, nb, q, h, xq, xd, xs):
         acc = float32(0)
+        if pairs:                        # slots 2j, 2j + 1: units u, u + 1 (u_end is even)
+            for j in range(unroll // 2):
+                u = slot(ub, lane, 2 * j)
+                if u < u_end:
+                    a = 8 * j
+                    c = 16 * j
+                    acc += pair_dot(q[a], q[a + 1], q[a + 2], q[a + 3], q[a + 4], q[a + 5],
+                                    q[a + 6], q[a + 7], h[c], h[c + 1], h[c + 2], h[c + 3],
+                                    h[c + 4], h[c + 5], h[c + 6], h[c + 7], h[c + 8], h[c + 9],
+                                    h[c + 10], h[c + 11], h[c + 12], h[c + 13], h[c + 14],
+                                    h[c + 15], u, nb, xq, xd, xs)
+            return acc
         for i in range(unroll):
-            u = u0 + WARP * i
+            u = slot(ub, lane, i)
             if u < u_end and probe == 2:
                 t = q[4 * i] ^ q[4 * i + 1] ^ q[4 * i + 2] ^ q[4 * i + 3]
                 for j in range(8):
@@ -803,7 +888,7 @@ def q8_kernel(qtype: int, n_mat: int, norm: bool, mode: int, warps: int, unroll:
         p = first + wi // split
         if rounds > 0 and p < n_pairs:                   # batch 0 flies during the staging
             ra, rb, ra8, rb8, last = views(p, p0, p1, w0, w1, w2, v0, v1, v2)
-            load(ra, rb, ra8, rb8, u_lo + lane, u_end, nb, qa, qb, ha, hb)
+            load(ra, rb, ra8, rb8, u_lo, lane, u_end, nb, qa, qb, ha, hb)
         if probe == 1 or prequant:       # prequant: quant_kernel's output is in norm_w's slot
             pass
         elif f32x:
@@ -837,9 +922,9 @@ def q8_kernel(qtype: int, n_mat: int, norm: bool, mode: int, warps: int, unroll:
                 ra, rb, ra8, rb8, last = views(p, p0, p1, w0, w1, w2, v0, v1, v2)
                 for u0 in range(u_lo, u_end, step):
                     if k > 0 or u0 > u_lo:
-                        load(ra, rb, ra8, rb8, u0 + lane, u_end, nb, qa, qb, ha, hb)
-                    acc_a += compute(u0 + lane, u_end, nb, qa, ha, xq, xd, xs)
-                    acc_b += compute(u0 + lane, u_end, nb, qb, hb, xq, xd, xs)
+                        load(ra, rb, ra8, rb8, u0, lane, u_end, nb, qa, qb, ha, hb)
+                    acc_a += compute(u0, lane, u_end, nb, qa, ha, xq, xd, xs)
+                    acc_b += compute(u0, lane, u_end, nb, qb, hb, xq, xd, xs)
             a = warp_sum(acc_a)
             b = warp_sum(acc_b)
             if split == 1:

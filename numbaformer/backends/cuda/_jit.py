@@ -1,6 +1,5 @@
 """The CUDA backend's kernel decorator: cuda.jit(cache=True) into the CUDA kernel cache folder."""
 from numba import cuda
-from numba.cuda.core import config
 
 from ..kernel_cache import cached
 
@@ -11,6 +10,8 @@ def cuda_kernel_bounded(max_threads: int):
     """cuda_kernel with launch bounds (PTX .maxntid): the compiler keeps the kernel within the
     registers that blocks of max_threads leave each thread (64 at 1024). The simulator has no such
     option (nor registers)."""
-    if config.ENABLE_CUDASIM:
-        return cuda_kernel
-    return cached("cuda", cuda.jit(cache=True, launch_bounds=max_threads))
+    try:
+        deco = cuda.jit(cache=True, launch_bounds=max_threads)
+    except TypeError:       # the simulator's jit (config.ENABLE_CUDASIM may have been re-read
+        return cuda_kernel  # from a changed environment since numba.cuda was imported)
+    return cached("cuda", deco)

@@ -255,7 +255,7 @@ ptx["Q4_K swiglu"] = compile(k, sig)
     for name, text in ptx.items():
         for op in ("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",
                    "ldmatrix.sync.aligned.m8n8.x4.shared.b16", "cp.async.cg.shared.global",
-                   "cp.async.wait_group 0", "bar.sync"):
+                   "cp.async.commit_group", "cp.async.wait_group", "bar.sync"):
             assert op in text, (name, op)
         assert ("cvt.rn.bf16x2.f32" in text) == (name != "BF16"), name   # BF16: the bits as they are
         info = ptxas_info(text)

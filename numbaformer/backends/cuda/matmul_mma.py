@@ -56,13 +56,14 @@ from .mma import (cp_async16, cp_async_commit, cp_async_wait, ldmatrix_x4, load_
 from .reduce import block_sum
 
 # (BM tokens, BN weight rows, WM, WN warps) per block, largest first: a launch takes the first
-# whose grid fills the GPU (>= MMA_FILL blocks per SM), else the last.
+# whose grid fills the GPU (>= MMA_FILL blocks per SM: 512 x 4096 at 128 x 128 is 128 blocks on
+# the H200's 132 SMs), else the last.
 MMA_TILES = ((128, 128, 2, 4), (64, 128, 2, 4), (64, 64, 2, 2))
 MMA_BK = 32                # values of the shared dimension per k-tile (32, 64, 128 or 256)
 MMA_LOOKAHEAD = 2          # x tiles (and raw units) copied ahead of the tile in use
 MMA_MIN_BLOCKS = 1         # launch bounds: blocks per SM the registers must allow
 MAX_SMEM = 227 << 10       # the most dynamic shared memory a block may opt in to (sm_90)
-MMA_FILL = 1
+MMA_FILL = 0.9
 BF16_THREADS = 256
 EPILOGUES = {"store": 0, "bias": 1, "residual": 2, "swiglu": 3}
 

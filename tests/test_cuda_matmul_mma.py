@@ -258,7 +258,7 @@ ptx["Q4_K swiglu"] = compile(k, sig)
     for name, text in ptx.items():
         for op in ("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",
                    "ldmatrix.sync.aligned.m8n8.x4.shared.b16", "cp.async.cg.shared.global",
-                   "cp.async.wait_group 0", "bar.sync"):
+                   "cp.async.commit_group", "cp.async.wait_group", "bar.sync"):
             assert op in text, (name, op)
         assert ("cvt.rn.bf16x2.f32" in text) == (name != "BF16"), name   # BF16: the bits as they are
         info = ptxas_info(text)
@@ -267,3 +267,14 @@ ptx["Q4_K swiglu"] = compile(k, sig)
         figures.append(f"{name} {info['registers']} regs")
         assert info["spill_stores"] == 0 and info["spill_loads"] == 0, (name, info)
     record_figure("tensor-core GEMM registers (sm_90, ptxas)", ", ".join(figures))
+
+
+def test_pick_tile_fills_the_gpu():
+    """The largest tile whose grid gives every SM a block (0.9 per SM), else the smallest: the
+    8B shapes on 132 SMs."""
+    from numbaformer.backends.cuda.matmul_mma import MMA_TILES, pick_tile
+    assert MMA_TILES[0] == (128, 128, 2, 4)
+    assert pick_tile(512, 4096, False, 132) == (128, 128, 2, 4)       # 128 blocks
+    assert pick_tile(512, 14336, True, 132) == (128, 128, 2, 4)       # SwiGLU: 64 rows a block
+    assert pick_tile(512, 1024, False, 132) == (64, 64, 2, 2)         # K/V: 128 blocks
+    assert pick_tile(5, 576, False, 132) == MMA_TILES[-1]

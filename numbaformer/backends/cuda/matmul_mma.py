@@ -43,7 +43,7 @@ import math
 import os
 
 import numpy as np
-from numba import cuda, float32, uint32
+from numba import cuda, float32, int64, uint32
 from numba.cuda.core import config
 
 from ...quants import BF16, F16, F32, GGML_TYPES, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q8_0
@@ -56,17 +56,18 @@ from .mma import (cp_async16, cp_async_commit, cp_async_wait, ldmatrix_x4, load_
                   mma_bf16, pack_bf16x2, store_shared_u32x4)
 from .reduce import block_sum
 
-# (BM tokens, BN weight rows, WM, WN warps) per block, largest first: a launch takes the first
-# whose grid fills the GPU (>= MMA_FILL blocks per SM), else the last.
 # Off by default until it is measured on a GPU (it was written and tested under the simulator):
 # NUMBAFORMER_MMA=1 makes it the CUDA backend's prefill product (scripts/gpu_mma_check.py times it)
 ENABLED = os.environ.get("NUMBAFORMER_MMA", "0") == "1"
+# (BM tokens, BN weight rows, WM, WN warps) per block, largest first: a launch takes the first
+# whose grid fills the GPU (>= MMA_FILL blocks per SM: 512 x 4096 at 128 x 128 is 128 blocks on
+# the H200's 132 SMs), else the last.
 MMA_TILES = ((128, 128, 2, 4), (64, 128, 2, 4), (64, 64, 2, 2))
 MMA_BK = 32                # values of the shared dimension per k-tile (32, 64, 128 or 256)
 MMA_LOOKAHEAD = 2          # x tiles (and raw units) copied ahead of the tile in use
 MMA_MIN_BLOCKS = 1         # launch bounds: blocks per SM the registers must allow
 MAX_SMEM = 227 << 10       # the most dynamic shared memory a block may opt in to (sm_90)
-MMA_FILL = 1
+MMA_FILL = 0.9
 BF16_THREADS = 256
 EPILOGUES = {"store": 0, "bias": 1, "residual": 2, "swiglu": 3}
 
@@ -364,6 +365,8 @@ def _gemm_kernel(qtype: int, bm: int, bn: int, bk: int, wm: int, wn: int, epilog
     X_WORDS = XST * bm * bk // 2
     W_WORDS = 2 * bn * bk // 2
     nbu, tpu, cpb, bs = plan["nbu"], plan["tpu"], plan["cpb"], plan["bs"]
+    assert tpu & (tpu - 1) == 0, tpu            # tiles per raw unit: a power of two
+    R_FIRST = (1 // tpu) % RST                  # raw stage of tile 1's unit
     UB, P, SHIFT = plan["unit"], plan["pitch"], plan["shift"]
     lens = plan["lens"]
     n_planes = len(lens)
@@ -410,21 +413,28 @@ def _gemm_kernel(qtype: int, bm: int, bn: int, bk: int, wm: int, wn: int, epilog
         return half, min(r, rows - 1)
 
     @cuda.jit(device=True, inline=True)
-    def stage_x(xs, xb, t, stage, m0, n_tok, cols, tid):
-        """x tile t (bm tokens x bk values, bf16) -> xs stage: one cp.async per 16-byte chunk;
-        tokens past the end repeat the last one, values past cols are zeros."""
+    def x_plan(xdst, xsrc, xcol, m0, n_tok, cols, tid):
+        """This thread's 16-byte chunks of every x tile, worked out once: xdst its offset in a
+        stage (-1: none), xsrc its source chunk in tile 0 (tokens past the end repeat the last
+        one), xcol its column chunk in the tile."""
         for it in range(X_ITERS):
             q = tid + it * threads
-            if q < bm * CPR:
-                row = q // CPR
-                c = q - row * CPR
-                kc = t * CPR + c
-                dst = stage * bm * CPR + swz(row, c)
-                if kc * 8 < cols:
-                    m = min(m0 + row, n_tok - 1)
-                    cp_async16(xs, dst, xb, m * (cols // 8) + kc)
+            row = q // CPR
+            c = q - row * CPR
+            xdst[it] = swz(row, c) if q < bm * CPR else -1
+            xsrc[it] = min(m0 + row, n_tok - 1) * (cols // 8) + c
+            xcol[it] = c
+
+    @cuda.jit(device=True, inline=True)
+    def stage_x(xs, xb, xdst, xsrc, xcol, tc, base, cols8):
+        """x tile (column chunks tc ..) -> the stage at chunk `base` of xs: one cp.async per
+        16-byte chunk, zeros past the last column."""
+        for it in range(X_ITERS):
+            if xdst[it] >= 0:
+                if tc + xcol[it] < cols8:
+                    cp_async16(xs, base + xdst[it], xb, xsrc[it] + tc)
                 else:
-                    store_shared_u32x4(xs, dst, 0, 0, 0, 0)
+                    store_shared_u32x4(xs, base + xdst[it], 0, 0, 0, 0)
 
     @cuda.jit(device=True, inline=True)
     def stage_raw(rs, w0, w1, u, stage, bx, rows, nb, tid):
@@ -479,26 +489,35 @@ def _gemm_kernel(qtype: int, bm: int, bn: int, bk: int, wm: int, wn: int, epilog
                     rs16[dst // 2] = pre[s_first[k] + it]
 
     @cuda.jit(device=True, inline=True)
-    def dequant(ws, rs, rs8, rs16, t, wstage, rstage, cols, tid, wv):
-        """Tile t's bn x bk weights from raw stage rstage -> bf16 in ws stage wstage: thread task
-        (row rho, 16-value piece pc), consecutive threads on consecutive rows."""
+    def dq_plan(dqd, dqr, dqp, tid):
+        """This thread's dequantization tasks (row rho, 16-value piece pc; consecutive threads on
+        consecutive rows), worked out once: dqd the first of its two 16-byte chunks in a weight
+        stage (-1: none; the second is dqd ^ 1, CPR being even), dqr its row's raw block offset
+        in a raw stage, dqp the piece."""
         for it in range(DQ_ITERS):
             q = tid + it * threads
-            if q < bn * HPT:
-                rho = q % bn
-                pc = q // bn
-                cc = pc // 2
-                if (t * CPT + cc) * 32 < cols:
-                    jj = (t % tpu) * CPT + cc
+            rho = q % bn
+            pc = q // bn
+            dqd[it] = swz(rho, 2 * pc) if q < bn * HPT else -1
+            dqr[it] = rho * UB + SHIFT
+            dqp[it] = pc
+
+    @cuda.jit(device=True, inline=True)
+    def dequant(ws, rs, rs8, rs16, dqd, dqr, dqp, gc, jt, wbase, rbase, cols32, wv):
+        """A tile's bn x bk weights (its first 32-value chunk: gc of the row, jt of the raw unit)
+        from the raw stage at byte rbase -> bf16 in the weight stage at chunk wbase."""
+        for it in range(DQ_ITERS):
+            if dqd[it] >= 0:
+                cc = dqp[it] >> 1
+                if gc + cc < cols32:
+                    jj = jt + cc
                     i = jj // cpb
-                    decode(rs, rs8, rs16, (rstage * bn + rho) * UB + i * P + SHIFT, jj - i * cpb,
-                           pc - 2 * cc, wv)
+                    decode(rs, rs8, rs16, rbase + dqr[it] + i * P, jj - i * cpb, dqp[it] & 1, wv)
                 else:
                     for h in range(8):
                         wv[h] = uint32(0)
-                base = wstage * bn * CPR
-                store_shared_u32x4(ws, base + swz(rho, 2 * pc), wv[0], wv[1], wv[2], wv[3])
-                store_shared_u32x4(ws, base + swz(rho, 2 * pc + 1), wv[4], wv[5], wv[6], wv[7])
+                store_shared_u32x4(ws, wbase + dqd[it], wv[0], wv[1], wv[2], wv[3])
+                store_shared_u32x4(ws, wbase + (dqd[it] ^ 1), wv[4], wv[5], wv[6], wv[7])
 
     @cuda.jit(device=True, inline=True)
     def mma_tile(xs, ws, xstage, wstage, acc, af, wmi, wni, lane):
@@ -559,6 +578,12 @@ def _gemm_kernel(qtype: int, bm: int, bn: int, bk: int, wm: int, wn: int, epilog
         af = cuda.local.array(AF, uint32)
         wv = cuda.local.array(8, uint32)
         pre = cuda.local.array(PRE, uint32)
+        xdst = cuda.local.array(X_ITERS, int64)
+        xsrc = cuda.local.array(X_ITERS, int64)
+        xcol = cuda.local.array(X_ITERS, int64)
+        dqd = cuda.local.array(DQ_ITERS, int64)
+        dqr = cuda.local.array(DQ_ITERS, int64)
+        dqp = cuda.local.array(DQ_ITERS, int64)
         tid = cuda.threadIdx.x
         lane = tid % 32
         wmi = (tid // 32) % wm
@@ -572,43 +597,59 @@ def _gemm_kernel(qtype: int, bm: int, bn: int, bk: int, wm: int, wn: int, epilog
         n_tiles = (cols + bk - 1) // bk
         for i in range(ACC):
             acc[i] = float32(0)
+        x_plan(xdst, xsrc, xcol, m0, n_tok, cols, tid)
+        dq_plan(dqd, dqr, dqp, tid)
         # Group g(i) of cp.async copies, committed at iteration i: x tile i+L and the raw unit
         # that tile i+L+1 starts, if it starts one. The prologue commits the raw unit 0, then
-        # g(-L) .. g(-1); the short planes of those units are stored at once.
+        # g(-L) .. g(-1); the short planes of those units are stored at once. Stages rotate:
+        # x tile t in x stage t % (L+1), weight tile t in weight stage t % 2, raw unit u in raw
+        # stage u % RST (counters below, not divisions).
         stage_raw(rs, w0, w1, 0, 0, bx, rows, nb, tid)
         load_short(pre, w0h, w1h, 0, bx, rows, nb, tid)
         store_short(rs16, pre, 0, tid)
         cp_async_commit()
-        for i in range(-L, 0):
-            if i + L < n_tiles:
-                stage_x(xs, xb, i + L, (i + L) % XST, m0, n_tok, cols, tid)
-            j = i + L + 1
+        r_new = 1 % RST                                  # raw stage of the next unit staged
+        for i in range(L):                               # g(i - L): x tile i, tile i+1's unit
+            if i < n_tiles:
+                stage_x(xs, xb, xdst, xsrc, xcol, i * CPR, i * bm * CPR, cols // 8)
+            j = i + 1
             if j < n_tiles and j % tpu == 0:
-                stage_raw(rs, w0, w1, j // tpu, (j // tpu) % RST, bx, rows, nb, tid)
+                stage_raw(rs, w0, w1, j // tpu, r_new, bx, rows, nb, tid)
                 load_short(pre, w0h, w1h, j // tpu, bx, rows, nb, tid)
-                store_short(rs16, pre, (j // tpu) % RST, tid)
+                store_short(rs16, pre, r_new, tid)
+                r_new = r_new + 1 if r_new + 1 < RST else 0
             cp_async_commit()
         cp_async_wait(WAIT_FIRST)
         cuda.syncthreads()                               # raw unit 0 visible to every thread
-        dequant(ws, rs, rs8, rs16, 0, 0, 0, cols, tid, wv)
+        dequant(ws, rs, rs8, rs16, dqd, dqr, dqp, 0, 0, 0, 0, cols // 32, wv)
+        x_read = 0                                       # x stage of tile t
+        x_write = L                                      # x stage of tile t + L
+        r_read = R_FIRST                                 # raw stage of tile t+1's unit
         for t in range(n_tiles):
             cp_async_wait(WAIT_LOOP)
             cuda.syncthreads()    # g(t-L) landed: x tile t, the raw unit of t+1; the dequantized
             #                       tile t visible; every warp done with tile t-1's stages
             if t + L < n_tiles:
-                stage_x(xs, xb, t + L, (t + L) % XST, m0, n_tok, cols, tid)
+                stage_x(xs, xb, xdst, xsrc, xcol, (t + L) * CPR, x_write * bm * CPR, cols // 8)
             j = t + L + 1
-            new_unit = j < n_tiles and j % tpu == 0
+            new_unit = j < n_tiles and (j & (tpu - 1)) == 0
+            r_staged = r_new
             if new_unit:
-                stage_raw(rs, w0, w1, j // tpu, (j // tpu) % RST, bx, rows, nb, tid)
+                stage_raw(rs, w0, w1, j // tpu, r_staged, bx, rows, nb, tid)
                 load_short(pre, w0h, w1h, j // tpu, bx, rows, nb, tid)
+                r_new = r_new + 1 if r_new + 1 < RST else 0
             cp_async_commit()
             if t + 1 < n_tiles:
-                dequant(ws, rs, rs8, rs16, t + 1, (t + 1) % 2, ((t + 1) // tpu) % RST, cols, tid,
-                        wv)
-            mma_tile(xs, ws, t % XST, (t % 2), acc, af, wmi, wni, lane)
+                dequant(ws, rs, rs8, rs16, dqd, dqr, dqp, (t + 1) * CPT,
+                        ((t + 1) & (tpu - 1)) * CPT, ((t + 1) & 1) * bn * CPR,
+                        r_read * bn * UB, cols // 32, wv)
+            mma_tile(xs, ws, x_read, t & 1, acc, af, wmi, wni, lane)
             if new_unit:
-                store_short(rs16, pre, (j // tpu) % RST, tid)
+                store_short(rs16, pre, r_staged, tid)
+            x_read = x_read + 1 if x_read < L else 0
+            x_write = x_write + 1 if x_write < L else 0
+            if ((t + 2) & (tpu - 1)) == 0:               # tile t+2 starts the next unit
+                r_read = r_read + 1 if r_read + 1 < RST else 0
         finish(out, extra, acc, m0, bx, wmi, wni, lane, n_tok, w0.shape[0])
 
     return _gemm

@@ -24,9 +24,15 @@ step() {   # step NAME COMMAND...: run, log, record pass/fail and the last line
   rows+=("$(printf '%-22s %-4s %4ss  %s' "$name" "$([ $rc -eq 0 ] && echo ok || echo FAIL)" \
             $((SECONDS - t0)) "$(grep -v '^\s*$' "$logs/$name.log" | tail -1 | cut -c1-110)")")
 }
-step ops        python3 -m pytest -q -m cuda -x tests/test_cuda_ops.py tests/test_cuda_intrinsics.py tests/test_cuda_graph.py
+step ops        python3 -m pytest -q -m cuda tests/test_cuda_ops.py tests/test_cuda_intrinsics.py tests/test_cuda_graph.py tests/test_cuda_mma.py tests/test_cuda_matmul_mma.py
 step models     python3 -m pytest -q -m cuda -s tests/test_cuda_model.py
-step kernels    python3 scripts/gpu_bench.py --json "$logs/kernels.json"
+step kernels    python3 scripts/gpu_bench.py --paths fast --gemm-types "" --json "$logs/kernels.json"
+# the decode mat-vec's prepared variants (off by default until timed): x quantized once per op,
+# warps sharing a row pair, K-quant pair units
+step probe      python3 scripts/gpu_probe.py --types Q4_K,Q8_0,Q4_1,Q6_K,Q5_K \
+                    --variants base,prequant,pq-split2,pq-split4,pairs,pq-pairs
+# the tensor-core primitives and GEMM (issue 9; the GEMM is opt-in: NUMBAFORMER_MMA=1)
+step mma        python3 scripts/gpu_mma_check.py --budget 150 --json "$logs/mma.json"
 if [ "${1:-}" = "--sanitize" ] || [ "${2:-}" = "--sanitize" ]; then
   # compute-sanitizer over the kernel tests at toy sizes (real launch shapes); --error-exitcode
   # turns any report into a failure
@@ -47,4 +53,6 @@ echo; echo "gpu_check summary ($(nvidia-smi --query-gpu=name --format=csv,nohead
 printf '%s\n' "${rows[@]}"
 grep -h "pp512\|tg128\|kernel launches\|| total" "$logs"/bench-*.log 2>/dev/null
 grep -h "max |dlogprob|\|vs llama.cpp" "$logs/models.log" 2>/dev/null
+sed -n '/^probe:/,$p' "$logs/probe.log" 2>/dev/null
+tail -12 "$logs/mma.log" 2>/dev/null
 ! printf '%s\n' "${rows[@]}" | grep -q FAIL

@@ -45,6 +45,19 @@ def chain_cases(n_vocab: int, options: dict, n: int = 12, seed: int = 0, scale: 
         yield logits, history, p, want if min(margins.values()) > ROBUST else None
 
 
+def robust_cases(n_vocab: int, options: dict, n: int, seed: int = 0, draws: int = 20):
+    """The first n cases of chain_cases (up to draws * n of them) whose reference pick is robust:
+    at a 128k vocabulary most random top-p cases put the cut within ROBUST of p (the nucleus ends
+    among thousands of tokens of ~1e-5 probability each), so a fixed draw of n holds only a few."""
+    found = 0
+    for case in chain_cases(n_vocab, options, n=draws * n, seed=seed):
+        if case[3] is not None:
+            yield case
+            found += 1
+            if found == n:
+                return
+
+
 def op_state(ops, p: SamplingParams, history, n_vocab: int, n_ctx: int = 64, eog=(),
              stop_pos: int = 1 << 30, max_chunk: int = 16):
     """A SamplerState on backend `ops` for the `sample` op, as Model.start_sampling sets it: p's

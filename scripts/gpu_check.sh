@@ -24,7 +24,8 @@ step() {   # step NAME COMMAND...: run, log, record pass/fail and the last line
   rows+=("$(printf '%-22s %-4s %4ss  %s' "$name" "$([ $rc -eq 0 ] && echo ok || echo FAIL)" \
             $((SECONDS - t0)) "$(grep -v '^\s*$' "$logs/$name.log" | tail -1 | cut -c1-110)")")
 }
-step ops        python3 -m pytest -q -m cuda tests/test_cuda_ops.py tests/test_cuda_intrinsics.py tests/test_cuda_graph.py tests/test_cuda_mma.py tests/test_cuda_matmul_mma.py
+step ops        python3 -m pytest -q -m cuda tests/test_cuda_ops.py tests/test_cuda_intrinsics.py \
+                tests/test_cuda_graph.py tests/test_cuda_mma.py tests/test_cuda_matmul_mma.py
 step models     python3 -m pytest -q -m cuda -s tests/test_cuda_model.py
 step kernels    python3 scripts/gpu_bench.py --paths fast --gemm-types "" --json "$logs/kernels.json"
 # the decode mat-vec's prepared variants (off by default until timed): x quantized once per op,

@@ -235,6 +235,7 @@ def test_backend_prefill_takes_tensor_cores_and_exact_the_fp32_path(cu, monkeypa
 PTX_TYPES = ["Q4_K", "Q6_K", "Q8_0", "Q4_0", "F16", "BF16", "F32", "Q3_K"]
 
 
+@pytest.mark.skipif(ON_GPU, reason="an offline check (CI); device time is for the GPU checks")
 def test_ptx_gemm_per_type(record_figure):
     """The default kernel (MMA_TILES[0], MMA_BK, MMA_LOOKAHEAD, MMA_MIN_BLOCKS, store epilogue) of each type
     compiles to PTX with mma.sync, ldmatrix and cp.async, and where ptxas is installed assembles

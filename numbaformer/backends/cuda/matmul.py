@@ -1,8 +1,10 @@
 """Quantized matrix products on the GPU, weights in the GPU layout (layout.py).
 
 GEMV (decode, one token): gemv.py's fused kernels (norm prologue, several matrices, epilogues).
-GEMM (prefill): a block computes a GEMM_BM-row x GEMM_BN-token tile of the output, stepping through
-the shared dimension 32 values (one decode chunk) at a time: the X tile is copied and the W tile
+GEMM (prefill; the exact path, FP32 FFMA on f32 activations: the default prefill product is the bf16
+tensor-core GEMM of matmul_mma.py): a block computes a GEMM_BM-row x GEMM_BN-token tile of the
+output, stepping through the shared dimension 32 values (one decode chunk) at a time: the X tile
+is copied and the W tile
 dequantized into shared memory (each weight block gathered into GGUF order once per token tile,
 in a thread-local buffer, and decoded chunk by chunk), then every thread
 accumulates a GEMM_TM x GEMM_TN register block from 16-byte shared loads.

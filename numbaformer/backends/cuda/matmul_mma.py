@@ -337,7 +337,6 @@ def cached_kernel(threads: int, min_blocks: int):
     return cached("cuda", cuda.jit(cache=True, launch_bounds=(threads, min_blocks)))
 
 
-
 @functools.lru_cache(maxsize=None)
 def _gemm_kernel(qtype: int, bm: int, bn: int, bk: int, wm: int, wn: int, epilogue: int,
                  lookahead: int, min_blocks: int):

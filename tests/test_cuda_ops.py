@@ -272,6 +272,7 @@ def test_prequant_mat_vec_equals_the_staged_one(cu, monkeypatch, name, split):
     nw = dev(cu, rng.uniform(0.5, 1.5, cols).astype(np.float32))
     xr = rng.standard_normal((1, rows)).astype(np.float32)
     got = []
+    monkeypatch.setattr(gemv, "PREQUANT_MIN_BYTES", 0)
     for pre in (False, True):
         monkeypatch.setattr(gemv, "PREQUANT", pre)
         outs = [cu.alloc((1, rows)) for _ in range(3)]

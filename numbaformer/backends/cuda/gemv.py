@@ -38,7 +38,9 @@ from .reduce import WARP, warp_sum
 GEMV_WARPS = 8
 BLOCKS_PER_SM = 4
 PREQUANT = False         # quantized types: x quantized by a kernel of its own, read from L2 by every
-                         # block, instead of each block staging it (not yet timed on a GPU)
+                         # block, instead of each block staging it (not yet timed on a GPU) ..
+PREQUANT_MIN_BYTES = 8 << 20   # .. for launches reading this much (a small model's mat-vecs are
+                               # latency-bound: a second launch would cost more than the staging)
 SEGMENT_BYTES = 1024     # weight bytes a warp stages per step (exact path)
 MODES = {"store": 0, "bias": 1, "residual": 2, "swiglu": 3}
 
@@ -221,7 +223,8 @@ def gemv(outs, ws, x, stream, *, mode: str = "store", extras=None, norm_w=None, 
     pairs = ws[0].rows if m == 3 else sum((w.rows + 1) // 2 for w in ws)
     slots = _n_sms() * BLOCKS_PER_SM * GEMV_WARPS          # warps of a full grid
     split = 1
-    prequant = PREQUANT and fast_path(qtype, exact) and qtype not in F32_UNITS
+    prequant = PREQUANT and fast_path(qtype, exact) and qtype not in F32_UNITS and \
+        sum(w.data.nbytes for w in ws) >= PREQUANT_MIN_BYTES
     if prequant:
         buf = _prequant(x, norm_w, eps, qtype, stream)
         norm_w, eps = buf, 0.0             # the kernel reads buf in norm_w's slot, no norm

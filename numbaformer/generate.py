@@ -78,7 +78,7 @@ def generate_step(model, prompt_ids: Sequence[int], sampler, *, max_tokens: int,
     stats = stats if stats is not None else GenerationStats()
     eog = frozenset(eog_ids)
     params = sampler.params
-    chain = logprobs == 0 and model.ops.samples_on_device
+    chain = logprobs == 0 and model.samples_on_device
     on_device = not chain and params.greedy and not params.has_penalties and logprobs == 0
     history = list(prompt_ids)
     n_cached = min(n_cached, len(history) - 1)          # at least one token must run

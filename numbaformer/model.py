@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from .backends.base import Backend, RopeParams, SamplerState, sampler_params
+from .backends.base import ID_BITS, Backend, RopeParams, SamplerState, sampler_params
 from .kvcache import KVCache
 from .loader import ModelFile
 
@@ -120,6 +120,12 @@ class Model:
         self.ops.replay(("decode_greedy", n), steps)
         return [int(t) for t in self.ops.to_host(b.chunk_ids)[:n]]
 
+    @property
+    def samples_on_device(self) -> bool:
+        """Whether generation picks with the `sample` op (the backend's choice; device ids are
+        ID_BITS wide, so larger vocabularies sample on the host)."""
+        return self.ops.samples_on_device and self.cfg.n_vocab <= 1 << ID_BITS
+
     def start_sampling(self, sampler, history, eog_ids=(), max_tokens: int = -1) -> None:
         """Set the sampling chain for one generation: sampler's params and seed (make_sampler),
         the penalty window over `history` (the prompt; the chain appends each pick), the ids
@@ -188,7 +194,7 @@ class Model:
         self.forward([0, 0], 0)
         self.forward([0], 2, greedy=True)
         self.greedy_token()
-        if self.ops.samples_on_device:             # the sampling chain's kernel
+        if self.samples_on_device:                 # the sampling chain's kernel
             v = self.buf.rows(1)
             self.ops.sample(self.buf.logits[0], v.ids_last, v.pos_last, self.buf.sampler, 0)
             self.sampled()

@@ -135,8 +135,9 @@ PHILOX_W = (0x9E3779B9, 0xBB67AE85)
 
 
 def philox4x32_10(ctr, key):
-    """Random123's philox4x32_R(10, ctr, key) on Python ints: a round with the key, then the key
-    bumped before each of rounds 2..10."""
+    """Random123's philox4x32_R(10, ctr, key): a round with the key, then the key bumped before
+    each of rounds 2..10. Counter words are Python ints or numpy uint64 arrays (one counter per
+    element), key words Python ints."""
     ctr, key = list(ctr), list(key)
     for r in range(10):
         if r:
@@ -148,9 +149,11 @@ def philox4x32_10(ctr, key):
 
 def gumbel(seed, index, token):
     """-log(-log(u)), u = (top 24 bits of Philox word token % 4 of counter (token // 4, index, 0, 0)
-    under key (seed % 2^32, seed // 2^32)) + 1/2) / 2^24."""
-    token, index, seed = int(token), int(index), int(seed)
-    word = philox4x32_10((token // 4, index, 0, 0), (seed % 2**32, seed // 2**32))[token % 4]
+    under key (seed % 2^32, seed // 2^32)) + 1/2) / 2^24; token an id or an array of ids."""
+    token, seed = np.asarray(token).astype(np.uint64), int(seed)
+    zero = token * 0
+    words = philox4x32_10((token // 4, zero + int(index), zero, zero), (seed % 2**32, seed >> 32))
+    word = np.choose((token % 4).astype(np.intp), words)
     return -np.log(-np.log(((word >> 8) + 0.5) / 2**24))
 
 
@@ -187,8 +190,9 @@ def sample_chain(logits, recent, *, temperature, top_k=0, top_p=1.0, min_p=0.0,
         ratio = np.log(w[:keep])                   # log(p / p_max)
         keep = min(keep, max(1, int(np.sum(ratio >= np.log(min_p)))))
         gaps["min_p"] = np.abs(ratio - np.log(min_p)).min()
-    scores = sorted(((x[i] - x[order[0]]) / temperature + gumbel(seed, index, i), i)
-                    for i in order[:keep])
+    cand = order[:keep]
+    scores = (x[cand] - x[order[0]]) / temperature + gumbel(seed, index, cand)
+    best = np.lexsort((cand, -scores))                    # the best score, then the smaller id
     if keep > 1:
-        gaps["draw"] = scores[-1][0] - scores[-2][0]
-    return int(scores[-1][1]), gaps
+        gaps["draw"] = scores[best[0]] - scores[best[1]]
+    return int(cand[best[0]]), gaps

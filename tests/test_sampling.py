@@ -247,6 +247,7 @@ def test_philox_and_gumbel_against_the_reference():
     ids = np.array([0, 1, 2, 3, 4, 1001, 128255])
     want = [R.gumbel(seed, index, int(t)) for t in ids]
     assert np.array_equal(gumbel(seed, index, ids), want)
+    assert np.array_equal(R.gumbel(seed, index, ids), want)        # the reference, vectorized
     assert uniform24(np.uint64(0)) == 2.0 ** -25 and uniform24(np.uint64(2**32 - 1)) < 1.0
 
 

@@ -460,10 +460,10 @@ def _sample_kernel(out, logits, ids, pos, fp, ip, hist, counts, eog, h0c, h0m, j
     wm = cuda.shared.array(32, int64)
     sv = cuda.shared.array(4, int64)
     n = logits.shape[0]
-    last_n = ip[I_LAST_N]
+    index = pos[0] + 1                     # the position of the token being sampled (read before
+    last_n = ip[I_LAST_N]                  # any barrier: thread 0 moves pos on at the end)
     m, pick = _penalize_and_max(logits, counts, fp, last_n != 0, wv, wi)
     temp = float32(fp[F_TEMP])
-    index = pos[0] + 1                     # the position of the token being sampled
     seed = uint64(ip[I_SEED])
     k = ip[I_TOP_K]
     k_on = k > 0 and k < n

@@ -1,15 +1,34 @@
-"""Load a model onto a backend: the one entry point the CLI commands share."""
+"""Load a model onto a backend (the one entry point the CLI commands share), and the engine loop
+over many sequences: add_request() / abort() / step(), each step the scheduler's batch run by the
+model in one forward (nano-vllm's schedule() -> run() -> postprocess()).
+"""
 from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import numpy as np
 
 from .backends import select_backend
+from .blocks import BLOCK_SIZE, BlockManager
 from .loader import ModelFile, load_model_file
 from .model import Model
+from .scheduler import Scheduler, Sequence
 
 DEFAULT_CTX = 4096
+BATCH_CTX_BLOCKS = 1024 // BLOCK_SIZE   # default pool: this many blocks per sequence (or n_ctx's)
+
+
+@dataclass
+class Batching:
+    """The batched path: a model with a paged cache (sharing the weights), its block manager and
+    scheduler."""
+
+    model: Model
+    blocks: BlockManager
+    scheduler: Scheduler
+    seqs: dict = field(default_factory=dict)          # seq_id -> Sequence, until finished
 
 
 @dataclass
@@ -17,6 +36,73 @@ class Engine:
     mf: ModelFile
     model: Model
     load_s: float
+    batching: Batching | None = None
+
+    def start_batching(self, max_seqs: int = 16, max_batched_tokens: int = 512,
+                       kv_blocks: int | None = None) -> Batching:
+        """Build the batched path (once; later calls return it): a paged KV cache of kv_blocks
+        blocks (default: max_seqs x 1024 positions, at least one full context), up to max_seqs
+        sequences and max_batched_tokens rows a step. The single-sequence model is untouched."""
+        if self.batching is None:
+            m = self.model
+            per_seq = -(-m.n_ctx // BLOCK_SIZE)
+            kv_blocks = kv_blocks or max(per_seq, max_seqs * min(per_seq, BATCH_CTX_BLOCKS))
+            model = Model(self.mf, m.ops, m.n_ctx, max_batched_tokens, kv_type=m.kv.kv_type,
+                          max_seqs=max_seqs, kv_blocks=kv_blocks)
+            bm = BlockManager(kv_blocks, BLOCK_SIZE)
+            self.batching = Batching(model, bm, Scheduler(bm, m.n_ctx, max_seqs,
+                                                          model.n_batch))
+        return self.batching
+
+    def add_request(self, prompt_ids, max_tokens: int = 64, sampler=None,
+                    stop_ids=None) -> int:
+        """Queue a sequence (prompt token ids; sampler: make_sampler's callable, None: greedy;
+        stop_ids: default the tokenizer's end-of-generation ids); returns its id."""
+        b = self.start_batching()
+        stop = self.tokenizer.eog_ids if stop_ids is None else frozenset(stop_ids)
+        seq = Sequence(list(prompt_ids), max_tokens=max_tokens, stop_ids=stop, sampler=sampler)
+        b.scheduler.add(seq)
+        b.seqs[seq.seq_id] = seq
+        return seq.seq_id
+
+    def abort(self, seq_id: int) -> bool:
+        """Drop a queued or running sequence (its blocks freed)."""
+        b = self.start_batching()
+        b.seqs.pop(seq_id, None)
+        return b.scheduler.abort(seq_id)
+
+    def has_unfinished(self) -> bool:
+        return self.batching is not None and not self.batching.scheduler.is_finished()
+
+    def step(self) -> list[Sequence]:
+        """One step: schedule, run the batch in one forward, pick each emitting sequence's token,
+        postprocess; returns the sequences that finished in it."""
+        b = self.start_batching()
+        batch = b.scheduler.schedule()
+        if batch is None:
+            return []
+        logits = b.model.forward_batch(batch)
+        tokens = [self._pick(s, logits[i]) if e else -1
+                  for i, (s, e) in enumerate(zip(batch.seqs, batch.emits))]
+        done = b.scheduler.postprocess(batch, tokens)
+        for s in done:
+            b.seqs.pop(s.seq_id, None)
+        return done
+
+    @staticmethod
+    def _pick(seq: Sequence, logits: np.ndarray) -> int:
+        if seq.sampler is None:
+            return int(np.argmax(logits))
+        return int(seq.sampler(logits, seq.token_ids, len(seq.token_ids)))
+
+    def generate_batch(self, prompts, max_tokens: int = 64, samplers=None) -> list[Sequence]:
+        """Run prompts (lists of token ids) to the end together; their Sequences, in order."""
+        ids = [self.add_request(p, max_tokens, samplers[i] if samplers else None)
+               for i, p in enumerate(prompts)]
+        seqs = [self.batching.seqs[i] for i in ids]
+        while self.has_unfinished():
+            self.step()
+        return seqs
 
     @property
     def config(self):

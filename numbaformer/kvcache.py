@@ -1,4 +1,11 @@
-"""KV cache layout: one K and one V array (n_layer, n_kv_head, n_ctx, head_dim), allocated once.
+"""Paged KV cache: per layer a pool of slots (n_layer, n_kv_head, n_slots, head_dim) for K and for
+V, allocated once, cut into blocks of block_size slots (block b = slots b*B .. b*B + B - 1).
+
+A sequence's block table maps its positions to slots: position p lives at slot
+table[p // B] * B + p % B (blocks.py hands out the tables). A step writes each row's new K/V at its
+slot (the slot mapping; a slot < 0 writes nowhere) and each row attends to positions 0..pos through
+its sequence's table. The plain cache (`slots` None) is the identity table: one block spanning the
+whole pool, slot == position, the single-sequence path of today (same kernels, same results).
 
 kv_type "f16" halves the cache on the GPU (llama.cpp's default); "f32" keeps K and V exact. On the
 CPU (numba has no float16 arithmetic) "f16" stores f32 values rounded to f16, for parity with the GPU.
@@ -6,6 +13,7 @@ Measured on SmolLM2 (8 blocks): f16 storage moves log-probs by up to ~2e-2 again
 """
 from __future__ import annotations
 
+from .blocks import BLOCK_SIZE
 from .config import ModelConfig
 
 
@@ -13,16 +21,41 @@ KV_TYPES = ("f16", "f32")
 
 
 class KVCache:
-    """K/V for every layer at context n_ctx, on a backend. Positions are the cache rows."""
+    """K/V for every layer, n_slots positions (n_ctx, or n_blocks * block_size when paged), on a
+    backend. As built, the identity table (slot == position); `paged(...)` gives a view that
+    reads and writes through block tables."""
 
-    def __init__(self, backend, cfg: ModelConfig, n_ctx: int, kv_type: str):
+    slots = None              # (n,) int32: each row's slot to write (None: its position)
+    tables = None             # (n_seqs, max_blocks) int32: block tables (None: identity)
+    row_seq = None            # (n,) int32: the row's sequence (its row of tables)
+
+    def __init__(self, backend, cfg: ModelConfig, n_ctx: int, kv_type: str,
+                 n_blocks: int | None = None, block_size: int = BLOCK_SIZE):
         if kv_type not in KV_TYPES:
             raise ValueError(f"kv type must be one of {', '.join(KV_TYPES)}, got {kv_type!r}")
-        self.n_ctx, self.kv_type = n_ctx, kv_type
+        self.n_ctx, self.kv_type, self.block_size = n_ctx, kv_type, block_size
+        self.n_blocks = n_blocks or 0
+        n_slots = max(n_ctx, self.n_blocks * block_size)
         dtype = backend.kv_dtype(kv_type)
-        self.shape = (cfg.n_layer, cfg.n_head_kv, n_ctx, cfg.head_dim)
-        self.k = backend.alloc(self.shape, dtype)      # (n_layer, n_kv_head, n_ctx, head_dim)
+        self.shape = (cfg.n_layer, cfg.n_head_kv, n_slots, cfg.head_dim)
+        self.k = backend.alloc(self.shape, dtype)      # (n_layer, n_kv_head, n_slots, head_dim)
         self.v = backend.alloc(self.shape, dtype)
+
+    @property
+    def n_slots(self) -> int:
+        return self.shape[2]
+
+    @property
+    def is_paged(self) -> bool:
+        return self.slots is not None
+
+    def paged(self, slots, tables, row_seq) -> KVCache:
+        """A view of the same K/V that writes rows at slots (n,) and reads each row's keys
+        through tables[row_seq[t]] (backend int32 arrays, fixed at load so a graph can replay)."""
+        view = KVCache.__new__(KVCache)
+        view.__dict__.update(self.__dict__)
+        view.slots, view.tables, view.row_seq = slots, tables, row_seq
+        return view
 
     @property
     def nbytes(self) -> int:

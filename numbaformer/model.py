@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from .backends.base import ID_BITS, Backend, RopeParams, SamplerState, sampler_params
+from .blocks import BLOCK_SIZE
 from .kvcache import KVCache
 from .loader import ModelFile
 
@@ -21,9 +22,11 @@ DECODE_CHUNK = 8               # the steps generation and bench run per replay
 
 
 class Buffers:
-    """Activations for up to n_batch tokens, allocated once; `rows(n)` gives views of n rows."""
+    """Activations for up to n_batch tokens, allocated once; `rows(n)` gives views of n rows.
+    With max_seqs, also a batched step's tables for that many sequences of max_blocks blocks."""
 
-    def __init__(self, ops: Backend, cfg, n_batch: int, n_ctx: int):
+    def __init__(self, ops: Backend, cfg, n_batch: int, n_ctx: int, max_seqs: int = 0,
+                 max_blocks: int = 0):
         a = ops.alloc
         self.ids = a((n_batch,), np.int32)               # token ids of this step
         self.pos = a((n_batch,), np.int32)               # their positions
@@ -43,6 +46,14 @@ class Buffers:
             fparams=a((8,), np.float64), iparams=a((8,), np.int64),
             hist=a((n_ctx,), np.int32), counts=a((cfg.n_vocab,), np.int32),
             eog=a((cfg.n_vocab,), np.uint8), out=a((2 + MAX_CHUNK,), np.int32))
+        if max_seqs:                                     # a batched step (forward_batch)
+            self.slots = a((n_batch,), np.int32)         # each row's cache slot (-1: padding)
+            self.row_seq = a((n_batch,), np.int32)       # each row's sequence
+            self.tables = a((max_seqs, max_blocks), np.int32)  # the sequences' block tables
+            self.last = a((max_seqs,), np.int32)         # the row of each sequence's output
+            self.x_sel = a((max_seqs, cfg.n_embd))       # those rows of x
+            self.xn_sel = a((max_seqs, cfg.n_embd))
+            self.batch_logits = a((max_seqs, cfg.n_vocab))
         self._all_logits = None
         self._ops, self._cfg, self.n_batch = ops, cfg, n_batch
 
@@ -64,16 +75,26 @@ class Buffers:
 
 
 class Model:
-    """A loaded model on a backend, with its KV cache for n_ctx positions."""
+    """A loaded model on a backend, with its KV cache for n_ctx positions. With max_seqs (> 0),
+    the cache is a pool of kv_blocks blocks of block_size, and `forward_batch` runs the rows of up
+    to max_seqs sequences (n_batch rows) a step through their block tables (scheduler.Batch)."""
 
     def __init__(self, mf: ModelFile, ops: Backend, n_ctx: int, n_batch: int = 512,
-                 kv_type: str | None = None):
+                 kv_type: str | None = None, max_seqs: int = 0, kv_blocks: int = 0,
+                 block_size: int = BLOCK_SIZE):
         cfg = mf.config
         self.cfg, self.ops, self.n_ctx = cfg, ops, n_ctx
-        self.n_batch = max(1, min(n_batch, n_ctx))
+        self.n_batch = max(1, min(n_batch, n_ctx)) if not max_seqs else max(2, n_batch)
+        self.max_seqs = max_seqs
+        self.max_blocks = -(-n_ctx // block_size)
+        if max_seqs and not ops.paged_kv:
+            raise NotImplementedError(f"batched sequences (a paged KV cache) are not on the "
+                                      f"{ops.name} backend yet")
         self.w = ops.upload(mf.weights)
-        self.kv = KVCache(ops, cfg, n_ctx, kv_type or ops.default_kv_type)
-        self.buf = Buffers(ops, cfg, self.n_batch, n_ctx)
+        self.kv = KVCache(ops, cfg, n_ctx, kv_type or ops.default_kv_type, kv_blocks or None,
+                          block_size)
+        self.buf = Buffers(ops, cfg, self.n_batch, n_ctx, max_seqs + (max_seqs == 1),
+                           self.max_blocks)
         self.rope = RopeParams.from_config(cfg)
         self.inv_freq = ops.to_device(self.rope.inv_freq(mf.weights.rope_freqs))
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
@@ -98,6 +119,41 @@ class Model:
                 if last:
                     self._head(v, self.buf.logits, pick)
         return self.buf.logits
+
+    def forward_batch(self, batch) -> np.ndarray:
+        """Run a scheduler.Batch: its rows (each at its own position, K/V written at its slot,
+        attending through its sequence's block table) in one pass over the weights; return each
+        sequence's output row's logits (n_seqs, n_vocab) as a host float32 array.
+        A lone row (or a lone output) is padded to two, so that every product of the step takes
+        the row-independent GEMM: a sequence's logits are the same bits alone or in any batch."""
+        n, m = batch.n_rows, len(batch.seqs)
+        if not self.max_seqs:
+            raise ValueError("this model was built for one sequence (max_seqs 0)")
+        if n > self.n_batch or m > self.max_seqs or batch.tables.shape[1] > self.max_blocks:
+            raise ValueError(f"batch of {n} rows / {m} sequences exceeds the model's "
+                             f"{self.n_batch} / {self.max_seqs}")
+        ops, b = self.ops, self.buf
+        pad = max(2, n) - n                        # a padding row writes nowhere
+        ops.copy_in(b.ids, np.concatenate([batch.ids, np.zeros(pad, np.int32)]))
+        ops.copy_in(b.pos, np.concatenate([batch.pos, np.zeros(pad, np.int32)]))
+        ops.copy_in(b.slots, np.concatenate([batch.slots, np.full(pad, -1, np.int32)]))
+        ops.copy_in(b.row_seq, np.concatenate([batch.row_seq, np.zeros(pad, np.int32)]))
+        tables = np.full((m, self.max_blocks), -1, np.int32)
+        tables[:, :batch.tables.shape[1]] = batch.tables
+        ops.copy_in(b.tables, tables)
+        mo = max(2, m)
+        ops.copy_in(b.last, np.concatenate([batch.last, batch.last[:1]])[:mo])
+        n += pad
+        v = self.buf.rows(n)
+        self._layers(v, self._paged(n))
+        ops.gather_rows(b.x_sel[:mo], v.x, b.last[:mo])
+        self._logits(b.x_sel[:mo], b.xn_sel[:mo], b.batch_logits[:mo])
+        return ops.to_host(b.batch_logits[:m])
+
+    @functools.lru_cache(maxsize=16)
+    def _paged(self, n: int) -> KVCache:
+        b = self.buf
+        return self.kv.paged(b.slots[:n], b.tables, b.row_seq[:n])
 
     def decode_greedy(self, tok: int, pos: int, n: int) -> list[int]:
         """n greedy decode steps in one replay: token `tok` at position pos, then each step's
@@ -223,8 +279,8 @@ class Model:
         self._layers(v)
         self._head(v, self.buf.logits, pick, j)
 
-    def _layers(self, v) -> None:
-        ops, cfg, kv = self.ops, self.cfg, self.kv
+    def _layers(self, v, kv: KVCache | None = None) -> None:
+        ops, cfg, kv = self.ops, self.cfg, kv or self.kv
         ops.embed(v.x, self.w.token_embd, v.ids)
         for i, L in enumerate(self.w.layers):
             # attention block: x += Wo attn(rope(Wq xn), rope(Wk xn), Wv xn), xn = rmsnorm(x)

@@ -411,10 +411,12 @@ def test_rope_scaling_and_freq_factors():
 ATTN_HEADS = [(3, 3, 64), (9, 3, 64), (6, 2, 32), (4, 4, 32)]       # n_head, n_kv_head, head_dim
 
 
-def make_cache(n_layer: int, n_kv: int, n_ctx: int, head_dim: int, kv_type: str = "f32"):
-    """A KVCache as the model allocates it, for a config of these sizes, every value NaN."""
+def make_cache(n_layer: int, n_kv: int, n_ctx: int, head_dim: int, kv_type: str = "f32",
+               **paging):
+    """A KVCache as the model allocates it, for a config of these sizes, every value NaN;
+    paging: n_blocks, block_size."""
     cfg = SimpleNamespace(n_layer=n_layer, n_head_kv=n_kv, head_dim=head_dim)
-    cache = KVCache(OPS, cfg, n_ctx, kv_type)
+    cache = KVCache(OPS, cfg, n_ctx, kv_type, **paging)
     cache.k[...] = np.nan
     cache.v[...] = np.nan
     return cache
@@ -463,6 +465,52 @@ def test_kv_store_and_attention(n, start, n_head, n_kv, head_dim, kv_type):
                          head_dim)
     assert np.isfinite(out).all()
     assert np.abs(out - want).max() <= 64 * U * np.abs(vals).max()
+
+
+@pytest.mark.parametrize("n_head,n_kv,head_dim", ATTN_HEADS[1:3])
+@pytest.mark.parametrize("bs", [1, 4, 7])
+def test_paged_kv_store_and_attention_equal_the_plain_cache(n_head, n_kv, head_dim, bs):
+    """Three sequences (lengths 1, 9, 23) written through slot mappings into blocks of bs scattered
+    over a shared pool, each attending through its block table, give the bits each gives alone in a
+    plain cache (slot == position); the identity table gives the plain cache's bits too; a slot of
+    -1 (padding) writes nothing."""
+    rng = np.random.default_rng([21, n_head, bs])
+    lens, layer, kv_dim, q_dim = [1, 9, 23], 1, n_kv * head_dim, n_head * head_dim
+    need = [-(-n // bs) for n in lens]
+    n_blocks = sum(need) + 3
+    perm = rng.permutation(n_blocks)
+    tables = np.full((len(lens), max(need)), -1, np.int32)
+    at = 0
+    for i, m in enumerate(need):
+        tables[i, :m] = perm[at:at + m]
+        at += m
+    pool = make_cache(2, n_kv, 0, head_dim, n_blocks=n_blocks, block_size=bs)
+    seqs = []
+    for n in lens:
+        k, v = (rng.standard_normal((n, kv_dim)).astype(np.float32) for _ in range(2))
+        q = (rng.standard_normal((n, q_dim)) * 2).astype(np.float32)
+        seqs.append((k, v, q, np.arange(n, dtype=np.int32)))
+    row_seq = np.repeat(np.arange(len(lens), dtype=np.int32), lens)
+    pos = np.concatenate([s[3] for s in seqs])
+    slots = (tables[row_seq, pos // bs] * bs + pos % bs).astype(np.int32)
+    k, v, q = (np.concatenate([s[j] for s in seqs]) for j in range(3))
+    view = pool.paged(np.append(slots, -1), tables, row_seq)
+    OPS.kv_store(view, layer, np.vstack([k, k[:1]]), np.vstack([v, v[:1]]), np.append(pos, 0))
+    paged = view.paged(slots, tables, row_seq)
+    out = np.full((len(pos), q_dim), np.nan, np.float32)
+    OPS.attention(out, q, paged, layer, pos, 0.125)
+    unused = (perm[sum(need):, None] * bs + np.arange(bs)).ravel()     # the unused blocks' slots
+    assert np.isnan(pool.k[layer, :, unused]).all() and np.isnan(pool.k[0]).all()
+    for i, (k1, v1, q1, p1) in enumerate(seqs):
+        plain = make_cache(2, n_kv, 32, head_dim, block_size=bs)
+        OPS.kv_store(plain, layer, k1, v1, p1)
+        want = np.empty((len(p1), q_dim), np.float32)
+        OPS.attention(want, q1, plain, layer, p1, 0.125)
+        assert same_bits(out[row_seq == i], want)
+        ident = plain.paged(p1, np.arange(-(-32 // bs), dtype=np.int32)[None], np.zeros_like(p1))
+        got = np.empty_like(want)
+        OPS.attention(got, q1, ident, layer, p1, 0.125)
+        assert same_bits(got, want)
 
 
 @pytest.mark.parametrize("kv_type", ["f32", "f16"])

@@ -172,15 +172,20 @@ class Backend(ABC):
     def rope(self, x, pos, n_heads: int, inv_freq, rope: RopeParams) -> None:
         """Rotate x (n, n_heads * head_dim) in place by positions pos (n,) int32."""
 
+    paged_kv = False              # kv_store/attention follow a paged cache's tables (kvcache.py)
+
     @abstractmethod
     def kv_store(self, cache, layer: int, k, v, pos) -> None:
-        """Write k, v (n, kv_dim) into KVCache `cache` (.k, .v: (n_layer, n_kv_head, n_ctx,
-        head_dim), .kv_type) of `layer` at positions pos (n,)."""
+        """Write k, v (n, kv_dim) into KVCache `cache` (.k, .v: (n_layer, n_kv_head, n_slots,
+        head_dim), .kv_type) of `layer` at positions pos (n,), or, when the cache is paged, at
+        slots cache.slots (n,) int32 (a slot < 0 writes nothing)."""
 
     @abstractmethod
     def attention(self, out, q, cache, layer: int, pos, scale: float) -> None:
         """Causal GQA attention: out[t] (q_dim) attends to positions 0..pos[t] of its KV head in
-        `cache`; q, out (n, n_head * head_dim) f32."""
+        `cache`; q, out (n, n_head * head_dim) f32. When the cache is paged, position j of row t
+        is at slot tables[row_seq[t], j // B] * B + j % B (cache.tables (n_seqs, max_blocks),
+        cache.row_seq (n,) int32, B = cache.block_size)."""
 
     @abstractmethod
     def silu_mul(self, out, gate, up) -> None:
@@ -215,6 +220,11 @@ class Backend(ABC):
         ids[0] = next_id[0]
         pos[0] += 1
         out[j] = next_id[0]
+
+    def gather_rows(self, out, x, idx) -> None:
+        """out (m, d) = x[idx] (idx (m,) int32): the rows whose logits a batched step wants.
+        Host arrays here; a device backend overrides it with a kernel."""
+        out[:] = x[idx]
 
     def replay(self, key, fn) -> None:
         """Run fn(), which only launches ops on buffers fixed at load. A backend that can record

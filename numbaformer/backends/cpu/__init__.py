@@ -27,6 +27,7 @@ class CPUBackend(Backend):
 
     name = "cpu"
     default_kv_type = "f32"
+    paged_kv = True
 
     def kv_dtype(self, kv_type: str):
         """f32 storage either way: numba has no float16 on the CPU ("f16" rounds on store)."""
@@ -153,11 +154,13 @@ class CPUBackend(Backend):
 
     @staticmethod
     def kv_store(cache, layer, k, v, pos):
-        attention.kv_store(cache.k, cache.v, layer, k, v, pos, cache.kv_type == "f16")
+        slots = pos if cache.slots is None else cache.slots
+        attention.kv_store(cache.k, cache.v, layer, k, v, slots, cache.kv_type == "f16")
 
     @staticmethod
     def attention(out, q, cache, layer, pos, scale):
-        attention.attention(out, q, cache.k, cache.v, layer, pos, scale)
+        attention.attention(out, q, cache.k, cache.v, layer, pos, scale, cache.tables,
+                            cache.row_seq, cache.block_size)
     silu_mul = staticmethod(elementwise.silu_mul)
     add = staticmethod(elementwise.add)
 

@@ -1,7 +1,9 @@
 """KV-cache writes and causal grouped-query attention on the CPU.
 
-Caches: k_cache, v_cache (n_layer, n_kv_head, n_ctx, head_dim) f32. Query token t at position
-pos[t] attends to cache positions 0..pos[t] of KV head h // (n_head // n_kv_head).
+Caches: k_cache, v_cache (n_layer, n_kv_head, n_slots, head_dim) f32. Query token t at position
+pos[t] attends to positions 0..pos[t] of KV head h // (n_head // n_kv_head), position j read at slot
+tables[row_seq[t], j // bs] * bs + j % bs (kvcache.py). The plain cache is one table [0] with
+bs = n_slots (slot == position): the same kernel, the same arithmetic.
 """
 from __future__ import annotations
 
@@ -30,10 +32,12 @@ def round_f16(x):
 
 
 @cpu_jit()
-def _kv_store(k_cache, v_cache, layer, k, v, pos, f16):
+def _kv_store(k_cache, v_cache, layer, k, v, slots, f16):
     n_kv, head_dim = k_cache.shape[1], k_cache.shape[3]
     for t in range(k.shape[0]):
-        p = pos[t]
+        p = slots[t]
+        if p < 0:                                    # a padding row writes nowhere
+            continue
         for g in range(n_kv):
             for i in range(head_dim):
                 kv = k[t, g * head_dim + i]
@@ -43,12 +47,13 @@ def _kv_store(k_cache, v_cache, layer, k, v, pos, f16):
 
 
 @cpu_jit(fastmath=FAST)
-def _attend(o, q, kc, vc, n_keys, scale, scores):
-    # o, q (head_dim,); kc, vc (n_ctx, head_dim); scores (>= n_keys,) scratch
+def _attend(o, q, kc, vc, n_keys, table, bs, scale, scores):
+    # o, q (head_dim,); kc, vc (n_slots, head_dim); table (max_blocks,) of block size bs;
+    # scores (>= n_keys,) scratch
     head_dim = q.shape[0]
     m = np.float32(-np.inf)
     for j in range(n_keys):
-        kj = kc[j]
+        kj = kc[table[j // bs] * bs + j % bs]
         s = np.float32(0)
         for i in range(head_dim):
             s += q[i] * kj[i]
@@ -64,13 +69,14 @@ def _attend(o, q, kc, vc, n_keys, scale, scores):
         o[i] = 0
     for j in range(n_keys):
         wj = scores[j] / total
-        vj = vc[j]
+        vj = vc[table[j // bs] * bs + j % bs]
         for i in range(head_dim):
             o[i] += wj * vj[i]
 
 
 @cpu_jit(parallel=True)
-def _attention(out, q, k_cache, v_cache, layer, pos, scale):
+def _attention(out, q, k_cache, v_cache, layer, pos, tables, row_seq, bs, scale):
+    # row_seq empty: every row reads tables[0]
     n_kv, head_dim = k_cache.shape[1], k_cache.shape[3]
     n_head = q.shape[1] // head_dim
     group = n_head // n_kv
@@ -78,17 +84,29 @@ def _attention(out, q, k_cache, v_cache, layer, pos, scale):
         t = task // n_head
         h = task % n_head
         g = h // group
+        s = row_seq[t] if row_seq.shape[0] > 0 else 0
         scores = np.empty(pos[t] + 1, dtype=np.float32)
         _attend(out[t, h * head_dim:(h + 1) * head_dim], q[t, h * head_dim:(h + 1) * head_dim],
-                k_cache[layer, g], v_cache[layer, g], pos[t] + 1, scale, scores)
+                k_cache[layer, g], v_cache[layer, g], pos[t] + 1, tables[s], bs, scale, scores)
 
 
-def kv_store(k_cache, v_cache, layer: int, k, v, pos, f16: bool = False) -> None:
-    """Write k, v (n, kv_dim) f32 at positions pos (n,) (validated < n_ctx); with f16, rounded
-    to f16 precision first (the GPU's f16 cache holds exactly these values)."""
-    _kv_store(k_cache, v_cache, layer, k, v, pos, f16)
+_IDENTITY = np.zeros((1, 1), np.int32)             # the plain cache's table: one block, slot == pos
+_NO_ROWS = np.zeros(0, np.int32)
 
 
-def attention(out, q, k_cache, v_cache, layer: int, pos, scale: float) -> None:
-    """out (n, q_dim) = softmax(q k^T * scale) v over cache positions 0..pos[t], per head."""
-    _attention(out, q, k_cache, v_cache, layer, pos, np.float32(scale))
+def kv_store(k_cache, v_cache, layer: int, k, v, slots, f16: bool = False) -> None:
+    """Write k, v (n, kv_dim) f32 at cache slots (n,) int32 (positions for the plain cache; a
+    slot < 0 writes nothing); with f16, rounded to f16 precision first (the GPU's f16 cache holds
+    exactly these values)."""
+    _kv_store(k_cache, v_cache, layer, k, v, slots, f16)
+
+
+def attention(out, q, k_cache, v_cache, layer: int, pos, scale: float, tables=None,
+              row_seq=None, block_size: int = 0) -> None:
+    """out (n, q_dim) = softmax(q k^T * scale) v over positions 0..pos[t], per head; the keys of
+    row t read through tables[row_seq[t]] (n_seqs, max_blocks) int32 of block_size, or, without
+    tables, at slot == position."""
+    if tables is None:
+        tables, row_seq, block_size = _IDENTITY, _NO_ROWS, k_cache.shape[2]
+    _attention(out, q, k_cache, v_cache, layer, pos, tables, row_seq, block_size,
+               np.float32(scale))

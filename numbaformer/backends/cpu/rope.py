@@ -35,21 +35,25 @@ def _rope_rows(x, pos, n_heads, head_dim, rope_dim, inv_freq, neox):
 
 
 @cpu_jit()
-def _rope_store_row(q, k, v, p, n_head, n_kv, head_dim, rope_dim, inv_freq, neox, k_cache,
+def _rope_store_row(q, k, v, p, slot, n_head, n_kv, head_dim, rope_dim, inv_freq, neox, k_cache,
                     v_cache, layer, f16):
     _rope_row(q, p, n_head, head_dim, rope_dim, inv_freq, neox)
     _rope_row(k, p, n_kv, head_dim, rope_dim, inv_freq, neox)
+    if slot < 0:
+        return
     for g in range(n_kv):
         for i in range(head_dim):
             kv, vv = k[g * head_dim + i], v[g * head_dim + i]
-            k_cache[layer, g, p, i] = round_f16(kv) if f16 else kv
-            v_cache[layer, g, p, i] = round_f16(vv) if f16 else vv
+            k_cache[layer, g, slot, i] = round_f16(kv) if f16 else kv
+            v_cache[layer, g, slot, i] = round_f16(vv) if f16 else vv
 
 
 def rope_store_one(q, k, v, pos, cache, layer: int, inv_freq, rope) -> None:
     """One token's rope of q (1, n_head * hd) and k (1, n_kv * hd) and its K/V store: rope() and
-    attention.kv_store() in one call (the same arithmetic)."""
-    _rope_store_row(q[0], k[0], v[0], pos[0], q.shape[1] // rope.head_dim,
+    attention.kv_store() in one call (the same arithmetic); K/V go to cache.slots[0] when the
+    cache is paged."""
+    slot = pos[0] if cache.slots is None else cache.slots[0]
+    _rope_store_row(q[0], k[0], v[0], pos[0], slot, q.shape[1] // rope.head_dim,
                     k.shape[1] // rope.head_dim, rope.head_dim, rope.rope_dim, inv_freq,
                     rope.neox, cache.k, cache.v, layer, cache.kv_type == "f16")
 

@@ -192,6 +192,7 @@ class CUDABackend(Backend):
                  inv_freq, rp):
         """Decode: one launch (the fast mat-vec's rope epilogue) where gemv.rope_fusable; else the
         composition."""
+        _plain(cache)
         n_bias = sum(b is not None for b in biases)
         if x.shape[0] > 1 or n_bias not in (0, 3) or \
                 not gemv.rope_fusable(ws, self.exact, rp.rope_dim, rp.head_dim):
@@ -203,15 +204,18 @@ class CUDABackend(Backend):
                   rope=(pos, inv_freq, cache.k, cache.v, layer, rp.head_dim, rp.neox))
 
     def rope_store(self, q, k, v, pos, cache, layer, inv_freq, rp):
+        _plain(cache)
         rope.rope_store(q, k, v, pos, cache.k, cache.v, layer, inv_freq, rp, self.stream)
 
     def rope(self, x, pos, n_heads, inv_freq, rp):
         rope.rope(x, pos, n_heads, inv_freq, rp, self.stream)
 
     def kv_store(self, cache, layer, k, v, pos):
+        _plain(cache)
         attention.kv_store(cache.k, cache.v, layer, k, v, pos, self.stream)
 
     def attention(self, out, q, cache, layer, pos, scale):
+        _plain(cache)
         if q.shape[0] == 1:
             attention.decode_attention(out, q, cache.k, cache.v, layer, pos, scale,
                                        self._scratch(q.shape[1], cache.k), self.stream)
@@ -312,3 +316,9 @@ class CUDABackend(Backend):
         return {"device": self.device_name, "exact": self.exact, "weights_bytes": self.weight_bytes,
                 "graphs": len(self.graphs), "graph_launches": self.graph_launches,
                 "pool": self.pool.stats()}
+
+
+def _plain(cache) -> None:
+    """The CUDA kernels read and write the plain cache (slot == position) only, for now."""
+    if cache.slots is not None:
+        raise NotImplementedError("paged KV cache (block tables) is not on the CUDA backend yet")

@@ -5,7 +5,7 @@ import dataclasses
 
 import numpy as np
 from numba import cuda
-from numba.cuda.core import config
+from ._sim import SIMULATOR
 
 from ..base import Backend
 from . import attention, elementwise, embed, gemv, matmul, matmul_mma, norm, rope, sample
@@ -52,9 +52,9 @@ class CUDABackend(Backend):
 
     def __init__(self, gpu: int = 0, exact: bool = False):
         self.exact = exact
-        if not config.ENABLE_CUDASIM:
+        if not SIMULATOR:
             cuda.select_device(gpu)
-        self.device_name = "simulator" if config.ENABLE_CUDASIM else \
+        self.device_name = "simulator" if SIMULATOR else \
             cuda.get_current_device().name
         if isinstance(self.device_name, bytes):
             self.device_name = self.device_name.decode()
@@ -114,7 +114,7 @@ class CUDABackend(Backend):
         return dataclasses.replace(t, data=arr)
 
     def check_memory(self, mf, n_ctx: int, n_batch: int) -> None:
-        if config.ENABLE_CUDASIM:
+        if SIMULATOR:
             return
         free, total = cuda.current_context().get_memory_info()
         check_fits(memory_needed(mf, n_ctx, n_batch), free, total, n_ctx)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import types as pytypes
 
-from numba.cuda.core import config
+from ._sim import SIMULATOR
 
 from ... import quants
 from .intrinsics import f16_bits_to_f32
@@ -26,7 +26,7 @@ def _build():
     namespace = dict(vars(quants))
     copies = {fn.__name__: _copy(fn, namespace) for fn in quants.JITABLES}
     namespace.update(copies)
-    if not config.ENABLE_CUDASIM:
+    if not SIMULATOR:
         import numpy as np
         from numba.cuda.extending import register_jitable
 

@@ -168,8 +168,8 @@ def grid_cap(k, threads: int, smem: int) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _n_sms() -> int:
-    from numba.cuda.core import config
-    if config.ENABLE_CUDASIM:
+    from ._sim import SIMULATOR
+    if SIMULATOR:
         return 1
     return cuda.get_current_device().MULTIPROCESSOR_COUNT
 

@@ -30,9 +30,9 @@ Under the simulator (NUMBA_ENABLE_CUDASIM=1) there are no graphs: capture() only
 calls it, so code written against CudaGraph runs and gives the same results there.
 """
 from numba import cuda
-from numba.cuda.core import config
+from ._sim import SIMULATOR
 
-if not config.ENABLE_CUDASIM:
+if not SIMULATOR:
     from cuda.bindings import driver
 
 _MODES = ("global", "thread_local", "relaxed")
@@ -44,14 +44,14 @@ class GraphError(RuntimeError):
 
 def graphs_supported():
     """True when real CUDA graphs can be used: not the simulator, and a CUDA GPU with a driver."""
-    return not config.ENABLE_CUDASIM and cuda.is_available()
+    return not SIMULATOR and cuda.is_available()
 
 
 def compile_for(kernel, *args):
     """Compile `kernel` (a numba @cuda.jit dispatcher) for these arguments' types and load its module
     on the current context, without launching it, so that a launch inside a capture does neither.
     Returns the compiled kernel object (numba's `_Kernel`); under the simulator returns `kernel`."""
-    if config.ENABLE_CUDASIM:
+    if SIMULATOR:
         return kernel
     compiled = kernel.compile(tuple(kernel.typeof_pyval(a) for a in args))
     compiled.bind()  # a disk-cache hit is not loaded until its first launch; load it now
@@ -102,7 +102,7 @@ class CudaGraph:
             raise GraphError("this CudaGraph already holds a capture; close() it first")
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
-        if config.ENABLE_CUDASIM:
+        if SIMULATOR:
             self._fn = fn
             return
         handle = stream_handle(stream)

@@ -17,7 +17,7 @@ numba's cache keys a kernel on its own file only, not on this one (docs/numba-cu
 import threading
 
 import numpy as np
-from numba.cuda.core import config
+from ._sim import SIMULATOR
 
 _U32 = 0xFFFFFFFF
 
@@ -198,7 +198,7 @@ def shfl_up_sync(mask, value, delta):
     return _sim_exchange(mask, value, lambda lane: lane - delta if lane >= delta else lane)
 
 
-if not config.ENABLE_CUDASIM:
+if not SIMULATOR:
     from llvmlite import ir
     from numba import cuda, types
     from numba.cuda.core.errors import NumbaTypeError

@@ -11,12 +11,12 @@ of numba's layout fails at preparation rather than corrupting a launch.
 """
 import ctypes
 
-from numba.cuda.core import config
+from ._sim import SIMULATOR
 from numba.cuda.errors import normalize_kernel_dimensions
 
 from numbaformer.backends.cuda.graph import check, compile_for
 
-if not config.ENABLE_CUDASIM:
+if not SIMULATOR:
     from cuda.bindings import driver
 
 
@@ -41,7 +41,7 @@ class PreparedLaunch:
     def __init__(self, kernel, griddim, blockdim, stream, args, sharedmem=0):
         self._kernel, self._stream, self._args = kernel, stream, list(args)
         self._config = (griddim, blockdim, stream, sharedmem)
-        if config.ENABLE_CUDASIM:
+        if SIMULATOR:
             return
         self._compiled = compile_for(kernel, *args)
         self._slots = [self._marshal(k, v) for k, v in enumerate(args)]  # per argument: ctypes values
@@ -71,13 +71,13 @@ class PreparedLaunch:
         return [_to_ctype(v) for v in flat]
 
     def set_arg(self, k, value):
-        if not config.ENABLE_CUDASIM:
+        if not SIMULATOR:
             for dst, src in zip(self._slots[k], self._marshal(k, value)):
                 ctypes.memmove(ctypes.addressof(dst), ctypes.addressof(src), ctypes.sizeof(dst))
         self._args[k] = value  # keeps a new device array alive
 
     def __call__(self):
-        if config.ENABLE_CUDASIM:
+        if SIMULATOR:
             self._kernel[self._config](*self._args)  # the simulator's kernel keeps the last config
             return
         check(driver.cuLaunchKernel(*self._launch_args), "cuLaunchKernel")
@@ -93,7 +93,7 @@ def set_max_dynamic_shared_memory(kernel, nbytes, *args):
     the way numba sets the carveout (cudadrv/driver.py `set_shared_memory_carveout`). No-op under the
     simulator.
     """
-    if config.ENABLE_CUDASIM:
+    if SIMULATOR:
         return
     cufunc = compile_for(kernel, *args)._codelibrary.get_cufunc()
     attr = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES

@@ -44,7 +44,7 @@ import os
 
 import numpy as np
 from numba import cuda, float32, int64, uint32
-from numba.cuda.core import config
+from ._sim import SIMULATOR
 
 from ...quants import BF16, F16, F32, GGML_TYPES, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q8_0
 from ..kernel_cache import cached
@@ -332,7 +332,7 @@ def smem_bytes(qtype: int, bm: int, bn: int, bk: int, lookahead: int) -> int:
 def cached_kernel(threads: int, min_blocks: int):
     """cuda_kernel with launch bounds (threads per block, blocks per SM the registers allow; the
     simulator takes none)."""
-    if config.ENABLE_CUDASIM:
+    if SIMULATOR:
         return cuda_kernel
     return cached("cuda", cuda.jit(cache=True, launch_bounds=(threads, min_blocks)))
 

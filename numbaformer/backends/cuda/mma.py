@@ -40,7 +40,7 @@ from __future__ import annotations
 import threading
 
 import numpy as np
-from numba.cuda.core import config
+from ._sim import SIMULATOR
 
 from .intrinsics import _sim_warp_op
 
@@ -263,7 +263,7 @@ def store_shared_u32x4(arr, i, a, b, c, d):
     arr[j], arr[j + 1], arr[j + 2], arr[j + 3] = a, b, c, d
 
 
-if not config.ENABLE_CUDASIM:
+if not SIMULATOR:
     from llvmlite import ir
     from numba import types
     from numba.cuda.core.errors import NumbaTypeError

@@ -59,8 +59,8 @@ class DevicePool:
 
 
 def _memset0(raw, nbytes: int, stream) -> None:
-    from numba.cuda.core import config
-    if config.ENABLE_CUDASIM:
+    from ._sim import SIMULATOR
+    if SIMULATOR:
         raw[:nbytes] = 0
         return
     from numba.cuda.cudadrv import driver

@@ -25,7 +25,8 @@ step() {   # step NAME COMMAND...: run, log, record pass/fail and the last line
             $((SECONDS - t0)) "$(grep -v '^\s*$' "$logs/$name.log" | tail -1 | cut -c1-110)")")
 }
 step ops        python3 -m pytest -q -m cuda tests/test_cuda_ops.py tests/test_cuda_intrinsics.py \
-                tests/test_cuda_graph.py tests/test_cuda_mma.py tests/test_cuda_matmul_mma.py
+                tests/test_cuda_graph.py tests/test_cuda_mma.py tests/test_cuda_matmul_mma.py \
+                tests/test_cuda_flash.py
 step models     python3 -m pytest -q -m cuda -s tests/test_cuda_model.py
 step kernels    python3 scripts/gpu_bench.py --paths fast --gemm-types "" --json "$logs/kernels.json"
 # the decode mat-vec's prepared variants (off by default until timed): x quantized once per op,
@@ -34,6 +35,8 @@ step probe      python3 scripts/gpu_probe.py --types Q4_K,Q8_0,Q4_1,Q6_K,Q5_K \
                     --variants base,prequant,pq-split2,pq-split4,pairs,pq-pairs
 # the tensor-core primitives and GEMM (issue 9; the GEMM is opt-in: NUMBAFORMER_MMA=1)
 step mma        python3 scripts/gpu_mma_check.py --budget 150 --json "$logs/mma.json"
+# flash attention for prefill (issue 9 point 3; opt-in: NUMBAFORMER_FLASH=1)
+step flash      python3 scripts/gpu_flash_check.py --budget 150 --json "$logs/flash.json"
 if [ "${1:-}" = "--sanitize" ] || [ "${2:-}" = "--sanitize" ]; then
   # compute-sanitizer over the kernel tests at toy sizes (real launch shapes); --error-exitcode
   # turns any report into a failure

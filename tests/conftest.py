@@ -121,8 +121,8 @@ def cuda_toy_shapes(monkeypatch):
     on the GPU."""
     if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
         return
-    from numbaformer.backends.cuda import (attention, elementwise, embed, gemv, matmul, matmul_mma,
-                                           norm, rope, sample)
+    from numbaformer.backends.cuda import (attention, elementwise, embed, flash, gemv, matmul,
+                                           matmul_mma, norm, rope, sample)
     for mod, name, value in [
             (matmul_mma, "MMA_TILES", ((16, 16, 1, 1),)), (matmul_mma, "MMA_BK", 32),
             (matmul_mma, "BF16_THREADS", 32),
@@ -132,7 +132,8 @@ def cuda_toy_shapes(monkeypatch):
             (rope, "ROPE_STORE_THREADS", 32), (embed, "EMBED_THREADS", 32),
             (sample, "ARGMAX_THREADS", 32), (sample, "SAMPLE_THREADS", 32), (attention, "SPLIT", 4),
             (attention, "DECODE_THREADS", 32), (attention, "QTILE", 2), (attention, "KTILE", 4),
-            (attention, "PREFILL_WARPS", 1), (elementwise, "ELEM_THREADS", 32)]:
+            (attention, "PREFILL_WARPS", 1), (elementwise, "ELEM_THREADS", 32),
+            (flash, "FLASH_WARPS", 1), (flash, "FLASH_BN", 16)]:
         monkeypatch.setattr(mod, name, value)
 
 

@@ -8,7 +8,7 @@ from numba import cuda
 from ._sim import SIMULATOR
 
 from ..base import Backend
-from . import attention, elementwise, embed, gemv, matmul, matmul_mma, norm, rope, sample
+from . import attention, elementwise, embed, flash, gemv, matmul, matmul_mma, norm, rope, sample
 from .graph import CudaGraph, graphs_supported
 from .layout import device_bytes, repack
 from .pool import DevicePool
@@ -45,7 +45,9 @@ class CUDABackend(Backend):
     """Weights uploaded once in the GPU layout; activations and the f16 KV cache from the pool.
     `exact`: every matrix product with f32 activations and FP32 arithmetic (matmul.py); else
     decode mat-vecs take 8-bit activations where the type has a fast path (as llama.cpp's MMVQ),
-    and prefill products (n > 1 tokens) the bf16 tensor-core GEMM (matmul_mma.py)."""
+    prefill products (n > 1 tokens) the bf16 tensor-core GEMM (matmul_mma.py) and prefill
+    attention over an f16 cache the f16 tensor-core flash kernel (flash.py); each of the two is
+    behind its module's ENABLED flag until measured on a GPU."""
 
     name = "cuda"
     default_kv_type = "f16"
@@ -219,7 +221,9 @@ class CUDABackend(Backend):
         if q.shape[0] == 1:
             attention.decode_attention(out, q, cache.k, cache.v, layer, pos, scale,
                                        self._scratch(q.shape[1], cache.k), self.stream)
-        else:
+        elif flash.ENABLED and not self.exact and flash.supported(q, cache.k):
+            flash.flash_attention(out, q, cache.k, cache.v, layer, pos, scale, self.stream)
+        else:                                      # the FP32 kernel: exact, f32 caches
             attention.prefill_attention(out, q, cache.k, cache.v, layer, pos, scale, self.stream)
 
     def _scratch(self, q_dim: int, k_cache):

@@ -122,11 +122,12 @@ def info(model, as_json, ctx):
               help='Print {"ids": [...], "pieces": [readable text], "vocab_pieces": [as stored]}.')
 @click.option("--no-special", is_flag=True, help="Do not parse special tokens in the text.")
 def tokenize(model, text, file, as_json, no_special):
-    """Print the token ids of TEXT."""
+    """Print the token ids of TEXT (the model may be a vocab-only GGUF, as llama.cpp's
+    models/ggml-vocab-*.gguf)."""
     from .engine import resolve_model_path
-    from .loader import load_model_file
+    from .loader import load_tokenizer
     text = _read_text(text, file, "text")
-    tok = load_model_file(resolve_model_path(model)).tokenizer
+    tok = load_tokenizer(resolve_model_path(model))
     ids = tok.encode(text, add_special=True, parse_special=not no_special)
     if as_json:
         click.echo(json.dumps({"ids": ids, "pieces": [tok.token_text(i) for i in ids],

@@ -115,6 +115,34 @@ def test_tokenize_file(model, tmp_path, prompt0):
     assert [int(t) for t in r.out.split()] == prompt0["prompt_ids"]
 
 
+@pytest.mark.parametrize("name", ["llama-spm", "gpt-2"])
+def test_tokenize_vocab_only_gguf(name, tmp_path):
+    """A vocab-only GGUF (llama.cpp's models/ggml-vocab-*.gguf: a tokenizer, no tensors; gpt-2's
+    architecture is not one numbaformer runs) tokenizes as llama.cpp does (its test vectors),
+    with BOS where the vocab adds it."""
+    from vocab_files import read_vectors, unpack_vocab
+    path = unpack_vocab(name, tmp_path)
+    for text, want in read_vectors(name)[10:15]:
+        f = tmp_path / "text.txt"
+        f.write_bytes(text.encode())
+        r = cli("tokenize", "-m", path, "-f", f, "--no-special", "--json")
+        assert r.code == 0, r.err
+        ids = json.loads(r.out)["ids"]
+        assert ids == ([1] if name == "llama-spm" else []) + want, text
+
+
+@pytest.mark.parametrize("args", [("generate", "-p", "hi"), ("score", "hi"), ("bench",),
+                                  ("perplexity", "-f", "{text}")])
+def test_other_commands_refuse_a_vocab_only_gguf(args, tmp_path):
+    from vocab_files import unpack_vocab
+    path = unpack_vocab("llama-spm", tmp_path)
+    (tmp_path / "t.txt").write_text("hello " * 50)
+    args = [a.format(text=tmp_path / "t.txt") for a in args]
+    assert_one_line_error(cli(*args[:1], "-m", path, *args[1:], "--device", "cpu"),
+                          "vocab-only GGUF", "only `tokenize` can use it")
+    assert_one_line_error(cli("info", path), "vocab-only GGUF")
+
+
 # --- generate -------------------------------------------------------------------------------------
 
 def test_generate_json_schema(model, prompt0, greedy8):

@@ -414,6 +414,42 @@ def bench(model, n_prompt, n_gen, reps, device, gpu, threads, kv_type, exact, ke
         click.echo(f"backend: {json.dumps(stats)}", err=True)
 
 
+ENV_PREFIX = "NUMBAFORMER"
+
+
+def _env_options(group: click.Group) -> None:
+    """Every option of every command may come from NUMBAFORMER_<OPTION>, shown in --help: Click's
+    auto_envvar_prefix, set on each command (not only on the group, which would put the command's
+    name in the variable: one variable serves every command with the option), and an explicit
+    name where the parameter's is not the option's (--json: NUMBAFORMER_JSON, not _AS_JSON)."""
+    for cmd in group.commands.values():
+        cmd.context_settings.setdefault("auto_envvar_prefix", ENV_PREFIX)
+        for p in cmd.params:
+            if not isinstance(p, click.Option):
+                continue
+            p.show_envvar = True
+            flag = max(p.opts, key=len).lstrip("-").replace("-", "_")
+            if p.envvar is None and flag != p.name:
+                p.envvar = f"{ENV_PREFIX}_{flag.upper()}"
+        if isinstance(cmd, click.Group):
+            _env_options(cmd)
+
+
+_env_options(cli)
+
+
+def _from_env(e: click.ClickException) -> str:
+    """' (from NUMBAFORMER_X)' when the bad value of e came from that variable and the message
+    does not say so, else ''."""
+    from click.core import ParameterSource
+    ctx, param = getattr(e, "ctx", None), getattr(e, "param", None)
+    if ctx is None or param is None or \
+            ctx.get_parameter_source(param.name) != ParameterSource.ENVIRONMENT:
+        return ""
+    name = param.envvar if isinstance(param.envvar, str) else f"{ENV_PREFIX}_{param.name.upper()}"
+    return "" if name in e.format_message() else f" (from {name})"
+
+
 def _expected_errors():
     from .backends import BackendError
     from .chat_template import ChatTemplateError
@@ -437,7 +473,7 @@ def main(argv=None) -> None:
         click.echo(e.ctx.get_help())
         sys.exit(0)
     except click.ClickException as e:
-        click.echo(f"error: {e.format_message()}", err=True)
+        click.echo(f"error: {e.format_message()}{_from_env(e)}", err=True)
         sys.exit(EXIT_ERROR)
     except click.exceptions.Abort:
         click.echo("error: aborted", err=True)

@@ -537,6 +537,48 @@ def test_help_and_version():
     assert r.code == 0 and "0.1.0" in r.out
 
 
+def _commands(group, path=()):
+    import click
+    for name, cmd in group.commands.items():
+        yield (*path, name), cmd
+        if isinstance(cmd, click.Group):
+            yield from _commands(cmd, (*path, name))
+
+
+def test_every_option_has_an_environment_variable_shown_in_help():
+    """NUMBAFORMER_<OPTION>: the long option's name, upper case, - as _ (--json: NUMBAFORMER_JSON,
+    -n/--n-predict: NUMBAFORMER_N_PREDICT), the same for every command."""
+    import click
+
+    from numbaformer.cli import cli as group
+    seen = set()
+    for path, cmd in _commands(group):
+        r = cli(*path, "--help")
+        assert r.code == 0, r.err
+        text = " ".join(r.out.split())
+        for p in cmd.params:
+            if isinstance(p, click.Option):
+                var = "NUMBAFORMER_" + max(p.opts, key=len).lstrip("-").replace("-", "_").upper()
+                assert f"env var: {var}" in text, (path, var)
+                seen.add(var)
+    assert {"NUMBAFORMER_MODEL", "NUMBAFORMER_JSON", "NUMBAFORMER_TEMP", "NUMBAFORMER_N_PREDICT",
+            "NUMBAFORMER_DEVICE"} <= seen
+    assert "NUMBAFORMER_CACHE" not in seen           # the model cache's folder: not an option
+
+
+def test_options_from_the_environment(tmp_path):
+    from vocab_files import unpack_vocab
+    path = unpack_vocab("llama-spm", tmp_path)
+    r = cli("tokenize", "Hello world", env={"NUMBAFORMER_MODEL": path, "NUMBAFORMER_JSON": "1"})
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["ids"] == [1, 15043, 3186]
+    r = cli("tokenize", "-m", path, "Hello world",          # the command line wins
+            env={"NUMBAFORMER_MODEL": tmp_path / "missing.gguf", "NUMBAFORMER_JSON": "0"})
+    assert r.code == 0 and r.out.split() == ["1", "15043", "3186"], r.err
+    r = cli("generate", "-m", path, "-p", "hi", env={"NUMBAFORMER_N_PREDICT": "abc"})
+    assert_one_line_error(r, "--n-predict", "(from NUMBAFORMER_N_PREDICT)")
+
+
 # --- through a real process -----------------------------------------------------------------------
 
 def test_process_info_json(model):

@@ -414,6 +414,28 @@ def bench(model, n_prompt, n_gen, reps, device, gpu, threads, kv_type, exact, ke
         click.echo(f"backend: {json.dumps(stats)}", err=True)
 
 
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def devices(as_json):
+    """The CUDA devices numbaformer sees (name, memory free/total, compute capability), or why
+    there are none; the CPU and its thread count."""
+    from .backends import cpu_info, cuda_devices
+    gpus, reason = cuda_devices()
+    cpu = cpu_info()
+    if as_json:
+        click.echo(json.dumps({"cuda": gpus, "cuda_unavailable": reason, "cpu": cpu}, indent=2))
+        return
+    click.echo(f"CUDA: none ({reason})" if reason else f"CUDA: {plural(len(gpus), 'device')}")
+    for g in gpus:
+        mem = ("" if g["memory_total"] is None else
+               f", {g['memory_free'] / 2**30:.1f} GiB free of {g['memory_total'] / 2**30:.1f} GiB")
+        cc = "" if g["compute_capability"] is None else \
+            f", compute capability {g['compute_capability']}"
+        click.echo(f"  {g['index']}: {g['name']}{cc}{mem}")
+    click.echo(f"CPU: {cpu['name']}, {cpu['cores']} cores ({cpu['usable_cores']} usable), "
+               f"{cpu['threads']} threads by default (-t to change), {cpu['simd']}")
+
+
 ENV_PREFIX = "NUMBAFORMER"
 
 

@@ -579,6 +579,69 @@ def test_options_from_the_environment(tmp_path):
     assert_one_line_error(r, "--n-predict", "(from NUMBAFORMER_N_PREDICT)")
 
 
+# --- devices --------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(HAS_GPU_DRIVER, reason="this machine has an NVIDIA driver")
+def test_devices_without_a_gpu():
+    import numba
+    r = cli("devices")
+    assert r.code == 0 and r.err == "", r.err
+    lines = r.out.splitlines()
+    assert lines[0] == "CUDA: none (no NVIDIA driver found)"
+    assert lines[1].startswith("CPU: ") and f"{numba.config.NUMBA_NUM_THREADS} threads" in lines[1]
+    d = json.loads(cli("devices", "--json").out)
+    assert d["cuda"] == [] and d["cuda_unavailable"] == "no NVIDIA driver found"
+    assert d["cpu"]["threads"] == numba.config.NUMBA_NUM_THREADS and d["cpu"]["cores"] >= 1
+
+
+@pytest.mark.parametrize("env,reason", [
+    ({"CUDA_FORCE_CPU": "1"}, "CUDA_FORCE_CPU is set: numbaformer runs on the CPU"),
+    ({"NUMBA_ENABLE_CUDASIM": "1"}, "NUMBA_ENABLE_CUDASIM=1 (the CUDA simulator is not a device)"),
+    ({"CUDA_VISIBLE_DEVICES": ""}, "CUDA_VISIBLE_DEVICES hides every GPU")])
+def test_devices_says_why_there_is_no_gpu(env, reason):
+    r = cli("devices", env=env)
+    assert r.code == 0 and r.out.splitlines()[0] == f"CUDA: none ({reason})", r.out
+
+
+def test_devices_lists_each_gpu(monkeypatch):
+    """gpu_rows over a stand-in for numba.cuda (two devices), and their lines."""
+    from types import SimpleNamespace
+
+    import numbaformer.backends as backends
+    current = {}
+
+    class Gpu:
+        def __init__(self, i):
+            self.i = i
+
+        def __enter__(self):
+            current["i"] = self.i
+
+        def __exit__(self, *exc):
+            current.pop("i")
+
+    fake = SimpleNamespace(
+        gpus=[Gpu(0), Gpu(1)],
+        get_current_device=lambda: SimpleNamespace(name=[b"NVIDIA H200", "NVIDIA L4"][current["i"]],
+                                                   compute_capability=[(9, 0), (8, 9)][current["i"]]),
+        current_context=lambda: SimpleNamespace(
+            get_memory_info=lambda: [(130 << 30, 140 << 30), (20 << 30, 24 << 30)][current["i"]]))
+    rows = backends.gpu_rows(fake)
+    assert rows[1] == {"index": 1, "name": "NVIDIA L4", "compute_capability": "8.9",
+                       "memory_free": 20 << 30, "memory_total": 24 << 30}
+    monkeypatch.setattr(backends, "cuda_devices", lambda: (rows, None))
+    lines = cli("devices").out.splitlines()
+    assert lines[:3] == ["CUDA: 2 devices",
+                         "  0: NVIDIA H200, compute capability 9.0, 130.0 GiB free of 140.0 GiB",
+                         "  1: NVIDIA L4, compute capability 8.9, 20.0 GiB free of 24.0 GiB"]
+
+
+def test_process_devices():
+    p = run_process("devices")
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
+    assert p.stdout.startswith("CUDA: ") and "\nCPU: " in p.stdout
+
+
 # --- through a real process -----------------------------------------------------------------------
 
 def test_process_info_json(model):

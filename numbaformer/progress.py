@@ -31,3 +31,13 @@ def byte_bar(total: int, desc: str) -> Bar:
     """A bar over `total` bytes, cleared when done."""
     return Bar(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, leave=False)
 
+
+def download_bar(name: str) -> type[Bar]:
+    """The Bar class for huggingface_hub's download of file `name`: the bar shows the name where
+    the client would show the tail of the URL."""
+    class DownloadBar(Bar):
+        def __init__(self, *args, **kwargs):
+            if str(kwargs.get("desc") or "").startswith(("(…)", "http")):
+                kwargs["desc"] = name
+            super().__init__(*args, **kwargs)
+    return DownloadBar

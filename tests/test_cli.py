@@ -547,7 +547,7 @@ def _commands(group, path=()):
 
 def test_every_option_has_an_environment_variable_shown_in_help():
     """NUMBAFORMER_<OPTION>: the long option's name, upper case, - as _ (--json: NUMBAFORMER_JSON,
-    -n/--n-predict: NUMBAFORMER_N_PREDICT), the same for every command."""
+    -hf/--hf-repo: NUMBAFORMER_HF_REPO), the same for every command."""
     import click
 
     from numbaformer.cli import cli as group
@@ -561,8 +561,8 @@ def test_every_option_has_an_environment_variable_shown_in_help():
                 var = "NUMBAFORMER_" + max(p.opts, key=len).lstrip("-").replace("-", "_").upper()
                 assert f"env var: {var}" in text, (path, var)
                 seen.add(var)
-    assert {"NUMBAFORMER_MODEL", "NUMBAFORMER_JSON", "NUMBAFORMER_TEMP", "NUMBAFORMER_N_PREDICT",
-            "NUMBAFORMER_DEVICE"} <= seen
+    assert {"NUMBAFORMER_MODEL", "NUMBAFORMER_HF_REPO", "NUMBAFORMER_OFFLINE", "NUMBAFORMER_JSON",
+            "NUMBAFORMER_TEMP", "NUMBAFORMER_N_PREDICT", "NUMBAFORMER_DEVICE"} <= seen
     assert "NUMBAFORMER_CACHE" not in seen           # the model cache's folder: not an option
 
 

@@ -459,6 +459,29 @@ def bench(model, hf_repo, offline, n_prompt, n_gen, reps, device, gpu, threads, 
         click.echo(f"backend: {json.dumps(stats)}", err=True)
 
 
+@cli.group(invoke_without_command=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
+@click.pass_context
+def models(ctx, as_json):
+    """List the models in the caches (the default model's, the hub's GGUFs): name, size,
+    architecture, quant type, path. `models rm NAME` removes one."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from .catalog import describe, entries, format_table
+    rows = [describe(e) for e in entries()]
+    click.echo(json.dumps(rows, indent=2) if as_json else format_table(rows))
+
+
+@models.command("rm")
+@click.argument("name")
+def models_rm(name):
+    """Remove a model from the caches: NAME as `models` lists it, or ORG/REPO for all of a hub
+    repository's files."""
+    from .catalog import remove
+    for e in remove(name):
+        click.echo(f"removed {e.name} ({e.path})")
+
+
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def devices(as_json):

@@ -34,8 +34,9 @@ class ModelFile:
 
 
 def is_vocab_only(gf: GGUFFile) -> bool:
-    """A GGUF with a tokenizer and no tensors, as llama.cpp's models/ggml-vocab-*.gguf."""
-    return not gf.tensors
+    """A GGUF with a tokenizer and no tensors, as llama.cpp's models/ggml-vocab-*.gguf (one with
+    neither is just broken, and refused as such)."""
+    return not gf.tensors and "tokenizer.ggml.model" in gf.metadata
 
 
 def load_tokenizer(path: str | os.PathLike):

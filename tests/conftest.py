@@ -150,3 +150,51 @@ def pytest_terminal_summary(terminalreporter):
             terminalreporter.write_line(f"{what}: {seconds:.1f} s")
         for what, text in FIGURES.items():
             terminalreporter.write_line(f"{what}: {text}")
+
+
+@pytest.fixture(scope="session")
+def hub_server():
+    """The local stand-in for the Hugging Face hub (tests/hub_server.py), for the session:
+    test-org/tiny-GGUF (Q4_K_M and Q8_0 of the tiny model, a README), a repository whose default
+    pick skips a multimodal projector, a split model, one without a GGUF, a private one
+    (token hf_secret) and one that serves other bytes than its metadata says."""
+    from hub_server import TINY_REPO, TestHub, tiny_gguf, tiny_repo_files
+    hub = TestHub()
+    files = tiny_repo_files()
+    q8 = files["tiny-Q8_0.gguf"]
+    hub.add(TINY_REPO, files)
+    hub.add("test-org/vision-GGUF", {"mmproj-tiny-F16.gguf": tiny_gguf(1, 2),
+                                      "tiny-Q8_0.gguf": q8})
+    half = len(q8) // 2
+    hub.add("test-org/split-GGUF", {"tiny-Q4_K_M-00001-of-00002.gguf": q8[:half],
+                                     "tiny-Q4_K_M-00002-of-00002.gguf": q8[half:]})
+    hub.add("test-org/no-gguf", {"README.md": b"# safetensors only\n",
+                                 "model.safetensors": b"\0" * 64})
+    hub.add("test-org/private-GGUF", {"tiny-Q8_0.gguf": q8}, token="hf_secret")
+    bad = hub.add("test-org/corrupt-GGUF", {"tiny-Q8_0.gguf": q8})
+    bad.served["tiny-Q8_0.gguf"] = q8[:-1] + bytes([q8[-1] ^ 1])     # same size, one bit off
+    yield hub
+    hub.close()
+
+
+@pytest.fixture
+def hub(hub_server, tmp_path, monkeypatch):
+    """The test hub for one test: `env` for the CLI (HF_ENDPOINT at the server, HF_HOME and the
+    model cache in fresh folders, no token, not offline), `cache` (the hub's cache folder),
+    `requests` (what the server saw, from this test on), `url`. Of huggingface_hub's
+    import-time settings, offline mode and the token file are set to match, and its telemetry
+    (a request to huggingface.co for a list of coding agents) is off."""
+    from types import SimpleNamespace
+
+    import huggingface_hub.constants as hf
+    for name, value in (("HF_HUB_OFFLINE", False),
+                        ("HF_HUB_DISABLE_TELEMETRY", True),
+                        ("HF_TOKEN_PATH", str(tmp_path / "hf" / "token"))):
+        monkeypatch.setattr(hf, name, value)
+    hub_server.requests.clear()
+    env = {"HF_ENDPOINT": hub_server.url, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": None,
+           "HUGGINGFACE_HUB_CACHE": None, "HF_TOKEN": None, "HUGGING_FACE_HUB_TOKEN": None,
+           "HF_HUB_OFFLINE": None, "HF_HUB_DISABLE_TELEMETRY": "1",
+           "NUMBAFORMER_CACHE": str(tmp_path / "models")}
+    return SimpleNamespace(env=env, cache=tmp_path / "hf" / "hub", requests=hub_server.requests,
+                           url=hub_server.url, server=hub_server)

@@ -4,56 +4,21 @@ error contract: one line `error: ...` on stderr, exit code 2, no traceback.
 """
 from __future__ import annotations
 
-import ctypes.util
 import json
 import math
-import os
-import subprocess
-import sys
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from cli_helpers import (HAS_GPU_DRIVER, assert_one_line_error, assert_process_error, cli,
+                         run_process)
 from reference import log_softmax
 
-from numbaformer.cli import main
 from numbaformer.scoring import perplexity
 from numbaformer.sampling import SamplingParams, make_sampler
 from numbaformer.generate import stream_generate
 
 TIMING_KEYS = {"load_s", "prompt_tokens", "prefill_tps", "generated_tokens", "decode_tps", "ttft_s"}
 BENCH_KEYS = {"model", "size_bytes", "params", "type", "device", "test", "tokens_per_s", "stddev"}
-HAS_GPU_DRIVER = bool(ctypes.util.find_library("cuda")) or any(
-    os.path.exists(p) for p in ("/dev/nvidia0", "/dev/nvidiactl", "/usr/lib64/libcuda.so"))
-# no simulated GPU either: --device auto/cuda must see this machine as it is
-NO_SIM = {"NUMBA_ENABLE_CUDASIM": "0", "CUDA_FORCE_CPU": None}
-
-
-def cli(*args, input=None, env=None) -> SimpleNamespace:
-    """Run `numbaformer ARGS` in-process; returns code, out (stdout), err (stderr)."""
-    runner = CliRunner()
-    with runner.isolation(input=input, env={**NO_SIM, **(env or {})}) as (out, err, _):
-        try:
-            main([str(a) for a in args])
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        sys.stdout.flush()                     # what a real process flushes at exit
-        sys.stderr.flush()
-    return SimpleNamespace(code=code, out=out.getvalue().decode(), err=err.getvalue().decode())
-
-
-def assert_one_line_error(r, *fragments) -> str:
-    """Exit 2, nothing on stdout, exactly one line `error: ...` on stderr, no traceback."""
-    assert r.code == 2, (r.code, r.out, r.err)
-    assert "Traceback" not in r.out + r.err
-    assert r.out == ""
-    lines = r.err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.err
-    for f in fragments:
-        assert f in lines[0], (f, lines[0])
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +113,34 @@ def test_tokenize_file(model, tmp_path, prompt0):
     f.write_text(prompt0["prompt"], encoding="utf-8")
     r = cli("tokenize", "-m", model, "-f", f)
     assert [int(t) for t in r.out.split()] == prompt0["prompt_ids"]
+
+
+@pytest.mark.parametrize("name", ["llama-spm", "gpt-2"])
+def test_tokenize_vocab_only_gguf(name, tmp_path):
+    """A vocab-only GGUF (llama.cpp's models/ggml-vocab-*.gguf: a tokenizer, no tensors; gpt-2's
+    architecture is not one numbaformer runs) tokenizes as llama.cpp does (its test vectors),
+    with BOS where the vocab adds it."""
+    from vocab_files import read_vectors, unpack_vocab
+    path = unpack_vocab(name, tmp_path)
+    for text, want in read_vectors(name)[10:15]:
+        f = tmp_path / "text.txt"
+        f.write_bytes(text.encode())
+        r = cli("tokenize", "-m", path, "-f", f, "--no-special", "--json")
+        assert r.code == 0, r.err
+        ids = json.loads(r.out)["ids"]
+        assert ids == ([1] if name == "llama-spm" else []) + want, text
+
+
+@pytest.mark.parametrize("args", [("generate", "-p", "hi"), ("score", "hi"), ("bench",),
+                                  ("perplexity", "-f", "{text}")])
+def test_other_commands_refuse_a_vocab_only_gguf(args, tmp_path):
+    from vocab_files import unpack_vocab
+    path = unpack_vocab("llama-spm", tmp_path)
+    (tmp_path / "t.txt").write_text("hello " * 50)
+    args = [a.format(text=tmp_path / "t.txt") for a in args]
+    assert_one_line_error(cli(*args[:1], "-m", path, *args[1:], "--device", "cpu"),
+                          "vocab-only GGUF", "only `tokenize` can use it")
+    assert_one_line_error(cli("info", path), "vocab-only GGUF")
 
 
 # --- generate -------------------------------------------------------------------------------------
@@ -544,35 +537,112 @@ def test_help_and_version():
     assert r.code == 0 and "0.1.0" in r.out
 
 
+def _commands(group, path=()):
+    import click
+    for name, cmd in group.commands.items():
+        yield (*path, name), cmd
+        if isinstance(cmd, click.Group):
+            yield from _commands(cmd, (*path, name))
+
+
+def test_every_option_has_an_environment_variable_shown_in_help():
+    """NUMBAFORMER_<OPTION>: the long option's name, upper case, - as _ (--json: NUMBAFORMER_JSON,
+    -hf/--hf-repo: NUMBAFORMER_HF_REPO), the same for every command."""
+    import click
+
+    from numbaformer.cli import cli as group
+    seen = set()
+    for path, cmd in _commands(group):
+        r = cli(*path, "--help")
+        assert r.code == 0, r.err
+        text = " ".join(r.out.split())
+        for p in cmd.params:
+            if isinstance(p, click.Option):
+                var = "NUMBAFORMER_" + max(p.opts, key=len).lstrip("-").replace("-", "_").upper()
+                assert f"env var: {var}" in text, (path, var)
+                seen.add(var)
+    assert {"NUMBAFORMER_MODEL", "NUMBAFORMER_HF_REPO", "NUMBAFORMER_OFFLINE", "NUMBAFORMER_JSON",
+            "NUMBAFORMER_TEMP", "NUMBAFORMER_N_PREDICT", "NUMBAFORMER_DEVICE"} <= seen
+    assert "NUMBAFORMER_CACHE" not in seen           # the model cache's folder: not an option
+
+
+def test_options_from_the_environment(tmp_path):
+    from vocab_files import unpack_vocab
+    path = unpack_vocab("llama-spm", tmp_path)
+    r = cli("tokenize", "Hello world", env={"NUMBAFORMER_MODEL": path, "NUMBAFORMER_JSON": "1"})
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["ids"] == [1, 15043, 3186]
+    r = cli("tokenize", "-m", path, "Hello world",          # the command line wins
+            env={"NUMBAFORMER_MODEL": tmp_path / "missing.gguf", "NUMBAFORMER_JSON": "0"})
+    assert r.code == 0 and r.out.split() == ["1", "15043", "3186"], r.err
+    r = cli("generate", "-m", path, "-p", "hi", env={"NUMBAFORMER_N_PREDICT": "abc"})
+    assert_one_line_error(r, "--n-predict", "(from NUMBAFORMER_N_PREDICT)")
+
+
+# --- devices --------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(HAS_GPU_DRIVER, reason="this machine has an NVIDIA driver")
+def test_devices_without_a_gpu():
+    import numba
+    r = cli("devices")
+    assert r.code == 0 and r.err == "", r.err
+    lines = r.out.splitlines()
+    assert lines[0] == "CUDA: none (no NVIDIA driver found)"
+    assert lines[1].startswith("CPU: ") and f"{numba.config.NUMBA_NUM_THREADS} threads" in lines[1]
+    d = json.loads(cli("devices", "--json").out)
+    assert d["cuda"] == [] and d["cuda_unavailable"] == "no NVIDIA driver found"
+    assert d["cpu"]["threads"] == numba.config.NUMBA_NUM_THREADS and d["cpu"]["cores"] >= 1
+
+
+@pytest.mark.parametrize("env,reason", [
+    ({"CUDA_FORCE_CPU": "1"}, "CUDA_FORCE_CPU is set: numbaformer runs on the CPU"),
+    ({"NUMBA_ENABLE_CUDASIM": "1"}, "NUMBA_ENABLE_CUDASIM=1 (the CUDA simulator is not a device)"),
+    ({"CUDA_VISIBLE_DEVICES": ""}, "CUDA_VISIBLE_DEVICES hides every GPU")])
+def test_devices_says_why_there_is_no_gpu(env, reason):
+    r = cli("devices", env=env)
+    assert r.code == 0 and r.out.splitlines()[0] == f"CUDA: none ({reason})", r.out
+
+
+def test_devices_lists_each_gpu(monkeypatch):
+    """gpu_rows over a stand-in for numba.cuda (two devices), and their lines."""
+    from types import SimpleNamespace
+
+    import numbaformer.backends as backends
+    current = {}
+
+    class Gpu:
+        def __init__(self, i):
+            self.i = i
+
+        def __enter__(self):
+            current["i"] = self.i
+
+        def __exit__(self, *exc):
+            current.pop("i")
+
+    fake = SimpleNamespace(
+        gpus=[Gpu(0), Gpu(1)],
+        get_current_device=lambda: SimpleNamespace(name=[b"NVIDIA H200", "NVIDIA L4"][current["i"]],
+                                                   compute_capability=[(9, 0), (8, 9)][current["i"]]),
+        current_context=lambda: SimpleNamespace(
+            get_memory_info=lambda: [(130 << 30, 140 << 30), (20 << 30, 24 << 30)][current["i"]]))
+    rows = backends.gpu_rows(fake)
+    assert rows[1] == {"index": 1, "name": "NVIDIA L4", "compute_capability": "8.9",
+                       "memory_free": 20 << 30, "memory_total": 24 << 30}
+    monkeypatch.setattr(backends, "cuda_devices", lambda: (rows, None))
+    lines = cli("devices").out.splitlines()
+    assert lines[:3] == ["CUDA: 2 devices",
+                         "  0: NVIDIA H200, compute capability 9.0, 130.0 GiB free of 140.0 GiB",
+                         "  1: NVIDIA L4, compute capability 8.9, 20.0 GiB free of 24.0 GiB"]
+
+
+def test_process_devices():
+    p = run_process("devices")
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
+    assert p.stdout.startswith("CUDA: ") and "\nCPU: " in p.stdout
+
+
 # --- through a real process -----------------------------------------------------------------------
-
-def run_process(*args, input: bytes | None = None, stdin: str | None = None) -> SimpleNamespace:
-    """Run `python -m numbaformer.cli ARGS` (an argument may be bytes: not decodable as UTF-8);
-    stdin: None (input, or the test's), "closed" (`<&-`) or "write-only" (`0>/dev/null`)."""
-    env = {k: v for k, v in os.environ.items() if k != "CUDA_FORCE_CPU"}
-    env["NUMBA_ENABLE_CUDASIM"] = "0"
-    cmd = [sys.executable, "-m", "numbaformer.cli", *(a if isinstance(a, bytes) else str(a)
-                                                      for a in args)]
-    if stdin is not None:
-        redirect = {"closed": "<&-", "write-only": "0>/dev/null"}[stdin]
-        cmd = ["bash", "-c", f'exec "$@" {redirect}', "bash", *cmd]
-    p = subprocess.run(cmd, input=input, capture_output=True, env=env, timeout=300)
-    return SimpleNamespace(returncode=p.returncode, stdout=p.stdout.decode(errors="replace"),
-                           stderr=p.stderr.decode(errors="replace"))
-
-
-def assert_process_error(p, *fragments, lines_before: int = 0) -> str:
-    """Exit 2, no traceback, stderr's last line the one `error: ...` line (after `lines_before`
-    lines of notes, e.g. chat's banner)."""
-    assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
-    assert "Traceback" not in p.stdout + p.stderr
-    lines = p.stderr.splitlines()
-    assert len(lines) == lines_before + 1, p.stderr
-    assert lines[-1].startswith("error: ") and [x for x in lines if "error" in x] == lines[-1:]
-    for f in fragments:
-        assert f in lines[-1], (f, lines[-1])
-    return lines[-1]
-
 
 def test_process_info_json(model):
     p = run_process("info", "--json", model)

@@ -57,3 +57,58 @@ def select_backend(device: str = "auto", *, gpu: int = 0, threads: int | None = 
             print(f"note: {reason}; running on the CPU", file=sys.stderr)
     from .cpu import CPUBackend
     return CPUBackend(threads, exact=exact)
+
+
+def cuda_devices() -> tuple[list[dict], str | None]:
+    """The CUDA devices numbaformer sees, each {index, name, compute_capability, memory_free,
+    memory_total (bytes)}, and None; or ([], why there are none). Initializes CUDA; never
+    raises for a missing or broken driver."""
+    if os.environ.get("CUDA_FORCE_CPU", "") not in ("", "0"):
+        return [], "CUDA_FORCE_CPU is set: numbaformer runs on the CPU"
+    reason = _cuda_unavailable_reason()
+    if reason is not None:
+        return [], reason
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        return [{"index": 0, "name": "CUDA simulator (NUMBA_ENABLE_CUDASIM=1)",
+                 "compute_capability": None, "memory_free": None, "memory_total": None}], None
+    from numba import cuda
+    try:
+        return gpu_rows(cuda), None
+    except Exception as e:               # a driver failing midway: a reason, not a traceback
+        return [], f"CUDA failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+
+
+def gpu_rows(cuda) -> list[dict]:
+    """One row per device of numba.cuda module `cuda` (a context is made on each to read its
+    free memory)."""
+    rows = []
+    for i, gpu in enumerate(cuda.gpus):
+        with gpu:
+            dev = cuda.get_current_device()
+            free, total = cuda.current_context().get_memory_info()
+            name = dev.name.decode() if isinstance(dev.name, bytes) else str(dev.name)
+            rows.append({"index": i, "name": name,
+                         "compute_capability": "%d.%d" % tuple(dev.compute_capability),
+                         "memory_free": int(free), "memory_total": int(total)})
+    return rows
+
+
+def cpu_info() -> dict:
+    """The CPU as the CPU backend uses it: name, logical cores (and those this process may run
+    on), numba's thread count (the default of -t), and the decode mat-vec's instruction set."""
+    import platform
+
+    import numba
+
+    from .cpu.simd import has_vnni
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f
+                         if line.startswith("model name")), name)
+    except OSError:
+        pass
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"name": name, "cores": os.cpu_count(), "usable_cores": usable,
+            "threads": numba.config.NUMBA_NUM_THREADS,
+            "simd": "AVX-512 VNNI" if has_vnni() else "portable (no AVX-512 VNNI)"}

@@ -5,6 +5,7 @@ import dataclasses
 
 import numpy as np
 
+from ...progress import byte_bar
 from ...weights import QTensor
 from ..base import Backend
 from . import attention, elementwise, embed, gemv_q8, matmul, norm, rope, sample
@@ -70,9 +71,11 @@ class CPUBackend(Backend):
         shapes = [packed_shape(t.qtype, t.rows, t.cols) for t in todo]
         arena = np.empty(sum(g * n for g, n in shapes) + 64, np.uint8)  # huge pages when large
         at = -arena.ctypes.data % 64                                     # 64-byte aligned
-        for t, (g, n) in zip(todo, shapes):
-            self.upload_matrix(t, arena[at:at + g * n].reshape(g, n))
-            at += g * n
+        with byte_bar(sum(t.nbytes for t in todo), "repacking weights") as bar:
+            for t, (g, n) in zip(todo, shapes):
+                self.upload_matrix(t, arena[at:at + g * n].reshape(g, n))
+                at += g * n
+                bar.update(t.nbytes)
         up = self.upload_matrix
         layers = tuple(dataclasses.replace(L, **{k: up(getattr(L, k)) for k in mats})
                        for L in weights.layers)

@@ -7,6 +7,7 @@ import numpy as np
 from numba import cuda
 from ._sim import SIMULATOR
 
+from ...progress import byte_bar
 from ..base import Backend
 from . import attention, elementwise, embed, flash, gemv, matmul, matmul_mma, norm, rope, sample
 from .graph import CudaGraph, graphs_supported
@@ -88,12 +89,19 @@ class CUDABackend(Backend):
                                        stream=self.stream)
 
     def upload(self, weights):
-        """Every matrix on the device in the GPU layout (a tied output is uploaded once)."""
+        """Every matrix on the device in the GPU layout (a tied output is uploaded once), with a
+        progress bar on a terminal when it takes over a second."""
+        with byte_bar(sum(t.nbytes for t in weights.matrices()),
+                      "uploading weights to the GPU") as bar:
+            return self._upload(weights, bar)
+
+    def _upload(self, weights, bar):
         done = {}
 
         def up(t):
             if t.name not in done:
                 done[t.name] = self.upload_matrix(t)
+                bar.update(t.nbytes)
             return done[t.name]
 
         def vec(a):

@@ -35,12 +35,11 @@ os.environ.setdefault("NUMBAFORMER_TEST_GPU", "1")
 import numpy as np  # noqa: E402
 
 import numbaformer.backends.cuda  # noqa: E402,F401  (numpy shim before numba.cuda)
-from numba import cuda, float32, uint32  # noqa: E402
+from numba import cuda  # noqa: E402
 
 from numbaformer.backends.cuda import attention as FP32  # noqa: E402
 from numbaformer.backends.cuda import flash as FLASH  # noqa: E402
-from numbaformer.backends.cuda.graph import CudaGraph  # noqa: E402
-from numbaformer.backends.cuda.mma import mma_f16  # noqa: E402
+from gpu_mma_check import mma_peak, time_ms as _time_ms  # noqa: E402  (the same timing)
 
 SMALL = "--small" in sys.argv
 SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
@@ -52,56 +51,7 @@ T0 = time.time()
 
 
 def time_ms(fn, reps: int = 5, per_graph: int = 10) -> float:
-    """Median GPU time of one fn() from a CUDA graph of per_graph calls (simulator: host time)."""
-    if SIM:
-        t = time.perf_counter()
-        fn()
-        return 1e3 * (time.perf_counter() - t)
-    fn()
-    STREAM.synchronize()
-    g = CudaGraph()
-    g.capture(STREAM, lambda: [fn() for _ in range(per_graph)])
-    g.launch(STREAM)
-    start, stop = cuda.event(), cuda.event()
-    times = []
-    for _ in range(reps):
-        start.record(STREAM)
-        g.launch(STREAM)
-        stop.record(STREAM)
-        stop.synchronize()
-        times.append(cuda.event_elapsed_time(start, stop) / per_graph)
-    g.close()
-    return float(np.median(times))
-
-
-@cuda.jit
-def _mma_peak_kernel(out, n_iter):
-    """8 independent f16 m16n8k16 accumulator chains per warp, registers only."""
-    tid = cuda.threadIdx.x
-    a = uint32(0x3C003C00) ^ uint32(tid)             # f16 pairs near 1.0, lane-dependent
-    b = uint32(0x3C003C00) ^ uint32(tid >> 2)
-    acc = cuda.local.array(32, float32)
-    for k in range(32):
-        acc[k] = float32(0)
-    for _ in range(n_iter):
-        for c in range(8):
-            acc[4 * c], acc[4 * c + 1], acc[4 * c + 2], acc[4 * c + 3] = mma_f16(
-                a, a, a, a, b, b, acc[4 * c], acc[4 * c + 1], acc[4 * c + 2], acc[4 * c + 3])
-    s = float32(0)
-    for k in range(32):
-        s += acc[k]
-    out[cuda.blockIdx.x * cuda.blockDim.x + tid] = s
-
-
-def mma_peak() -> float:
-    """TFLOP/s of f16 m16n8k16 mma.sync (4096 flop each) on every SM: 4 blocks of 8 warps."""
-    blocks = 1 if SIM else cuda.get_current_device().MULTIPROCESSOR_COUNT * 4
-    threads = 32 if SMALL else 256
-    iters = 2 if SMALL else 512
-    out = cuda.device_array(blocks * threads, np.float32)
-    ms = time_ms(lambda: _mma_peak_kernel[blocks, threads, STREAM](out, iters), reps=5,
-                 per_graph=2)
-    return blocks * threads // 32 * iters * 8 * 4096 / ms / 1e9
+    return _time_ms(fn, reps, per_graph, stream=STREAM)
 
 
 class Problem:
@@ -197,7 +147,8 @@ def main() -> int:
         print(json.dumps(r), flush=True)
         return r
 
-    peak = step("peak", "f16 mma.sync loop", lambda: {"TFLOP/s": round(mma_peak(), 1)}
+    peak = step("peak", "f16 mma.sync loop",
+                lambda: {"TFLOP/s": round(mma_peak("f16", STREAM), 1)}
                 ).get("TFLOP/s")
     variants = [v for v in a.variants.split(",") if v]
     probs = {n: Problem(n, seed=n) for n in LENGTHS}

@@ -23,6 +23,7 @@ this size (its weights are read in ~10 us of a ~0.4 ms kernel).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -43,7 +44,7 @@ from numbaformer.backends.cuda import matmul as FP32  # noqa: E402
 from numbaformer.backends.cuda import matmul_mma as MMA  # noqa: E402
 from numbaformer.backends.cuda.backend import upload_matrix  # noqa: E402
 from numbaformer.backends.cuda.graph import CudaGraph  # noqa: E402
-from numbaformer.backends.cuda.mma import mma_bf16  # noqa: E402
+from numbaformer.backends.cuda.mma import mma_bf16, mma_f16  # noqa: E402
 from numbaformer.quants import GGML_TYPES, TYPE_IDS  # noqa: E402
 from numbaformer.synthetic import random_blocks  # noqa: E402
 from numbaformer.weights import QTensor  # noqa: E402
@@ -58,61 +59,73 @@ DEFAULT_VARIANTS = ("128x128x2x4/32/2/1", "128x128x2x4/64/1/1", "128x128x2x4/32/
 T0 = time.time()
 
 
-def time_ms(fn, reps: int = 5, per_graph: int = 10) -> float:
-    """Median GPU time of one fn() (launching on STREAM), from a CUDA graph of per_graph calls
-    (under the simulator: the host time of one call)."""
+def time_ms(fn, reps: int = 5, per_graph: int = 10, stream=None) -> float:
+    """Median GPU time of one fn() (launching on `stream`, default STREAM), from a CUDA graph of
+    per_graph calls (under the simulator: the host time of one call)."""
     if SIM:
         t = time.perf_counter()
         fn()
         return 1e3 * (time.perf_counter() - t)
+    stream = stream or STREAM
     fn()
-    STREAM.synchronize()
+    stream.synchronize()
     g = CudaGraph()
-    g.capture(STREAM, lambda: [fn() for _ in range(per_graph)])
-    g.launch(STREAM)
+    g.capture(stream, lambda: [fn() for _ in range(per_graph)])
+    g.launch(stream)
     start, stop = cuda.event(), cuda.event()
     times = []
     for _ in range(reps):
-        start.record(STREAM)
-        g.launch(STREAM)
-        stop.record(STREAM)
+        start.record(stream)
+        g.launch(stream)
+        stop.record(stream)
         stop.synchronize()
         times.append(cuda.event_elapsed_time(start, stop) / per_graph)
     g.close()
     return float(np.median(times))
 
 
-# ---- the bf16 mma.sync peak: 8 independent accumulator chains per warp, registers only ----
+# ---- the mma.sync peak (bf16, or f16 for gpu_flash_check.py): 8 independent accumulator chains
+# ---- per warp, registers only ----
 
 PEAK_ITERS = 512
+PEAK_ONES = {"bf16": 0x3F803F80, "f16": 0x3C003C00}     # pairs of 1.0 in each format
 
 
-@cuda.jit
-def _mma_peak_kernel(out, n_iter):
-    tid = cuda.threadIdx.x
-    a = uint32(0x3F803F80) ^ uint32(tid)             # bf16 pairs near 1.0, lane-dependent
-    b = uint32(0x3F803F80) ^ uint32(tid >> 2)
-    acc = cuda.local.array(32, float32)
-    for k in range(32):
-        acc[k] = float32(0)
-    for _ in range(n_iter):
-        for c in range(8):
-            acc[4 * c], acc[4 * c + 1], acc[4 * c + 2], acc[4 * c + 3] = mma_bf16(
-                a, a, a, a, b, b, acc[4 * c], acc[4 * c + 1], acc[4 * c + 2], acc[4 * c + 3])
-    s = float32(0)
-    for k in range(32):
-        s += acc[k]
-    out[cuda.blockIdx.x * cuda.blockDim.x + tid] = s
+@functools.lru_cache(maxsize=None)
+def _mma_peak_kernel(form: str):
+    mma = {"bf16": mma_bf16, "f16": mma_f16}[form]
+    ones = uint32(PEAK_ONES[form])
+
+    @cuda.jit
+    def peak(out, n_iter):
+        tid = cuda.threadIdx.x
+        a = ones ^ uint32(tid)                       # pairs near 1.0, lane-dependent
+        b = ones ^ uint32(tid >> 2)
+        acc = cuda.local.array(32, float32)
+        for k in range(32):
+            acc[k] = float32(0)
+        for _ in range(n_iter):
+            for c in range(8):
+                acc[4 * c], acc[4 * c + 1], acc[4 * c + 2], acc[4 * c + 3] = mma(
+                    a, a, a, a, b, b, acc[4 * c], acc[4 * c + 1], acc[4 * c + 2], acc[4 * c + 3])
+        s = float32(0)
+        for k in range(32):
+            s += acc[k]
+        out[cuda.blockIdx.x * cuda.blockDim.x + tid] = s
+
+    return peak
 
 
-def mma_peak() -> float:
-    """TFLOP/s of m16n8k16 bf16 mma.sync (4096 flop each) on every SM: 4 blocks of 8 warps."""
+def mma_peak(form: str = "bf16", stream=None) -> float:
+    """TFLOP/s of m16n8k16 mma.sync of `form` (4096 flop each) on every SM: 4 blocks of 8 warps."""
+    stream = stream or STREAM
     blocks = 1 if SIM else cuda.get_current_device().MULTIPROCESSOR_COUNT * (1 if SMALL else 4)
     threads = 32 if SMALL else 256
     iters = 2 if SMALL else PEAK_ITERS
     out = cuda.device_array(blocks * threads, np.float32)
-    ms = time_ms(lambda: _mma_peak_kernel[blocks, threads, STREAM](out, iters), reps=5,
-                 per_graph=2)
+    k = _mma_peak_kernel(form)
+    ms = time_ms(lambda: k[blocks, threads, stream](out, iters), reps=5, per_graph=2,
+                 stream=stream)
     return blocks * threads // 32 * iters * 8 * 4096 / ms / 1e9
 
 

@@ -21,6 +21,7 @@ Weights: rows in the GPU layout (layout.py), (rows, pitch) uint8 with uint32 vie
 from __future__ import annotations
 
 import functools
+import os
 
 import numpy as np
 from numba import cuda, float32, uint8
@@ -37,8 +38,9 @@ from .reduce import WARP, warp_sum
 
 GEMV_WARPS = 8
 BLOCKS_PER_SM = 4
-PREQUANT = False         # quantized types: x quantized by a kernel of its own, read from L2 by every
-                         # block, instead of each block staging it (not yet timed on a GPU) ..
+# quantized types: x quantized by a kernel of its own, read from L2 by every block, instead of each
+# block staging it (NUMBAFORMER_PREQUANT=1; not yet timed end to end on a GPU) ..
+PREQUANT = os.environ.get("NUMBAFORMER_PREQUANT", "0") == "1"
 PREQUANT_MIN_BYTES = 8 << 20   # .. for launches reading this much (a small model's mat-vecs are
                                # latency-bound: a second launch would cost more than the staging)
 SEGMENT_BYTES = 1024     # weight bytes a warp stages per step (exact path)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import numpy as np
 from numba import cuda, float32, float64, int32, uint32
@@ -34,8 +35,9 @@ from .reduce import FULL_MASK, WARP, block_sum, warp_sum
 UNROLL = 2                    # units per row and lane in a batch (all its loads in flight)
 SPLIT_BELOW = 0               # pairs per warp of the grid below which warps split a pair's units
 SPLIT = 2                     # warps per pair then (H200 sweep: no gain at the 8B shapes, so off)
-PAIR_UNITS = False            # Q4_K/Q5_K: a lane takes two adjacent units with one scale decode
-                              # (fewer instructions a byte; not yet timed on a GPU)
+# Q4_K/Q5_K: a lane takes two adjacent units with one scale decode (fewer instructions a byte;
+# NUMBAFORMER_PAIRS=1; not yet timed end to end on a GPU)
+PAIR_UNITS = os.environ.get("NUMBAFORMER_PAIRS", "0") == "1"
 PROBE = 0                     # timing probes only (scripts/gpu_probe.py): 1 skips the staging,
                               # 2 replaces the unit dots by an XOR of the loaded words
 LO = 0x0F0F0F0F

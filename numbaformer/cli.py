@@ -470,6 +470,8 @@ def bench(model, hf_repo, offline, n_prompt, n_gen, reps, device, gpu, threads, 
               help="Context size per sequence (default: min(model's, 4096)).")
 @click.option("--max-batched-tokens", type=click.IntRange(min=1), default=512, show_default=True,
               help="Rows (prompt chunks and decodes) in one step.")
+@click.option("-n", "--n-predict", type=click.IntRange(min=-1), default=-1, show_default=True,
+              help="Tokens per request at most, whatever max_tokens asks (-1: the context).")
 @click.option("--max-queue", type=click.IntRange(min=0), default=64, show_default=True,
               help="Requests waiting beyond the running ones; past that: 429 with Retry-After.")
 @click.option("--max-body", type=click.IntRange(min=1024), default=4 << 20, show_default=True,
@@ -481,8 +483,8 @@ def bench(model, hf_repo, offline, n_prompt, n_gen, reps, device, gpu, threads, 
 @gpu_opt
 @threads_opt
 @kv_opt
-def serve(model, hf_repo, offline, host, port, parallel, ctx, max_batched_tokens, max_queue,
-          max_body, api_key, alias, device, gpu, threads, kv_type):
+def serve(model, hf_repo, offline, host, port, parallel, ctx, max_batched_tokens, n_predict,
+          max_queue, max_body, api_key, alias, device, gpu, threads, kv_type):
     """An OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models, /health,
     /metrics; continuous batching of up to -np sequences."""
     import os
@@ -493,7 +495,7 @@ def serve(model, hf_repo, offline, host, port, parallel, ctx, max_batched_tokens
                         f"per sequence (-np {parallel})")
     path = _model_path(model, hf_repo, offline)
     settings = Settings(model_name=alias or os.path.basename(path), api_key=api_key,
-                        max_queue=max_queue, max_body=max_body)
+                        max_queue=max_queue, max_body=max_body, n_predict=n_predict)
 
     def load():
         return _engine(path, device, gpu, threads, ctx, kv_type=kv_type)

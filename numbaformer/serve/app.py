@@ -35,6 +35,7 @@ class Settings:
     max_queue: int = 64                 # requests waiting beyond the running ones; then 429
     max_body: int = 4 << 20             # bytes; larger bodies: 413
     retry_after_s: int = 1
+    n_predict: int = -1                 # caps each request's max_tokens (-1: the context)
 
 
 class Guard:
@@ -182,7 +183,8 @@ def create_app(bridge: Bridge, settings: Settings, metrics: Metrics | None = Non
         eng = engine()
         check_request(req)
         ids = await run_in_threadpool(_chat_ids, eng, req)
-        job = _job(eng, req, ids, req.max_completion_tokens or req.max_tokens, "messages")
+        job = _job(eng, req, ids, req.max_completion_tokens or req.max_tokens, "messages",
+                   settings.n_predict)
         return await _run(job, req, request, chat=True)
 
     @app.post("/v1/completions")
@@ -190,7 +192,7 @@ def create_app(bridge: Bridge, settings: Settings, metrics: Metrics | None = Non
         eng = engine()
         check_request(req)
         ids = await run_in_threadpool(_prompt_ids, eng, req.prompt)
-        job = _job(eng, req, ids, req.max_tokens, "prompt")
+        job = _job(eng, req, ids, req.max_tokens, "prompt", settings.n_predict)
         return await _run(job, req, request, chat=False)
 
     def _admit(job: Job) -> None:
@@ -326,9 +328,11 @@ def _prompt_ids(eng, prompt) -> list[int]:
     return ids
 
 
-def _job(eng, req, ids: list[int], max_tokens: int | None, what: str) -> Job:
-    """The engine job of a validated request: limits against the context, sampling params."""
+def _job(eng, req, ids: list[int], max_tokens: int | None, what: str, cap: int = -1) -> Job:
+    """The engine job of a validated request: limits against the context (then the server's
+    cap, -n), sampling params."""
     n = check_limits(len(ids), max_tokens, eng.model.n_ctx, what)
+    n = min(n, cap) if cap > 0 else n
     params = SamplingParams(
         temperature=1.0 if req.temperature is None else req.temperature,
         top_k=req.top_k or 0, top_p=1.0 if req.top_p is None else req.top_p,

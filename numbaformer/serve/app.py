@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import sys
 import time
 from contextlib import asynccontextmanager
@@ -368,6 +369,8 @@ def run(load, *, host: str, port: int, n_seqs: int, max_batched_tokens: int,
                             timeout_graceful_shutdown=graceful_s, access_log=False)
     server = uvicorn.Server(config)
     server_box.append(server)
+    # uvicorn re-raises the SIGTERM it shut down for, under the handler it found: exit 0 then
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(2 if bridge.failure else 0))
     print(f"numbaformer serve: listening on http://{host}:{port} (model loading; GET /health "
           f"is 200 when ready)", file=sys.stderr, flush=True)
     server.run()

@@ -398,3 +398,28 @@ def test_metrics_count_what_was_served(server, client):
     assert m['numbaformer_requests_total{finish_reason="length"}'] > 0
     assert 0 < m["numbaformer_prefix_cache_hit_rate"] < 1           # the same prompts, again
     assert m['numbaformer_http_errors_total{status="400"}'] >= len(BAD_CHAT)
+
+
+# --- text pieces -------------------------------------------------------------------------------
+
+def test_deltas_are_whole_utf8_and_hold_back_a_stop_prefix(smollm2):
+    from numbaformer.serve.openai import TextStream
+    tok = smollm2.tokenizer
+    text = "smile 🙂 and 猫 end"
+    ids = tok.encode(text, add_special=False)
+    assert any(not _whole(tok.token_bytes(i)) for i in ids)   # some token splits a character
+    s = TextStream(tok, [tok.bos_id or 0], ["and 猫 e"], tok.eog_ids)
+    deltas = [s.push(i) for i in ids]
+    assert all(isinstance(d, str) and "\ufffd" not in d for d in deltas)
+    assert "".join(deltas) + s.finish() == "smile 🙂 "
+    assert s.stopped
+    s = TextStream(tok, [tok.bos_id or 0], [], tok.eog_ids)
+    assert "".join(s.push(i) for i in ids + sorted(tok.eog_ids)[:1]) + s.finish() == text
+
+
+def _whole(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False

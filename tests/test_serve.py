@@ -423,3 +423,13 @@ def _whole(data: bytes) -> bool:
         return True
     except UnicodeDecodeError:
         return False
+
+
+def test_a_model_that_fails_to_load_is_one_error_line_and_exit_2(tmp_path):
+    from cli_helpers import assert_process_error, run_process
+    from serve_helpers import free_port
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"garbage")
+    p = run_process("serve", "-m", bad, "--port", free_port(), "--device", "cpu")
+    assert_process_error(p, "not a GGUF file", lines_before=1)
+    assert "listening" in p.stderr.splitlines()[0]

@@ -26,15 +26,17 @@ def free_port() -> int:
 
 
 class Server:
-    """`python -m numbaformer.cli serve -m MODEL --port P --device cpu --api-key ... ARGS`;
-    started() waits for /health to be 200 and records the statuses it saw before."""
+    """`python -m numbaformer.cli serve -m MODEL --port P --device cpu -t 1 --api-key ... ARGS`;
+    started() waits for /health to be 200 and records the statuses it saw before. One thread:
+    on a shared machine whose cores are busy, numba's parallel loops with two threads took
+    10x longer than with one (25 s against 2 s for 24 tokens), and these tests time things."""
 
     def __init__(self, model: Path, log: Path, *args):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         cmd = [sys.executable, "-m", "numbaformer.cli", "serve", "-m", str(model), "--port",
-               str(self.port), "--device", "cpu", "--api-key", API_KEY, "--alias", ALIAS,
+               str(self.port), "--device", "cpu", "-t", "1", "--api-key", API_KEY, "--alias", ALIAS,
                *map(str, args)]
         env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "0"}
         env.pop("CUDA_FORCE_CPU", None)

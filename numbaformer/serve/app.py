@@ -25,7 +25,7 @@ from .metrics import Metrics
 from .protocol import (APIError, ChatRequest, CompletionRequest, check_limits, check_prompt_ids,
                        check_request, error_body, param_of, parse_logit_bias)
 
-DISCONNECT_POLL_S = 0.25
+DISCONNECT_POLL_S = 0.1
 OPEN_PATHS = ("/health", "/metrics", "/openapi.json", "/docs", "/redoc")
 
 

@@ -266,6 +266,7 @@ BAD_CHAT = [
     (chat_body(logit_bias=[1]), "logit_bias"),
     (chat_body(stop=["a", "b", "c", "d", "e"]), "stop"),
     (chat_body(stop=[""]), "stop"),
+    (chat_body(stop="x" * 1001), "stop"),
     (chat_body(stop=5), "stop"),
     (chat_body(stream="yes"), "stream"),
     (chat_body(stream_options={"include_usage": "yes"}), "stream_options.include_usage"),

@@ -13,6 +13,7 @@ from typing import Literal, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 MAX_STOPS = 4
+MAX_STOP_CHARS = 1000      # matching is O(length) per token on the engine thread
 MAX_TOP_LOGPROBS = 20
 INT64_MIN, UINT64_MAX = -(1 << 63), (1 << 64) - 1
 
@@ -137,6 +138,8 @@ def check_request(req: _Sampling) -> None:
         raise APIError(400, f"stop takes at most {MAX_STOPS} strings, not {len(stops)}", "stop")
     if any(s == "" for s in stops):
         raise APIError(400, "stop strings must not be empty", "stop")
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise APIError(400, f"stop strings are at most {MAX_STOP_CHARS} characters", "stop")
     if isinstance(req, ChatRequest):
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")

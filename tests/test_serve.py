@@ -116,6 +116,12 @@ def test_length_and_stop_finish_reasons(client):
                         max_tokens=64)
     assert short.choices[0].finish_reason == "stop"        # the end-of-turn token
     assert "<|im_end|>" not in short.choices[0].message.content
+    n = short.usage.completion_tokens
+    past = greedy_chat(client, messages=[{"role": "user", "content": "Say hello."}],
+                       max_tokens=n + 3, extra_body={"ignore_eos": True})
+    assert past.choices[0].finish_reason == "length" and past.usage.completion_tokens == n + 3
+    assert past.choices[0].message.content.startswith(short.choices[0].message.content)
+    assert "<|im_end|>" not in past.choices[0].message.content
 
 
 def test_max_completion_tokens_is_max_tokens(client):
@@ -434,3 +440,19 @@ def test_a_model_that_fails_to_load_is_one_error_line_and_exit_2(tmp_path):
     p = run_process("serve", "-m", bad, "--port", free_port(), "--device", "cpu")
     assert_process_error(p, "not a GGUF file", lines_before=1)
     assert "listening" in p.stderr.splitlines()[0]
+
+
+def test_bench_serve_script_reports_the_serving_metrics(server):
+    import subprocess
+    import sys
+
+    from vocab_files import REPO_ROOT
+    p = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "bench_serve.py"), "--url",
+                        server.url, "--api-key", API_KEY, "-c", "2", "-n", "3", "--input-len",
+                        "16", "--output-len", "4", "--json"], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout)
+    assert res["requests"] == 3 and res["failed"] == 0
+    assert res["output_tok_s"] > 0 and res["ttft_p50_ms"] > 0 and res["tpot_p99_ms"] > 0
+    assert res["output_tok_s"] * res["duration_s"] == pytest.approx(12)   # ignore_eos: all 4

@@ -345,7 +345,7 @@ def _job(eng, req, ids: list[int], max_tokens: int | None, what: str, cap: int =
     except ValueError as e:
         raise APIError(400, str(e)) from None
     return Job(ids, n, params, req.stops(), parse_logit_bias(req.logit_bias, eng.config.n_vocab),
-               req.n_logprobs())
+               req.n_logprobs(), req.ignore_eos)
 
 
 def run(load, *, host: str, port: int, n_seqs: int, max_batched_tokens: int,

@@ -61,6 +61,7 @@ class Job:
     stops: list[str] = field(default_factory=list)
     logit_bias: dict[int, float] = field(default_factory=dict)
     n_logprobs: int | None = None
+    ignore_eos: bool = False
     loop: asyncio.AbstractEventLoop | None = None
     queue: asyncio.Queue | None = None
     # engine-thread state
@@ -160,10 +161,11 @@ class Bridge:
         if job.done:                                    # cancelled before it was added
             return
         eng = self.engine
-        job.text = TextStream(eng.tokenizer, job.prompt_ids, job.stops, eng.tokenizer.eog_ids)
+        eog = frozenset() if job.ignore_eos else eng.tokenizer.eog_ids
+        job.text = TextStream(eng.tokenizer, job.prompt_ids, job.stops, eog)
         try:
             sampler = request_sampler(job.params, job.logit_bias, job.n_logprobs, job.picks)
-            sid = eng.add_request(job.prompt_ids, job.max_tokens, sampler)
+            sid = eng.add_request(job.prompt_ids, job.max_tokens, sampler, stop_ids=eog)
         except ValueError as e:
             job.send(Delta(error=APIError(400, str(e), "prompt")))
             return
@@ -198,7 +200,7 @@ class Bridge:
         new = seq.output_ids[job.n_seen:]
         if not new and seq.status != FINISHED:
             return
-        parts, tokens, eog = [], [], self.engine.tokenizer.eog_ids
+        parts, tokens, eog = [], [], job.text.eog
         first = job.n_seen == 0
         for tid in new:
             i = job.n_seen

@@ -101,6 +101,7 @@ class _Sampling(_Strict):
     logit_bias: dict[str, float] | None = None
     n: int = 1
     user: str | None = None
+    ignore_eos: bool = False            # llama-server's and vLLM's: generate past end-of-turn
 
     def stops(self) -> list[str]:
         s = self.stop

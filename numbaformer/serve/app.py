@@ -23,7 +23,7 @@ from . import openai as oa
 from .bridge import Bridge, Job
 from .metrics import Metrics
 from .protocol import (APIError, ChatRequest, CompletionRequest, check_limits, check_prompt_ids,
-                       check_request, error_body, param_of, parse_logit_bias)
+                       check_request, param_of, parse_logit_bias)
 
 DISCONNECT_POLL_S = 0.1
 OPEN_PATHS = ("/health", "/metrics", "/openapi.json", "/docs", "/redoc")
@@ -118,18 +118,91 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     return APIError(400, f"{param or 'body'}: {e.get('msg', 'invalid value')}", param)
 
 
-def create_app(bridge: Bridge, settings: Settings, metrics: Metrics | None = None):
-    """The ASGI app over a Bridge (started and stopped by the app's lifespan)."""
+class Service:
+    """What the routes share: the bridge, the settings, the metrics, the requests in flight."""
 
-    @asynccontextmanager
-    async def lifespan(app):
-        bridge.start()
-        yield
-        bridge.stop()
+    def __init__(self, bridge: Bridge, settings: Settings, metrics: Metrics | None):
+        self.bridge, self.settings, self.metrics = bridge, settings, metrics
+        self.in_flight = 0
+        self.started = int(time.time())
 
-    app = FastAPI(title="numbaformer", version="0.1.0", lifespan=lifespan)
-    state = {"in_flight": 0}
-    started = int(time.time())
+    def engine(self):
+        """The loaded engine, or 503 while it loads (or after it failed)."""
+        b = self.bridge
+        if b.failure:
+            raise APIError(503, f"the model failed to load: {b.failure}", type="server_error")
+        if not b.ready.is_set():
+            raise APIError(503, "the model is loading", type="server_error",
+                           headers={"Retry-After": "5"})
+        return b.engine
+
+    def admit(self, job: Job) -> None:
+        """Hand job to the engine thread, or 429 when -np + --max-queue are in flight."""
+        if self.in_flight >= self.bridge.n_seqs + self.settings.max_queue:
+            raise APIError(429, "the server is busy: too many requests in flight, retry later",
+                           type="rate_limit_error", code="server_busy",
+                           headers={"Retry-After": str(self.settings.retry_after_s)})
+        self.in_flight += 1
+        job.loop, job.queue = asyncio.get_running_loop(), asyncio.Queue()
+        self.bridge.submit(job)
+
+    def release(self, job: Job) -> None:
+        """The handler's side of job is over (once, from whichever end comes first): cancel it
+        on the engine thread unless it finished."""
+        if not job.released:
+            job.released = True
+            self.in_flight -= 1
+            self.bridge.cancel(job)
+
+    async def respond(self, job: Job, req, request: Request, chat: bool):
+        """Run job; the SSE stream or the whole response."""
+        self.admit(job)
+        rid = oa.new_id("chatcmpl" if chat else "cmpl")
+        tok, name = self.bridge.engine.tokenizer, self.settings.model_name
+        logprobs = job.n_logprobs is not None
+        if req.stream:
+            include = bool(req.stream_options and req.stream_options.include_usage)
+            events = oa.sse_events(self._deltas(job), tok, rid, name, chat=chat,
+                                   include_usage=include, logprobs=logprobs)
+            return _Stream(events, on_close=lambda: self.release(job),
+                           media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        try:
+            deltas = await self._collect(job, request)
+            if deltas is None:
+                return Response(status_code=499)    # nobody reads it; the job is cancelled
+            return oa.whole_response(deltas, tok, rid, name, chat=chat, logprobs=logprobs)
+        finally:
+            self.release(job)
+
+    async def _deltas(self, job: Job):
+        try:
+            while True:
+                d = await job.queue.get()
+                yield d
+                if d.finish_reason or d.error:
+                    return
+        finally:
+            self.release(job)
+
+    async def _collect(self, job: Job, request: Request) -> list | None:
+        """All of job's deltas (raising its error), or None when the client went away."""
+        deltas = []
+        while True:
+            try:
+                d = await asyncio.wait_for(job.queue.get(), DISCONNECT_POLL_S)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    return None
+                continue
+            if d.error:
+                raise d.error
+            deltas.append(d)
+            if d.finish_reason:
+                return deltas
+
+
+def _error_handlers(app: FastAPI, metrics: Metrics | None) -> None:
+    """Every error in OpenAI's envelope; an unexpected one a 500 without a traceback."""
 
     @app.exception_handler(APIError)
     async def on_api_error(request, exc: APIError):
@@ -150,18 +223,23 @@ def create_app(bridge: Bridge, settings: Settings, metrics: Metrics | None = Non
         return _error_response(APIError(500, "internal server error", type="server_error"),
                                metrics)
 
-    def engine():
-        if bridge.failure:
-            raise APIError(503, f"the model failed to load: {bridge.failure}",
-                           type="server_error")
-        if not bridge.ready.is_set():
-            raise APIError(503, "the model is loading", type="server_error",
-                           headers={"Retry-After": "5"})
-        return bridge.engine
+
+def create_app(bridge: Bridge, settings: Settings, metrics: Metrics | None = None):
+    """The ASGI app over a Bridge (started and stopped by the app's lifespan)."""
+    svc = Service(bridge, settings, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        bridge.start()
+        yield
+        bridge.stop()
+
+    app = FastAPI(title="numbaformer", version="0.1.0", lifespan=lifespan)
+    _error_handlers(app, metrics)
 
     @app.get("/health")
     async def health():
-        engine()
+        svc.engine()
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -173,108 +251,28 @@ def create_app(bridge: Bridge, settings: Settings, metrics: Metrics | None = Non
 
     @app.get("/v1/models")
     async def models():
-        eng = engine()
+        eng = svc.engine()
         return {"object": "list", "data": [{
-            "id": settings.model_name, "object": "model", "created": started,
+            "id": settings.model_name, "object": "model", "created": svc.started,
             "owned_by": "numbaformer",
             "meta": {"n_ctx": eng.model.n_ctx, "n_vocab": eng.config.n_vocab}}]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest, request: Request):
-        eng = engine()
+        eng = svc.engine()
         check_request(req)
         ids = await run_in_threadpool(_chat_ids, eng, req)
         job = _job(eng, req, ids, req.max_completion_tokens or req.max_tokens, "messages",
                    settings.n_predict)
-        return await _run(job, req, request, chat=True)
+        return await svc.respond(job, req, request, chat=True)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
-        eng = engine()
+        eng = svc.engine()
         check_request(req)
         ids = await run_in_threadpool(_prompt_ids, eng, req.prompt)
         job = _job(eng, req, ids, req.max_tokens, "prompt", settings.n_predict)
-        return await _run(job, req, request, chat=False)
-
-    def _admit(job: Job) -> None:
-        if state["in_flight"] >= bridge.n_seqs + settings.max_queue:
-            raise APIError(429, "the server is busy: too many requests in flight, retry later",
-                           type="rate_limit_error", code="server_busy",
-                           headers={"Retry-After": str(settings.retry_after_s)})
-        state["in_flight"] += 1
-        job.loop, job.queue = asyncio.get_running_loop(), asyncio.Queue()
-        bridge.submit(job)
-
-    def _release(job: Job) -> None:
-        if not job.released:                    # once, from whichever end comes first
-            job.released = True
-            state["in_flight"] -= 1
-            bridge.cancel(job)
-
-    async def _run(job: Job, req, request: Request, chat: bool):
-        _admit(job)
-        rid = oa.new_id("chatcmpl" if chat else "cmpl")
-        if req.stream:
-            include = bool(req.stream_options and req.stream_options.include_usage)
-            gen = _stream(job, rid, chat, include)
-            return _Stream(gen, on_close=lambda: _release(job), media_type="text/event-stream",
-                           headers={"Cache-Control": "no-cache"})
-        try:
-            return await _collect(job, rid, chat, request)
-        finally:
-            _release(job)
-
-    async def _collect(job: Job, rid: str, chat: bool, request: Request):
-        parts, tokens = [], []
-        while True:
-            try:
-                d = await asyncio.wait_for(job.queue.get(), DISCONNECT_POLL_S)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    return Response(status_code=499)    # nobody reads it; the job is cancelled
-                continue
-            if d.error:
-                raise d.error
-            parts.append(d.text)
-            tokens += d.tokens
-            if d.finish_reason:
-                break
-        tok, use = bridge.engine.tokenizer, oa.usage(d.prompt_tokens, d.completion_tokens)
-        lp = None if job.n_logprobs is None else (
-            oa.chat_logprobs(tok, tokens) if chat else oa.completion_logprobs(tok, tokens))
-        build = oa.chat_response if chat else oa.completion_response
-        return build(rid, settings.model_name, "".join(parts), d.finish_reason, use, lp)
-
-    async def _stream(job: Job, rid: str, chat: bool, include_usage: bool):
-        tok, name, created = bridge.engine.tokenizer, settings.model_name, int(time.time())
-        offset = 0
-        try:
-            if chat:
-                yield oa.sse(oa.chat_chunk(rid, name, created, {"role": "assistant",
-                                                                "content": ""},
-                                           with_usage=include_usage))
-            while True:
-                d = await job.queue.get()
-                if d.error:
-                    yield oa.sse(d.error.body())
-                    break
-                if d.text or d.tokens:
-                    yield oa.sse(_content_chunk(tok, job, rid, name, created, chat, d, offset,
-                                                include_usage))
-                    offset += len(d.text)
-                if d.finish_reason:
-                    yield oa.sse(oa.chat_chunk(rid, name, created, {}, d.finish_reason,
-                                               with_usage=include_usage) if chat else
-                                 oa.completion_chunk(rid, name, created, "", d.finish_reason,
-                                                     with_usage=include_usage))
-                    if include_usage:
-                        yield oa.sse(oa.usage_chunk(
-                            rid, name, created, "chat.completion.chunk" if chat else
-                            "text_completion", oa.usage(d.prompt_tokens, d.completion_tokens)))
-                    yield oa.SSE_DONE
-                    break
-        finally:
-            _release(job)
+        return await svc.respond(job, req, request, chat=False)
 
     return app
 
@@ -292,15 +290,6 @@ class _Stream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self.on_close()
-
-
-def _content_chunk(tok, job, rid, name, created, chat, d, offset, include_usage) -> dict:
-    if chat:
-        lp = None if job.n_logprobs is None else oa.chat_logprobs(tok, d.tokens)
-        return oa.chat_chunk(rid, name, created, {"content": d.text}, logprobs=lp,
-                             with_usage=include_usage)
-    lp = None if job.n_logprobs is None else oa.completion_logprobs(tok, d.tokens, offset)
-    return oa.completion_chunk(rid, name, created, d.text, logprobs=lp, with_usage=include_usage)
 
 
 def _chat_ids(eng, req: ChatRequest) -> list[int]:

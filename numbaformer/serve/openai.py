@@ -137,3 +137,53 @@ def usage_chunk(rid: str, model: str, created: int, obj: str, use: dict) -> dict
     """The last chunk with stream_options.include_usage: no choices, the usage."""
     return {"id": rid, "object": obj, "created": created, "model": model, "choices": [],
             "usage": use}
+
+
+async def sse_events(deltas, tok, rid: str, model: str, *, chat: bool, include_usage: bool,
+                     logprobs: bool):
+    """The SSE stream of one request from its Deltas (an async iterator): for chat a first chunk
+    with the role, a chunk per delta with text or tokens, a last one with the finish reason, the
+    usage chunk when asked for, then `data: [DONE]`; an error mid-stream as an error event."""
+    created, offset, use = int(time.time()), 0, include_usage
+    if chat:
+        yield sse(chat_chunk(rid, model, created, {"role": "assistant", "content": ""},
+                             with_usage=use))
+    async for d in deltas:
+        if d.error:
+            yield sse(d.error.body())
+            return
+        if d.text or d.tokens:
+            if chat:
+                lp = chat_logprobs(tok, d.tokens) if logprobs else None
+                yield sse(chat_chunk(rid, model, created, {"content": d.text}, logprobs=lp,
+                                     with_usage=use))
+            else:
+                lp = completion_logprobs(tok, d.tokens, offset) if logprobs else None
+                yield sse(completion_chunk(rid, model, created, d.text, logprobs=lp,
+                                           with_usage=use))
+            offset += len(d.text)
+        if d.finish_reason:
+            yield sse(chat_chunk(rid, model, created, {}, d.finish_reason, with_usage=use)
+                      if chat else
+                      completion_chunk(rid, model, created, "", d.finish_reason, with_usage=use))
+            if use:
+                yield sse(usage_chunk(rid, model, created, "chat.completion.chunk" if chat else
+                                      "text_completion",
+                                      usage(d.prompt_tokens, d.completion_tokens)))
+            yield SSE_DONE
+            return
+
+
+def whole_response(deltas: list[Delta], tok, rid: str, model: str, *, chat: bool,
+                   logprobs: bool) -> dict:
+    """The non-streamed response: the deltas' text joined, their tokens' log-probs, the last
+    one's finish reason and counts."""
+    last = deltas[-1]
+    tokens = [t for d in deltas for t in d.tokens]
+    use = usage(last.prompt_tokens, last.completion_tokens)
+    text = "".join(d.text for d in deltas)
+    if chat:
+        return chat_response(rid, model, text, last.finish_reason, use,
+                             chat_logprobs(tok, tokens) if logprobs else None)
+    return completion_response(rid, model, text, last.finish_reason, use,
+                               completion_logprobs(tok, tokens) if logprobs else None)

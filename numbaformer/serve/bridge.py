@@ -120,6 +120,7 @@ class Bridge:
         try:
             self.engine = self._load()
             self.engine.start_batching(self.n_seqs, self.max_batched_tokens)
+            self._warmup()
         except BaseException as e:                     # one line, and the server goes down
             self.failure = str(e).splitlines()[0] if str(e) else type(e).__name__
             if self.on_fail:
@@ -139,6 +140,15 @@ class Bridge:
         for job in list(self.jobs.values()):           # shutting down: end what is left
             self._end(job, Delta(finish_reason="length", prompt_tokens=len(job.prompt_ids),
                                  completion_tokens=job.n_seen))
+
+    def _warmup(self) -> None:
+        """One token through the batched path before /health says ready: its kernels compile
+        now, not in the first request, and a backend that cannot run it (CUDA has no paged KV
+        cache yet) fails the load in one line instead of every request."""
+        eng = self.engine
+        eng.add_request([eng.tokenizer.bos_id or 0] * 2, max_tokens=1)
+        while eng.has_unfinished():
+            eng.step()
 
     def _drain(self, block: bool) -> None:
         """Take everything in the inbox (waiting up to IDLE_WAIT_S for the first when idle)."""

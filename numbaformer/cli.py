@@ -490,6 +490,8 @@ def serve(model, hf_repo, offline, host, port, parallel, ctx, max_batched_tokens
     import os
 
     from .serve.app import Settings, run
+    if n_predict == 0:
+        raise UserError("-n 0 would answer every request with nothing: give N > 0, or -1")
     if max_batched_tokens < parallel:
         raise UserError(f"--max-batched-tokens ({max_batched_tokens}) must cover one decode row "
                         f"per sequence (-np {parallel})")

@@ -456,3 +456,11 @@ def test_bench_serve_script_reports_the_serving_metrics(server):
     assert res["requests"] == 3 and res["failed"] == 0
     assert res["output_tok_s"] > 0 and res["ttft_p50_ms"] > 0 and res["tpot_p99_ms"] > 0
     assert res["output_tok_s"] * res["duration_s"] == pytest.approx(12)   # ignore_eos: all 4
+
+
+def test_a_port_in_use_is_one_error_line_before_loading(server):
+    from cli_helpers import assert_process_error, run_process
+    p = run_process("serve", "--port", server.port, "--device", "cpu", "-m", "/nonexistent")
+    assert_process_error(p, f"cannot listen on 127.0.0.1:{server.port}")
+    p = run_process("serve", "-n", "0", "--port", server.port)
+    assert_process_error(p, "-n 0")

@@ -337,6 +337,19 @@ def _job(eng, req, ids: list[int], max_tokens: int | None, what: str, cap: int =
                req.n_logprobs(), req.ignore_eos)
 
 
+def _check_listen(host: str, port: int) -> None:
+    """OSError with one line when host:port cannot be listened on (in use, no such address),
+    before anything loads (uvicorn would log its own error and exit 1 after starting up)."""
+    import socket
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(infos[0][4])
+    except OSError as e:
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
 def run(load, *, host: str, port: int, n_seqs: int, max_batched_tokens: int,
         settings: Settings, graceful_s: int = 30) -> int:
     """Serve until SIGINT/SIGTERM (uvicorn's: stop accepting, let in-flight requests finish for
@@ -344,6 +357,7 @@ def run(load, *, host: str, port: int, n_seqs: int, max_batched_tokens: int,
     503 until it is ready). Returns the exit code: 0, or 2 when the model failed to load (a
     one-line error on stderr; the server does not stay up half-working)."""
     import uvicorn
+    _check_listen(host, port)
     metrics = Metrics()
     server_box: list = []
 

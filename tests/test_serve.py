@@ -464,3 +464,62 @@ def test_a_port_in_use_is_one_error_line_before_loading(server):
     assert_process_error(p, f"cannot listen on 127.0.0.1:{server.port}")
     p = run_process("serve", "-n", "0", "--port", server.port)
     assert_process_error(p, "-n 0")
+
+
+def test_an_engine_step_that_raises_is_a_500_for_its_jobs_and_the_thread_goes_on(smollm2):
+    """The bridge alone, over a fake engine whose step raises once: the job gets an error
+    delta (a 500 in the envelope), the engine thread keeps serving the next job."""
+    import asyncio
+
+    from numbaformer.sampling import SamplingParams
+    from numbaformer.scheduler import FINISHED, Sequence
+    from numbaformer.serve.bridge import Bridge, Job
+
+    class FakeEngine:
+        tokenizer = smollm2.tokenizer
+        backend, model = SimpleNamespace(name="fake"), SimpleNamespace(n_ctx=64)
+
+        def __init__(self):
+            self.batching = SimpleNamespace(seqs={})
+            self.calls = 0
+
+        def start_batching(self, *a):
+            pass
+
+        def add_request(self, ids, max_tokens, sampler=None, stop_ids=None):
+            seq = Sequence(list(ids), max_tokens=max_tokens)
+            self.batching.seqs[seq.seq_id] = seq
+            return seq.seq_id
+
+        def has_unfinished(self):
+            return any(s.status != FINISHED for s in self.batching.seqs.values())
+
+        def abort(self, sid):
+            self.batching.seqs.pop(sid).status = FINISHED
+
+        def step(self):
+            self.calls += 1
+            if self.calls == 2:                         # not the warm-up: the first job's
+                raise RuntimeError("boom")
+            for s in list(self.batching.seqs.values()):
+                s.token_ids.append(smollm2.tokenizer.encode("hi", add_special=False)[0])
+                s.status, s.finish_reason = FINISHED, "length"
+                self.batching.seqs.pop(s.seq_id)
+
+    async def main():
+        bridge = Bridge(FakeEngine, 2, 16)
+        bridge.start()
+        await asyncio.get_running_loop().run_in_executor(None, bridge.ready.wait, 10)
+        assert bridge.failure is None and bridge.ready.is_set()
+        out = []
+        for _ in range(2):
+            job = Job([1, 2], 1, SamplingParams(temperature=0))
+            job.loop, job.queue = asyncio.get_running_loop(), asyncio.Queue()
+            bridge.submit(job)
+            out.append(await asyncio.wait_for(job.queue.get(), 10))
+        bridge.stop()
+        return out
+
+    first, second = asyncio.run(main())
+    assert first.error is not None and first.error.status == 500
+    assert second.error is None and second.finish_reason == "length" and second.text == "hi"

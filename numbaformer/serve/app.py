@@ -134,6 +134,8 @@ class Service:
         if not b.ready.is_set():
             raise APIError(503, "the model is loading", type="server_error",
                            headers={"Retry-After": "5"})
+        if not b.thread.is_alive():
+            raise APIError(503, "the engine thread has stopped", type="server_error")
         return b.engine
 
     def admit(self, job: Job) -> None:

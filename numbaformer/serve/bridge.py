@@ -77,7 +77,10 @@ class Job:
     def send(self, delta: Delta) -> None:
         if delta.finish_reason or delta.error:
             self.done = True
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, delta)
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, delta)
+        except RuntimeError:                # the event loop is closed: nobody is waiting
+            pass
 
 
 class Bridge:
@@ -192,17 +195,16 @@ class Bridge:
     def _step(self) -> None:
         try:
             self.engine.step()
-        except Exception as e:                          # never expected: end every job, go on
+            now = time.perf_counter()
+            for job in list(self.jobs.values()):
+                self._deliver(job, now)
+        except Exception as e:              # never expected: end every job, keep serving
             print(f"numbaformer serve: engine step failed: {type(e).__name__}: {e}",
                   file=sys.stderr)
             for job in list(self.jobs.values()):
                 self.engine.abort(job.seq.seq_id)
                 self._end(job, Delta(error=APIError(500, "internal error in the engine step",
                                                      type="server_error")))
-            return
-        now = time.perf_counter()
-        for job in list(self.jobs.values()):
-            self._deliver(job, now)
 
     def _deliver(self, job: Job, now: float) -> None:
         """The tokens job's sequence gained in this step, as one Delta."""

@@ -226,17 +226,37 @@ def sampling_options(f):
 @click.option("--logprobs", type=click.IntRange(min=0, max=100), default=0,
               help="With --json (needs it): the top K log-probs of each generated token.")
 @click.option("-v", "--verbose", is_flag=True, help="Print backend statistics.")
+@click.option("--parallel", type=click.IntRange(min=1), default=None,
+              help="Batch mode: -f FILE (- = stdin) is JSON lines, one request each "
+                   '({"prompt": ...} or {"messages": [...]}, optional max_tokens, temperature, '
+                   "top_k, top_p, min_p, repeat_penalty, repeat_last_n, presence_penalty, "
+                   "frequency_penalty, seed, stop, id; the options give the defaults), run this "
+                   "many at a time; one result per line in input order (with --json: one JSON "
+                   "object each).")
 def generate(model, hf_repo, offline, prompt, file, n_predict, ctx, temp, top_k, top_p, min_p,
              repeat_penalty, repeat_last_n, presence_penalty, frequency_penalty, seed, stop,
              ignore_eos, chat, system, device, gpu, threads, kv_type, exact, as_json, logprobs,
-             verbose):
-    """Generate text from a prompt, streaming it to stdout (stats on stderr)."""
+             verbose, parallel):
+    """Generate text from a prompt, streaming it to stdout (stats on stderr); with --parallel,
+    many prompts from a JSON-lines file at once."""
     from .generate import stream_generate
     from .sampling import make_sampler
     if logprobs and not as_json:
         raise UserError("--logprobs needs --json (the log-probs are part of the JSON object)")
     params = _sampling(temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n,
                        presence_penalty, frequency_penalty, seed)
+    if parallel is not None:
+        from .batch import Request
+        if prompt is not None or file is None or logprobs:
+            raise UserError("--parallel takes its requests from -f FILE (JSON lines), without "
+                            "-p or --logprobs")
+        system = None if system is None else _checked_text(system, "the system message")
+        defaults = Request(0, params=params, max_tokens=n_predict, stop=tuple(stop))
+        _generate_batch(_read_text(None, file, "requests"), defaults, parallel, chat, system,
+                        ignore_eos, as_json, verbose,
+                        dict(model=model, hf_repo=hf_repo, offline=offline, device=device,
+                             gpu=gpu, threads=threads, ctx=ctx, kv_type=kv_type, exact=exact))
+        return
     text = _read_text(prompt, file)
     system = None if system is None else _checked_text(system, "the system message")
     model = _model_path(model, hf_repo, offline, quiet=as_json)
@@ -259,6 +279,33 @@ def generate(model, hf_repo, offline, prompt, file, n_predict, ctx, temp, top_k,
     _report(eng, ids, res, as_json, logprobs, verbose)
     if res.finish_reason == "interrupted":            # Ctrl-C: what came out is printed, exit 130
         sys.exit(EXIT_INTERRUPTED)
+
+
+def _generate_batch(text: str, defaults, parallel: int, chat: bool, system: str | None,
+                    ignore_eos: bool, as_json: bool, verbose: bool, load: dict) -> None:
+    """generate --parallel: every line checked (before the model loads, then after, before any
+    generation), run `parallel` at a time, each result written in input order as it can be."""
+    from .batch import in_order, parse_requests, prepare, run_batch, summary
+    reqs = parse_requests(text, defaults)
+    model = _model_path(load["model"], load["hf_repo"], load["offline"], quiet=as_json)
+    eng = _engine(model, load["device"], load["gpu"], load["threads"], load["ctx"],
+                  quiet=as_json, kv_type=load["kv_type"], exact=load["exact"])
+    prepare(eng, reqs, chat=chat, system=system)
+
+    def write(res) -> None:
+        if as_json:
+            click.echo(json.dumps(res.as_dict(), ensure_ascii=False))
+        else:
+            r = res.request
+            click.echo(f"--- line {r.line} [{res.finish_reason}, {plural(len(res.ids))}] ---")
+            click.echo(res.text)
+
+    results = run_batch(eng, reqs, parallel, ignore_eos=ignore_eos,
+                        on_result=in_order(reqs, write))
+    if not as_json:
+        click.echo(summary(results), err=True)
+    if verbose:
+        click.echo(f"backend: {json.dumps(eng.backend.stats())}", err=True)
 
 
 def _report(eng, ids, res, as_json: bool, logprobs: int, verbose: bool) -> None:

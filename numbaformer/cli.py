@@ -466,11 +466,31 @@ def perplexity(model, hf_repo, offline, file, ctx, device, gpu, threads, kv_type
     click.echo(f"perplexity: {value:.4f} over {plural(n)} (context {ctx})")
 
 
+def _counts(value: str | None) -> list[int] | None:
+    """--parallel's list: "1,4,16,64" -> [1, 4, 16, 64] (each >= 1)."""
+    if value is None:
+        return None
+    try:
+        counts = [int(v) for v in value.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise UserError(f"--parallel takes counts >= 1 separated by commas (1,4,16), "
+                        f"not {value!r}")
+    return counts
+
+
 @cli.command()
 @model_options
-@click.option("-p", "--n-prompt", type=click.IntRange(min=0), default=512, show_default=True)
-@click.option("-n", "--n-gen", type=click.IntRange(min=0), default=128, show_default=True)
+@click.option("-p", "--n-prompt", type=click.IntRange(min=0), default=None,
+              help="Prompt tokens (default 512; with --parallel, 128 per sequence).")
+@click.option("-n", "--n-gen", type=click.IntRange(min=0), default=128, show_default=True,
+              help="Generated tokens (with --parallel: decode steps of every sequence).")
 @click.option("-r", "--reps", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--parallel", type=str, default=None, metavar="B[,B...]",
+              help="llama-batched-bench's table instead: for each count B, B sequences of -p "
+                   "tokens prefilled together, then -n decode steps of all of them, through the "
+                   "engine's batched path (each count run once).")
 @device_opt
 @gpu_opt
 @threads_opt
@@ -480,10 +500,18 @@ def perplexity(model, hf_repo, offline, file, ctx, device, gpu, threads, kv_type
               help="Also time every op of a decode step (at position n-gen / 2): bytes read, "
                    "GB/s and % of the copy bandwidth measured in the same run.")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
-def bench(model, hf_repo, offline, n_prompt, n_gen, reps, device, gpu, threads, kv_type, exact,
-          kernels, as_json):
-    """Prompt-processing and generation throughput (llama-bench style)."""
+def bench(model, hf_repo, offline, n_prompt, n_gen, reps, parallel, device, gpu, threads, kv_type,
+          exact, kernels, as_json):
+    """Prompt-processing and generation throughput (llama-bench style); with --parallel, of
+    many sequences at once (llama-batched-bench style)."""
     from .bench import format_table, run_bench
+    counts = _counts(parallel)
+    if counts is not None:
+        return _bench_parallel(model, hf_repo, offline, counts, 128 if n_prompt is None else
+                               n_prompt, n_gen, kernels, as_json,
+                               dict(device=device, gpu=gpu, threads=threads, kv_type=kv_type,
+                                    exact=exact))
+    n_prompt = 512 if n_prompt is None else n_prompt
     if n_prompt == 0 and n_gen == 0:
         raise UserError("nothing to measure: -p and -n are both 0")
     model = _model_path(model, hf_repo, offline, quiet=as_json)
@@ -505,6 +533,20 @@ def bench(model, hf_repo, offline, n_prompt, n_gen, reps, device, gpu, threads, 
     stats = eng.backend.stats()
     if stats:
         click.echo(f"backend: {json.dumps(stats)}", err=True)
+
+
+def _bench_parallel(model, hf_repo, offline, counts: list[int], n_prompt: int, n_gen: int,
+                    kernels: bool, as_json: bool, load: dict) -> None:
+    from .bench import format_parallel_table, run_parallel_bench
+    if kernels:
+        raise UserError("--kernels profiles the single-sequence decode: not with --parallel")
+    if n_prompt == 0 or n_gen == 0:
+        raise UserError("--parallel needs -p >= 1 and -n >= 1")
+    model = _model_path(model, hf_repo, offline, quiet=as_json)
+    eng = _engine(model, ctx=n_prompt + n_gen + 1, quiet=as_json, batch=min(n_prompt, 512),
+                  **load)
+    rows = run_parallel_bench(eng, counts, n_prompt, n_gen)
+    click.echo(json.dumps(rows, indent=2) if as_json else format_parallel_table(rows))
 
 
 @cli.group(invoke_without_command=True)

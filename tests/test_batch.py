@@ -12,7 +12,8 @@ from cli_helpers import assert_one_line_error, cli
 from numbaformer.batch import (Request, in_order, parse_requests, pool_blocks, prepare,
                                run_batch)
 from numbaformer.engine import Engine
-from numbaformer.sampling import SamplingParams
+from numbaformer.generate import stream_generate
+from numbaformer.sampling import SamplingParams, make_sampler
 
 GREEDY = SamplingParams(temperature=0)
 PROMPTS = ["The capital of France is", "1, 2, 3, 4,", "Once upon a time",
@@ -110,6 +111,8 @@ def test_results_come_in_input_order_as_soon_as_they_can():
 # --- running them ---------------------------------------------------------------------------------
 
 def test_a_batch_gives_each_prompt_its_solo_greedy_text(engine):
+    """Alone through the engine, and through the single-sequence path (generate): the batched
+    decode rows are that path's decode steps, bit for bit."""
     lines = [{"prompt": p, "temperature": 0, "max_tokens": 4 + 3 * i}
              for i, p in enumerate(PROMPTS)]
     together = run(engine, lines, 4)
@@ -117,6 +120,9 @@ def test_a_batch_gives_each_prompt_its_solo_greedy_text(engine):
     for line, res in zip(lines, together):
         alone = solo(engine, line)
         assert (res.ids, res.text) == (alone.ids, alone.text), line
+        plain = stream_generate(engine.model, engine.tokenizer, res.request.prompt_ids,
+                                make_sampler(GREEDY), max_tokens=line["max_tokens"])
+        assert (res.ids, res.text) == (plain.ids, plain.text), line
         assert res.finish_reason in ("stop", "length") and res.ids
         assert res.text == engine.tokenizer.decode(
             [t for t in res.ids if t not in engine.tokenizer.eog_ids])

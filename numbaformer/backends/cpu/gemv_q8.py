@@ -95,6 +95,59 @@ def _swiglu(x, norm_w, eps, xn, xq, xd, xsq, kind, wg, wu, out, scratch):
                 out[r0 + i] = gv / (np.float32(1.0) + np.exp(-gv)) * ru[i]
 
 
+# The multi-row forms: the decode rows of a batched step (one token of each of several
+# sequences). x, xn, xq (n, cols), xd, xsq (n, cols/32), outs (n, rows): each row's prologue,
+# then per row group of the weights every row's dot (the group read from memory once, then from
+# L1), each row's arithmetic that of the one-row kernels above: a row's results are the same bits
+# alone, in any batch, or through the one-row kernel.
+
+@cpu_jit()
+def _prologue_rows(x, norm_w, eps, xn, xq, xd, xsq):
+    # serially, as the one-row kernels do: one parallel launch per product
+    for t in range(x.shape[0]):
+        _prologue(x[t], norm_w, eps, xn[t], xq[t], xd[t], xsq[t])
+
+
+@cpu_jit(parallel=True)
+def _matvec3_rows(x, norm_w, eps, xn, xq, xd, xsq, kind, ws, outs, n_mats, residual, scratch):
+    _prologue_rows(x, norm_w, eps, xn, xq, xd, xsq)
+    total = 0
+    for mi in range(n_mats):
+        total += ws[mi].shape[0]
+    nc = scratch.shape[0]
+    for c in prange(nc):
+        res = scratch[c, 0]
+        for u in range(c * total // nc, (c + 1) * total // nc):
+            mi, g = 0, u
+            while g >= ws[mi].shape[0]:
+                g -= ws[mi].shape[0]
+                mi += 1
+            r0 = g * R
+            for t in range(xq.shape[0]):
+                dot_rows16(kind, res, ws[mi], g, xq[t], xd[t], xsq[t])
+                out = outs[mi][t]
+                for i in range(min(R, out.shape[0] - r0)):
+                    out[r0 + i] = out[r0 + i] + res[i] if residual else res[i]
+
+
+@cpu_jit(parallel=True)
+def _swiglu_rows(x, norm_w, eps, xn, xq, xd, xsq, kind, wg, wu, out, scratch):
+    _prologue_rows(x, norm_w, eps, xn, xq, xd, xsq)
+    total = wg.shape[0]
+    nc = scratch.shape[0]
+    for c in prange(nc):
+        rg, ru = scratch[c, 0], scratch[c, 1]
+        for g in range(c * total // nc, (c + 1) * total // nc):
+            r0 = g * R
+            for t in range(xq.shape[0]):
+                dot_rows16(kind, rg, wg, g, xq[t], xd[t], xsq[t])
+                dot_rows16(kind, ru, wu, g, xq[t], xd[t], xsq[t])
+                o = out[t]
+                for i in range(min(R, o.shape[0] - r0)):
+                    gv = rg[i]
+                    o[r0 + i] = gv / (np.float32(1.0) + np.exp(-gv)) * ru[i]
+
+
 NO_NORM = np.zeros(0, np.float32)
 
 
@@ -116,6 +169,23 @@ class FastMatvec:
         outs = tuple(outs) + (outs[0],) * (3 - len(outs))
         _matvec3(x, norm_w, eps, xn, *self.q8, self.kind, self.mats, outs, self.n, residual,
                  self.chunks)
+
+    def matvec_rows(self, outs, x, q8, residual=False, norm=None) -> None:
+        """matvec for each row of x (n, cols) f32: outs[m] (n, rows_m); q8 the scratch (xq (N,
+        cols) int8, xd, xsq (N, cols/32)) for N >= n rows; norm's xn is (n, cols)."""
+        n = x.shape[0]
+        norm_w, eps, xn = norm or (NO_NORM, 0.0, x)
+        xq, xd, xsq = (a[:n] for a in q8)
+        outs = tuple(outs) + (outs[0],) * (3 - len(outs))
+        _matvec3_rows(x, norm_w, eps, xn, xq, xd, xsq, self.kind, self.mats, outs, self.n,
+                      residual, self.chunks)
+
+    def swiglu_rows(self, out, x, q8, norm) -> None:
+        """swiglu for each row of x (n, cols): out (n, n_ff); q8 and norm as in matvec_rows."""
+        n = x.shape[0]
+        xq, xd, xsq = (a[:n] for a in q8)
+        _swiglu_rows(x, *norm, xq, xd, xsq, self.kind, self.mats[0], self.mats[1], out,
+                     self.chunks)
 
     def swiglu(self, out, x, norm) -> None:
         """out (n_ff,) f32 = silu(W_0 @ x') * (W_1 @ x') (gate, up), x' = rmsnorm(x) * norm_w;

@@ -709,6 +709,47 @@ def test_matvec_q8_fused_norm_qkv_and_swiglu():
     assert (err <= 1.1 * eg * np.abs(u) + np.abs(ref.silu(g)) * eu + 8 * U * np.abs(want)).all()
 
 
+@pytest.mark.parametrize("name", FAST_TYPES)
+def test_batched_decode_rows_are_the_one_row_products(name):
+    """In a batched step (split_rows) the decode rows take the multi-row kernels (two rows per
+    weight pass, an odd one alone) and the prompt rows the GEMM: each decode row's result is the
+    single-token op's bits, each prompt row the GEMM's alone, whatever the batch."""
+    rng = np.random.default_rng([24, len(name)])
+    cols, rows = 96, (40, 24, 8)
+    mats = [packed_tensor(name, r, cols, rng)[1] for r in rows]
+    gate, up = (packed_tensor(name, 72, cols, rng)[1] for _ in range(2))
+    nw = rng.uniform(0.5, 1.5, cols).astype(np.float32)
+    x = (rng.standard_normal((7, cols)) * 2).astype(np.float32)
+
+    def ops(xs):
+        outs = [np.zeros((len(xs), r), np.float32) for r in rows]
+        FAST.norm_matmul(outs, xs, nw, 1e-5, mats, (None,) * 3, np.empty_like(xs))
+        res = xs[:, :40].copy() + 1
+        FAST.matmul_add(res, np.ascontiguousarray(xs[:, :cols]), mats[0],
+                        np.empty((len(xs), 40), np.float32))
+        sw = np.zeros((len(xs), 72), np.float32)
+        FAST.norm_swiglu(sw, xs, nw, 1e-5, gate, up, np.empty_like(xs),
+                         np.empty((len(xs), 72), np.float32))
+        return outs + [res, sw]
+
+    alone = [ops(x[t:t + 1]) for t in range(len(x))]          # the one-row path
+    for n_rows, n_dec in ((1, 1), (2, 2), (5, 5), (7, 3), (4, 0)):
+        try:
+            FAST.split_rows(n_dec)
+            got = ops(x[:n_rows])
+        finally:
+            FAST.split_rows(None)
+        for t in range(n_dec):
+            assert all(same_bits(g[t], a[0]) for g, a in zip(got, alone[t])), (n_rows, n_dec, t)
+        if n_dec < n_rows:                                    # prompt rows: the GEMM's bits
+            FAST.split_rows(0)
+            try:
+                rest = ops(x[n_dec:n_rows])
+            finally:
+                FAST.split_rows(None)
+            assert all(same_bits(g[n_dec:], r) for g, r in zip(got, rest))
+
+
 @pytest.mark.parametrize("kind", ["q4_0", "q4_1", "q8_0"])
 def test_generic_ir_equals_vnni(kind):
     """The portable IR of the inner loop (CPUs without AVX-512 VNNI) gives the same bits as the

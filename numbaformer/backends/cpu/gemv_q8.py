@@ -19,7 +19,7 @@ from numba import prange
 
 from ._jit import cpu_jit
 from .norm import _rmsnorm_row
-from .simd import KIND_ID, R, dot_rows16
+from .simd import KIND_ID, R, dot2_rows16, dot_rows16
 
 
 @cpu_jit()
@@ -108,44 +108,66 @@ def _prologue_rows(x, norm_w, eps, xn, xq, xd, xsq):
         _prologue(x[t], norm_w, eps, xn[t], xq[t], xd[t], xsq[t])
 
 
+@cpu_jit()
+def _put(out, r0, res, residual):
+    # the one-row kernels' epilogue: out[r0:r0 + 16] = (or +=) res
+    for i in range(min(R, out.shape[0] - r0)):
+        out[r0 + i] = out[r0 + i] + res[i] if residual else res[i]
+
+
+@cpu_jit()
+def _put_swiglu(out, r0, rg, ru):
+    for i in range(min(R, out.shape[0] - r0)):
+        gv = rg[i]
+        out[r0 + i] = gv / (np.float32(1.0) + np.exp(-gv)) * ru[i]
+
+
 @cpu_jit(parallel=True)
 def _matvec3_rows(x, norm_w, eps, xn, xq, xd, xsq, kind, ws, outs, n_mats, residual, scratch):
     _prologue_rows(x, norm_w, eps, xn, xq, xd, xsq)
+    n = xq.shape[0]
     total = 0
     for mi in range(n_mats):
         total += ws[mi].shape[0]
     nc = scratch.shape[0]
     for c in prange(nc):
-        res = scratch[c, 0]
+        res2 = scratch[c]                                   # (2, 16)
         for u in range(c * total // nc, (c + 1) * total // nc):
             mi, g = 0, u
             while g >= ws[mi].shape[0]:
                 g -= ws[mi].shape[0]
                 mi += 1
-            r0 = g * R
-            for t in range(xq.shape[0]):
-                dot_rows16(kind, res, ws[mi], g, xq[t], xd[t], xsq[t])
-                out = outs[mi][t]
-                for i in range(min(R, out.shape[0] - r0)):
-                    out[r0 + i] = out[r0 + i] + res[i] if residual else res[i]
+            out, r0, t = outs[mi], g * R, 0
+            while t + 1 < n:                                # two rows per weight pass
+                dot2_rows16(kind, res2, ws[mi], g, xq, xd, xsq, t)
+                _put(out[t], r0, res2[0], residual)
+                _put(out[t + 1], r0, res2[1], residual)
+                t += 2
+            if t < n:
+                dot_rows16(kind, res2[0], ws[mi], g, xq[t], xd[t], xsq[t])
+                _put(out[t], r0, res2[0], residual)
 
 
 @cpu_jit(parallel=True)
 def _swiglu_rows(x, norm_w, eps, xn, xq, xd, xsq, kind, wg, wu, out, scratch):
     _prologue_rows(x, norm_w, eps, xn, xq, xd, xsq)
+    n = xq.shape[0]
     total = wg.shape[0]
     nc = scratch.shape[0]
     for c in prange(nc):
-        rg, ru = scratch[c, 0], scratch[c, 1]
+        rg, ru = np.empty((2, R), np.float32), np.empty((2, R), np.float32)
         for g in range(c * total // nc, (c + 1) * total // nc):
-            r0 = g * R
-            for t in range(xq.shape[0]):
-                dot_rows16(kind, rg, wg, g, xq[t], xd[t], xsq[t])
-                dot_rows16(kind, ru, wu, g, xq[t], xd[t], xsq[t])
-                o = out[t]
-                for i in range(min(R, o.shape[0] - r0)):
-                    gv = rg[i]
-                    o[r0 + i] = gv / (np.float32(1.0) + np.exp(-gv)) * ru[i]
+            r0, t = g * R, 0
+            while t + 1 < n:
+                dot2_rows16(kind, rg, wg, g, xq, xd, xsq, t)
+                dot2_rows16(kind, ru, wu, g, xq, xd, xsq, t)
+                _put_swiglu(out[t], r0, rg[0], ru[0])
+                _put_swiglu(out[t + 1], r0, rg[1], ru[1])
+                t += 2
+            if t < n:
+                dot_rows16(kind, rg[0], wg, g, xq[t], xd[t], xsq[t])
+                dot_rows16(kind, ru[0], wu, g, xq[t], xd[t], xsq[t])
+                _put_swiglu(out[t], r0, rg[0], ru[0])
 
 
 NO_NORM = np.zeros(0, np.float32)

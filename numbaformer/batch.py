@@ -68,7 +68,7 @@ class BatchResult:
         return out if r.id is None else {"id": r.id, **out}
 
 
-# --- reading and checking --------------------------------------------------------------------------
+# --- reading and checking -------------------------------------------------------------------------
 
 def _number(key: str, value, line: int):
     """A JSON number for field key (an integer for the integer fields; never a bool)."""
@@ -161,7 +161,7 @@ def prepare(engine, requests: list[Request], chat: bool = False,
                              f"context holds {n_ctx} (use -c to raise it)")
 
 
-# --- running ---------------------------------------------------------------------------------------
+# --- running --------------------------------------------------------------------------------------
 
 def pool_blocks(n_ctx: int, needs: list[int], parallel: int, block_size: int) -> int:
     """KV blocks for a run: enough for the `parallel` largest requests at once (positions

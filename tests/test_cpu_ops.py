@@ -777,6 +777,39 @@ def test_generic_ir_equals_vnni(kind):
     assert same_bits(res[0], res[1]) and np.isfinite(res).all()
 
 
+@pytest.mark.parametrize("kind", ["q4_0", "q4_1", "q8_0"])
+def test_two_row_dot_is_the_one_row_dot_twice(kind):
+    """dot2 (two activation rows per weight pass), on this CPU and in the portable IR: each row's
+    16 results are the one-row dot's bits."""
+    from numba import njit
+
+    from numbaformer.backends.cpu import simd
+    from numbaformer.backends.cpu.gemv_q8 import quantize_q8
+    one = getattr(simd, f"dot_{kind}")
+    two, generic = getattr(simd, f"dot2_{kind}"), simd.GENERIC_ROWS16_X2[kind]
+
+    @njit
+    def run(res, w, xq, xd, xsq):
+        for g in range(w.shape[0]):
+            for t in range(xq.shape[0]):
+                one(res[0, g, t], w, g, xq[t], xd[t], xsq[t])
+            for t in range(0, xq.shape[0] - 1, 2):
+                two(res[1, g, t:t + 2], w, g, xq, xd, xsq, t)
+                generic(res[2, g, t:t + 2], w, g, xq, xd, xsq, t)
+
+    name = {"q4_0": "Q4_0", "q4_1": "Q4_1", "q8_0": "Q8_0"}[kind]
+    rng = np.random.default_rng(25)
+    _, w = packed_tensor(name, 40, 256, rng)                   # 3 row groups
+    x = (rng.standard_normal((4, 256)) * [[1], [1e-3], [5], [0]]).astype(np.float32)
+    xq, xd, xsq = (np.zeros((4, 256), np.int8), np.zeros((4, 8), np.float32),
+                   np.zeros((4, 8), np.int32))
+    for t in range(4):
+        quantize_q8(x[t], xq[t], xd[t], xsq[t])
+    res = np.full((3, 3, 4, 16), np.nan, np.float32)
+    run(res, w.packed.w, xq, xd, xsq)
+    assert np.isfinite(res).all() and same_bits(res[0], res[1]) and same_bits(res[0], res[2])
+
+
 def test_quantize_q8_matches_reference():
     """The activation quantizer: d = max|x| / 127 and q = rint(x * (1/d)) per 32 values, as
     reference.q8_activations; zero blocks give d = 0, q = 0."""

@@ -276,6 +276,7 @@ def _dot_rows16_x2(kind: str, vnni: bool):
 
 
 dot2_q4_0, dot2_q4_1, dot2_q8_0 = (_dot_rows16_x2(kind, VNNI) for kind in KINDS)
+GENERIC_ROWS16_X2 = {kind: _dot_rows16_x2(kind, False) for kind in KINDS}  # for tests
 
 
 @register_jitable(inline="always")

@@ -64,3 +64,69 @@ def format_table(rows: list[dict]) -> str:
                      f"{r['params'] / 1e6:.1f} M | {r['type']} | {r['device']} | {r['test']} | "
                      f"{r['tokens_per_s']:.2f} ± {r['stddev']:.2f} |")
     return "\n".join(lines)
+
+
+# --- many sequences at once (llama-batched-bench's table) --------------------------------------
+
+def _batched_run(engine, n_seqs: int, n_prompt: int, n_gen: int, rng) -> tuple[float, float, int]:
+    """n_seqs random prompts of n_prompt tokens, then n_gen decode steps of all of them, through
+    the engine's batched path (end-of-generation ids ignored). Returns (prefill s: until every
+    sequence has its first token, decode s: the steps after, tokens those steps made)."""
+    from .blocks import BLOCK_SIZE
+    from .engine import Engine
+    e = Engine(engine.mf, engine.model, engine.load_s)
+    per_seq = -(-(n_prompt + n_gen + 1) // BLOCK_SIZE)
+    e.start_batching(n_seqs, max(n_seqs, min(n_seqs * n_prompt, 1 << 14)), n_seqs * per_seq)
+    seqs = [e.batching.seqs[e.add_request(rng.integers(0, e.config.n_vocab, n_prompt).tolist(),
+                                          n_gen + 1, stop_ids=())] for _ in range(n_seqs)]
+    t0 = time.perf_counter()
+    while any(not s.output_ids for s in seqs):
+        e.step()
+    t1 = time.perf_counter()
+    made = sum(len(s.output_ids) for s in seqs)
+    while e.has_unfinished():
+        e.step()
+    t2 = time.perf_counter()
+    return t1 - t0, t2 - t1, sum(len(s.output_ids) for s in seqs) - made
+
+
+def run_parallel_bench(engine, parallel: list[int], n_prompt: int = 128, n_gen: int = 128,
+                       seed: int = 0) -> list[dict]:
+    """llama-batched-bench's measurement through the engine's batched path: for each count B,
+    B sequences of n_prompt tokens prefilled together (chunks of up to 16384 rows a step), then
+    n_gen decode steps of all B. One row per B: prefill and decode time and tokens/s (aggregate
+    over the B sequences), and the whole run's."""
+    if not getattr(engine.backend, "paged_kv", False):
+        raise ValueError(f"bench --parallel needs a paged KV cache, which the "
+                         f"{engine.backend.name} backend does not have yet (use --device cpu)")
+    if n_prompt < 1 or n_gen < 1 or n_prompt + n_gen + 1 > engine.model.n_ctx:
+        raise ValueError(f"bench --parallel needs -p >= 1 and -n >= 1 within the context "
+                         f"{engine.model.n_ctx}")
+    rng = np.random.default_rng(seed)
+    _batched_run(engine, 2, min(n_prompt, 8), 2, rng)        # warm-up: compiles the batched ops
+    rows = []
+    for b in parallel:
+        t_pp, t_tg, n_tg = _batched_run(engine, b, n_prompt, n_gen, rng)
+        total = t_pp + t_tg
+        rows.append({"device": engine.backend.name, "n_prompt": n_prompt, "n_gen": n_gen,
+                     "parallel": b, "n_kv": b * (n_prompt + n_gen),
+                     "prefill_s": round(t_pp, 4), "prefill_tps": round(b * n_prompt / t_pp, 2),
+                     "decode_s": round(t_tg, 4), "decode_tps": round(n_tg / t_tg, 2),
+                     "total_s": round(total, 4),
+                     "total_tps": round((b * n_prompt + n_tg) / total, 2)})
+    return rows
+
+
+def format_parallel_table(rows: list[dict]) -> str:
+    """llama-batched-bench's table: PP, TG, B, N_KV, then time and tokens/s of the prefill
+    (S_PP), the decode (S_TG: the B sequences' aggregate) and the whole (S)."""
+    cols = ("PP", "TG", "B", "N_KV", "T_PP s", "S_PP t/s", "T_TG s", "S_TG t/s", "T s", "S t/s")
+    keys = ("n_prompt", "n_gen", "parallel", "n_kv", "prefill_s", "prefill_tps", "decode_s",
+            "decode_tps", "total_s", "total_tps")
+    lines = ["|" + "|".join(f" {c:>8} " for c in cols) + "|",
+             "|" + "|".join("-" * 10 for _ in cols) + "|"]
+    for r in rows:
+        cells = [f"{r[k]:.3f}" if isinstance(r[k], float) and k.endswith("_s") else
+                 f"{r[k]:.2f}" if isinstance(r[k], float) else str(r[k]) for k in keys]
+        lines.append("|" + "|".join(f" {c:>8} " for c in cells) + "|")
+    return "\n".join(lines)

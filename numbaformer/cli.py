@@ -226,17 +226,37 @@ def sampling_options(f):
 @click.option("--logprobs", type=click.IntRange(min=0, max=100), default=0,
               help="With --json (needs it): the top K log-probs of each generated token.")
 @click.option("-v", "--verbose", is_flag=True, help="Print backend statistics.")
+@click.option("--parallel", type=click.IntRange(min=1), default=None,
+              help="Batch mode: -f FILE (- = stdin) is JSON lines, one request each "
+                   '({"prompt": ...} or {"messages": [...]}, optional max_tokens, temperature, '
+                   "top_k, top_p, min_p, repeat_penalty, repeat_last_n, presence_penalty, "
+                   "frequency_penalty, seed, stop, id; the options give the defaults), run this "
+                   "many at a time; one result per line in input order (with --json: one JSON "
+                   "object each).")
 def generate(model, hf_repo, offline, prompt, file, n_predict, ctx, temp, top_k, top_p, min_p,
              repeat_penalty, repeat_last_n, presence_penalty, frequency_penalty, seed, stop,
              ignore_eos, chat, system, device, gpu, threads, kv_type, exact, as_json, logprobs,
-             verbose):
-    """Generate text from a prompt, streaming it to stdout (stats on stderr)."""
+             verbose, parallel):
+    """Generate text from a prompt, streaming it to stdout (stats on stderr); with --parallel,
+    many prompts from a JSON-lines file at once."""
     from .generate import stream_generate
     from .sampling import make_sampler
     if logprobs and not as_json:
         raise UserError("--logprobs needs --json (the log-probs are part of the JSON object)")
     params = _sampling(temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n,
                        presence_penalty, frequency_penalty, seed)
+    if parallel is not None:
+        from .batch import Request
+        if prompt is not None or file is None or logprobs:
+            raise UserError("--parallel takes its requests from -f FILE (JSON lines), without "
+                            "-p or --logprobs")
+        system = None if system is None else _checked_text(system, "the system message")
+        defaults = Request(0, params=params, max_tokens=n_predict, stop=tuple(stop))
+        _generate_batch(_read_text(None, file, "requests"), defaults, parallel, chat, system,
+                        ignore_eos, as_json, verbose,
+                        dict(model=model, hf_repo=hf_repo, offline=offline, device=device,
+                             gpu=gpu, threads=threads, ctx=ctx, kv_type=kv_type, exact=exact))
+        return
     text = _read_text(prompt, file)
     system = None if system is None else _checked_text(system, "the system message")
     model = _model_path(model, hf_repo, offline, quiet=as_json)
@@ -259,6 +279,33 @@ def generate(model, hf_repo, offline, prompt, file, n_predict, ctx, temp, top_k,
     _report(eng, ids, res, as_json, logprobs, verbose)
     if res.finish_reason == "interrupted":            # Ctrl-C: what came out is printed, exit 130
         sys.exit(EXIT_INTERRUPTED)
+
+
+def _generate_batch(text: str, defaults, parallel: int, chat: bool, system: str | None,
+                    ignore_eos: bool, as_json: bool, verbose: bool, load: dict) -> None:
+    """generate --parallel: every line checked (before the model loads, then after, before any
+    generation), run `parallel` at a time, each result written in input order as it can be."""
+    from .batch import in_order, parse_requests, prepare, run_batch, summary
+    reqs = parse_requests(text, defaults)
+    model = _model_path(load["model"], load["hf_repo"], load["offline"], quiet=as_json)
+    eng = _engine(model, load["device"], load["gpu"], load["threads"], load["ctx"],
+                  quiet=as_json, kv_type=load["kv_type"], exact=load["exact"])
+    prepare(eng, reqs, chat=chat, system=system)
+
+    def write(res) -> None:
+        if as_json:
+            click.echo(json.dumps(res.as_dict(), ensure_ascii=False))
+        else:
+            r = res.request
+            click.echo(f"--- line {r.line} [{res.finish_reason}, {plural(len(res.ids))}] ---")
+            click.echo(res.text)
+
+    results = run_batch(eng, reqs, parallel, ignore_eos=ignore_eos,
+                        on_result=in_order(reqs, write))
+    if not as_json:
+        click.echo(summary(results), err=True)
+    if verbose:
+        click.echo(f"backend: {json.dumps(eng.backend.stats())}", err=True)
 
 
 def _report(eng, ids, res, as_json: bool, logprobs: int, verbose: bool) -> None:
@@ -419,11 +466,31 @@ def perplexity(model, hf_repo, offline, file, ctx, device, gpu, threads, kv_type
     click.echo(f"perplexity: {value:.4f} over {plural(n)} (context {ctx})")
 
 
+def _counts(value: str | None) -> list[int] | None:
+    """--parallel's list: "1,4,16,64" -> [1, 4, 16, 64] (each >= 1)."""
+    if value is None:
+        return None
+    try:
+        counts = [int(v) for v in value.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise UserError(f"--parallel takes counts >= 1 separated by commas (1,4,16), "
+                        f"not {value!r}")
+    return counts
+
+
 @cli.command()
 @model_options
-@click.option("-p", "--n-prompt", type=click.IntRange(min=0), default=512, show_default=True)
-@click.option("-n", "--n-gen", type=click.IntRange(min=0), default=128, show_default=True)
+@click.option("-p", "--n-prompt", type=click.IntRange(min=0), default=None,
+              help="Prompt tokens (default 512; with --parallel, 128 per sequence).")
+@click.option("-n", "--n-gen", type=click.IntRange(min=0), default=128, show_default=True,
+              help="Generated tokens (with --parallel: decode steps of every sequence).")
 @click.option("-r", "--reps", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--parallel", type=str, default=None, metavar="B[,B...]",
+              help="llama-batched-bench's table instead: for each count B, B sequences of -p "
+                   "tokens prefilled together, then -n decode steps of all of them, through the "
+                   "engine's batched path (each count run once).")
 @device_opt
 @gpu_opt
 @threads_opt
@@ -433,10 +500,18 @@ def perplexity(model, hf_repo, offline, file, ctx, device, gpu, threads, kv_type
               help="Also time every op of a decode step (at position n-gen / 2): bytes read, "
                    "GB/s and % of the copy bandwidth measured in the same run.")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
-def bench(model, hf_repo, offline, n_prompt, n_gen, reps, device, gpu, threads, kv_type, exact,
-          kernels, as_json):
-    """Prompt-processing and generation throughput (llama-bench style)."""
+def bench(model, hf_repo, offline, n_prompt, n_gen, reps, parallel, device, gpu, threads, kv_type,
+          exact, kernels, as_json):
+    """Prompt-processing and generation throughput (llama-bench style); with --parallel, of
+    many sequences at once (llama-batched-bench style)."""
     from .bench import format_table, run_bench
+    counts = _counts(parallel)
+    if counts is not None:
+        return _bench_parallel(model, hf_repo, offline, counts, 128 if n_prompt is None else
+                               n_prompt, n_gen, kernels, as_json,
+                               dict(device=device, gpu=gpu, threads=threads, kv_type=kv_type,
+                                    exact=exact))
+    n_prompt = 512 if n_prompt is None else n_prompt
     if n_prompt == 0 and n_gen == 0:
         raise UserError("nothing to measure: -p and -n are both 0")
     model = _model_path(model, hf_repo, offline, quiet=as_json)
@@ -458,6 +533,20 @@ def bench(model, hf_repo, offline, n_prompt, n_gen, reps, device, gpu, threads, 
     stats = eng.backend.stats()
     if stats:
         click.echo(f"backend: {json.dumps(stats)}", err=True)
+
+
+def _bench_parallel(model, hf_repo, offline, counts: list[int], n_prompt: int, n_gen: int,
+                    kernels: bool, as_json: bool, load: dict) -> None:
+    from .bench import format_parallel_table, run_parallel_bench
+    if kernels:
+        raise UserError("--kernels profiles the single-sequence decode: not with --parallel")
+    if n_prompt == 0 or n_gen == 0:
+        raise UserError("--parallel needs -p >= 1 and -n >= 1")
+    model = _model_path(model, hf_repo, offline, quiet=as_json)
+    eng = _engine(model, ctx=n_prompt + n_gen + 1, quiet=as_json, batch=min(n_prompt, 512),
+                  **load)
+    rows = run_parallel_bench(eng, counts, n_prompt, n_gen)
+    click.echo(json.dumps(rows, indent=2) if as_json else format_parallel_table(rows))
 
 
 @cli.command()

@@ -124,8 +124,11 @@ class Model:
         """Run a scheduler.Batch: its rows (each at its own position, K/V written at its slot,
         attending through its sequence's block table) in one pass over the weights; return each
         sequence's output row's logits (n_seqs, n_vocab) as a host float32 array.
-        A lone row (or a lone output) is padded to two, so that every product of the step takes
-        the row-independent GEMM: a sequence's logits are the same bits alone or in any batch."""
+        The rows run reordered, decode rows (batch.decode) first: the backend gives those its
+        decode product and the prompt rows its prefill product (ops.split_rows), each row's
+        result independent of the others, as are the output rows' (decode product): a
+        sequence's logits are the same bits alone or in any batch, and those of the
+        single-sequence path (its prefill, then one decode step at a time)."""
         n, m = batch.n_rows, len(batch.seqs)
         if not self.max_seqs:
             raise ValueError("this model was built for one sequence (max_seqs 0)")
@@ -133,21 +136,26 @@ class Model:
             raise ValueError(f"batch of {n} rows / {m} sequences exceeds the model's "
                              f"{self.n_batch} / {self.max_seqs}")
         ops, b = self.ops, self.buf
-        pad = max(2, n) - n                        # a padding row writes nowhere
-        ops.copy_in(b.ids, np.concatenate([batch.ids, np.zeros(pad, np.int32)]))
-        ops.copy_in(b.pos, np.concatenate([batch.pos, np.zeros(pad, np.int32)]))
-        ops.copy_in(b.slots, np.concatenate([batch.slots, np.full(pad, -1, np.int32)]))
-        ops.copy_in(b.row_seq, np.concatenate([batch.row_seq, np.zeros(pad, np.int32)]))
+        decode = np.zeros(n, bool) if batch.decode is None else batch.decode
+        order = np.argsort(~decode, kind="stable")        # decode rows first
+        where = np.empty(n, np.int32)
+        where[order] = np.arange(n, dtype=np.int32)       # a row's place in the run
+        for dst, src in ((b.ids, batch.ids), (b.pos, batch.pos), (b.slots, batch.slots),
+                         (b.row_seq, batch.row_seq)):
+            ops.copy_in(dst, src[order])
         tables = np.full((m, self.max_blocks), -1, np.int32)
         tables[:, :batch.tables.shape[1]] = batch.tables
         ops.copy_in(b.tables, tables)
-        mo = max(2, m)
-        ops.copy_in(b.last, np.concatenate([batch.last, batch.last[:1]])[:mo])
-        n += pad
+        ops.copy_in(b.last, where[batch.last])
         v = self.buf.rows(n)
-        self._layers(v, self._paged(n))
-        ops.gather_rows(b.x_sel[:mo], v.x, b.last[:mo])
-        self._logits(b.x_sel[:mo], b.xn_sel[:mo], b.batch_logits[:mo])
+        try:
+            ops.split_rows(int(decode.sum()))
+            self._layers(v, self._paged(n))
+            ops.gather_rows(b.x_sel[:m], v.x, b.last[:m])
+            ops.split_rows(m)
+            self._logits(b.x_sel[:m], b.xn_sel[:m], b.batch_logits[:m])
+        finally:
+            ops.split_rows(None)
         return ops.to_host(b.batch_logits[:m])
 
     @functools.lru_cache(maxsize=16)

@@ -64,6 +64,7 @@ class Batch:
     row_seq (n,) int32: the index in seqs of each row's sequence
     last (n_seqs,) int32: the row whose logits are the sequence's output
     emits: per sequence, whether this step ends its prompt (its last row gives a token)
+    decode (n,) bool: whether a row feeds a generated token (not one of its prompt's)
     """
 
     seqs: list[Sequence]
@@ -75,6 +76,7 @@ class Batch:
     row_seq: np.ndarray
     last: np.ndarray
     emits: list[bool]
+    decode: np.ndarray | None = None
 
     @property
     def n_rows(self) -> int:
@@ -169,7 +171,8 @@ class Scheduler:
         slots = (tables[row_seq, pos // B] * B + pos % B).astype(np.int32)
         last = (np.cumsum(rows) - 1).astype(np.int32)
         emits = [s.num_computed + n == len(s.token_ids) for s, n in chosen]
-        return Batch(seqs, rows, ids, pos, slots, tables, row_seq, last, emits)
+        decode = pos >= np.repeat([s.num_prompt for s in seqs], rows)
+        return Batch(seqs, rows, ids, pos, slots, tables, row_seq, last, emits, decode)
 
     def postprocess(self, batch: Batch, tokens) -> list[Sequence]:
         """Advance the batch's sequences by their rows; append tokens[i] to each that emits;

@@ -709,6 +709,47 @@ def test_matvec_q8_fused_norm_qkv_and_swiglu():
     assert (err <= 1.1 * eg * np.abs(u) + np.abs(ref.silu(g)) * eu + 8 * U * np.abs(want)).all()
 
 
+@pytest.mark.parametrize("name", FAST_TYPES)
+def test_batched_decode_rows_are_the_one_row_products(name):
+    """In a batched step (split_rows) the decode rows take the multi-row kernels (two rows per
+    weight pass, an odd one alone) and the prompt rows the GEMM: each decode row's result is the
+    single-token op's bits, each prompt row the GEMM's alone, whatever the batch."""
+    rng = np.random.default_rng([24, len(name)])
+    cols, rows = 96, (40, 24, 8)
+    mats = [packed_tensor(name, r, cols, rng)[1] for r in rows]
+    gate, up = (packed_tensor(name, 72, cols, rng)[1] for _ in range(2))
+    nw = rng.uniform(0.5, 1.5, cols).astype(np.float32)
+    x = (rng.standard_normal((7, cols)) * 2).astype(np.float32)
+
+    def ops(xs):
+        outs = [np.zeros((len(xs), r), np.float32) for r in rows]
+        FAST.norm_matmul(outs, xs, nw, 1e-5, mats, (None,) * 3, np.empty_like(xs))
+        res = xs[:, :40].copy() + 1
+        FAST.matmul_add(res, np.ascontiguousarray(xs[:, :cols]), mats[0],
+                        np.empty((len(xs), 40), np.float32))
+        sw = np.zeros((len(xs), 72), np.float32)
+        FAST.norm_swiglu(sw, xs, nw, 1e-5, gate, up, np.empty_like(xs),
+                         np.empty((len(xs), 72), np.float32))
+        return outs + [res, sw]
+
+    alone = [ops(x[t:t + 1]) for t in range(len(x))]          # the one-row path
+    for n_rows, n_dec in ((1, 1), (2, 2), (5, 5), (7, 3), (4, 0)):
+        try:
+            FAST.split_rows(n_dec)
+            got = ops(x[:n_rows])
+        finally:
+            FAST.split_rows(None)
+        for t in range(n_dec):
+            assert all(same_bits(g[t], a[0]) for g, a in zip(got, alone[t])), (n_rows, n_dec, t)
+        if n_dec < n_rows:                                    # prompt rows: the GEMM's bits
+            FAST.split_rows(0)
+            try:
+                rest = ops(x[n_dec:n_rows])
+            finally:
+                FAST.split_rows(None)
+            assert all(same_bits(g[n_dec:], r) for g, r in zip(got, rest))
+
+
 @pytest.mark.parametrize("kind", ["q4_0", "q4_1", "q8_0"])
 def test_generic_ir_equals_vnni(kind):
     """The portable IR of the inner loop (CPUs without AVX-512 VNNI) gives the same bits as the
@@ -734,6 +775,39 @@ def test_generic_ir_equals_vnni(kind):
     res = np.zeros((2, 3, 16), np.float32)
     both(res, w.packed.w, xq, xd, xsq)
     assert same_bits(res[0], res[1]) and np.isfinite(res).all()
+
+
+@pytest.mark.parametrize("kind", ["q4_0", "q4_1", "q8_0"])
+def test_two_row_dot_is_the_one_row_dot_twice(kind):
+    """dot2 (two activation rows per weight pass), on this CPU and in the portable IR: each row's
+    16 results are the one-row dot's bits."""
+    from numba import njit
+
+    from numbaformer.backends.cpu import simd
+    from numbaformer.backends.cpu.gemv_q8 import quantize_q8
+    one = getattr(simd, f"dot_{kind}")
+    two, generic = getattr(simd, f"dot2_{kind}"), simd.GENERIC_ROWS16_X2[kind]
+
+    @njit
+    def run(res, w, xq, xd, xsq):
+        for g in range(w.shape[0]):
+            for t in range(xq.shape[0]):
+                one(res[0, g, t], w, g, xq[t], xd[t], xsq[t])
+            for t in range(0, xq.shape[0] - 1, 2):
+                two(res[1, g, t:t + 2], w, g, xq, xd, xsq, t)
+                generic(res[2, g, t:t + 2], w, g, xq, xd, xsq, t)
+
+    name = {"q4_0": "Q4_0", "q4_1": "Q4_1", "q8_0": "Q8_0"}[kind]
+    rng = np.random.default_rng(25)
+    _, w = packed_tensor(name, 40, 256, rng)                   # 3 row groups
+    x = (rng.standard_normal((4, 256)) * [[1], [1e-3], [5], [0]]).astype(np.float32)
+    xq, xd, xsq = (np.zeros((4, 256), np.int8), np.zeros((4, 8), np.float32),
+                   np.zeros((4, 8), np.int32))
+    for t in range(4):
+        quantize_q8(x[t], xq[t], xd[t], xsq[t])
+    res = np.full((3, 3, 4, 16), np.nan, np.float32)
+    run(res, w.packed.w, xq, xd, xsq)
+    assert np.isfinite(res).all() and same_bits(res[0], res[1]) and same_bits(res[0], res[2])
 
 
 def test_quantize_q8_matches_reference():

@@ -41,8 +41,31 @@ def test_batched_prefill_equals_separate_and_the_plain_path(engine):
     for i, p in enumerate(ps):
         alone = first_logits(fresh(engine), [p])
         assert np.array_equal(together[i], alone[0])
-    plain = Model(engine.mf, engine.backend, n_ctx=128).forward_all(ps[2])
-    assert np.array_equal(together[2], plain[-1])
+    plain = Model(engine.mf, engine.backend, n_ctx=128)
+    assert np.array_equal(together[2], engine.backend.to_host(plain.forward(ps[2], 0))[0])
+
+
+def test_batched_decode_rows_equal_the_plain_decode_steps(engine):
+    """Decode rows (the decode product) beside a prompt chunk (the prefill product) give the
+    single-sequence path's decode-step logits bit for bit."""
+    ps = prompts(engine, [5, 12, 40], seed=4)
+    e = fresh(engine, max_batched_tokens=64)
+    sched = e.batching.scheduler
+    for p in ps[:2]:
+        e.add_request(p, max_tokens=2)
+    first = sched.schedule()                                # both prompts, then token 1000
+    e.batching.model.forward_batch(first)
+    sched.postprocess(first, [1000, 1000])
+    e.add_request(ps[2], max_tokens=1)
+    batch = sched.schedule()
+    assert batch.rows == [1, 1, 40] and list(batch.decode) == [True] * 2 + [False] * 40
+    out = e.batching.model.forward_batch(batch)
+    plain = Model(engine.mf, engine.backend, n_ctx=128)
+    for i, p in enumerate(ps[:2]):
+        plain.forward(p, 0)
+        step = engine.backend.to_host(plain.forward([1000], len(p)))[0]
+        assert np.array_equal(out[i], step)
+    assert np.array_equal(out[2], engine.backend.to_host(plain.forward(ps[2], 0))[0])
 
 
 def test_sixteen_sequences_give_their_solo_greedy_text(engine):

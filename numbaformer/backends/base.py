@@ -221,6 +221,15 @@ class Backend(ABC):
         pos[0] += 1
         out[j] = next_id[0]
 
+    decode_rows = None            # set by split_rows for a batched step's products
+
+    def split_rows(self, n: int | None) -> None:
+        """For the products that follow (a batched step): their first n rows are decode rows (a
+        generated token of a sequence each), the rest prompt rows; the backend may give each
+        kind its own product, as long as a row's result never depends on the other rows. None:
+        back to the single-sequence choice (by row count)."""
+        self.decode_rows = n
+
     def gather_rows(self, out, x, idx) -> None:
         """out (m, d) = x[idx] (idx (m,) int32): the rows whose logits a batched step wants.
         Host arrays here; a device backend overrides it with a kernel."""

@@ -11,6 +11,8 @@ from ..base import Backend
 from . import attention, elementwise, embed, gemv_q8, matmul, norm, rope, sample
 from .layout import KIND, Packed, pack, packed_shape
 
+SERIAL_ROPE_ROWS = 64     # up to this many rows, rope and K/V store run serially (no launch)
+
 
 @dataclasses.dataclass(frozen=True)
 class CPUTensor(QTensor):
@@ -103,8 +105,33 @@ class CPUBackend(Backend):
 
     def _fast(self, x, *ws):
         """The FastMatvec of ws for one token's product (all packed, of one kind) unless exact;
-        else None. Made once per ws."""
-        if self.exact or x.shape[0] != 1:
+        else None. Outside a batched step (split_rows) only."""
+        if self.decode_rows is not None or x.shape[0] != 1:
+            return None
+        return self._plan(*ws)
+
+    def _q8_rows(self, cols: int, n: int):
+        """(xq (N, cols) int8, xd (N, cols/32) f32, xsq (N, cols/32) int32), N >= n rows."""
+        key = ("rows", cols)
+        if key not in self._q8 or self._q8[key][0].shape[0] < n:
+            n = max(n, 16)
+            self._q8[key] = (np.zeros((n, cols), np.int8), np.zeros((n, cols // 32), np.float32),
+                             np.zeros((n, cols // 32), np.int32))
+        return self._q8[key]
+
+    def _split(self, x, *ws):
+        """In a batched step: (the FastMatvec of ws or None, the number of decode rows that take
+        it); the other rows take the GEMM, whatever their number (a lone row included), so that
+        a row's products are the same bits in any batch."""
+        if self.decode_rows is None:
+            return None, 0
+        plan = self._plan(*ws)
+        return plan, (min(self.decode_rows, x.shape[0]) if plan else 0)
+
+    def _plan(self, *ws):
+        """The FastMatvec of ws (all packed, of one kind) unless exact; else None. Made once per
+        ws."""
+        if self.exact:
             return None
         key = tuple(map(id, ws))
         if key not in self._plans:
@@ -122,36 +149,71 @@ class CPUBackend(Backend):
 
     def matmul(self, out, x, w, bias=None):
         fast = self._fast(x, w)
-        if not fast:
+        if fast:
+            fast.matvec((out[0],), x[0])
+        elif self.decode_rows is None:
             return matmul.matmul(out, x, w, bias)
-        fast.matvec((out[0],), x[0])
+        else:                                       # a batched step: decode rows, then the GEMM
+            plan, nd = self._split(x, w)
+            if nd:
+                plan.matvec_rows((out[:nd],), x[:nd], self._q8_rows(x.shape[1], nd))
+            matmul.gemm(out[nd:], x[nd:], w)
         if bias is not None:
             matmul._add_bias(out, bias)
 
     def matmul_add(self, x, a, w, scratch):
         fast = self._fast(a, w)
-        if not fast:
+        if fast:
+            return fast.matvec((x[0],), a[0], residual=True)
+        if self.decode_rows is None:
             return super().matmul_add(x, a, w, scratch)
-        fast.matvec((x[0],), a[0], residual=True)
+        plan, nd = self._split(a, w)
+        if nd:
+            plan.matvec_rows((x[:nd],), a[:nd], self._q8_rows(a.shape[1], nd), residual=True)
+        if nd < a.shape[0]:
+            matmul.gemm(scratch[nd:], a[nd:], w)
+            self.add(x[nd:], x[nd:], scratch[nd:])
 
     def norm_matmul(self, outs, x, norm_w, eps, ws, biases, scratch):
         fast = self._fast(x, *ws)
-        if not fast:
+        if fast:
+            fast.matvec([o[0] for o in outs], x[0], norm=(norm_w, eps, scratch[0]))
+        elif self.decode_rows is None:
             return super().norm_matmul(outs, x, norm_w, eps, ws, biases, scratch)
-        fast.matvec([o[0] for o in outs], x[0], norm=(norm_w, eps, scratch[0]))
+        else:
+            plan, nd = self._split(x, *ws)
+            if nd:
+                plan.matvec_rows([o[:nd] for o in outs], x[:nd], self._q8_rows(x.shape[1], nd),
+                                 norm=(norm_w, eps, scratch[:nd]))
+            if nd < x.shape[0]:
+                self.rmsnorm(scratch[nd:], x[nd:], norm_w, eps)
+                for out, w in zip(outs, ws):
+                    matmul.gemm(out[nd:], scratch[nd:], w)
         for out, b in zip(outs, biases):
             if b is not None:
                 matmul._add_bias(out, b)
 
     def norm_swiglu(self, out, x, norm_w, eps, w_gate, w_up, scratch, up):
         fast = self._fast(x, w_gate, w_up)
-        if not fast:
+        if fast:
+            return fast.swiglu(out[0], x[0], (norm_w, eps, scratch[0]))
+        if self.decode_rows is None:
             return super().norm_swiglu(out, x, norm_w, eps, w_gate, w_up, scratch, up)
-        fast.swiglu(out[0], x[0], (norm_w, eps, scratch[0]))
+        plan, nd = self._split(x, w_gate, w_up)
+        if nd:
+            plan.swiglu_rows(out[:nd], x[:nd], self._q8_rows(x.shape[1], nd),
+                             (norm_w, eps, scratch[:nd]))
+        if nd < x.shape[0]:
+            self.rmsnorm(scratch[nd:], x[nd:], norm_w, eps)
+            matmul.gemm(out[nd:], scratch[nd:], w_gate)
+            matmul.gemm(up[nd:], scratch[nd:], w_up)
+            self.silu_mul(out[nd:], out[nd:], up[nd:])
 
     def rope_store(self, q, k, v, pos, cache, layer, inv_freq, rope_params):
         if q.shape[0] == 1:
             rope.rope_store_one(q, k, v, pos, cache, layer, inv_freq, rope_params)
+        elif q.shape[0] <= SERIAL_ROPE_ROWS:
+            rope.rope_store_rows(q, k, v, pos, cache, layer, inv_freq, rope_params)
         else:
             super().rope_store(q, k, v, pos, cache, layer, inv_freq, rope_params)
 

@@ -19,7 +19,7 @@ from numba import prange
 
 from ._jit import cpu_jit
 from .norm import _rmsnorm_row
-from .simd import KIND_ID, R, dot_rows16
+from .simd import KIND_ID, R, dot2_rows16, dot_rows16
 
 
 @cpu_jit()
@@ -95,6 +95,81 @@ def _swiglu(x, norm_w, eps, xn, xq, xd, xsq, kind, wg, wu, out, scratch):
                 out[r0 + i] = gv / (np.float32(1.0) + np.exp(-gv)) * ru[i]
 
 
+# The multi-row forms: the decode rows of a batched step (one token of each of several
+# sequences). x, xn, xq (n, cols), xd, xsq (n, cols/32), outs (n, rows): each row's prologue,
+# then per row group of the weights every row's dot (the group read from memory once, then from
+# L1), each row's arithmetic that of the one-row kernels above: a row's results are the same bits
+# alone, in any batch, or through the one-row kernel.
+
+@cpu_jit()
+def _prologue_rows(x, norm_w, eps, xn, xq, xd, xsq):
+    # serially, as the one-row kernels do: one parallel launch per product
+    for t in range(x.shape[0]):
+        _prologue(x[t], norm_w, eps, xn[t], xq[t], xd[t], xsq[t])
+
+
+@cpu_jit()
+def _put(out, r0, res, residual):
+    # the one-row kernels' epilogue: out[r0:r0 + 16] = (or +=) res
+    for i in range(min(R, out.shape[0] - r0)):
+        out[r0 + i] = out[r0 + i] + res[i] if residual else res[i]
+
+
+@cpu_jit()
+def _put_swiglu(out, r0, rg, ru):
+    for i in range(min(R, out.shape[0] - r0)):
+        gv = rg[i]
+        out[r0 + i] = gv / (np.float32(1.0) + np.exp(-gv)) * ru[i]
+
+
+@cpu_jit(parallel=True)
+def _matvec3_rows(x, norm_w, eps, xn, xq, xd, xsq, kind, ws, outs, n_mats, residual, scratch):
+    _prologue_rows(x, norm_w, eps, xn, xq, xd, xsq)
+    n = xq.shape[0]
+    total = 0
+    for mi in range(n_mats):
+        total += ws[mi].shape[0]
+    nc = scratch.shape[0]
+    for c in prange(nc):
+        res2 = scratch[c]                                   # (2, 16)
+        for u in range(c * total // nc, (c + 1) * total // nc):
+            mi, g = 0, u
+            while g >= ws[mi].shape[0]:
+                g -= ws[mi].shape[0]
+                mi += 1
+            out, r0, t = outs[mi], g * R, 0
+            while t + 1 < n:                                # two rows per weight pass
+                dot2_rows16(kind, res2, ws[mi], g, xq, xd, xsq, t)
+                _put(out[t], r0, res2[0], residual)
+                _put(out[t + 1], r0, res2[1], residual)
+                t += 2
+            if t < n:
+                dot_rows16(kind, res2[0], ws[mi], g, xq[t], xd[t], xsq[t])
+                _put(out[t], r0, res2[0], residual)
+
+
+@cpu_jit(parallel=True)
+def _swiglu_rows(x, norm_w, eps, xn, xq, xd, xsq, kind, wg, wu, out, scratch):
+    _prologue_rows(x, norm_w, eps, xn, xq, xd, xsq)
+    n = xq.shape[0]
+    total = wg.shape[0]
+    nc = scratch.shape[0]
+    for c in prange(nc):
+        rg, ru = np.empty((2, R), np.float32), np.empty((2, R), np.float32)
+        for g in range(c * total // nc, (c + 1) * total // nc):
+            r0, t = g * R, 0
+            while t + 1 < n:
+                dot2_rows16(kind, rg, wg, g, xq, xd, xsq, t)
+                dot2_rows16(kind, ru, wu, g, xq, xd, xsq, t)
+                _put_swiglu(out[t], r0, rg[0], ru[0])
+                _put_swiglu(out[t + 1], r0, rg[1], ru[1])
+                t += 2
+            if t < n:
+                dot_rows16(kind, rg[0], wg, g, xq[t], xd[t], xsq[t])
+                dot_rows16(kind, ru[0], wu, g, xq[t], xd[t], xsq[t])
+                _put_swiglu(out[t], r0, rg[0], ru[0])
+
+
 NO_NORM = np.zeros(0, np.float32)
 
 
@@ -116,6 +191,23 @@ class FastMatvec:
         outs = tuple(outs) + (outs[0],) * (3 - len(outs))
         _matvec3(x, norm_w, eps, xn, *self.q8, self.kind, self.mats, outs, self.n, residual,
                  self.chunks)
+
+    def matvec_rows(self, outs, x, q8, residual=False, norm=None) -> None:
+        """matvec for each row of x (n, cols) f32: outs[m] (n, rows_m); q8 the scratch (xq (N,
+        cols) int8, xd, xsq (N, cols/32)) for N >= n rows; norm's xn is (n, cols)."""
+        n = x.shape[0]
+        norm_w, eps, xn = norm or (NO_NORM, 0.0, x)
+        xq, xd, xsq = (a[:n] for a in q8)
+        outs = tuple(outs) + (outs[0],) * (3 - len(outs))
+        _matvec3_rows(x, norm_w, eps, xn, xq, xd, xsq, self.kind, self.mats, outs, self.n,
+                      residual, self.chunks)
+
+    def swiglu_rows(self, out, x, q8, norm) -> None:
+        """swiglu for each row of x (n, cols): out (n, n_ff); q8 and norm as in matvec_rows."""
+        n = x.shape[0]
+        xq, xd, xsq = (a[:n] for a in q8)
+        _swiglu_rows(x, *norm, xq, xd, xsq, self.kind, self.mats[0], self.mats[1], out,
+                     self.chunks)
 
     def swiglu(self, out, x, norm) -> None:
         """out (n_ff,) f32 = silu(W_0 @ x') * (W_1 @ x') (gate, up), x' = rmsnorm(x) * norm_w;

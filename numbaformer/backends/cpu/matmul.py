@@ -102,6 +102,12 @@ def _add_bias(out, bias):
             out[t, r] += bias[r]
 
 
+def gemm(out: np.ndarray, x: np.ndarray, w) -> None:
+    """out (n, rows) f32 = x (n, cols) f32 @ W.T through the GEMM whatever n (a row's result
+    does not depend on the others: a batched step's prompt rows)."""
+    _gemm_kernel(w.qtype)(w.data, x, out, QK // 2)
+
+
 def matmul(out: np.ndarray, x: np.ndarray, w, bias: np.ndarray | None = None) -> None:
     """out (n, rows) f32 = x (n, cols) f32 @ W.T (+ bias (rows,)); W a QTensor. n == 1: mat-vec."""
     if x.shape[0] == 1:

@@ -48,6 +48,24 @@ def _rope_store_row(q, k, v, p, slot, n_head, n_kv, head_dim, rope_dim, inv_freq
             v_cache[layer, g, slot, i] = round_f16(vv) if f16 else vv
 
 
+@cpu_jit()
+def _rope_store_rows(q, k, v, pos, slots, n_head, n_kv, head_dim, rope_dim, inv_freq, neox,
+                     k_cache, v_cache, layer, f16):
+    # serially: for a few rows (a batched step's decodes) a parallel launch costs more than this
+    for t in range(q.shape[0]):
+        _rope_store_row(q[t], k[t], v[t], pos[t], slots[t], n_head, n_kv, head_dim, rope_dim,
+                        inv_freq, neox, k_cache, v_cache, layer, f16)
+
+
+def rope_store_rows(q, k, v, pos, cache, layer: int, inv_freq, rope) -> None:
+    """rope_store_one for each row of q, k, v (n, ...), serially, at positions pos (n,), K/V to
+    cache.slots (or pos for the plain cache)."""
+    slots = pos if cache.slots is None else cache.slots
+    _rope_store_rows(q, k, v, pos, slots, q.shape[1] // rope.head_dim,
+                     k.shape[1] // rope.head_dim, rope.head_dim, rope.rope_dim, inv_freq,
+                     rope.neox, cache.k, cache.v, layer, cache.kv_type == "f16")
+
+
 def rope_store_one(q, k, v, pos, cache, layer: int, inv_freq, rope) -> None:
     """One token's rope of q (1, n_head * hd) and k (1, n_kv * hd) and its K/V store: rope() and
     attention.kv_store() in one call (the same arithmetic); K/V go to cache.slots[0] when the

@@ -187,3 +187,104 @@ def dot_rows16(kind, res, w, g, xq, xd, xsq):
         dot_q4_1(res, w, g, xq, xd, xsq)
     else:
         dot_q8_0(res, w, g, xq, xd, xsq)
+
+
+# --- two activation rows per weight load (a batched step's decode rows) ------------------------
+
+T2 = 2                                   # activation rows per call of the two-row dot
+
+
+def _dot_rows16_x2(kind: str, vnni: bool):
+    """dot2(res, w, g, xq, xd, xsq, t): res (2, 16) f32 <- rows t and t + 1 of xq (n, cols)
+    int8, xd, xsq (n, cols/32) against row group g of w, each row's arithmetic exactly
+    dot(res[r], w, g, xq[t + r], xd[t + r], xsq[t + r]) (the same integer dot, the same float
+    steps in the same order); each 64-byte load of weights (and its nibble split) serves both."""
+    loads, offset = KINDS[kind]
+    bb, d_at = block_bytes(kind), 64 * loads
+    nib = ir.Constant(_VI, [0x0F0F0F0F] * R)
+
+    def block_dots(builder, wb, xbs):
+        quants = []
+        for k in range(loads):
+            v = _at(builder, wb, _i64(64 * k), _VI)
+            if loads == 4:
+                quants.append((builder.and_(v, nib), builder.and_(
+                    builder.lshr(v, ir.Constant(_VI, [4] * R)), nib)))
+            else:
+                quants.append((v,))
+        out = []
+        for xb in xbs:                   # _block_dot's order: two chains, then added
+            dots = [ir.Constant(_VI, [0] * R)] * 2
+            for k in range(loads):
+                if loads == 4:
+                    for c, (half, q) in enumerate(((0, quants[k][0]), (16, quants[k][1]))):
+                        xw = _splat(builder, _at(builder, xb, _i64(half + 4 * k), _I32), _VI)
+                        dots[c] = _dpbusd(builder, dots[c], q, xw, vnni)
+                else:
+                    xw = _splat(builder, _at(builder, xb, _i64(4 * k), _I32), _VI)
+                    dots[k & 1] = _dpbusd(builder, dots[k & 1], quants[k][0], xw, vnni)
+            out.append(builder.add(dots[0], dots[1]))
+        return out
+
+    def body(context, builder, sig, args):
+        arrs = [context.make_array(t)(context, builder, a) if isinstance(t, types.Array) else a
+                for t, a in zip(sig.args, args)]
+        w = _row(builder, arrs[1], args[2], _I8)
+        rows = [builder.add(args[6], _i64(r)) for r in range(T2)]
+        xqs = [_row(builder, arrs[3], r, _I8) for r in rows]
+        xds = [_row(builder, arrs[4], r, ir.FloatType()) for r in rows]
+        xsqs = [_row(builder, arrs[5], r, _I32) for r in rows]
+        n_blocks = builder.extract_value(arrs[4].shape, 1)
+        slots = [cgutils.alloca_once_value(builder, ir.Constant(_VF, [0.0] * R))
+                 for _ in range(T2)]
+        with cgutils.for_range(builder, n_blocks) as loop:
+            b = loop.index
+            wb = builder.gep(w, [builder.mul(b, _i64(bb))])
+            if PREFETCH:
+                _prefetch(builder, wb, bb)
+            dots = block_dots(builder, wb, [builder.gep(x, [builder.mul(b, _i64(32))])
+                                            for x in xqs])
+            dv = builder.fpext(_at(builder, wb, _i64(d_at), _VH), _VF)
+            mv = builder.fpext(_at(builder, wb, _i64(d_at + 32), _VH), _VF) \
+                if kind == "q4_1" else None
+            for r in range(T2):
+                dot = dots[r]
+                sq = _splat(builder, builder.load(builder.gep(xsqs[r], [b])), _VI)
+                if offset:
+                    dot = builder.sub(dot, builder.mul(sq, ir.Constant(_VI, [offset] * R)))
+                xdb = _splat(builder, builder.load(builder.gep(xds[r], [b])), _VF)
+                t = builder.fmul(xdb, builder.sitofp(dot, _VF))
+                acc = builder.fadd(builder.load(slots[r]), builder.fmul(t, dv, flags=_FMA),
+                                   flags=_FMA)
+                if mv is not None:
+                    xs = builder.fmul(xdb, builder.sitofp(sq, _VF))
+                    acc = builder.fadd(acc, builder.fmul(xs, mv, flags=_FMA), flags=_FMA)
+                builder.store(acc, slots[r])
+        res = _row(builder, arrs[0], _i64(0), _I8)
+        for r in range(T2):
+            dst = builder.gep(res, [builder.mul(_i64(r), builder.extract_value(arrs[0].strides,
+                                                                                0))])
+            builder.store(builder.load(slots[r]), builder.bitcast(dst, _VF.as_pointer()),
+                          align=4)
+        return context.get_dummy_value()
+
+    @intrinsic
+    def dot2(typingctx, res, w, g, xq, xd, xsq, t):
+        return types.void(res, w, types.intp, xq, xd, xsq, types.intp), body
+
+    return dot2
+
+
+dot2_q4_0, dot2_q4_1, dot2_q8_0 = (_dot_rows16_x2(kind, VNNI) for kind in KINDS)
+GENERIC_ROWS16_X2 = {kind: _dot_rows16_x2(kind, False) for kind in KINDS}  # for tests
+
+
+@register_jitable(inline="always")
+def dot2_rows16(kind, res, w, g, xq, xd, xsq, t):
+    """dot_rows16 of rows t and t + 1 of xq (n, cols) into res (2, 16), one weight pass."""
+    if kind == 0:
+        dot2_q4_0(res, w, g, xq, xd, xsq, t)
+    elif kind == 1:
+        dot2_q4_1(res, w, g, xq, xd, xsq, t)
+    else:
+        dot2_q8_0(res, w, g, xq, xd, xsq, t)

@@ -135,9 +135,9 @@ def attention_case(cu, kv_type, seqs, B, n_blocks, n_ctx, seed=0):
     lengths = [c + r for c, r in seqs]
     tables = layout(lengths, B, n_blocks, max_blocks, seed)
     rng = np.random.default_rng(seed)
-    ramp = np.arange(max(lengths))[:, None] / 8 + 1             # later keys score higher: new
-    ks = [(rng.standard_normal((n, n_kv * hd)) * ramp[:n]).astype(np.float32)  # maxima late
-          for n in lengths]
+    ramp = 1 + 2 * np.arange(max(lengths))[:, None] / max(lengths)   # later keys score higher:
+    ks = [(rng.standard_normal((n, n_kv * hd)) * ramp[:n]).astype(np.float32)  # new maxima in
+          for n in lengths]                                           # later key chunks
     vs = [rng.standard_normal((n, n_kv * hd)).astype(np.float32) for n in lengths]
     if kv_type == "f16":                      # the reference sees what the cache holds
         ks = [k.astype(np.float16).astype(np.float32) for k in ks]
@@ -217,6 +217,15 @@ def tiny_mf(tmp_path):
     return load_model_file(tiny_llama().write(tmp_path / "tiny.gguf"), tokenizer=False)
 
 
+@pytest.fixture
+def toy_model_shapes(cuda_toy_shapes, monkeypatch):
+    """Under the simulator, spans of 2 blocks of 4 in the model tests (contexts of 32: 4 spans, not
+    8, so fewer simulated blocks that only exit; sequences still cross blocks and spans)."""
+    if not ON_GPU:
+        from numbaformer.backends.cuda import paged
+        monkeypatch.setattr(paged, "MAX_SPANS", 4)
+
+
 def run_steps(model, prompts, max_tokens, B, n_blocks, budget):
     """Greedy generation of prompts together through forward_batch (scheduler, block manager of
     n_blocks blocks of B): {seq index: [(token ids run so far, the logits of the last)]}."""
@@ -242,12 +251,13 @@ PROMPTS = [[5, 17, 33, 40, 41, 90, 7], [250, 3], [11], [60, 61, 62, 63, 64]]
 
 
 @pytest.mark.parametrize("kv_type", ["f32", "f16"])
-def test_forward_batch_equals_separate_forwards(tmp_path, cuda_toy_shapes, kv_type):
-    """Exact path (FP32 GEMM, f32 mat-vec): each sequence's logits at each step of a batched greedy
-    generation (blocks of 4: prompts and decodes cross blocks; a budget of 6 rows: prompts
-    chunked) equal a single-sequence forward over the same ids (plain cache, other kernels: within
-    float32 rounding, f32 cache; f16 cache: within the f16 rounding of K/V computed in another
-    order), and the CPU backend's forward_batch."""
+def test_forward_batch_equals_separate_forwards(tmp_path, toy_model_shapes, kv_type):
+    """Exact path (FP32 GEMM): each sequence's logits at each step of a batched greedy generation
+    (blocks of 4: prompts and decodes cross blocks; a budget of 6 rows: prompts chunked, the 4th
+    sequence admitted when one finishes) equal a single-sequence forward over the same ids (its
+    prefill: the plain cache and its kernels; within float32 rounding with an f32 cache, within
+    the f16 rounding of K/V computed in another order with an f16 cache) and the CPU backend's
+    forward_batch."""
     from numbaformer.backends.cpu import CPUBackend
     from numbaformer.backends.cuda.backend import CUDABackend
     mf = tiny_mf(tmp_path)
@@ -258,17 +268,17 @@ def test_forward_batch_equals_separate_forwards(tmp_path, cuda_toy_shapes, kv_ty
     cpu = Model(mf, CPUBackend(exact=True), n_ctx=32, n_batch=6, kv_type=kv_type, max_seqs=3,
                 kv_blocks=16, block_size=4)
     want = run_steps(cpu, PROMPTS, n_gen, 4, 16, 6)
-    single = Model(mf, CUDABackend(exact=True), n_ctx=32, n_batch=8, kv_type=kv_type)
+    single = Model(mf, CUDABackend(exact=True), n_ctx=32, n_batch=32, kv_type=kv_type)
     tol = 1e-4 if kv_type == "f32" else 2e-2
     for i in range(len(PROMPTS)):
         assert [ids for ids, _ in got[i]] == [ids for ids, _ in want[i]]
+        every = single.forward_all(got[i][-1][0])               # each position's logits
         for (ids, lg), (_, lc) in zip(got[i], want[i]):
-            ls = single.ops.to_host(single.forward(ids, 0))[0]
-            assert np.abs(R.log_softmax(lg) - R.log_softmax(ls)).max() <= tol
+            assert np.abs(R.log_softmax(lg) - R.log_softmax(every[len(ids) - 1])).max() <= tol
             assert np.abs(R.log_softmax(lg) - R.log_softmax(lc)).max() <= tol
 
 
-def test_forward_batch_same_bits_alone_or_batched(tmp_path, cuda_toy_shapes, record_figure):
+def test_forward_batch_same_bits_alone_or_batched(tmp_path, toy_model_shapes, record_figure):
     """The default path (f16 cache; the bf16 tensor-core GEMM): a sequence's logits are the same bits
     alone or in a batch; and within the bf16 GEMM's rounding of the exact path's."""
     from numbaformer.backends.cuda.backend import CUDABackend
@@ -285,14 +295,15 @@ def test_forward_batch_same_bits_alone_or_batched(tmp_path, cuda_toy_shapes, rec
             np.testing.assert_array_equal(a, b)
     exact = Model(mf, CUDABackend(exact=True), n_ctx=32, n_batch=6, max_seqs=3, kv_blocks=16,
                   block_size=4)
-    for i, p in enumerate(PROMPTS[:3]):
-        for (_, a), (_, b) in zip(together[i], run_steps(exact, [p], n_gen, 4, 16, 6)[0]):
+    exact_run = run_steps(exact, PROMPTS[:3], n_gen, 4, 16, 6)
+    for i in range(3):
+        for (_, a), (_, b) in zip(together[i], exact_run[i]):
             worst = max(worst, np.abs(R.log_softmax(a) - R.log_softmax(b)).max())
     record_figure("CUDA forward_batch, bf16 GEMM vs exact, tiny model", f"{worst:.1e}")
     assert worst <= 5e-2
 
 
-def test_engine_on_cuda_gives_each_solo_greedy_text(tmp_path, cuda_toy_shapes):
+def test_engine_on_cuda_gives_each_solo_greedy_text(tmp_path, toy_model_shapes):
     """Engine.add_request/step on the CUDA backend (its default f16 cache, blocks of 64): three
     sequences together give the greedy text each gives alone, and every block comes back."""
     from numbaformer.backends.cuda.backend import CUDABackend
@@ -370,3 +381,33 @@ def test_forward_batch_refuses_a_bad_table_before_any_kernel(tmp_path, cuda_toy_
     tables[0, 0] = 16
     with pytest.raises(ValueError, match="block id"):
         model.forward_batch(dataclasses.replace(batch, tables=tables))
+
+
+@pytest.mark.skipif(not ON_GPU, reason="times the kernel on the GPU")
+def test_paged_decode_attention_time(cu, record_figure):
+    """Microseconds of one layer's batched decode attention (8B shape: 32 heads, 8 KV heads, head
+    dim 128, f16 cache, blocks of 64) at 1 / 4 / 16 / 64 rows of 1024-position contexts, with the
+    K/V bytes read per second; the single-sequence decode kernel at one row beside it."""
+    n_q, n_kv, hd, B, ctx = 32, 8, 128, 64, 1024
+    cache = KVCache(cu, Cfg(n_kv, hd, n_layer=1), 4096, "f16", 64 * ctx // B, B)
+    scale = 1 / np.sqrt(hd)
+    for rows in (1, 4, 16, 64):
+        tables = layout([ctx] * rows, B, 64 * ctx // B, 4096 // B, seed=rows)
+        q = cu.to_device(np.random.default_rng(0).standard_normal((rows, n_q * hd), np.float32))
+        pos = cu.to_device(np.full(rows, ctx - 1, np.int32))
+        view = cache.paged(cu.alloc(rows, np.int32), dev(cu, tables),
+                           dev(cu, np.arange(rows, dtype=np.int32)))
+        out = cu.alloc((rows, n_q * hd))
+        cu.attention(out, q, view, 0, pos, scale)
+        us = cu.time_us(lambda: cu.attention(out, q, view, 0, pos, scale), reps=50)
+        gbs = rows * ctx * n_kv * hd * 2 * 2 / us / 1e3
+        record_figure(f"paged decode attention, {rows} rows x {ctx} positions",
+                      f"{us:.1f} us ({gbs:.0f} GB/s of K/V)")
+        assert us < 5000
+    plain = KVCache(cu, Cfg(n_kv, hd, n_layer=1), 4096, "f16")
+    q = cu.to_device(np.random.default_rng(0).standard_normal((1, n_q * hd), np.float32))
+    pos = cu.to_device(np.array([ctx - 1], np.int32))
+    out = cu.alloc((1, n_q * hd))
+    cu.attention(out, q, plain, 0, pos, scale)
+    us = cu.time_us(lambda: cu.attention(out, q, plain, 0, pos, scale), reps=50)
+    record_figure(f"single-sequence decode attention, 1 row x {ctx} positions", f"{us:.1f} us")

@@ -32,7 +32,7 @@ step kernels    python3 scripts/gpu_bench.py --paths fast --gemm-types "" --json
 # the decode mat-vec's prepared variants (off by default until timed): x quantized once per op,
 # warps sharing a row pair, K-quant pair units
 step probe      python3 scripts/gpu_probe.py --types Q4_K,Q8_0,Q4_1,Q6_K,Q5_K \
-                    --variants base,prequant,pq-split2,pq-split4,pairs,pq-pairs
+                    --variants base,prequant,pq-split2,pq-split4,pairs
 # the tensor-core primitives and GEMM (issue 9; the GEMM is opt-in: NUMBAFORMER_MMA=1)
 step mma        python3 scripts/gpu_mma_check.py --budget 150 --json "$logs/mma.json"
 # flash attention for prefill (issue 9 point 3; opt-in: NUMBAFORMER_FLASH=1)

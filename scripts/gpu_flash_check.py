@@ -65,8 +65,10 @@ class Problem:
         self.v = rng.standard_normal((N_KV, n, HD)).astype(np.float16)
         self.q = rng.standard_normal((n, N_HEAD * HD)).astype(np.float32)
         self.pos = np.arange(n, dtype=np.int32)
-        self.dk = cuda.to_device(self.k[None])              # (1, n_kv, n_ctx = n, head_dim)
-        self.dv = cuda.to_device(self.v[None])
+        # (1, n_kv, n_ctx = n, head_dim); copies: k[None] has a 0 stride, which numba types
+        # as a non-contiguous array (layout A), and the kernel takes C arrays as the cache is
+        self.dk = cuda.to_device(self.k[None].copy())
+        self.dv = cuda.to_device(self.v[None].copy())
         self.dq = cuda.to_device(self.q)
         self.dpos = cuda.to_device(self.pos)
         self.out = cuda.device_array(self.q.shape, np.float32)

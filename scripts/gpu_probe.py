@@ -11,7 +11,7 @@ Variants (each against the copy bandwidth measured in the same run, both Llama-3
   split2    two warps share every row pair, each half its units
   prequant  x quantized by a kernel of its own (timed with it), every block reading it from L2
   pq-splitN prequant, and N warps of a block share each row pair (shorter chains for long rows)
-  pairs     Q4_K/Q5_K: a lane takes two adjacent units with one scale decode (pq-pairs: + prequant)
+  pairs     Q4_K/Q5_K: a lane takes two adjacent units with one scale decode (prequant implies it)
 Prints the kernel's registers and resident blocks per SM beside each row; a table last.
 """
 from __future__ import annotations
@@ -34,15 +34,16 @@ VARIANTS = {   # name -> module settings (GEMV_WARPS, BLOCKS_PER_SM, UNROLL, SPL
     "pq-split2": {"PREQUANT": True, "SPLIT": 2, "SPLIT_BELOW": 1 << 30},
     "pq-split4": {"PREQUANT": True, "SPLIT": 4, "SPLIT_BELOW": 1 << 30},
     "pq-split8": {"PREQUANT": True, "SPLIT": 8, "SPLIT_BELOW": 1 << 30},
-    "pairs": {"PAIR_UNITS": True}, "pq-pairs": {"PREQUANT": True, "PAIR_UNITS": True},
+    "pairs": {"PAIR_UNITS": True},   # (prequant implies pair units for Q4_K/Q5_K)
 }
 
 
 def run_variant(name: str, qtype: int, shape, bw: float) -> tuple[float, str]:
     v = VARIANTS[name]
     saved = (Q8.UNROLL, Q8.SPLIT, Q8.SPLIT_BELOW, Q8.PROBE, G.grid_cap, G.PREQUANT,
-             Q8.PAIR_UNITS)
-    G.PREQUANT = v.get("PREQUANT", False)
+             Q8.PAIR_UNITS, G.PREQUANT_MIN_COLS)
+    G.PREQUANT = v.get("PREQUANT", False)       # (at every shape: no PREQUANT_MIN_COLS)
+    G.PREQUANT_MIN_COLS = 0
     Q8.PAIR_UNITS = v.get("PAIR_UNITS", False)
     Q8.UNROLL = v.get("UNROLL", Q8.UNROLL)
     Q8.SPLIT = v.get("SPLIT", Q8.SPLIT)
@@ -54,7 +55,7 @@ def run_variant(name: str, qtype: int, shape, bw: float) -> tuple[float, str]:
         r = B.bench_gemv(qtype, *shape, exact=False)
         k = Q8.q8_kernel(qtype, 1, False, 0, G.GEMV_WARPS, Q8.UNROLL,     # gemv()'s own key
                          Q8.SPLIT if Q8.SPLIT_BELOW else 1, Q8.PROBE, 0, False, G.PREQUANT,
-                         Q8.PAIR_UNITS and qtype in Q8.PAIR_DOTS)
+                         (Q8.PAIR_UNITS or G.PREQUANT) and qtype in Q8.PAIR_DOTS)
         regs = max(k.get_regs_per_thread().values()) if hasattr(k, "overloads") else 0
         smem = 0 if G.PREQUANT else G.smem_bytes(qtype, shape[1], False)
         per_sm = min(kk.max_cooperative_grid_blocks(G.GEMV_WARPS * 32, smem)
@@ -62,7 +63,7 @@ def run_variant(name: str, qtype: int, shape, bw: float) -> tuple[float, str]:
         return 100 * r["GB/s"] / bw, f"{regs} regs, {per_sm} blocks/SM"
     finally:
         (Q8.UNROLL, Q8.SPLIT, Q8.SPLIT_BELOW, Q8.PROBE, G.grid_cap, G.PREQUANT,
-         Q8.PAIR_UNITS) = saved
+         Q8.PAIR_UNITS, G.PREQUANT_MIN_COLS) = saved
 
 
 def main() -> int:

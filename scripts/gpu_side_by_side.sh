@@ -9,7 +9,8 @@
 #                   starts the llama.cpp build, writes the Llama-3-8B-shaped files (Q4_K's output
 #                   Q6_K, the others' their own type) and the SmolLM2-shaped Q4_1 file, times the
 #                   mat-vecs per type (gpu_bench.py), then `numbaformer bench --kernels` and
-#                   `llama-bench -fa 1` on every file; the tables are the last lines printed.
+#                   `llama-bench -fa 1` on every file, pp4096 of both on the first 8B file; the
+#                   tables are the last lines printed.
 # About 7 minutes on an H200 (the llama.cpp build takes ~5 of them, beside the other steps).
 set -uo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -58,6 +59,13 @@ PY
     for f in $files; do
       echo "== llama.cpp $f"
       "$BIN/llama-bench" -m "$f" -ngl 99 -fa 1 -p 512 -n 128 -r 2 2>&1 | grep -E "pp512|tg128"
-    done ;;
+    done
+    # long prompts (the prefill issue's pp4096) on the first 8B file, both engines
+    f=/tmp/l8-${types%%,*}.gguf
+    echo "== numbaformer pp4096 $f"
+    timeout 150 python3 -m numbaformer.cli bench -m "$f" --device cuda -p 4096 -n 0 -r 2 \
+      2>/dev/null | grep -E "pp4096"
+    echo "== llama.cpp pp4096 $f"
+    "$BIN/llama-bench" -m "$f" -ngl 99 -fa 1 -p 4096 -n 0 -r 2 2>&1 | grep -E "pp4096" ;;
   *) sed -n 2,14p "$0"; exit 2 ;;
 esac

@@ -258,8 +258,12 @@ def _fused_qkv_and_swiglu(cu, q8):
 def test_prequant_mat_vec_equals_the_staged_one(cu, monkeypatch, name, split):
     """gemv.PREQUANT (x quantized by a kernel of its own, read by every block from global memory)
     gives the staged kernel's numbers bit for bit: norm + Q/K/V, SwiGLU, residual; also with a
-    row pair's units split over warps."""
+    row pair's units split over warps. Prequant takes pair units for Q4_K/Q5_K (another order
+    of the sums): the staged Q4_K side runs with them too."""
     from numbaformer.backends.cuda import gemv, gemv_q8
+    if name in ("Q4_K", "Q5_K"):
+        monkeypatch.setattr(gemv_q8, "PAIR_UNITS", True)
+        monkeypatch.setattr(gemv_q8, "UNROLL", max(2, gemv_q8.UNROLL))
     if split > 1:
         monkeypatch.setattr(gemv_q8, "SPLIT", split)
         monkeypatch.setattr(gemv_q8, "SPLIT_BELOW", 1 << 30)
@@ -273,6 +277,7 @@ def test_prequant_mat_vec_equals_the_staged_one(cu, monkeypatch, name, split):
     xr = rng.standard_normal((1, rows)).astype(np.float32)
     got = []
     monkeypatch.setattr(gemv, "PREQUANT_MIN_BYTES", 0)
+    monkeypatch.setattr(gemv, "PREQUANT_MIN_COLS", 0)
     for pre in (False, True):
         monkeypatch.setattr(gemv, "PREQUANT", pre)
         outs = [cu.alloc((1, rows)) for _ in range(3)]

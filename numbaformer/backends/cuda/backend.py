@@ -49,7 +49,7 @@ class CUDABackend(Backend):
     decode mat-vecs take 8-bit activations where the type has a fast path (as llama.cpp's MMVQ),
     prefill products (n > 1 tokens) the bf16 tensor-core GEMM (matmul_mma.py) and prefill
     attention over an f16 cache the f16 tensor-core flash kernel (flash.py); each of the two is
-    behind its module's ENABLED flag until measured on a GPU."""
+    on by default on a GPU and behind its module's ENABLED flag (NUMBAFORMER_MMA, _FLASH)."""
 
     name = "cuda"
     default_kv_type = "f16"

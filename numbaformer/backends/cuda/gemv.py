@@ -39,9 +39,14 @@ from .reduce import WARP, warp_sum
 GEMV_WARPS = 8
 BLOCKS_PER_SM = 4
 # quantized types: x quantized by a kernel of its own, read from L2 by every block, instead of each
-# block staging it (NUMBAFORMER_PREQUANT=1; not yet timed end to end on a GPU) ..
-PREQUANT = os.environ.get("NUMBAFORMER_PREQUANT", "0") == "1"
-PREQUANT_MIN_BYTES = 8 << 20   # .. for launches reading this much (a small model's mat-vecs are
+# block staging it, with Q4_K/Q5_K pair units (gemv_q8.PAIR_UNITS) then. H200 probe, % of copy
+# bandwidth at 14336x4096 / 4096x14336 (scripts/gpu_probe.py, 2026-12-02): Q4_K 38.3/29.4 staged,
+# 36.9/36.3 prequantized with pairs; Q8_0 67.0/46.8 -> 65.9/54.0; Q6_K 42.1/37.5 -> 38.0/42.2;
+# Q4_1 55.2/41.5 -> 49.7/42.4. A win for long rows only (the staging of 14336 columns costs more
+# than a 4096-column row saves), so: NUMBAFORMER_PREQUANT=0/1 (default 1) ..
+PREQUANT = os.environ.get("NUMBAFORMER_PREQUANT", "1") == "1"
+PREQUANT_MIN_COLS = 8192       # .. for rows this long ..
+PREQUANT_MIN_BYTES = 8 << 20   # .. in launches reading this much (a small model's mat-vecs are
                                # latency-bound: a second launch would cost more than the staging)
 SEGMENT_BYTES = 1024     # weight bytes a warp stages per step (exact path)
 MODES = {"store": 0, "bias": 1, "residual": 2, "swiglu": 3}
@@ -226,7 +231,7 @@ def gemv(outs, ws, x, stream, *, mode: str = "store", extras=None, norm_w=None, 
     slots = _n_sms() * BLOCKS_PER_SM * GEMV_WARPS          # warps of a full grid
     split = 1
     prequant = PREQUANT and fast_path(qtype, exact) and qtype not in F32_UNITS and \
-        sum(w.data.nbytes for w in ws) >= PREQUANT_MIN_BYTES
+        cols >= PREQUANT_MIN_COLS and sum(w.data.nbytes for w in ws) >= PREQUANT_MIN_BYTES
     if prequant:
         buf = _prequant(x, norm_w, eps, qtype, stream)
         norm_w, eps = buf, 0.0             # the kernel reads buf in norm_w's slot, no norm
@@ -236,7 +241,7 @@ def gemv(outs, ws, x, stream, *, mode: str = "store", extras=None, norm_w=None, 
         hd, neox = (rope[5], rope[6]) if rope else (0, False)
         k = q8_kernel(qtype, n_mat, norm_w is not None and not prequant, m, GEMV_WARPS,
                       gemv_q8.UNROLL, split, gemv_q8.PROBE, hd, neox, prequant,
-                      gemv_q8.PAIR_UNITS and qtype in gemv_q8.PAIR_DOTS)
+                      (gemv_q8.PAIR_UNITS or prequant) and qtype in gemv_q8.PAIR_DOTS)
     else:
         k = _gemv_kernel(qtype, n_mat, norm_w is not None, m, GEMV_WARPS)
     o = list(outs) + [outs[0]] * (3 - len(outs))

@@ -35,8 +35,9 @@ from .reduce import FULL_MASK, WARP, block_sum, warp_sum
 UNROLL = 2                    # units per row and lane in a batch (all its loads in flight)
 SPLIT_BELOW = 0               # pairs per warp of the grid below which warps split a pair's units
 SPLIT = 2                     # warps per pair then (H200 sweep: no gain at the 8B shapes, so off)
-# Q4_K/Q5_K: a lane takes two adjacent units with one scale decode (fewer instructions a byte;
-# NUMBAFORMER_PAIRS=1; not yet timed end to end on a GPU)
+# Q4_K/Q5_K: a lane takes two adjacent units with one scale decode (fewer instructions a byte):
+# always with gemv.PREQUANT's launches, everywhere with NUMBAFORMER_PAIRS=1 (the H200 probe:
+# no gain on staged 4096-column rows, 38.3 -> 37.5 % of copy bandwidth at Q4_K)
 PAIR_UNITS = os.environ.get("NUMBAFORMER_PAIRS", "0") == "1"
 PROBE = 0                     # timing probes only (scripts/gpu_probe.py): 1 skips the staging,
                               # 2 replaces the unit dots by an XOR of the loaded words

@@ -56,13 +56,21 @@ from .mma import (cp_async16, cp_async_commit, cp_async_wait, ldmatrix_x4, load_
                   mma_bf16, pack_bf16x2, store_shared_u32x4)
 from .reduce import block_sum
 
-# Off by default until it is measured on a GPU (it was written and tested under the simulator):
-# NUMBAFORMER_MMA=1 makes it the CUDA backend's prefill product (scripts/gpu_mma_check.py times it)
-ENABLED = os.environ.get("NUMBAFORMER_MMA", "0") == "1"
+# The CUDA backend's prefill product on a GPU (H200, 2026-12-02: 8B Q4_K pp512 8,455 tok/s against
+# 1,012 on the FP32 GEMM; the cut model's score within the fidelity bounds); off under the
+# simulator, where its own tests run it (the warp emulation is too slow at model sizes).
+# NUMBAFORMER_MMA=0/1 overrides; --exact takes the FP32 GEMM.
+ENABLED = os.environ.get("NUMBAFORMER_MMA", "0" if SIMULATOR else "1") == "1"
 # (BM tokens, BN weight rows, WM, WN warps) per block, largest first: a launch takes the first
 # whose grid fills the GPU (>= MMA_FILL blocks per SM: 512 x 4096 at 128 x 128 is 128 blocks on
-# the H200's 132 SMs), else the last.
-MMA_TILES = ((128, 128, 2, 4), (64, 128, 2, 4), (64, 64, 2, 2))
+# the H200's 132 SMs), else the last. H200, Q4_K, 512 tokens (scripts/gpu_mma_check.py,
+# 2026-12-02): 256 x 128 x 4 x 4 takes 14336 x 4096 at 182 TFLOP/s against 122 at 128 x 128 (a
+# weight tile dequantized once for twice the tokens); 4096 x 14336 fills only 64 blocks with it
+# (112 TFLOP/s) and stays on 128 x 128 (143). Its 512 threads have at most 128 registers each:
+# only the types whose kernel then spills at most 16 bytes a thread take it (ptxas, sm_90: Q4_K
+# 4, Q4_0 16, Q8_0 and the floats 0; Q6_K 72, Q3_K 100; the others not yet measured).
+MMA_TILES = ((256, 128, 4, 4), (128, 128, 2, 4), (64, 128, 2, 4), (64, 64, 2, 2))
+BIG_TILE_TYPES = frozenset({Q4_K, Q4_0, Q8_0, F16, BF16, F32})
 MMA_BK = 32                # values of the shared dimension per k-tile (32, 64, 128 or 256)
 MMA_LOOKAHEAD = 2          # x tiles (and raw units) copied ahead of the tile in use
 MMA_MIN_BLOCKS = 1         # launch bounds: blocks per SM the registers must allow
@@ -656,13 +664,15 @@ def _gemm_kernel(qtype: int, bm: int, bn: int, bk: int, wm: int, wn: int, epilog
 
 # --- the launcher ----------------------------------------------------------------------------------
 
-def pick_tile(n: int, rows_out: int, swiglu: bool, n_sms: int):
-    """The first of MMA_TILES whose grid has >= MMA_FILL blocks per SM, else the last."""
-    for bm, bn, wm, wn in MMA_TILES:
+def pick_tile(n: int, rows_out: int, swiglu: bool, n_sms: int, qtype: int = Q4_K):
+    """The first of MMA_TILES whose grid has >= MMA_FILL blocks per SM, else the last; tiles of
+    16 warps only for BIG_TILE_TYPES (unless there is no other)."""
+    tiles = [t for t in MMA_TILES if t[2] * t[3] <= 8 or qtype in BIG_TILE_TYPES] or MMA_TILES
+    for bm, bn, wm, wn in tiles:
         per = bn // 2 if swiglu else bn
         if -(-rows_out // per) * -(-n // bm) >= MMA_FILL * n_sms:
-            break
-    return bm, bn, wm, wn
+            return bm, bn, wm, wn
+    return tiles[-1]
 
 
 def gemm(out, xb, w, stream, *, bias=None, residual=None, up=None, tile=None) -> None:
@@ -678,7 +688,7 @@ def gemm(out, xb, w, stream, *, bias=None, residual=None, up=None, tile=None) ->
                          else "residual" if residual is not None else "store"]
     if up is not None:
         assert (up.qtype, up.rows, up.cols) == (w.qtype, w.rows, w.cols)
-    bm, bn, wm, wn = tile or pick_tile(n, w.rows, up is not None, _n_sms())
+    bm, bn, wm, wn = tile or pick_tile(n, w.rows, up is not None, _n_sms(), w.qtype)
     smem = smem_bytes(w.qtype, bm, bn, MMA_BK, MMA_LOOKAHEAD)
     if smem > MAX_SMEM:
         raise ValueError(f"tensor-core GEMM tile {bm}x{bn}x{MMA_BK} (lookahead {MMA_LOOKAHEAD}) "

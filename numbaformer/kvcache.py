@@ -13,6 +13,8 @@ Measured on SmolLM2 (8 blocks): f16 storage moves log-probs by up to ~2e-2 again
 """
 from __future__ import annotations
 
+import numpy as np
+
 from .blocks import BLOCK_SIZE
 from .config import ModelConfig
 
@@ -60,3 +62,39 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
+
+
+def check_batch(batch, n_vocab: int, n_ctx: int, n_blocks: int, block_size: int) -> None:
+    """Raise ValueError (one line) unless scheduler.Batch `batch` is safe for the kernels, which
+    check no bounds: n >= 1 rows of ids in the vocabulary, positions in the context, row_seq naming
+    one of its m sequences, tables (m, w) of block ids < n_blocks (-1: none) with every block a row
+    reads (0..pos // block_size of its sequence) present, each slot -1 (padding) or the one its
+    position maps to, and last (m,) naming a row of each sequence."""
+    ids, pos, slots, row_seq = (np.asarray(a) for a in (batch.ids, batch.pos, batch.slots,
+                                                         batch.row_seq))
+    tables, last = np.asarray(batch.tables), np.asarray(batch.last)
+    n, m = len(ids), len(batch.seqs)
+    if n < 1 or m < 1 or any(a.shape != (n,) for a in (pos, slots, row_seq)) or \
+            tables.ndim != 2 or tables.shape[0] != m or last.shape != (m,):
+        raise ValueError(f"batch shapes: ids {ids.shape}, pos {pos.shape}, slots {slots.shape}, "
+                         f"row_seq {row_seq.shape}, tables {tables.shape}, last {last.shape} "
+                         f"for {m} sequences")
+    bad = [(what, a) for what, a, lo, hi in (("token id", ids, 0, n_vocab),
+                                              ("position", pos, 0, n_ctx),
+                                              ("row sequence", row_seq, 0, m),
+                                              ("output row", last, 0, n),
+                                              ("block id", tables, -1, n_blocks))
+           if a.size and (a.min() < lo or a.max() >= hi)]
+    if bad:
+        what, a = bad[0]
+        raise ValueError(f"batch: {what} out of range ({a.min()}..{a.max()})")
+    top = np.full(m, -1, np.int64)                       # each sequence's last block read
+    np.maximum.at(top, row_seq, pos // block_size)
+    if top.max() >= tables.shape[1] or \
+            (tables[np.arange(tables.shape[1])[None, :] <= top[:, None]] < 0).any():
+        raise ValueError("batch: a row reads a position its sequence's block table lacks")
+    want = tables[row_seq, pos // block_size].astype(np.int64) * block_size + pos % block_size
+    if ((slots != want) & (slots != -1)).any():
+        raise ValueError("batch: a slot is not its position's slot in its block table")
+    if (row_seq[last] != np.arange(m)).any():
+        raise ValueError("batch: an output row belongs to another sequence")

@@ -13,7 +13,7 @@ import numpy as np
 
 from .backends.base import ID_BITS, Backend, RopeParams, SamplerState, sampler_params
 from .blocks import BLOCK_SIZE
-from .kvcache import KVCache
+from .kvcache import KVCache, check_batch
 from .loader import ModelFile
 
 
@@ -135,6 +135,8 @@ class Model:
         if n > self.n_batch or m > self.max_seqs or batch.tables.shape[1] > self.max_blocks:
             raise ValueError(f"batch of {n} rows / {m} sequences exceeds the model's "
                              f"{self.n_batch} / {self.max_seqs}")
+        check_batch(batch, self.cfg.n_vocab, self.n_ctx, self.kv.n_slots // self.kv.block_size,
+                    self.kv.block_size)
         ops, b = self.ops, self.buf
         decode = np.zeros(n, bool) if batch.decode is None else batch.decode
         order = np.argsort(~decode, kind="stable")        # decode rows first

@@ -26,7 +26,7 @@ step() {   # step NAME COMMAND...: run, log, record pass/fail and the last line
 }
 step ops        python3 -m pytest -q -m cuda tests/test_cuda_ops.py tests/test_cuda_intrinsics.py \
                 tests/test_cuda_graph.py tests/test_cuda_mma.py tests/test_cuda_matmul_mma.py \
-                tests/test_cuda_flash.py
+                tests/test_cuda_flash.py tests/test_cuda_paged.py
 step models     python3 -m pytest -q -m cuda -s tests/test_cuda_model.py
 step kernels    python3 scripts/gpu_bench.py --paths fast --gemm-types "" --json "$logs/kernels.json"
 # the decode mat-vec's prepared variants (off by default until timed): x quantized once per op,

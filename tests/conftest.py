@@ -122,7 +122,7 @@ def cuda_toy_shapes(monkeypatch):
     if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
         return
     from numbaformer.backends.cuda import (attention, elementwise, embed, flash, gemv, matmul,
-                                           matmul_mma, norm, rope, sample)
+                                           matmul_mma, norm, paged, rope, sample)
     for mod, name, value in [
             (matmul_mma, "MMA_TILES", ((16, 16, 1, 1),)), (matmul_mma, "MMA_BK", 32),
             (matmul_mma, "BF16_THREADS", 32),
@@ -133,7 +133,8 @@ def cuda_toy_shapes(monkeypatch):
             (sample, "ARGMAX_THREADS", 32), (sample, "SAMPLE_THREADS", 32), (attention, "SPLIT", 4),
             (attention, "DECODE_THREADS", 32), (attention, "QTILE", 2), (attention, "KTILE", 4),
             (attention, "PREFILL_WARPS", 1), (elementwise, "ELEM_THREADS", 32),
-            (flash, "FLASH_WARPS", 1), (flash, "FLASH_BN", 16)]:
+            (flash, "FLASH_WARPS", 1), (flash, "FLASH_BN", 16), (paged, "PAGED_THREADS", 32),
+            (paged, "STORE_THREADS", 32), (paged, "GATHER_THREADS", 32)]:
         monkeypatch.setattr(mod, name, value)
 
 

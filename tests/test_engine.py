@@ -4,7 +4,6 @@ solo greedy text; a prefix-cache hit gives the cold prefill's logits."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from numbaformer.engine import Engine
 from numbaformer.model import Model
@@ -113,11 +112,3 @@ def test_abort_frees_the_blocks(engine):
     e.step()
     assert e.abort(i) and not e.has_unfinished()
     assert e.batching.blocks.n_free == 24
-
-
-def test_cuda_refuses_a_paged_cache_for_now():
-    from numbaformer.backends.cuda.backend import _plain
-    from numbaformer.kvcache import KVCache
-    view = KVCache.__new__(KVCache).paged(np.zeros(1, np.int32), None, None)
-    with pytest.raises(NotImplementedError):
-        _plain(view)

@@ -4,10 +4,13 @@ so a wrong slot, table or position changes the text. Decodes come first, prompts
 the token budget, prefix hits skip prefill, preemption and abort give every block back."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from numbaformer.blocks import BlockManager
+from numbaformer.kvcache import check_batch
 from numbaformer.scheduler import FINISHED, Scheduler, Sequence
 
 B = 4
@@ -142,3 +145,29 @@ def test_prompt_that_cannot_fit_is_refused():
         sched.add(Sequence(list(range(9))))
     with pytest.raises(ValueError):
         sched.add(Sequence(list(range(64))))
+
+
+def test_check_batch_refuses_what_kernels_would_read_out_of_bounds():
+    """kvcache.check_batch (Model.forward_batch's first step) passes a scheduled batch and refuses
+    each spoiled field with a line naming it."""
+    sched = Scheduler(BlockManager(6, 4), 24, max_seqs=2, max_batched_tokens=8)
+    for p in ([1, 2, 3, 4, 5], [6, 7]):
+        sched.add(Sequence(p))
+    batch = sched.schedule()
+    check_batch(batch, 100, 24, 6, 4)                          # as scheduled: fine
+    bad = {"ids": ("token id", lambda b: b.ids.__setitem__(0, 100)),
+           "pos": ("position", lambda b: b.pos.__setitem__(1, 24)),
+           "row_seq": ("row sequence", lambda b: b.row_seq.__setitem__(0, 2)),
+           "block": ("block id", lambda b: b.tables.__setitem__((0, 0), 6)),
+           "hole": ("lacks", lambda b: b.tables.__setitem__((0, 1), -1)),     # pos 4 reads it
+           "slot": ("slot", lambda b: b.slots.__setitem__(0, b.slots[0] + 1)),
+           "last": ("another sequence", lambda b: b.last.__setitem__(0, 6))}
+    for name, (msg, spoil) in bad.items():
+        b = dataclasses.replace(batch, ids=batch.ids.copy(), pos=batch.pos.copy(),
+                                row_seq=batch.row_seq.copy(), tables=batch.tables.copy(),
+                                slots=batch.slots.copy(), last=batch.last.copy())
+        spoil(b)
+        with pytest.raises(ValueError, match=msg):
+            check_batch(b, 100, 24, 6, 4)
+    with pytest.raises(ValueError, match="shapes"):
+        check_batch(dataclasses.replace(batch, pos=batch.pos[:-1]), 100, 24, 6, 4)

@@ -146,8 +146,8 @@ class Bridge:
 
     def _warmup(self) -> None:
         """One token through the batched path before /health says ready: its kernels compile
-        now, not in the first request, and a backend that cannot run it (CUDA has no paged KV
-        cache yet) fails the load in one line instead of every request."""
+        now, not in the first request, and a backend that cannot run it (no paged KV cache) fails
+        the load in one line instead of every request."""
         eng = self.engine
         eng.add_request([eng.tokenizer.bos_id or 0] * 2, max_tokens=1)
         while eng.has_unfinished():

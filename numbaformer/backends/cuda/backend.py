@@ -9,7 +9,8 @@ from ._sim import SIMULATOR
 
 from ...progress import byte_bar
 from ..base import Backend
-from . import attention, elementwise, embed, flash, gemv, matmul, matmul_mma, norm, rope, sample
+from . import (attention, elementwise, embed, flash, gemv, matmul, matmul_mma, norm, paged, rope,
+               sample)
 from .graph import CudaGraph, graphs_supported
 from .layout import device_bytes, repack
 from .pool import DevicePool
@@ -68,6 +69,8 @@ class CUDABackend(Backend):
         self.weight_bytes = 0
         self._decode_scratch = None
         self._sample_scratch = None
+        self._paged_scratch = None                   # paged attention's (part_o, part_ml, count)
+        self._uploads: dict = {}                     # id(ModelWeights) -> (it, its upload)
         self._xb = None                              # bf16 activations of the tensor-core GEMM
 
     # --- memory -----------------------------------------------------------------------------
@@ -90,10 +93,15 @@ class CUDABackend(Backend):
 
     def upload(self, weights):
         """Every matrix on the device in the GPU layout (a tied output is uploaded once), with a
-        progress bar on a terminal when it takes over a second."""
+        progress bar on a terminal when it takes over a second. Once per ModelWeights: the batched
+        model (Engine.start_batching) shares the single-sequence model's upload."""
+        if id(weights) in self._uploads:
+            return self._uploads[id(weights)][1]
         with byte_bar(sum(t.nbytes for t in weights.matrices()),
                       "uploading weights to the GPU") as bar:
-            return self._upload(weights, bar)
+            up = self._upload(weights, bar)
+        self._uploads[id(weights)] = (weights, up)   # weights kept alive: its id stays its own
+        return up
 
     def _upload(self, weights, bar):
         done = {}
@@ -202,9 +210,8 @@ class CUDABackend(Backend):
                  inv_freq, rp):
         """Decode: one launch (the fast mat-vec's rope epilogue) where gemv.rope_fusable; else the
         composition."""
-        _plain(cache)
         n_bias = sum(b is not None for b in biases)
-        if x.shape[0] > 1 or n_bias not in (0, 3) or \
+        if cache.is_paged or x.shape[0] > 1 or n_bias not in (0, 3) or \
                 not gemv.rope_fusable(ws, self.exact, rp.rope_dim, rp.head_dim):
             return super().qkv_rope(q, k, v, x, norm_w, eps, ws, biases, scratch, pos, cache,
                                     layer, inv_freq, rp)
@@ -214,18 +221,21 @@ class CUDABackend(Backend):
                   rope=(pos, inv_freq, cache.k, cache.v, layer, rp.head_dim, rp.neox))
 
     def rope_store(self, q, k, v, pos, cache, layer, inv_freq, rp):
-        _plain(cache)
+        if cache.is_paged:
+            return self._paged_rope_store(q, k, v, pos, cache, layer, inv_freq, rp)
         rope.rope_store(q, k, v, pos, cache.k, cache.v, layer, inv_freq, rp, self.stream)
 
     def rope(self, x, pos, n_heads, inv_freq, rp):
         rope.rope(x, pos, n_heads, inv_freq, rp, self.stream)
 
     def kv_store(self, cache, layer, k, v, pos):
-        _plain(cache)
+        if cache.is_paged:
+            return self._paged_kv_store(cache, layer, k, v)
         attention.kv_store(cache.k, cache.v, layer, k, v, pos, self.stream)
 
     def attention(self, out, q, cache, layer, pos, scale):
-        _plain(cache)
+        if cache.is_paged:
+            return self._paged_attention(out, q, cache, layer, pos, scale)
         if q.shape[0] == 1:
             attention.decode_attention(out, q, cache.k, cache.v, layer, pos, scale,
                                        self._scratch(q.shape[1], cache.k), self.stream)
@@ -242,6 +252,33 @@ class CUDABackend(Backend):
                 self._decode_scratch[2].shape != shapes[2][0]:
             self._decode_scratch = tuple(self.pool.alloc(s, d) for s, d in shapes)
         return self._decode_scratch
+
+    # --- the paged cache (Model.forward_batch): slots, block tables; kernels in paged.py ----------
+    paged_kv = True
+
+    def _paged_rope_store(self, q, k, v, pos, cache, layer, inv_freq, rp):
+        paged.rope_store(q, k, v, pos, cache.slots, cache.k, cache.v, layer, inv_freq, rp,
+                         self.stream)
+
+    def _paged_kv_store(self, cache, layer, k, v):
+        paged.kv_store(cache.k, cache.v, layer, k, v, cache.slots, self.stream)
+
+    def _paged_attention(self, out, q, cache, layer, pos, scale):
+        """Every row through its sequence's block table (decode rows and prefill chunks alike)."""
+        head_dim, max_blocks = cache.k.shape[3], cache.tables.shape[1]
+        shapes = paged.scratch_shape(q.shape[1] // head_dim, cache.k.shape[1], head_dim,
+                                     max_blocks)
+        have = self._paged_scratch
+        if have is None or tuple(a.shape for a in have) != tuple(s for s, _ in shapes):
+            if have is not None:
+                for a in have:
+                    self.pool.release(a)
+            self._paged_scratch = tuple(self.pool.alloc(s, d) for s, d in shapes)
+        paged.attention(out, q, cache.k, cache.v, layer, pos, cache.tables, cache.row_seq,
+                        cache.block_size, scale, self._paged_scratch, self.stream)
+
+    def gather_rows(self, out, x, idx):
+        paged.gather_rows(out, x, idx, self.stream)
 
     def silu_mul(self, out, gate, up):
         elementwise.silu_mul(out, gate, up, self.stream)
@@ -328,9 +365,3 @@ class CUDABackend(Backend):
         return {"device": self.device_name, "exact": self.exact, "weights_bytes": self.weight_bytes,
                 "graphs": len(self.graphs), "graph_launches": self.graph_launches,
                 "pool": self.pool.stats()}
-
-
-def _plain(cache) -> None:
-    """The CUDA kernels read and write the plain cache (slot == position) only, for now."""
-    if cache.slots is not None:
-        raise NotImplementedError("paged KV cache (block tables) is not on the CUDA backend yet")

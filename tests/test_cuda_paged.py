@@ -25,6 +25,9 @@ from numbaformer.scheduler import Scheduler, Sequence
 
 ON_GPU = os.environ.get("NUMBAFORMER_TEST_GPU") == "1"
 pytestmark = pytest.mark.cuda if ON_GPU else []
+# model-level cases that CI's simulator leaves to the GPU run (minutes each there, on 2 cores;
+# the f16 forward_batch case and the same-bits case stand for them under the simulator)
+GPU_ONLY = pytest.mark.skipif(not ON_GPU, reason="minutes under the simulator: the GPU run's")
 
 
 @pytest.fixture
@@ -250,7 +253,7 @@ def run_steps(model, prompts, max_tokens, B, n_blocks, budget):
 PROMPTS = [[5, 17, 33, 40, 41, 90, 7], [250, 3], [11], [60, 61, 62, 63, 64]]
 
 
-@pytest.mark.parametrize("kv_type", ["f32", "f16"])
+@pytest.mark.parametrize("kv_type", [pytest.param("f32", marks=GPU_ONLY), "f16"])
 def test_forward_batch_equals_separate_forwards(tmp_path, toy_model_shapes, kv_type):
     """Exact path (FP32 GEMM): each sequence's logits at each step of a batched greedy generation
     (blocks of 4: prompts and decodes cross blocks; a budget of 6 rows: prompts chunked, the 4th
@@ -279,8 +282,10 @@ def test_forward_batch_equals_separate_forwards(tmp_path, toy_model_shapes, kv_t
 
 
 def test_forward_batch_same_bits_alone_or_batched(tmp_path, toy_model_shapes, record_figure):
-    """The default path (f16 cache; the bf16 tensor-core GEMM): a sequence's logits are the same bits
-    alone or in a batch; and within the bf16 GEMM's rounding of the exact path's."""
+    """The default path (f16 cache; on the GPU the bf16 tensor-core GEMM): a sequence's logits are
+    the same bits alone or in a batch (a batch's lone decode row included: every row of a batched
+    step takes the batched products); on the GPU within the bf16 GEMM's rounding of the exact
+    path's."""
     from numbaformer.backends.cuda.backend import CUDABackend
     mf = tiny_mf(tmp_path)
     ops = CUDABackend()
@@ -293,6 +298,8 @@ def test_forward_batch_same_bits_alone_or_batched(tmp_path, toy_model_shapes, re
         assert [ids for ids, _ in alone] == [ids for ids, _ in together[i]]
         for (_, a), (_, b) in zip(alone, together[i]):
             np.testing.assert_array_equal(a, b)
+    if not ON_GPU:        # the simulator's default path is the FP32 GEMM (no tensor cores)
+        return
     exact = Model(mf, CUDABackend(exact=True), n_ctx=32, n_batch=6, max_seqs=3, kv_blocks=16,
                   block_size=4)
     exact_run = run_steps(exact, PROMPTS[:3], n_gen, 4, 16, 6)
@@ -303,6 +310,7 @@ def test_forward_batch_same_bits_alone_or_batched(tmp_path, toy_model_shapes, re
     assert worst <= 5e-2
 
 
+@GPU_ONLY
 def test_engine_on_cuda_gives_each_solo_greedy_text(tmp_path, toy_model_shapes):
     """Engine.add_request/step on the CUDA backend (its default f16 cache, blocks of 64): three
     sequences together give the greedy text each gives alone, and every block comes back."""

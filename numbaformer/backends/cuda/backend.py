@@ -144,8 +144,14 @@ class CUDABackend(Backend):
     def rmsnorm(self, out, x, w, eps):
         norm.rmsnorm(out, x, w, eps, self.stream)
 
+    def _batched(self, x) -> bool:
+        """Whether x's rows take the batched products: several rows, or any number inside a
+        batched step (split_rows), so that a row's result does not depend on how many rows share
+        the step (a batch's lone decode row would otherwise take the 8-bit mat-vec)."""
+        return x.shape[0] > 1 or self.decode_rows is not None
+
     def _tensor_cores(self, x) -> bool:
-        return x.shape[0] > 1 and not self.exact and matmul_mma.ENABLED
+        return self._batched(x) and not self.exact and matmul_mma.ENABLED
 
     def _bf16(self, x, norm_w=None, eps=0.0):
         """x (n, cols) f32 (or rmsnorm(x) * norm_w) in bf16, in the backend's scratch (n, cols)
@@ -162,19 +168,21 @@ class CUDABackend(Backend):
     def matmul(self, out, x, w, bias=None):
         if self._tensor_cores(x):
             return matmul_mma.gemm(out, self._bf16(x), w, self.stream, bias=bias)
-        matmul.matmul(out, x, w, self.stream, bias=bias, exact=self.exact)
+        matmul.matmul(out, x, w, self.stream, bias=bias, exact=self.exact,
+                      batched=self._batched(x))
 
     def matmul_add(self, x, a, w, scratch):
         if self._tensor_cores(a):
             return matmul_mma.gemm(x, self._bf16(a), w, self.stream, residual=x)
-        matmul.matmul(x, a, w, self.stream, residual=x, exact=self.exact)
+        matmul.matmul(x, a, w, self.stream, residual=x, exact=self.exact,
+                      batched=self._batched(a))
 
     def norm_matmul(self, outs, x, norm_w, eps, ws, biases, scratch):
         """Decode: one fused launch per run of matrices of one type and width (norm prologue,
         bias epilogue); prefill: the rmsnorm fused into the bf16 rounding, then one tensor-core
         GEMM per matrix (bias epilogue), or with `exact` the default composition."""
-        if x.shape[0] > 1:
-            if self.exact:
+        if self._batched(x):
+            if self.exact or not matmul_mma.ENABLED:
                 return super().norm_matmul(outs, x, norm_w, eps, ws, biases, scratch)
             xb = self._bf16(x, norm_w, eps)
             for out, w, b in zip(outs, ws, biases):
@@ -201,7 +209,7 @@ class CUDABackend(Backend):
             matmul_mma.gemm(out, xb, w_gate, self.stream)
             matmul_mma.gemm(up, xb, w_up, self.stream)
             return self.silu_mul(out, out, up)
-        if x.shape[0] > 1 or not same:
+        if self._batched(x) or not same:
             return super().norm_swiglu(out, x, norm_w, eps, w_gate, w_up, scratch, up)
         gemv.gemv([out], [w_gate, w_up], x, self.stream, mode="swiglu", norm_w=norm_w, eps=eps,
                   opt_in=matmul._opt_in, exact=self.exact)

@@ -105,12 +105,13 @@ def _gemm_kernel(qtype: int, bm: int, bn: int, tm: int, tn: int, epilogue: int):
     return _gemm
 
 
-def matmul(out, x, w, stream, bias=None, residual=None, exact=False) -> None:
+def matmul(out, x, w, stream, bias=None, residual=None, exact=False, batched=False) -> None:
     """out (n, rows) = x (n, cols) @ W.T (+ bias (rows,) | + residual (n, rows)); W a QTensor on
     the device. residual may be `out` itself (each element is read before it is written).
-    exact: a single token's mat-vec with f32 activations (gemv.py)."""
+    A single token takes the mat-vec (gemv.py; exact: with f32 activations) unless `batched`
+    (a row of a batched step: the GEMM, whatever the number of rows)."""
     n = x.shape[0]
-    if n == 1:
+    if n == 1 and not batched:
         mode, extras = ("bias", [bias]) if bias is not None else ("residual", [residual]) \
             if residual is not None else ("store", None)
         gemv([out], [w], x, stream, mode=mode, extras=extras, opt_in=_opt_in, exact=exact)

@@ -37,7 +37,9 @@ class KVCache:
             raise ValueError(f"kv type must be one of {', '.join(KV_TYPES)}, got {kv_type!r}")
         self.n_ctx, self.kv_type, self.block_size = n_ctx, kv_type, block_size
         self.n_blocks = n_blocks or 0
-        n_slots = max(n_ctx, self.n_blocks * block_size)
+        # paged: whole blocks (a context that is not a multiple of the block size rounds up)
+        n_slots = n_ctx if not self.n_blocks else \
+            max(-(-n_ctx // block_size), self.n_blocks) * block_size
         dtype = backend.kv_dtype(kv_type)
         self.shape = (cfg.n_layer, cfg.n_head_kv, n_slots, cfg.head_dim)
         self.k = backend.alloc(self.shape, dtype)      # (n_layer, n_kv_head, n_slots, head_dim)

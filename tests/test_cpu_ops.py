@@ -536,6 +536,16 @@ def test_rope_store_one_token_equals_the_ops(kv_type, neox):
     assert same_bits(a.k, b.k) and same_bits(a.v, b.v)
 
 
+@pytest.mark.parametrize("n_ctx,n_blocks,bs,slots", [(257, 2, 64, 320), (100, 4, 16, 112),
+                                                      (64, 4, 16, 64), (30, 0, 16, 30)])
+def test_paged_pool_holds_whole_blocks(n_ctx, n_blocks, bs, slots):
+    """A paged pool is whole blocks, at least the context's (a context of 257 at blocks of 64:
+    5 blocks, 320 slots; the CUDA kernels refuse a pool that is not); the plain cache n_ctx."""
+    cache = make_cache(2, 1, n_ctx, 8, n_blocks=n_blocks or None, block_size=bs)
+    assert cache.n_slots == slots and cache.k.shape[2] == slots
+    assert not n_blocks or slots % bs == 0
+
+
 def test_f16_cache_rounds_like_numpy():
     """Values of every magnitude (f16 subnormals, ties, overflow, zeros, inf, nan) are stored as
     numpy's round-to-nearest-even float16 conversion keeps them."""

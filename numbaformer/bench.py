@@ -103,9 +103,11 @@ def run_parallel_bench(engine, parallel: list[int], n_prompt: int = 128, n_gen: 
         raise ValueError(f"bench --parallel needs -p >= 1 and -n >= 1 within the context "
                          f"{engine.model.n_ctx}")
     rng = np.random.default_rng(seed)
-    _batched_run(engine, 2, min(n_prompt, 8), 2, rng)        # warm-up: compiles the batched ops
     rows = []
     for b in parallel:
+        # warm-up at this count: compiles the kernels of its products' shapes (a GEMM tile per
+        # row count), captures its decode step's graph
+        _batched_run(engine, b, n_prompt, 2, rng)
         t_pp, t_tg, n_tg = _batched_run(engine, b, n_prompt, n_gen, rng)
         total = t_pp + t_tg
         rows.append({"device": engine.backend.name, "n_prompt": n_prompt, "n_gen": n_gen,

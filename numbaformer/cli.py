@@ -490,7 +490,7 @@ def _counts(value: str | None) -> list[int] | None:
 @click.option("--parallel", type=str, default=None, metavar="B[,B...]",
               help="llama-batched-bench's table instead: for each count B, B sequences of -p "
                    "tokens prefilled together, then -n decode steps of all of them, through the "
-                   "engine's batched path (each count run once).")
+                   "engine's batched path (each count timed once, after a warm-up run at that count).")
 @device_opt
 @gpu_opt
 @threads_opt

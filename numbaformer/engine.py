@@ -81,9 +81,14 @@ class Engine:
         batch = b.scheduler.schedule()
         if batch is None:
             return []
-        logits = b.model.forward_batch(batch)
-        tokens = [self._pick(s, logits[i]) if e else -1
-                  for i, (s, e) in enumerate(zip(batch.seqs, batch.emits))]
+        b.model.run_batch(batch)
+        m = len(batch.seqs)
+        greedy = b.model.batch_greedy_ids(m)              # the device's argmax of each row
+        sampled = [i for i, (s, e) in enumerate(zip(batch.seqs, batch.emits))
+                   if e and s.sampler is not None]
+        logits = b.model.ops.to_host(b.model.buf.batch_logits[:m]) if sampled else None
+        tokens = [(int(greedy[i]) if s.sampler is None else self._pick(s, logits[i])) if e
+                  else -1 for i, (s, e) in enumerate(zip(batch.seqs, batch.emits))]
         done = b.scheduler.postprocess(batch, tokens)
         for s in done:
             b.seqs.pop(s.seq_id, None)

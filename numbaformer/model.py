@@ -19,6 +19,7 @@ from .loader import ModelFile
 
 MAX_CHUNK = 16                 # decode steps one graph replay may run
 DECODE_CHUNK = 8               # the steps generation and bench run per replay
+GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)   # decode-only batches replay a graph of the next size up
 
 
 class Buffers:
@@ -54,6 +55,7 @@ class Buffers:
             self.x_sel = a((max_seqs, cfg.n_embd))       # those rows of x
             self.xn_sel = a((max_seqs, cfg.n_embd))
             self.batch_logits = a((max_seqs, cfg.n_vocab))
+            self.batch_ids = a((max_seqs,), np.int32)    # each output row's greedy pick
         self._all_logits = None
         self._ops, self._cfg, self.n_batch = ops, cfg, n_batch
 
@@ -121,14 +123,26 @@ class Model:
         return self.buf.logits
 
     def forward_batch(self, batch) -> np.ndarray:
+        """run_batch, then each sequence's output row's logits (n_seqs, n_vocab) as a host
+        float32 array."""
+        self.run_batch(batch)
+        return self.ops.to_host(self.buf.batch_logits[:len(batch.seqs)])
+
+    def batch_greedy_ids(self, m: int) -> np.ndarray:
+        """The greedy picks (argmax) of the last run_batch's m output rows, on the host."""
+        return self.ops.to_host(self.buf.batch_ids[:m])
+
+    def run_batch(self, batch) -> None:
         """Run a scheduler.Batch: its rows (each at its own position, K/V written at its slot,
-        attending through its sequence's block table) in one pass over the weights; return each
-        sequence's output row's logits (n_seqs, n_vocab) as a host float32 array.
+        attending through its sequence's block table) in one pass over the weights; leave each
+        sequence's output row's logits in buf.batch_logits[:n_seqs] and their argmax in
+        buf.batch_ids (read them with forward_batch / batch_greedy_ids).
         The rows run reordered, decode rows (batch.decode) first: the backend gives those its
         decode product and the prompt rows its prefill product (ops.split_rows), each row's
         result independent of the others, as are the output rows' (decode product): a
-        sequence's logits are the same bits alone or in any batch, and those of the
-        single-sequence path (its prefill, then one decode step at a time)."""
+        sequence's logits are the same bits alone or in any batch. A batch of decode rows only
+        (one a sequence) is padded to the next GRAPH_BUCKETS size (padding rows write nowhere
+        and read position 0 of the first sequence) and replays that size's CUDA graph."""
         n, m = batch.n_rows, len(batch.seqs)
         if not self.max_seqs:
             raise ValueError("this model was built for one sequence (max_seqs 0)")
@@ -142,23 +156,39 @@ class Model:
         order = np.argsort(~decode, kind="stable")        # decode rows first
         where = np.empty(n, np.int32)
         where[order] = np.arange(n, dtype=np.int32)       # a row's place in the run
-        for dst, src in ((b.ids, batch.ids), (b.pos, batch.pos), (b.slots, batch.slots),
-                         (b.row_seq, batch.row_seq)):
-            ops.copy_in(dst, src[order])
-        tables = np.full((m, self.max_blocks), -1, np.int32)
-        tables[:, :batch.tables.shape[1]] = batch.tables
+        rows = dict(ids=batch.ids[order], pos=batch.pos[order], slots=batch.slots[order],
+                    row_seq=batch.row_seq[order])
+        last = where[batch.last]
+        size = next((g for g in GRAPH_BUCKETS if g >= n), 0)
+        graphed = decode.all() and n == m and size and size <= min(self.n_batch, self.max_seqs)
+        if graphed and size > n:                          # padding rows: write nowhere
+            pad = size - n
+            for k, fill in (("ids", 0), ("pos", 0), ("slots", -1), ("row_seq", 0)):
+                rows[k] = np.concatenate([rows[k], np.full(pad, fill, np.int32)])
+            last = np.concatenate([last, np.arange(n, size, dtype=np.int32)])
+        for k, src in rows.items():
+            ops.copy_in(getattr(b, k), src)
+        tables = np.full((self.max_seqs, self.max_blocks), -1, np.int32)
+        tables[:m, :batch.tables.shape[1]] = batch.tables
         ops.copy_in(b.tables, tables)
-        ops.copy_in(b.last, where[batch.last])
+        ops.copy_in(b.last, last)
+        if graphed:
+            ops.replay(("batch_decode", id(self), size), lambda: self._batch_step(size, size))
+        else:
+            self._batch_step(n, m, int(decode.sum()))
+
+    def _batch_step(self, n: int, m: int, n_decode: int | None = None) -> None:
+        ops, b = self.ops, self.buf
         v = self.buf.rows(n)
         try:
-            ops.split_rows(int(decode.sum()))
+            ops.split_rows(n if n_decode is None else n_decode)
             self._layers(v, self._paged(n))
             ops.gather_rows(b.x_sel[:m], v.x, b.last[:m])
             ops.split_rows(m)
             self._logits(b.x_sel[:m], b.xn_sel[:m], b.batch_logits[:m])
+            ops.argmax_rows(b.batch_ids, b.batch_logits[:m])
         finally:
             ops.split_rows(None)
-        return ops.to_host(b.batch_logits[:m])
 
     @functools.lru_cache(maxsize=16)
     def _paged(self, n: int) -> KVCache:

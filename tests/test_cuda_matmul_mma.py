@@ -164,6 +164,41 @@ def test_gemm_epilogues(cu, name):
     assert np.all(err <= bound), f"max err/bound {np.max(err / bound):.2f}"
 
 
+@pytest.mark.parametrize("name,cols,splits", [("Q4_K", 1024, 3), ("Q8_0", 96, 2)])
+def test_split_decode_product(cu, monkeypatch, name, cols, splits):
+    """The decode product (part=: DECODE_TILE, split-K over whole raw units, slices of uneven
+    length; Q8_0: 3 units in 2 slices) with every epilogue within the GEMM's bounds, and a row's
+    bits the same alone or beside others."""
+    from numbaformer.backends.cuda import gemv, matmul_mma
+    if not ON_GPU:
+        monkeypatch.setattr(gemv, "_n_sms", lambda: 1)
+        monkeypatch.setattr(matmul_mma, "SPLIT_BLOCKS_PER_SM", splits)
+    qt = TYPE_IDS[name]
+    rows = real(24, 4096)
+    W, w = rand_weights(cu, qt, rows, cols, seed=12)
+    assert ON_GPU or matmul_mma.decode_splits(w, False, gemv._n_sms()) == splits
+    rng = np.random.default_rng(13)
+    x = rng.standard_normal((5, cols)).astype(np.float32)
+    part = cu.alloc((64, 8, 2 * rows))
+    got = run_gemm(cu, x, w, part=part)
+    check(got, x, W, qt)
+    np.testing.assert_array_equal(run_gemm(cu, x[2:3], w, part=part)[0], got[2])
+    bias = rng.standard_normal(rows).astype(np.float32)
+    check(run_gemm(cu, x, w, bias=cu.to_device(bias), part=part), x, W, qt, extra=bias)
+    x0 = rng.standard_normal((5, rows)).astype(np.float32)
+    res = cu.to_device(x0)
+    check(run_gemm(cu, x, w, out=res, residual=res, part=part), x, W, qt, extra=x0)
+    U, u = rand_weights(cu, qt, rows, cols, seed=14)
+    got = run_gemm(cu, x, w, up=u, part=part)
+    g, v = x.astype(np.float64) @ W.T, x.astype(np.float64) @ U.T
+    eg, ev = bf16_bound(x, W, qt), bf16_bound(x, U, qt)
+    ref = R.silu(g) * v
+    bound = 1.1 * eg * (np.abs(v) + ev) + np.abs(R.silu(g)) * ev + 2.0**-20 * np.abs(ref)
+    assert np.all(np.abs(got - ref) <= bound)
+    with pytest.raises(ValueError, match="partial sums"):
+        run_gemm(cu, x, w, part=cu.alloc((1, 1, 1)))
+
+
 def test_to_bf16_rounds_and_norms(cu):
     from numbaformer.backends.cuda import matmul_mma
     rng = np.random.default_rng(12)

@@ -386,6 +386,19 @@ def test_argmax_first_of_ties(cu):
     assert host(cu, out)[0] == 17
 
 
+
+def test_argmax_rows(cu):
+    """Each row's first maximum (a batched step's greedy picks), as np.argmax of the row."""
+    logits = np.random.default_rng(10).standard_normal((5, sizes(1000, 128256))).astype(np.float32)
+    logits[2, [3, 90]] = 40.0
+    logits[4, -1] = 40.0
+    out = cu.alloc((8,), np.int32)
+    cu.argmax_rows(out, dev(cu, logits))
+    np.testing.assert_array_equal(host(cu, out)[:5], np.argmax(logits, axis=1))
+    assert host(cu, out)[2] == 3 and host(cu, out)[4] == logits.shape[1] - 1
+    with pytest.raises(ValueError, match="argmax of rows"):
+        cu.argmax_rows(cu.alloc((4,), np.int32), dev(cu, logits))
+
 # --- attention: decode (split spans + merge) and prefill (tiles), f16 and f32 caches ------------------
 
 @pytest.mark.parametrize("kv_type", ["f32", "f16"])

@@ -284,12 +284,13 @@ def test_forward_batch_equals_separate_forwards(tmp_path, toy_model_shapes, kv_t
 def test_forward_batch_same_bits_alone_or_batched(tmp_path, toy_model_shapes, record_figure):
     """The default path (f16 cache; on the GPU the bf16 tensor-core GEMM): a sequence's logits are
     the same bits alone or in a batch (a batch's lone decode row included: every row of a batched
-    step takes the batched products); on the GPU within the bf16 GEMM's rounding of the exact
+    step takes the batched products; three sequences' decode-only steps padded to the graph
+    bucket of 4, alone to that of 1); on the GPU within the bf16 GEMM's rounding of the exact
     path's."""
     from numbaformer.backends.cuda.backend import CUDABackend
     mf = tiny_mf(tmp_path)
     ops = CUDABackend()
-    model = Model(mf, ops, n_ctx=32, n_batch=6, max_seqs=3, kv_blocks=16, block_size=4)
+    model = Model(mf, ops, n_ctx=32, n_batch=6, max_seqs=4, kv_blocks=16, block_size=4)
     n_gen = 2 if not ON_GPU else 8
     together = run_steps(model, PROMPTS[:3], n_gen, 4, 16, 6)
     worst = 0.0

@@ -199,6 +199,11 @@ class Backend(ABC):
     def argmax(self, out, logits) -> None:
         """out[0] (int32) = index of the largest of logits (n_vocab,) (greedy decoding)."""
 
+    def argmax_rows(self, out, logits) -> None:
+        """out[r] (int32) = index of the first largest of logits[r], logits (m, n_vocab): the
+        greedy picks of a batched step. Host arrays here; a device backend overrides it."""
+        out[:logits.shape[0]] = np.argmax(logits, axis=1)
+
     samples_on_device = False     # generation samples with the `sample` op (else on the host)
 
     @abstractmethod

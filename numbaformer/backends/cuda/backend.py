@@ -72,6 +72,8 @@ class CUDABackend(Backend):
         self._paged_scratch = None                   # paged attention's (part_o, part_ml, count)
         self._uploads: dict = {}                     # id(ModelWeights) -> (it, its upload)
         self._xb = None                              # bf16 activations of the tensor-core GEMM
+        self._part = None                            # the split decode product's partial sums
+        self._epoch = 0                              # bumped when a scratch above is reallocated
 
     # --- memory -----------------------------------------------------------------------------
     def alloc(self, shape, dtype=np.float32):
@@ -161,19 +163,46 @@ class CUDABackend(Backend):
             if self._xb is not None:
                 self.pool.release(self._xb)
             self._xb = self.pool.alloc(n * cols, np.uint16, zero=False)
+            self._epoch += 1
         xb = self._xb[:n * cols].reshape(n, cols)
         matmul_mma.to_bf16(xb, x, self.stream, norm_w, eps)
         return xb
 
+    def _mma(self, out, xb, w, residual=None, **kw):
+        """The tensor-core product of xb's rows (matmul_mma.gemm's keywords). With
+        matmul_mma.SPLIT_DECODE, inside a batched step the first decode_rows rows take the decode
+        product (split-K, its slices fixed by W's shape) and the others the prefill GEMM, so that
+        a row's bits depend on its kind only; else every row the prefill GEMM (whose rows' bits
+        do not depend on the row count either)."""
+        n = xb.shape[0]
+        d = 0 if self.decode_rows is None or not matmul_mma.SPLIT_DECODE else \
+            min(self.decode_rows, n)
+        if d:
+            swiglu = kw.get("up") is not None
+            splits = matmul_mma.decode_splits(w, swiglu, gemv._n_sms())
+            size = int(np.prod(matmul_mma.part_shape(d, w, swiglu, splits)))
+            if splits > 1 and (self._part is None or self._part.size < size):
+                if self._part is not None:
+                    self.pool.release(self._part)
+                self._part = self.pool.alloc(size, np.float32, zero=False)
+                self._epoch += 1
+            part = self._part[:size].reshape(matmul_mma.part_shape(d, w, swiglu, splits)) \
+                if splits > 1 else out
+            matmul_mma.gemm(out[:d], xb[:d], w, self.stream, part=part,
+                            residual=None if residual is None else residual[:d], **kw)
+        if d < n:
+            matmul_mma.gemm(out[d:], xb[d:], w, self.stream,
+                            residual=None if residual is None else residual[d:], **kw)
+
     def matmul(self, out, x, w, bias=None):
         if self._tensor_cores(x):
-            return matmul_mma.gemm(out, self._bf16(x), w, self.stream, bias=bias)
+            return self._mma(out, self._bf16(x), w, bias=bias)
         matmul.matmul(out, x, w, self.stream, bias=bias, exact=self.exact,
                       batched=self._batched(x))
 
     def matmul_add(self, x, a, w, scratch):
         if self._tensor_cores(a):
-            return matmul_mma.gemm(x, self._bf16(a), w, self.stream, residual=x)
+            return self._mma(x, self._bf16(a), w, residual=x)
         matmul.matmul(x, a, w, self.stream, residual=x, exact=self.exact,
                       batched=self._batched(a))
 
@@ -186,7 +215,7 @@ class CUDABackend(Backend):
                 return super().norm_matmul(outs, x, norm_w, eps, ws, biases, scratch)
             xb = self._bf16(x, norm_w, eps)
             for out, w, b in zip(outs, ws, biases):
-                matmul_mma.gemm(out, xb, w, self.stream, bias=b)
+                self._mma(out, xb, w, bias=b)
             return
         i = 0
         while i < len(ws):
@@ -205,9 +234,9 @@ class CUDABackend(Backend):
         if self._tensor_cores(x):
             xb = self._bf16(x, norm_w, eps)
             if same:                                  # one GEMM, SwiGLU in its epilogue
-                return matmul_mma.gemm(out, xb, w_gate, self.stream, up=w_up)
-            matmul_mma.gemm(out, xb, w_gate, self.stream)
-            matmul_mma.gemm(up, xb, w_up, self.stream)
+                return self._mma(out, xb, w_gate, up=w_up)
+            self._mma(out, xb, w_gate)
+            self._mma(up, xb, w_up)
             return self.silu_mul(out, out, up)
         if self._batched(x) or not same:
             return super().norm_swiglu(out, x, norm_w, eps, w_gate, w_up, scratch, up)
@@ -259,6 +288,7 @@ class CUDABackend(Backend):
         if self._decode_scratch is None or self._decode_scratch[0].shape != shapes[0][0] or \
                 self._decode_scratch[2].shape != shapes[2][0]:
             self._decode_scratch = tuple(self.pool.alloc(s, d) for s, d in shapes)
+            self._epoch += 1
         return self._decode_scratch
 
     # --- the paged cache (Model.forward_batch): slots, block tables; kernels in paged.py ----------
@@ -282,6 +312,7 @@ class CUDABackend(Backend):
                 for a in have:
                     self.pool.release(a)
             self._paged_scratch = tuple(self.pool.alloc(s, d) for s, d in shapes)
+            self._epoch += 1
         paged.attention(out, q, cache.k, cache.v, layer, pos, cache.tables, cache.row_seq,
                         cache.block_size, scale, self._paged_scratch, self.stream)
 
@@ -296,6 +327,9 @@ class CUDABackend(Backend):
 
     def argmax(self, out, logits):
         sample.argmax(out, logits, self.stream)
+
+    def argmax_rows(self, out, logits):
+        sample.argmax_rows(out, logits, self.stream)
 
     def advance(self, ids, pos, next_id, out, j):
         sample.advance(ids, pos, next_id, out, j, self.stream)
@@ -313,17 +347,23 @@ class CUDABackend(Backend):
         """Run fn() once per call. First call for `key`: run it directly (compiling/loading every
         kernel it launches, and doing this call's work), then capture it into a CUDA graph without
         running it again (fn may advance device state, as a multi-step decode does). Later calls
-        replay the graph. Direct launches under the simulator."""
+        replay the graph. A graph captured before one of the backend's scratch arrays was
+        reallocated (a larger GEMM input, another model's shapes) is dropped and fn captured
+        again: its frozen pointers are stale. Direct launches under the simulator."""
         if not graphs_supported():
             fn()
             return
-        g = self.graphs.get(key)
+        g, epoch = self.graphs.get(key, (None, None))
+        if g is not None and epoch != self._epoch:
+            g.close()
+            del self.graphs[key]
+            g = None
         if g is None:
-            fn()                                   # this call's work; compiles + loads
+            fn()                                   # this call's work; compiles + loads (+ grows)
             self.stream.synchronize()
             g = CudaGraph()
             g.capture(self.stream, fn)             # records only
-            self.graphs[key] = g
+            self.graphs[key] = (g, self._epoch)
             return
         g.launch(self.stream)
         self.graph_launches += 1

@@ -347,8 +347,9 @@ def cached_kernel(threads: int, min_blocks: int):
 
 @functools.lru_cache(maxsize=None)
 def _gemm_kernel(qtype: int, bm: int, bn: int, bk: int, wm: int, wn: int, epilogue: int,
-                 lookahead: int, min_blocks: int):
+                 lookahead: int, min_blocks: int, split: bool = False):
     plan = stage_plan(qtype, bk)
+    split_k = 1 if split else 0                 # partial sums per k-slice (gemm's `part`)
     decode = decoder(qtype)
     threads = 32 * wm * wn
     wtm, wtn = bm // wm, bn // wn               # a warp's tokens and weight rows
@@ -551,24 +552,37 @@ def _gemm_kernel(qtype: int, bm: int, bn: int, bk: int, wm: int, wn: int, epilog
 
     @cuda.jit(device=True, inline=True)
     def finish(out, extra, acc, m0, bx, wmi, wni, lane, n_tok, rows_out):
-        """The accumulators (c layout: rows g, g+8; columns 2t, 2t+1 of each n8 tile) -> out."""
+        """The accumulators (c layout: rows g, g+8; columns 2t, 2t+1 of each n8 tile) -> out;
+        split: the raw sums -> extra[z] (SwiGLU: gate at r, up at rows_out + r)."""
+        z = cuda.blockIdx.z
         for mt in range(MT):
             for nt in range(NT_OUT):
                 for e in range(4):
                     m = m0 + wmi * wtm + mt * 16 + (lane >> 2) + 8 * (e >> 1)
                     j = nt * 8 + 2 * (lane & 3) + (e & 1)
                     v = acc[(mt * NT + nt) * 4 + e]
-                    if swiglu:
-                        r = bx * rows_per_block + wni * half_w + j
-                        v = v / (float32(1) + math.exp(-v)) * acc[(mt * NT + nt + NT // 2) * 4 + e]
+                    if split_k == 1:                   # raw sums of this k-slice
+                        if swiglu:
+                            r = bx * rows_per_block + wni * half_w + j
+                        else:
+                            r = bx * bn + wni * wtn + j
+                        if m < n_tok and r < rows_out:
+                            extra[z, m, r] = v
+                            if swiglu:
+                                extra[z, m, rows_out + r] = acc[(mt * NT + nt + NT // 2) * 4 + e]
                     else:
-                        r = bx * bn + wni * wtn + j
-                    if m < n_tok and r < rows_out:
-                        if epilogue == 1:
-                            v += extra[r]
-                        elif epilogue == 2:
-                            v += extra[m, r]
-                        out[m, r] = v
+                        if swiglu:
+                            r = bx * rows_per_block + wni * half_w + j
+                            v = v / (float32(1) + math.exp(-v)) * \
+                                acc[(mt * NT + nt + NT // 2) * 4 + e]
+                        else:
+                            r = bx * bn + wni * wtn + j
+                        if m < n_tok and r < rows_out:
+                            if epilogue == 1:
+                                v += extra[r]
+                            elif epilogue == 2:
+                                v += extra[m, r]
+                            out[m, r] = v
 
     @cached_kernel(threads, min_blocks)
     def _gemm(out, w0, w1, w0h, w1h, xb, extra):
@@ -601,7 +615,12 @@ def _gemm_kernel(qtype: int, bm: int, bn: int, bk: int, wm: int, wn: int, epilog
         cols = xb.shape[1]
         rows = w0.shape[0]
         nb = cols // bs
-        n_tiles = (cols + bk - 1) // bk
+        # split-K (gridDim.z slices, whole raw units each): this block's tiles t_lo .. t_lo+n_tiles
+        n_all = (cols + bk - 1) // bk
+        n_units = (n_all + tpu - 1) // tpu
+        u_lo = cuda.blockIdx.z * n_units // cuda.gridDim.z
+        t_lo = u_lo * tpu
+        n_tiles = min(((cuda.blockIdx.z + 1) * n_units // cuda.gridDim.z) * tpu, n_all) - t_lo
         for i in range(ACC):
             acc[i] = float32(0)
         x_plan(xdst, xsrc, xcol, m0, n_tok, cols, tid)
@@ -611,24 +630,24 @@ def _gemm_kernel(qtype: int, bm: int, bn: int, bk: int, wm: int, wn: int, epilog
         # g(-L) .. g(-1); the short planes of those units are stored at once. Stages rotate:
         # x tile t in x stage t % (L+1), weight tile t in weight stage t % 2, raw unit u in raw
         # stage u % RST (counters below, not divisions).
-        stage_raw(rs, w0, w1, 0, 0, bx, rows, nb, tid)
-        load_short(pre, w0h, w1h, 0, bx, rows, nb, tid)
+        stage_raw(rs, w0, w1, u_lo, 0, bx, rows, nb, tid)
+        load_short(pre, w0h, w1h, u_lo, bx, rows, nb, tid)
         store_short(rs16, pre, 0, tid)
         cp_async_commit()
         r_new = 1 % RST                                  # raw stage of the next unit staged
         for i in range(L):                               # g(i - L): x tile i, tile i+1's unit
             if i < n_tiles:
-                stage_x(xs, xb, xdst, xsrc, xcol, i * CPR, i * bm * CPR, cols // 8)
+                stage_x(xs, xb, xdst, xsrc, xcol, (t_lo + i) * CPR, i * bm * CPR, cols // 8)
             j = i + 1
             if j < n_tiles and j % tpu == 0:
-                stage_raw(rs, w0, w1, j // tpu, r_new, bx, rows, nb, tid)
-                load_short(pre, w0h, w1h, j // tpu, bx, rows, nb, tid)
+                stage_raw(rs, w0, w1, u_lo + j // tpu, r_new, bx, rows, nb, tid)
+                load_short(pre, w0h, w1h, u_lo + j // tpu, bx, rows, nb, tid)
                 store_short(rs16, pre, r_new, tid)
                 r_new = r_new + 1 if r_new + 1 < RST else 0
             cp_async_commit()
         cp_async_wait(WAIT_FIRST)
         cuda.syncthreads()                               # raw unit 0 visible to every thread
-        dequant(ws, rs, rs8, rs16, dqd, dqr, dqp, 0, 0, 0, 0, cols // 32, wv)
+        dequant(ws, rs, rs8, rs16, dqd, dqr, dqp, t_lo * CPT, 0, 0, 0, cols // 32, wv)
         x_read = 0                                       # x stage of tile t
         x_write = L                                      # x stage of tile t + L
         r_read = R_FIRST                                 # raw stage of tile t+1's unit
@@ -637,17 +656,18 @@ def _gemm_kernel(qtype: int, bm: int, bn: int, bk: int, wm: int, wn: int, epilog
             cuda.syncthreads()    # g(t-L) landed: x tile t, the raw unit of t+1; the dequantized
             #                       tile t visible; every warp done with tile t-1's stages
             if t + L < n_tiles:
-                stage_x(xs, xb, xdst, xsrc, xcol, (t + L) * CPR, x_write * bm * CPR, cols // 8)
+                stage_x(xs, xb, xdst, xsrc, xcol, (t_lo + t + L) * CPR, x_write * bm * CPR,
+                        cols // 8)
             j = t + L + 1
             new_unit = j < n_tiles and (j & (tpu - 1)) == 0
             r_staged = r_new
             if new_unit:
-                stage_raw(rs, w0, w1, j // tpu, r_staged, bx, rows, nb, tid)
-                load_short(pre, w0h, w1h, j // tpu, bx, rows, nb, tid)
+                stage_raw(rs, w0, w1, u_lo + j // tpu, r_staged, bx, rows, nb, tid)
+                load_short(pre, w0h, w1h, u_lo + j // tpu, bx, rows, nb, tid)
                 r_new = r_new + 1 if r_new + 1 < RST else 0
             cp_async_commit()
             if t + 1 < n_tiles:
-                dequant(ws, rs, rs8, rs16, dqd, dqr, dqp, (t + 1) * CPT,
+                dequant(ws, rs, rs8, rs16, dqd, dqr, dqp, (t_lo + t + 1) * CPT,
                         ((t + 1) & (tpu - 1)) * CPT, ((t + 1) & 1) * bn * CPR,
                         r_read * bn * UB, cols // 32, wv)
             mma_tile(xs, ws, x_read, t & 1, acc, af, wmi, wni, lane)
@@ -675,11 +695,70 @@ def pick_tile(n: int, rows_out: int, swiglu: bool, n_sms: int, qtype: int = Q4_K
     return tiles[-1]
 
 
-def gemm(out, xb, w, stream, *, bias=None, residual=None, up=None, tile=None) -> None:
+# Decode rows of a batched step (issue 10): few tokens, so a GEMM's blocks are few (one per BN
+# weight rows) and each walks the whole shared dimension, latency-bound (H200: a 4096x4096 Q4_K
+# product took 80 us at 1..64 tokens, 2.6 % of the copy bandwidth, against 8 us for the one-row
+# mat-vec). The decode product splits the shared dimension into k-slices of whole raw units
+# (split-K), as many as bring the grid to SPLIT_BLOCKS_PER_SM blocks per SM, each slice's raw
+# sums reduced in a fixed order by a second kernel that applies the epilogue. The slice count
+# depends on the matrix's shape only, so a row's bits do not depend on the batch.
+# Off by default until an end-to-end GPU run checks and times it (H200, 2026-12-02, alone: 4096x4096
+# Q4_K 85 -> 46 us, 1024x4096 85 -> 14 us, 4096x14336 281 -> 101 us, 14336x4096 no gain: a 64-token
+# tile does 64 tokens of mma work whatever the batch, so the slices share one SM throughput);
+# NUMBAFORMER_SPLIT_DECODE=1 turns it on in the CUDA backend's batched steps.
+SPLIT_DECODE = os.environ.get("NUMBAFORMER_SPLIT_DECODE", "0") == "1"
+DECODE_TILE = (64, 64, 2, 2)
+SPLIT_BLOCKS_PER_SM = 8
+
+
+def decode_splits(w, swiglu: bool, n_sms: int) -> int:
+    """k-slices of the decode product of W (QTensor) with DECODE_TILE: 1 if its row tiles alone
+    fill the GPU, else up to one raw unit per slice."""
+    bn = DECODE_TILE[1] // (2 if swiglu else 1)
+    blocks = -(-w.rows // bn)
+    units = -(-w.cols // max(MMA_BK, stage_plan(w.qtype, MMA_BK)["bs"] *
+                             stage_plan(w.qtype, MMA_BK)["nbu"]))
+    return max(1, min(units, -(-SPLIT_BLOCKS_PER_SM * n_sms // blocks)))
+
+
+def part_shape(n: int, w, swiglu: bool, splits: int) -> tuple:
+    """The split product's partial sums: (splits, n, rows, or 2 rows for SwiGLU's gate and up)."""
+    return (splits, n, w.rows * (2 if swiglu else 1))
+
+
+@cuda_kernel
+def _split_reduce(out, part, extra, epilogue):
+    """out[m, r] = the epilogue of the k-slices' sums part[0..S-1, m, r] added in order (SwiGLU:
+    silu(gate) * up, up at column rows + r); one thread an output."""
+    n, rows = out.shape
+    i = cuda.grid(1)
+    if i >= n * rows:
+        return
+    m = i // rows
+    r = i - m * rows
+    v = float32(0)
+    for z in range(part.shape[0]):
+        v += part[z, m, r]
+    if epilogue == 3:
+        u = float32(0)
+        for z in range(part.shape[0]):
+            u += part[z, m, rows + r]
+        v = v / (float32(1) + math.exp(-v)) * u
+    elif epilogue == 1:
+        v += extra[0, r]
+    elif epilogue == 2:
+        v += extra[m, r]
+    out[m, r] = v
+
+
+def gemm(out, xb, w, stream, *, bias=None, residual=None, up=None, tile=None, part=None) -> None:
     """out (n, rows) f32 = xb (n, cols) bf16 (uint16, to_bf16) @ W.T, W a QTensor on the device in
     the GPU layout, + bias (rows,) | + residual (n, rows) (may be `out`) | SwiGLU: out =
     silu(x @ W.T) * (x @ up.T) with `up` a QTensor of W's type and shape. tile: (bm, bn, wm, wn)
-    instead of pick_tile's; MMA_BK, MMA_LOOKAHEAD, MMA_MIN_BLOCKS are read at each call."""
+    instead of pick_tile's; MMA_BK, MMA_LOOKAHEAD, MMA_MIN_BLOCKS are read at each call.
+    part: the decode product instead (DECODE_TILE, split-K): a float32 array of part_shape's
+    shape (or larger in every dimension) for decode_splits' slices (unused, any array, when
+    that is 1)."""
     from .gemv import _n_sms
     from .matmul import _opt_in
     n, cols = xb.shape
@@ -688,16 +767,32 @@ def gemm(out, xb, w, stream, *, bias=None, residual=None, up=None, tile=None) ->
                          else "residual" if residual is not None else "store"]
     if up is not None:
         assert (up.qtype, up.rows, up.cols) == (w.qtype, w.rows, w.cols)
+    splits = 1
+    if part is not None:
+        tile = DECODE_TILE
+        splits = decode_splits(w, up is not None, _n_sms())
+        want = part_shape(n, w, up is not None, splits)
+        if splits > 1 and (part.ndim != 3 or any(h < s for h, s in zip(part.shape, want))):
+            raise ValueError(f"split GEMM: partial sums {part.shape}, need {want}")
     bm, bn, wm, wn = tile or pick_tile(n, w.rows, up is not None, _n_sms(), w.qtype)
     smem = smem_bytes(w.qtype, bm, bn, MMA_BK, MMA_LOOKAHEAD)
     if smem > MAX_SMEM:
         raise ValueError(f"tensor-core GEMM tile {bm}x{bn}x{MMA_BK} (lookahead {MMA_LOOKAHEAD}) "
                          f"needs {smem} bytes of shared memory, over {MAX_SMEM}")
-    k = _gemm_kernel(w.qtype, bm, bn, MMA_BK, wm, wn, epilogue, MMA_LOOKAHEAD, MMA_MIN_BLOCKS)
+    split = splits > 1
+    k = _gemm_kernel(w.qtype, bm, bn, MMA_BK, wm, wn, epilogue, MMA_LOOKAHEAD, MMA_MIN_BLOCKS,
+                     split)
     w1 = (up if up is not None else w).data
     extra = bias if bias is not None else residual if residual is not None else out
-    args = (out, w.data, w1, w.data.view(np.uint16), w1.view(np.uint16), xb, extra)
+    if split:
+        sums = part[:splits, :n, :want[2]]
+        args = (sums, w.data, w1, w.data.view(np.uint16), w1.view(np.uint16), xb, sums)
+    else:
+        args = (out, w.data, w1, w.data.view(np.uint16), w1.view(np.uint16), xb, extra)
     _opt_in(k, smem, *args)
     per = bn // 2 if up is not None else bn
-    grid = (-(-w.rows // per), -(-n // bm))
+    grid = (-(-w.rows // per), -(-n // bm), splits)
     k[grid, 32 * wm * wn, stream, smem](*args)
+    if split:
+        ex = extra.reshape(1, extra.shape[0]) if extra.ndim == 1 else extra
+        _split_reduce[-(-n * w.rows // 256), 256, stream](out, sums, ex, epilogue)

@@ -36,10 +36,11 @@ def _warp_best(bv, bi):
     return bv, bi
 
 
-@cuda_kernel
-def _argmax_kernel(out, logits):
-    """One block: thread t scans logits[t::blockDim]; warps reduce (value, index) pairs by
-    shuffles, lane 0 parks each warp's best in shared memory, warp 0 reduces those."""
+@cuda.jit(device=True, inline=True)
+def _block_argmax(out, r, logits):
+    """out[r] = first index of the maximum of logits (1-D) by the whole block: thread t scans
+    logits[t::blockDim]; warps reduce (value, index) pairs by shuffles, lane 0 parks each warp's
+    best in shared memory, warp 0 reduces those."""
     t = cuda.threadIdx.x
     bv = float32(-math.inf)
     bi = int32(logits.shape[0])
@@ -61,12 +62,34 @@ def _argmax_kernel(out, logits):
         bi = si[t] if t < n_warps else int32(logits.shape[0])
         bv, bi = _warp_best(bv, bi)
         if t == 0:
-            out[0] = bi
+            out[r] = bi
+
+
+@cuda_kernel
+def _argmax_kernel(out, logits):
+    """One block: out[0] = the argmax of logits (n_vocab,)."""
+    _block_argmax(out, 0, logits)
+
+
+@cuda_kernel
+def _argmax_rows_kernel(out, logits):
+    """Block r: out[r] = the argmax of logits[r] (rows, n_vocab)."""
+    r = cuda.blockIdx.x
+    _block_argmax(out, r, logits[r])
 
 
 def argmax(out, logits, stream) -> None:
     """out[0] (int32) = first index of the maximum of logits (n_vocab,) f32."""
     _argmax_kernel[1, ARGMAX_THREADS, stream](out, logits)
+
+
+def argmax_rows(out, logits, stream) -> None:
+    """out[r] (int32) = first index of the maximum of logits[r], logits (m, n_vocab) f32 C-order."""
+    m = logits.shape[0]
+    if out.shape[0] < m or logits.ndim != 2:
+        raise ValueError(f"argmax of rows: out {out.shape}, logits {logits.shape}")
+    if m:
+        _argmax_rows_kernel[m, ARGMAX_THREADS, stream](out, logits)
 
 
 @cuda_kernel

@@ -23,7 +23,7 @@ class UserError(Exception):
     """A one-line message for the user."""
 
 
-def _engine(model, device="auto", gpu=0, threads=None, ctx=None, quiet=False, batch=512,
+def _engine(model, device="auto", gpu=0, threads=None, ctx=None, quiet=False, batch=None,
             kv_type=None, exact=False):
     """The engine; quiet (--json) keeps the notes off stderr, but a kernel compile is still
     announced there: every run that compiles says so."""

@@ -139,12 +139,13 @@ def resolve_model_path(path: str | None, quiet: bool = False, offline: bool = Fa
 
 
 def load_engine(path: str | None = None, *, device: str = "auto", gpu: int = 0,
-                threads: int | None = None, n_ctx: int | None = None, n_batch: int = 512,
+                threads: int | None = None, n_ctx: int | None = None, n_batch: int | None = None,
                 kv_type: str | None = None, quiet: bool = False, exact: bool = False,
                 announce_compiles: bool | None = None) -> Engine:
     """Validate the file, pick the backend, upload, allocate, and warm up (compiling kernels once;
     cached afterwards). kv_type: "f16" | "f32" (default: the backend's, f16 on CUDA, f32 on the
-    CPU). exact: decode mat-vecs with f32 activations (the backend's default otherwise: 8-bit
+    CPU). n_batch: prompt tokens a forward pass takes at once (default: the backend's, 2048 on
+    CUDA, 512 on the CPU). exact: decode mat-vecs with f32 activations (the backend's default otherwise: 8-bit
     activations on CUDA's fast path). quiet: no notes on stderr; announce_compiles (default: not quiet): a line on stderr
     before a kernel that is not cached compiles, now or later in the process. Raises GGUFError /
     BackendError / ValueError with one-line messages."""
@@ -160,6 +161,7 @@ def load_engine(path: str | None = None, *, device: str = "auto", gpu: int = 0,
             raise ValueError(f"context {n_ctx} is outside 1..{cfg.n_ctx_train} (the model's "
                              f"training context)")
         ops = select_backend(device, gpu=gpu, threads=threads, quiet=quiet, exact=exact)
+        n_batch = n_batch or ops.default_n_batch
         ops.check_memory(mf, n_ctx, n_batch)
         if announce_compiles if announce_compiles is not None else not quiet:
             kernel_cache.announce_compiles(ops.name)   # a line before any kernel compiles

@@ -22,7 +22,7 @@ def main() -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("-p", "--n-prompt", type=int, default=2000)
     ap.add_argument("-r", "--reps", type=int, default=5)
-    ap.add_argument("--n-batch", type=int, default=512)
+    ap.add_argument("--n-batch", type=int, default=None, help="default: the backend's")
     a = ap.parse_args()
     e = load_engine(a.model, device=a.device, n_ctx=a.n_prompt + 16, n_batch=a.n_batch,
                     quiet=True)
@@ -38,7 +38,7 @@ def main() -> int:
             times.append(time.perf_counter() - t0)
     ms = [t * 1e3 for t in times]
     sd = statistics.stdev(ms) if len(ms) > 1 else 0.0
-    print(f"ttft {a.n_prompt} tokens ({e.backend.name}, n_batch {a.n_batch}): "
+    print(f"ttft {a.n_prompt} tokens ({e.backend.name}, n_batch {e.model.n_batch}): "
           f"{statistics.mean(ms):.1f} ± {sd:.1f} ms ({a.n_prompt / statistics.mean(times):.0f} "
           f"prompt tok/s)")
     return 0

@@ -111,6 +111,7 @@ class Backend(ABC):
         """Fill the leading elements of backend array `dst` from a host array."""
 
     default_kv_type = "f32"
+    default_n_batch = 512         # prompt tokens a forward pass takes at once (load_engine's default)
 
     def kv_dtype(self, kv_type: str):
         """The numpy dtype that stores a KV cache of kv_type ("f16" | "f32") here."""

@@ -53,6 +53,9 @@ class CUDABackend(Backend):
 
     name = "cuda"
     default_kv_type = "f16"
+    # a 2,000-token prompt in one chunk: H200, 8B Q4_K, time to first token 153 ms against 272 ms
+    # in chunks of 512 (the tensor-core GEMM's larger tiles, one attention pass)
+    default_n_batch = 2048
 
     def __init__(self, gpu: int = 0, exact: bool = False):
         self.exact = exact

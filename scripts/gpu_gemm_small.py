@@ -39,6 +39,7 @@ def main() -> int:
     ap.add_argument("--type", default="Q4_K")
     ap.add_argument("--n", default="1,4,16,64")
     ap.add_argument("--variants", default="64x64x2x2/32/2/1")
+    ap.add_argument("--decode-tiles", default="64x64x2x2,16x64x1x4")
     a = ap.parse_args()
     C.STREAM = cuda.stream()
     qt = TYPE_IDS[a.type]
@@ -66,19 +67,25 @@ def main() -> int:
                 cells.append(f"n={n} {ms * 1e3:6.1f} us {gb / ms * 1e5 / bw:4.1f}%")
             rows_out.append(f"      gemm {v:18} " + " | ".join(cells))
         C.set_variant("64x64x2x2/32/2/1")
-        splits = MMA.decode_splits(w, False, gemv._n_sms())
-        part = cuda.device_array(64 * 64 * rows, np.float32)
-        cells = []
-        for n in (int(k) for k in a.n.split(",")):
-            xb = cuda.device_array((n, cols), np.uint16, stream=C.STREAM)
-            MMA.to_bf16(xb, cuda.to_device(np.ones((n, cols), np.float32)), C.STREAM)
-            out = cuda.device_array((n, rows), np.float32, stream=C.STREAM)
-            pv = part[:splits * n * rows].reshape(splits, n, rows)
-            ms = C.time_ms(lambda: MMA.gemm(out, xb, w, C.STREAM, part=pv))
-            cells.append(f"n={n} {ms * 1e3:6.1f} us {gb / ms * 1e5 / bw:4.1f}%")
-        rows_out.append(f"      decode product, {splits:2} k-slices  " + " | ".join(cells))
+        for dt in a.decode_tiles.split(","):
+            MMA.DECODE_TILE = tuple(int(v) for v in dt.split("x"))
+            rows_out.append(decode_row(w, rows, cols, gb, bw, a.n, dt))
     print("\n".join(rows_out))
     return 0
+
+
+def decode_row(w, rows, cols, gb, bw, ns, dt) -> str:
+    splits = MMA.decode_splits(w, False, gemv._n_sms())
+    part = cuda.device_array(64 * 64 * rows, np.float32)
+    cells = []
+    for n in (int(k) for k in ns.split(",")):
+        xb = cuda.device_array((n, cols), np.uint16, stream=C.STREAM)
+        MMA.to_bf16(xb, cuda.to_device(np.ones((n, cols), np.float32)), C.STREAM)
+        out = cuda.device_array((n, rows), np.float32, stream=C.STREAM)
+        pv = part[:splits * n * rows].reshape(splits, n, rows)
+        ms = C.time_ms(lambda: MMA.gemm(out, xb, w, C.STREAM, part=pv))
+        cells.append(f"n={n} {ms * 1e3:6.1f} us {gb / ms * 1e5 / bw:4.1f}%")
+    return f"      decode {dt:9}, {splits:2} k-slices " + " | ".join(cells)
 
 
 if __name__ == "__main__":

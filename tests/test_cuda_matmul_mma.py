@@ -164,12 +164,15 @@ def test_gemm_epilogues(cu, name):
     assert np.all(err <= bound), f"max err/bound {np.max(err / bound):.2f}"
 
 
-@pytest.mark.parametrize("name,cols,splits", [("Q4_K", 1024, 3), ("Q8_0", 96, 2)])
-def test_split_decode_product(cu, monkeypatch, name, cols, splits):
-    """The decode product (part=: DECODE_TILE, split-K over whole raw units, slices of uneven
-    length; Q8_0: 3 units in 2 slices) with every epilogue within the GEMM's bounds, and a row's
-    bits the same alone or beside others."""
+@pytest.mark.parametrize("name,cols,splits,tile", [("Q4_K", 1024, 3, None), ("Q8_0", 96, 2, None),
+                                                   ("Q6_K", 512, 2, (16, 64, 1, 4))])
+def test_split_decode_product(cu, monkeypatch, name, cols, splits, tile):
+    """The decode product (part=: DECODE_TILE, or a 16-token tile; split-K over whole raw units,
+    slices of uneven length; Q8_0: 3 units in 2 slices) with every epilogue within the GEMM's
+    bounds, and a row's bits the same alone or beside others."""
     from numbaformer.backends.cuda import gemv, matmul_mma
+    if tile:
+        monkeypatch.setattr(matmul_mma, "DECODE_TILE", tile)
     if not ON_GPU:
         monkeypatch.setattr(gemv, "_n_sms", lambda: 1)
         monkeypatch.setattr(matmul_mma, "SPLIT_BLOCKS_PER_SM", splits)
@@ -279,7 +282,8 @@ def test_ptx_gemm_per_type(record_figure):
     kernels without spilling to local memory; the 16-warp ones of BIG_TILE_TYPES, the types that
     take them (512 threads: at most 128 registers a thread), with at most SPILL_512 bytes of spill
     stores a thread (4 at Q4_K when the tile was measured at 182 against 122 TFLOP/s of the
-    128-token tile on the H200, spills included); the SwiGLU ones for Q4_K too."""
+    128-token tile on the H200, spills included); the SwiGLU ones for Q4_K too; the split-K
+    decode product's (DECODE_TILE, partial sums) without spilling."""
     from numbaformer.backends.cuda.matmul_mma import BIG_TILE_TYPES
     ptx = offline_ptx(f"""
 from numbaformer.backends.cuda import matmul_mma as M
@@ -292,6 +296,13 @@ for bm, bn, wm, wn in M.MMA_TILES[:2]:
         k = M._gemm_kernel(TYPE_IDS[name.split()[0]], bm, bn, M.MMA_BK, wm, wn, ep,
                            M.MMA_LOOKAHEAD, M.MMA_MIN_BLOCKS)
         ptx[f"{{name}} {{wm * wn}} warps"] = compile(k, sig)
+sig3 = (A(f32, 3, "A"), A(u8, 2, "C"), A(u8, 2, "C"), A(u16, 2, "C"), A(u16, 2, "C"),
+        A(u16, 2, "C"), A(f32, 3, "A"))
+bm, bn, wm, wn = M.DECODE_TILE
+for name, ep in [("Q4_K", 0), ("Q6_K", 0), ("Q8_0", 0), ("Q4_K swiglu", 3)]:
+    k = M._gemm_kernel(TYPE_IDS[name.split()[0]], bm, bn, M.MMA_BK, wm, wn, ep,
+                       M.MMA_LOOKAHEAD, M.MMA_MIN_BLOCKS, True)
+    ptx[f"{{name}} split decode"] = compile(k, sig3)
 """)
     figures = []
     for name, text in ptx.items():

@@ -707,14 +707,16 @@ def pick_tile(n: int, rows_out: int, swiglu: bool, n_sms: int, qtype: int = Q4_K
 # tile does 64 tokens of mma work whatever the batch, so the slices share one SM throughput);
 # NUMBAFORMER_SPLIT_DECODE=1 turns it on in the CUDA backend's batched steps.
 SPLIT_DECODE = os.environ.get("NUMBAFORMER_SPLIT_DECODE", "0") == "1"
-DECODE_TILE = (64, 64, 2, 2)
+# BMxBNxWMxWN; a 16-token tile does a quarter of the 64-token one's mma work (to be timed)
+DECODE_TILE = tuple(int(v) for v in os.environ.get("NUMBAFORMER_DECODE_TILE", "64x64x2x2")
+                    .split("x"))
 SPLIT_BLOCKS_PER_SM = 8
 
 
 def decode_splits(w, swiglu: bool, n_sms: int) -> int:
     """k-slices of the decode product of W (QTensor) with DECODE_TILE: 1 if its row tiles alone
     fill the GPU, else up to one raw unit per slice."""
-    bn = DECODE_TILE[1] // (2 if swiglu else 1)
+    bn = DECODE_TILE[1] // (2 if swiglu else 1)       # output rows a block
     blocks = -(-w.rows // bn)
     units = -(-w.cols // max(MMA_BK, stage_plan(w.qtype, MMA_BK)["bs"] *
                              stage_plan(w.qtype, MMA_BK)["nbu"]))

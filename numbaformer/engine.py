@@ -47,6 +47,8 @@ class Engine:
             m = self.model
             per_seq = -(-m.n_ctx // BLOCK_SIZE)
             kv_blocks = kv_blocks or max(per_seq, max_seqs * min(per_seq, BATCH_CTX_BLOCKS))
+            m.ops.check_batch_memory(self.config, max(per_seq, kv_blocks) * BLOCK_SIZE,
+                                     max_batched_tokens, max_seqs, m.kv.kv_type)
             model = Model(self.mf, m.ops, m.n_ctx, max_batched_tokens, kv_type=m.kv.kv_type,
                           max_seqs=max_seqs, kv_blocks=kv_blocks)
             bm = BlockManager(kv_blocks, BLOCK_SIZE)

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 
 SKIP = {"alloc", "to_device", "to_host", "copy_in", "synchronize", "replay", "upload", "stats",
-        "check_memory", "kv_dtype", "time_us", "copy_bandwidth", "upload_matrix"}
+        "check_memory", "check_batch_memory", "kv_dtype", "time_us", "copy_bandwidth",
+        "upload_matrix"}
 
 
 @dataclass

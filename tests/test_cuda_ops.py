@@ -602,3 +602,18 @@ def test_memory_estimate_and_refusal(smollm2):
         check_fits(need, need - 1, 2 * need, 8192)
     msg = str(e.value)
     assert "\n" not in msg and f"{need / 2**30:.2f} GiB" in msg and "context 8192" in msg
+
+
+def test_batch_memory_estimate_and_refusal(smollm2):
+    """The batched path's extra memory: its KV pool (f16: 2 bytes a value, f32: 4), the row
+    buffers, per-sequence logits; a refusal names the sequences, the pool and both sizes."""
+    from numbaformer.backends.cuda.backend import batch_memory_needed, check_fits
+    cfg = smollm2.config
+    f16 = batch_memory_needed(cfg, 16 * 1024, 512, 16)
+    f32 = batch_memory_needed(cfg, 16 * 1024, 512, 16, kv_bytes=4)
+    assert f32 - f16 == cfg.kv_cache_bytes(16 * 1024, 2)
+    assert f16 > cfg.kv_cache_bytes(16 * 1024, 2) + 4 * 16 * cfg.n_vocab + 4 * 512 * 2 * cfg.n_ff
+    assert batch_memory_needed(cfg, 16 * 1024, 512, 64) > f16
+    with pytest.raises(MemoryError) as e:
+        check_fits(f16, f16 - 1, 2 * f16, 0, "16 sequences at once need about 1.00 GiB more")
+    assert str(e.value).startswith("16 sequences at once need") and "is free" in str(e.value)

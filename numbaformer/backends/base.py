@@ -249,6 +249,11 @@ class Backend(ABC):
     def check_memory(self, mf, n_ctx: int, n_batch: int) -> None:
         """Raise MemoryError (one line, both numbers) if the model cannot fit on the device."""
 
+    def check_batch_memory(self, cfg, kv_slots: int, n_batch: int, max_seqs: int,
+                           kv_type: str) -> None:
+        """Raise MemoryError (one line) if the batched path's KV pool of kv_slots positions and
+        its buffers for n_batch rows and max_seqs sequences cannot fit beside the model."""
+
     def synchronize(self) -> None:
         """Wait for queued work (no-op on the CPU)."""
 

@@ -35,12 +35,25 @@ def memory_needed(mf, n_ctx: int, n_batch: int) -> int:
             + 4 * (n_batch + 1) * cfg.n_vocab + WORKSPACE_BYTES)
 
 
-def check_fits(need: int, free: int, total: int, n_ctx: int) -> None:
-    """MemoryError with both numbers (one line) when need exceeds the free device memory."""
+def batch_memory_needed(cfg, kv_slots: int, n_batch: int, max_seqs: int,
+                        kv_bytes: int = 2) -> int:
+    """Bytes the batched path (Engine.start_batching) adds on the GPU beside the loaded model,
+    whose weights it shares: its paged KV pool of kv_slots positions, activations for n_batch rows
+    (and their bf16 copy), and each sequence's output row, logits and block table."""
+    return (2 * cfg.n_layer * kv_slots * cfg.kv_dim * kv_bytes
+            + 4 * n_batch * (4 * cfg.n_embd + 2 * cfg.q_dim + 2 * cfg.kv_dim + 2 * cfg.n_ff + 4)
+            + 2 * n_batch * max(cfg.n_embd, cfg.q_dim, cfg.n_ff)
+            + 4 * max_seqs * (2 * cfg.n_embd + cfg.n_vocab + 2 + kv_slots // 16))
+
+
+def check_fits(need: int, free: int, total: int, n_ctx: int, what: str = "") -> None:
+    """MemoryError with both numbers (one line) when need exceeds the free device memory; what:
+    the need's parts (default: the loaded model's)."""
     if need > free:
-        raise MemoryError(f"the model needs about {need / 2**30:.2f} GiB on the GPU (weights, KV "
-                          f"cache at context {n_ctx}, workspace) but only {free / 2**30:.2f} GiB "
-                          f"of {total / 2**30:.2f} GiB is free")
+        what = what or f"the model needs about {need / 2**30:.2f} GiB on the GPU (weights, KV " \
+            f"cache at context {n_ctx}, workspace)"
+        raise MemoryError(f"{what} but only {free / 2**30:.2f} GiB of {total / 2**30:.2f} GiB "
+                          f"is free")
 
 
 class CUDABackend(Backend):
@@ -142,6 +155,15 @@ class CUDABackend(Backend):
         free, total = cuda.current_context().get_memory_info()
         check_fits(memory_needed(mf, n_ctx, n_batch), free, total, n_ctx)
 
+    def check_batch_memory(self, cfg, kv_slots: int, n_batch: int, max_seqs: int,
+                           kv_type: str) -> None:
+        if SIMULATOR:
+            return
+        free, total = cuda.current_context().get_memory_info()
+        need = batch_memory_needed(cfg, kv_slots, n_batch, max_seqs, 2 if kv_type == "f16" else 4)
+        check_fits(need, free, total, kv_slots, f"{max_seqs} sequences at once need about "
+                   f"{need / 2**30:.2f} GiB more on the GPU (a KV pool of {kv_slots} positions, "
+                   f"{n_batch} tokens a step)")
     # --- ops --------------------------------------------------------------------------------
     def embed(self, out, table, ids):
         embed.embed(out, table, ids, self.stream)

@@ -29,8 +29,18 @@ class Buffers:
     def __init__(self, ops: Backend, cfg, n_batch: int, n_ctx: int, max_seqs: int = 0,
                  max_blocks: int = 0):
         a = ops.alloc
-        self.ids = a((n_batch,), np.int32)               # token ids of this step
-        self.pos = a((n_batch,), np.int32)               # their positions
+        if max_seqs:          # a batched step's inputs, one host copy a step (run_batch):
+            # ids | pos | slots | row_seq (n_batch each) | last (max_seqs) | tables
+            self.step_sizes = (n_batch,) * 4 + (max_seqs, max_seqs * max_blocks)
+            self.step_in = a((sum(self.step_sizes),), np.int32)
+            self.step_host = np.zeros(sum(self.step_sizes), np.int32)
+            o = np.cumsum((0,) + self.step_sizes)
+            self.ids, self.pos, self.slots, self.row_seq, self.last = (
+                self.step_in[o[i]:o[i + 1]] for i in range(5))
+            self.tables = self.step_in[o[5]:].reshape(max_seqs, max_blocks)
+        else:
+            self.ids = a((n_batch,), np.int32)           # token ids of this step
+            self.pos = a((n_batch,), np.int32)           # their positions
         self.x = a((n_batch, cfg.n_embd))                # residual stream
         self.xn = a((n_batch, cfg.n_embd))               # normed input of a block
         self.proj = a((n_batch, cfg.n_embd))             # block output before the residual add
@@ -47,11 +57,8 @@ class Buffers:
             fparams=a((8,), np.float64), iparams=a((8,), np.int64),
             hist=a((n_ctx,), np.int32), counts=a((cfg.n_vocab,), np.int32),
             eog=a((cfg.n_vocab,), np.uint8), out=a((2 + MAX_CHUNK,), np.int32))
-        if max_seqs:                                     # a batched step (forward_batch)
-            self.slots = a((n_batch,), np.int32)         # each row's cache slot (-1: padding)
-            self.row_seq = a((n_batch,), np.int32)       # each row's sequence
-            self.tables = a((max_seqs, max_blocks), np.int32)  # the sequences' block tables
-            self.last = a((max_seqs,), np.int32)         # the row of each sequence's output
+        if max_seqs:          # slots: each row's cache slot (-1: padding); row_seq: its sequence;
+            # last: the row of each sequence's output; tables: the sequences' block tables
             self.x_sel = a((max_seqs, cfg.n_embd))       # those rows of x
             self.xn_sel = a((max_seqs, cfg.n_embd))
             self.batch_logits = a((max_seqs, cfg.n_vocab))
@@ -166,12 +173,13 @@ class Model:
             for k, fill in (("ids", 0), ("pos", 0), ("slots", -1), ("row_seq", 0)):
                 rows[k] = np.concatenate([rows[k], np.full(pad, fill, np.int32)])
             last = np.concatenate([last, np.arange(n, size, dtype=np.int32)])
-        for k, src in rows.items():
-            ops.copy_in(getattr(b, k), src)
-        tables = np.full((self.max_seqs, self.max_blocks), -1, np.int32)
+        host, o = b.step_host, np.cumsum((0,) + b.step_sizes)
+        for i, src in enumerate((rows["ids"], rows["pos"], rows["slots"], rows["row_seq"], last)):
+            host[o[i]:o[i] + len(src)] = src
+        tables = host[o[5]:].reshape(b.tables.shape)
+        tables[...] = -1
         tables[:m, :batch.tables.shape[1]] = batch.tables
-        ops.copy_in(b.tables, tables)
-        ops.copy_in(b.last, last)
+        ops.copy_in(b.step_in, host)                      # the step's one host->device copy
         if graphed:
             ops.replay(("batch_decode", id(self), size), lambda: self._batch_step(size, size))
         else:

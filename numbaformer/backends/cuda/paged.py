@@ -33,7 +33,7 @@ from ._jit import cuda_kernel
 from .attention import _key_dot
 from .intrinsics import shfl_sync
 from .reduce import FULL_MASK, WARP, warp_max, warp_sum
-from .rope import _angle_tables, _rotate
+from .rope import _angle_tables, rotate_qk, store_kv_row
 
 PAGED_THREADS = 64       # threads of an attention block: one key per lane per chunk (2 warps)
 PV_BATCH = 8             # V rows a warp loads at once
@@ -53,12 +53,7 @@ def _kv_store_kernel(k_cache, v_cache, layer, k, v, slots):
     p = slots[tok]
     if p < 0:
         return
-    head_dim = k_cache.shape[3]
-    for i in range(cuda.threadIdx.x, k.shape[1], cuda.blockDim.x):
-        g = i // head_dim
-        d = i - g * head_dim
-        k_cache[layer, g, p, d] = k[tok, i]
-        v_cache[layer, g, p, d] = v[tok, i]
+    store_kv_row(k_cache, v_cache, layer, k, v, tok, p, k_cache.shape[3], cuda.blockDim.x)
 
 
 def kv_store(k_cache, v_cache, layer: int, k, v, slots, stream) -> None:
@@ -79,23 +74,11 @@ def _rope_store_kernel(threads: int, half: int):
         cs = cuda.shared.array(half, float32)
         sn = cuda.shared.array(half, float32)
         _angle_tables(cs, sn, pos[tok], inv_freq, half, threads)
-        n_q = q.shape[1] // head_dim
-        for idx in range(cuda.threadIdx.x, (n_q + k.shape[1] // head_dim) * half, threads):
-            h = idx // half
-            i = idx - h * half
-            if h < n_q:
-                _rotate(q, tok, h, i, cs[i], sn[i], head_dim, half, neox)
-            else:
-                _rotate(k, tok, h - n_q, i, cs[i], sn[i], head_dim, half, neox)
+        rotate_qk(q, k, tok, cs, sn, head_dim, half, neox, threads)
         cuda.syncthreads()                               # k rotated before it is stored
         p = slots[tok]
-        if p < 0:
-            return
-        for i in range(cuda.threadIdx.x, k.shape[1], threads):
-            g = i // head_dim
-            d = i - g * head_dim
-            k_cache[layer, g, p, d] = k[tok, i]
-            v_cache[layer, g, p, d] = v[tok, i]
+        if p >= 0:                                       # padding rows store nothing
+            store_kv_row(k_cache, v_cache, layer, k, v, tok, p, head_dim, threads)
 
     return _paged_rope_store
 

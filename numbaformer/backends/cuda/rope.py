@@ -36,6 +36,31 @@ def _rotate(x, tok, h, i, c, s, head_dim, half, neox):
     x[tok, i1] = x0 * s + x1 * c
 
 
+@cuda.jit(device=True, inline=True)
+def rotate_qk(q, k, tok, cs, sn, head_dim, half, neox, threads):
+    """Thread t rotates (head, pair) indices t::threads over token tok's q heads, then k's, by
+    the angle tables cs, sn (_angle_tables)."""
+    n_q = q.shape[1] // head_dim
+    for idx in range(cuda.threadIdx.x, (n_q + k.shape[1] // head_dim) * half, threads):
+        h = idx // half
+        i = idx - h * half
+        if h < n_q:
+            _rotate(q, tok, h, i, cs[i], sn[i], head_dim, half, neox)
+        else:
+            _rotate(k, tok, h - n_q, i, cs[i], sn[i], head_dim, half, neox)
+
+
+@cuda.jit(device=True, inline=True)
+def store_kv_row(k_cache, v_cache, layer, k, v, tok, p, head_dim, threads):
+    """Token tok's k and v rows (every KV head) into the caches' row p (the assignment converts
+    to the cache's dtype); thread t takes values t::threads."""
+    for i in range(cuda.threadIdx.x, k.shape[1], threads):
+        g = i // head_dim
+        d = i - g * head_dim
+        k_cache[layer, g, p, d] = k[tok, i]
+        v_cache[layer, g, p, d] = v[tok, i]
+
+
 @functools.lru_cache(maxsize=None)
 def _rope_kernel(threads: int, half: int):
     @cuda_kernel
@@ -66,20 +91,9 @@ def _rope_store_kernel(threads: int, half: int):
         cs = cuda.shared.array(half, float32)
         sn = cuda.shared.array(half, float32)
         _angle_tables(cs, sn, p, inv_freq, half, threads)
-        n_q = q.shape[1] // head_dim
-        for idx in range(cuda.threadIdx.x, (n_q + k.shape[1] // head_dim) * half, threads):
-            h = idx // half
-            i = idx - h * half
-            if h < n_q:
-                _rotate(q, tok, h, i, cs[i], sn[i], head_dim, half, neox)
-            else:
-                _rotate(k, tok, h - n_q, i, cs[i], sn[i], head_dim, half, neox)
+        rotate_qk(q, k, tok, cs, sn, head_dim, half, neox, threads)
         cuda.syncthreads()                               # k rotated before it is stored
-        for i in range(cuda.threadIdx.x, k.shape[1], threads):
-            g = i // head_dim
-            d = i - g * head_dim
-            k_cache[layer, g, p, d] = k[tok, i]
-            v_cache[layer, g, p, d] = v[tok, i]
+        store_kv_row(k_cache, v_cache, layer, k, v, tok, p, head_dim, threads)
 
     return _rope_store
 

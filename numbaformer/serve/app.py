@@ -187,14 +187,21 @@ class Service:
             self.release(job)
 
     async def _collect(self, job: Job, request: Request) -> list | None:
-        """All of job's deltas (raising its error), or None when the client went away."""
-        deltas = []
+        """All of job's deltas (raising its error), or None when the client went away: asked
+        every DISCONNECT_POLL_S whether deltas arrive meanwhile or not (a running job sends one
+        each engine step, far more often than that)."""
+        deltas, loop = [], asyncio.get_running_loop()
+        t_check = loop.time()
         while True:
             try:
                 d = await asyncio.wait_for(job.queue.get(), DISCONNECT_POLL_S)
             except asyncio.TimeoutError:
+                d = None
+            if loop.time() - t_check >= DISCONNECT_POLL_S:
                 if await request.is_disconnected():
                     return None
+                t_check = loop.time()
+            if d is None:
                 continue
             if d.error:
                 raise d.error

@@ -486,6 +486,9 @@ def test_an_engine_step_that_raises_is_a_500_for_its_jobs_and_the_thread_goes_on
         def start_batching(self, *a):
             pass
 
+        def warmup_batching(self):
+            pass
+
         def add_request(self, ids, max_tokens, sampler=None, stop_ids=None):
             seq = Sequence(list(ids), max_tokens=max_tokens)
             self.batching.seqs[seq.seq_id] = seq
@@ -499,7 +502,7 @@ def test_an_engine_step_that_raises_is_a_500_for_its_jobs_and_the_thread_goes_on
 
         def step(self):
             self.calls += 1
-            if self.calls == 2:                         # not the warm-up: the first job's
+            if self.calls == 1:                         # the first job's
                 raise RuntimeError("boom")
             for s in list(self.batching.seqs.values()):
                 s.token_ids.append(smollm2.tokenizer.encode("hi", add_special=False)[0])

@@ -145,13 +145,11 @@ class Bridge:
                                  completion_tokens=job.n_seen))
 
     def _warmup(self) -> None:
-        """One token through the batched path before /health says ready: its kernels compile
-        now, not in the first request, and a backend that cannot run it (no paged KV cache) fails
+        """The batched path's steps (prefill, decode and mixed: Engine.warmup_batching) before
+        /health says ready: their kernels compile now, not in the first requests (a fresh kernel
+        cache took seconds there), and a backend that cannot run them (no paged KV cache) fails
         the load in one line instead of every request."""
-        eng = self.engine
-        eng.add_request([eng.tokenizer.bos_id or 0] * 2, max_tokens=1)
-        while eng.has_unfinished():
-            eng.step()
+        self.engine.warmup_batching()
 
     def _drain(self, block: bool) -> None:
         """Take everything in the inbox (waiting up to IDLE_WAIT_S for the first when idle)."""

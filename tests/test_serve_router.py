@@ -1,10 +1,12 @@
 """Two `numbaformer serve` replicas (CPU, -np 2) behind sglang-router, started by
 scripts/serve_router.py on loopback: concurrent requests spread over both, requests that share a
 prefix land on one replica, and a replica killed outright is routed around without a failed
-request. Skipped without sglang-router (pip install sglang-router)."""
+request; the router's Prometheus metrics are on the port the script prints (one picked free
+when the router starts). Skipped without sglang-router (pip install sglang-router)."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -26,7 +28,7 @@ SYSTEM = ("You are a helpful assistant who answers questions about the history o
 @pytest.fixture(scope="module")
 def deployment(smollm2_path, tmp_path_factory):
     port = free_port()
-    while any(_in_use(port + i) for i in range(1, REPLICAS + 2)):
+    while any(_in_use(port + i) for i in range(1, REPLICAS + 1)):
         port = free_port()
     log = open(tmp_path_factory.mktemp("router") / "router.log", "w+")
     env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "0"}
@@ -37,13 +39,15 @@ def deployment(smollm2_path, tmp_path_factory):
     t0 = time.monotonic()
     while time.monotonic() - t0 < 240:
         log.seek(0)
-        if "router: http" in log.read():
+        ready = re.search(r"router: http.* \(metrics: (\S+)\)", log.read())
+        if ready:
             break
         assert proc.poll() is None, _tail(log)
         time.sleep(0.5)
+    assert ready, _tail(log)
     replicas = [f"http://127.0.0.1:{port + i + 1}" for i in range(REPLICAS)]
     try:
-        yield f"http://127.0.0.1:{port}", replicas
+        yield f"http://127.0.0.1:{port}", replicas, ready.group(1)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -80,7 +84,7 @@ def complete(router: str, prompt: str, n: int = 2) -> httpx.Response:
 
 
 def test_concurrent_requests_spread_over_the_replicas(deployment):
-    router, replicas = deployment
+    router, replicas, _ = deployment
     before = served(replicas)
     with ThreadPoolExecutor(8) as pool:
         rs = list(pool.map(lambda i: complete(router, f"{i * 7919} is a number that", 24),
@@ -92,7 +96,7 @@ def test_concurrent_requests_spread_over_the_replicas(deployment):
 
 
 def test_requests_sharing_a_prefix_land_together(deployment):
-    router, replicas = deployment
+    router, replicas, _ = deployment
     before = served(replicas)
     for i in range(4):
         assert complete(router, SYSTEM + f"Question {i}:").status_code == 200
@@ -100,8 +104,15 @@ def test_requests_sharing_a_prefix_land_together(deployment):
     assert delta == [0, 4]
 
 
+def test_the_routers_metrics_are_where_the_script_says(deployment):
+    router, replicas, metrics = deployment
+    assert metrics.startswith("http://127.0.0.1:")
+    r = httpx.get(metrics, timeout=5)
+    assert r.status_code == 200 and "# TYPE" in r.text
+
+
 def test_a_killed_replica_is_routed_around(deployment):
-    router, replicas = deployment
+    router, replicas, _ = deployment
     port = int(replicas[-1].rsplit(":", 1)[1])
     pid = int(subprocess.check_output(["pgrep", "-f", f"serve --host 127.0.0.1 --port {port}"])
               .split()[0])

@@ -26,7 +26,8 @@ def server(smollm2_path, tmp_path_factory):
 
 def test_schemathesis_finds_no_server_error(server, tmp_path):
     """Examples and fuzzing (the coverage phase is left out: schemathesis 4.32 fails in it on
-    this schema with an internal SystemError), 6 examples per operation and mode, 30 s at most."""
+    this schema with an internal SystemError), 6 examples per operation and mode, 30 s at most;
+    run in tmp_path, where it keeps its .schemathesis/ cache (never in the checkout)."""
     junit = tmp_path / "junit.xml"
     cmd = [sys.executable, "-m", "schemathesis.cli", "run", server.url + "/openapi.json",
            "--checks", "not_a_server_error", "--max-examples", "6", "--seed", "1",
@@ -34,7 +35,7 @@ def test_schemathesis_finds_no_server_error(server, tmp_path):
            "--request-timeout", "60", "--max-time", "30",
            "-H", f"Authorization: Bearer {API_KEY}",
            "--report", "junit", "--report-junit-path", str(junit)]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path)
     out = p.stdout + p.stderr
     assert p.returncode == 0, out[-4000:]
     suite = ElementTree.parse(junit).getroot()

@@ -549,6 +549,52 @@ def _bench_parallel(model, hf_repo, offline, counts: list[int], n_prompt: int, n
     click.echo(json.dumps(rows, indent=2) if as_json else format_parallel_table(rows))
 
 
+@cli.command()
+@model_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
+@click.option("-np", "--parallel", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Sequences decoded together (continuous batching).")
+@click.option("-c", "--ctx", type=click.IntRange(min=1), default=None,
+              help="Context size per sequence (default: min(model's, 4096)).")
+@click.option("--max-batched-tokens", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Rows (prompt chunks and decodes) in one step.")
+@click.option("-n", "--n-predict", type=click.IntRange(min=-1), default=-1, show_default=True,
+              help="Tokens per request at most, whatever max_tokens asks (-1: the context).")
+@click.option("--max-queue", type=click.IntRange(min=0), default=64, show_default=True,
+              help="Requests waiting beyond the running ones; past that: 429 with Retry-After.")
+@click.option("--max-body", type=click.IntRange(min=1024), default=4 << 20, show_default=True,
+              help="Largest request body in bytes (larger: 413).")
+@click.option("--api-key", default=None, help="Require Authorization: Bearer KEY on /v1.")
+@click.option("--alias", default=None, help="The model's name in /v1/models and responses "
+                                            "(default: the file's name).")
+@device_opt
+@gpu_opt
+@threads_opt
+@kv_opt
+def serve(model, hf_repo, offline, host, port, parallel, ctx, max_batched_tokens, n_predict,
+          max_queue, max_body, api_key, alias, device, gpu, threads, kv_type):
+    """An OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models, /health,
+    /metrics; continuous batching of up to -np sequences."""
+    import os
+
+    from .serve.app import Settings, run
+    if n_predict == 0:
+        raise UserError("-n 0 would answer every request with nothing: give N > 0, or -1")
+    if max_batched_tokens < parallel:
+        raise UserError(f"--max-batched-tokens ({max_batched_tokens}) must cover one decode row "
+                        f"per sequence (-np {parallel})")
+    path = _model_path(model, hf_repo, offline)
+    settings = Settings(model_name=alias or os.path.basename(path), api_key=api_key,
+                        max_queue=max_queue, max_body=max_body, n_predict=n_predict)
+
+    def load():
+        return _engine(path, device, gpu, threads, ctx, kv_type=kv_type)
+
+    sys.exit(run(load, host=host, port=port, n_seqs=parallel,
+                 max_batched_tokens=max_batched_tokens, settings=settings))
+
+
 @cli.group(invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
 @click.pass_context

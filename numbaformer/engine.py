@@ -18,6 +18,8 @@ from .scheduler import Scheduler, Sequence
 
 DEFAULT_CTX = 4096
 BATCH_CTX_BLOCKS = 1024 // BLOCK_SIZE   # default pool: this many blocks per sequence (or n_ctx's)
+WARMUP_PROMPT = 80      # the batched warm-up's long prompt: past the row counts under which a
+                        # backend takes other kernels (the CPU's serial rope and K/V store: 64)
 
 
 @dataclass
@@ -72,6 +74,22 @@ class Engine:
         b = self.start_batching()
         b.seqs.pop(seq_id, None)
         return b.scheduler.abort(seq_id)
+
+    def warmup_batching(self) -> None:
+        """Compile (or load from the cache) what the batched path's steps run, before the first
+        request does: a prompt of WARMUP_PROMPT tokens (fewer in a small context or step) alone,
+        then its decode row beside a 2-token prompt's rows (the decode product and the prefill
+        product in one step; after it when one sequence runs at a time), then both decoding, then
+        the first alone. Their blocks are freed; the long prompt's full block stays in the prefix
+        cache, as any finished prompt's does."""
+        b = self.start_batching()
+        bos = self.tokenizer.bos_id or 0
+        n = max(1, min(WARMUP_PROMPT, b.model.n_batch, self.model.n_ctx - 4))
+        self.add_request([bos] * n, max_tokens=4, stop_ids=())
+        self.step()
+        self.add_request([bos] * 2, max_tokens=2, stop_ids=())
+        while self.has_unfinished():
+            self.step()
 
     def has_unfinished(self) -> bool:
         return self.batching is not None and not self.batching.scheduler.is_finished()

@@ -1,7 +1,14 @@
 """The batched engine on the CPU (SmolLM2): a batch's rows give the bits each sequence gives alone
 and the single-sequence prefill's bits; 16 sequences of different lengths together give each one's
-solo greedy text; a prefix-cache hit gives the cold prefill's logits."""
+solo greedy text; a prefix-cache hit gives the cold prefill's logits; after warmup_batching, a
+server's mix of steps loads no kernel."""
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -112,3 +119,42 @@ def test_abort_frees_the_blocks(engine):
     e.step()
     assert e.abort(i) and not e.has_unfinished()
     assert e.batching.blocks.n_free == 24
+
+
+_WARMUP_SCRIPT = """
+import json, sys
+from numba.core import dispatcher
+from numbaformer.engine import load_engine
+
+loaded = []                                  # every kernel compiled or loaded from the cache
+add = dispatcher.Dispatcher.add_overload
+dispatcher.Dispatcher.add_overload = lambda self, cres: (
+    loaded.append(self.py_func.__qualname__), add(self, cres))[1]
+e = load_engine(sys.argv[1], device="cpu", threads=1, n_ctx=512, quiet=True)
+e.start_batching(2, 512)
+e.warmup_batching()
+n = len(loaded)
+e.add_request(list(range(100, 130)), 6)      # a prompt, then its decodes alone
+e.step(); e.step()
+e.add_request(list(range(200, 211)), 4)      # a prompt beside a decode row
+e.add_request(list(range(300, 311)), 4)      # waits for a free sequence
+while e.has_unfinished():
+    e.step()
+e.add_request(list(range(100, 150)), 2)      # 2 x 50 prompt rows in one step
+e.add_request(list(range(400, 450)), 2)
+while e.has_unfinished():
+    e.step()
+print(json.dumps(loaded[n:]))
+"""
+
+
+def test_after_the_batched_warmup_a_servers_steps_load_no_kernel(smollm2_path):
+    """In a fresh process (no kernel in memory yet): once warmup_batching ran, prefill, decode
+    and mixed steps of 1 to 100 rows compile or load no kernel (a first request would wait for
+    it: seconds with a fresh kernel cache)."""
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "0"}
+    p = subprocess.run([sys.executable, "-c", _WARMUP_SCRIPT, str(smollm2_path)], cwd=root,
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout.splitlines()[-1]) == []

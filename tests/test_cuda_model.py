@@ -208,6 +208,22 @@ def decode_all(m):
     return run
 
 
+def kl_and_agreement(fast_all, exact_all, results, what: str):
+    """Per position of every result's teacher ids: KL(exact || fast) of the two forwards'
+    distributions and whether their argmax agree; printed with `what`, returned (mean KL, top-1
+    agreement)."""
+    kl, agree = [], []
+    for r in results:
+        ids = teacher_ids(r)
+        lq = log_softmax(fast_all(ids))
+        le = log_softmax(exact_all(ids))
+        kl.extend(np.sum(np.exp(le) * (le - lq), axis=1))
+        agree.extend(lq.argmax(1) == le.argmax(1))
+    print(f"\n{what}: mean KL {np.mean(kl):.2e} nats, max {np.max(kl):.2e}; top-1 agreement "
+          f"{np.mean(agree):.1%} of {len(kl)} positions")
+    return float(np.mean(kl)), float(np.mean(agree))
+
+
 @pytest.mark.cuda
 def test_cut_model_decode_fidelity(cut_model, cut_reference):
     """The fast decode path (8-bit activations) on the 8-block cut: within llama.cpp's calibrated
@@ -220,16 +236,9 @@ def test_cut_model_decode_fidelity(cut_model, cut_reference):
     v = compare(decode_all(fast), cut_reference)
     print(f"\nGPU decode (q8 activations) vs llama.cpp, SmolLM2 8-block cut: {summary(v)}")
     check_bounds(v)
-    kl, agree = [], []
-    for r in cut_reference:
-        ids = teacher_ids(r)
-        lq = log_softmax(decode_all(fast)(ids))
-        le = log_softmax(exact.forward_all(ids))
-        kl.extend(np.sum(np.exp(le) * (le - lq), axis=1))
-        agree.extend(lq.argmax(1) == le.argmax(1))
-    print(f"q8 decode vs exact (CPU): mean KL {np.mean(kl):.2e} nats, max {np.max(kl):.2e}; "
-          f"top-1 agreement {np.mean(agree):.1%} of {len(kl)} positions")
-    assert np.mean(kl) <= 0.005 and np.mean(agree) >= 0.98
+    kl, agree = kl_and_agreement(decode_all(fast), exact.forward_all, cut_reference,
+                                 "q8 decode vs exact (CPU)")
+    assert kl <= 0.005 and agree >= 0.98
 
 
 @pytest.mark.cuda
@@ -244,16 +253,9 @@ def test_cut_model_prefill_fidelity(cut_model, cut_reference):
     from numbaformer.backends.cuda.backend import CUDABackend
     fast = Model(cut_model, CUDABackend(), n_ctx=256, n_batch=64, kv_type="f16")
     exact = Model(cut_model, CUDABackend(exact=True), n_ctx=256, n_batch=64, kv_type="f16")
-    kl, agree = [], []
-    for r in cut_reference:
-        ids = teacher_ids(r)
-        lq = log_softmax(fast.forward_all(ids))
-        le = log_softmax(exact.forward_all(ids))
-        kl.extend(np.sum(np.exp(le) * (le - lq), axis=1))
-        agree.extend(lq.argmax(1) == le.argmax(1))
-    print(f"\ntensor-core prefill vs exact (GPU, f16 KV): mean KL {np.mean(kl):.2e} nats, max "
-          f"{np.max(kl):.2e}; top-1 agreement {np.mean(agree):.1%} of {len(kl)} positions")
-    assert np.mean(kl) <= 0.005 and np.mean(agree) >= 0.98
+    kl, agree = kl_and_agreement(fast.forward_all, exact.forward_all, cut_reference,
+                                 "tensor-core prefill vs exact (GPU, f16 KV)")
+    assert kl <= 0.005 and agree >= 0.98
     one = Model(cut_model, CUDABackend(), n_ctx=256, n_batch=1, kv_type="f16")
     compared = 0
     for r in cut_reference:

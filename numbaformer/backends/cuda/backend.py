@@ -205,14 +205,14 @@ class CUDABackend(Backend):
         if d:
             swiglu = kw.get("up") is not None
             splits = matmul_mma.decode_splits(w, swiglu, gemv._n_sms())
-            size = int(np.prod(matmul_mma.part_shape(d, w, swiglu, splits)))
+            shape = matmul_mma.part_shape(d, w, swiglu, splits)
+            size = int(np.prod(shape))
             if splits > 1 and (self._part is None or self._part.size < size):
                 if self._part is not None:
                     self.pool.release(self._part)
                 self._part = self.pool.alloc(size, np.float32, zero=False)
                 self._epoch += 1
-            part = self._part[:size].reshape(matmul_mma.part_shape(d, w, swiglu, splits)) \
-                if splits > 1 else out
+            part = self._part[:size].reshape(shape) if splits > 1 else out
             matmul_mma.gemm(out[:d], xb[:d], w, self.stream, part=part,
                             residual=None if residual is None else residual[:d], **kw)
         if d < n:

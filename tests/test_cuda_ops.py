@@ -402,8 +402,13 @@ def test_argmax_rows(cu):
 # --- attention: decode (split spans + merge) and prefill (tiles), f16 and f32 caches ------------------
 
 @pytest.mark.parametrize("kv_type", ["f32", "f16"])
-def test_attention_decode_and_prefill(cu, kv_type):
+def test_attention_decode_and_prefill(cu, monkeypatch, kv_type):
+    """The FP32 attention kernels (decode spans + merge, prefill tiles). On a GPU a prefill over an
+    f16 cache takes the tensor-core flash kernel by default, with its own bound for the f16
+    roundings of Q and P (tests/test_cuda_flash.py): turned off here, so this checks the exact one."""
+    from numbaformer.backends.cuda import flash
     from numbaformer.kvcache import KVCache
+    monkeypatch.setattr(flash, "ENABLED", False)
     hd, n_q, n_kv = sizes((32, 4, 2), (128, 32, 8))
     n_ctx, n_prev, n_new = sizes((24, 9, 5), (2048, 700, 77))
     cfg = type("C", (), {"n_layer": 1, "n_head_kv": n_kv, "head_dim": hd})

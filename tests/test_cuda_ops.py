@@ -293,6 +293,93 @@ def test_prequant_mat_vec_equals_the_staged_one(cu, monkeypatch, name, split):
     assert np.abs(got[0][0]).max() > 0 and cols in gemv._QBUFS      # the prequant path ran
 
 
+@pytest.mark.parametrize("name,prequant", [("Q4_K", True), ("Q6_K", False), ("Q8_0", False)])
+def test_rows_mat_vec_gives_each_row_its_one_row_bits(cu, monkeypatch, name, prequant):
+    """gemv.ROWS: a batched step's decode rows (split_rows) take gemv_rows, weights read once for
+    a group of rows (ROWS_GROUP 2 here: 5 rows in 3 grid rows). Each row's outputs equal the
+    one-row mat-vec's bits for that row alone (norm + Q/K/V with biases, SwiGLU, residual, the
+    plain product), with long-row prequant (Q4_K: pair units) and without. In a step of 5 rows
+    of which 3 are decode rows, the 2 prompt rows get the bits of the batched product of those
+    rows alone. Past gemv.ROWS_MAX decode rows, every row takes the batched product."""
+    from numbaformer.backends.cuda import gemv
+    monkeypatch.setattr(gemv, "ROWS", True)
+    monkeypatch.setattr(gemv, "ROWS_GROUP", 2)
+    if prequant:
+        monkeypatch.setattr(gemv, "PREQUANT_MIN_BYTES", 0)
+        monkeypatch.setattr(gemv, "PREQUANT_MIN_COLS", 0)
+    qt = TYPE_IDS[name]
+    n, rows, cols = 5, *sizes((6, 512), (1024, 4096))
+    mats = [rand_qtensor(cu, qt, rows, cols, seed=40 + s)[1] for s in range(3)]
+    rng = np.random.default_rng(41)
+    x = rng.standard_normal((n, cols)).astype(np.float32) * 2
+    nw = dev(cu, rng.uniform(0.5, 1.5, cols).astype(np.float32))
+    bias = [dev(cu, rng.standard_normal(rows).astype(np.float32)) for _ in range(3)]
+    xr = rng.standard_normal((n, rows)).astype(np.float32)
+    xs = rng.standard_normal((n, cols)).astype(np.float32)
+
+    def run(xx, rr, ss, decode):
+        cu.split_rows(decode)
+        try:
+            m = xx.shape[0]
+            outs = [cu.alloc((m, rows)) for _ in range(3)]
+            cu.norm_matmul(outs, dev(cu, xx), nw, 1e-5, mats, bias, cu.alloc((m, cols)))
+            sw = cu.alloc((m, rows))
+            cu.norm_swiglu(sw, dev(cu, xx), nw, 1e-5, mats[0], mats[1], cu.alloc((m, cols)),
+                           cu.alloc((m, rows)))
+            res = dev(cu, rr)
+            cu.matmul_add(res, dev(cu, ss), mats[2], cu.alloc((m, rows)))
+            plain = cu.alloc((m, rows))
+            cu.matmul(plain, dev(cu, ss), mats[1])
+            return [host(cu, a) for a in (*outs, sw, res, plain)]
+        finally:
+            cu.split_rows(None)
+
+    together = run(x, xr, xs, n)
+    for t in range(n):
+        alone = run(x[t:t + 1], xr[t:t + 1], xs[t:t + 1], None)
+        for a, b in zip(together, alone):
+            np.testing.assert_array_equal(a[t:t + 1], b)
+    mixed = run(x, xr, xs, 3)
+    prompt = run(x[3:], xr[3:], xs[3:], 0)
+    for a, b, c in zip(mixed, together, prompt):
+        np.testing.assert_array_equal(a[:3], b[:3])
+        np.testing.assert_array_equal(a[3:], c)
+    assert np.abs(together[0]).max() > 0
+    monkeypatch.setattr(gemv, "ROWS_MAX", 2)        # past the crossover: the batched product
+    for a, b in zip(run(x[:3], xr[:3], xs[:3], 3), run(x[:3], xr[:3], xs[:3], 0)):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, together[-1][:3])
+
+
+@pytest.mark.skipif(ON_GPU, reason="an offline check (CI); the GPU run compiles them for real")
+def test_ptx_rows_mat_vec(record_figure):
+    """The many-rows mat-vec at its launch shapes (8 warps, the largest group; Q4_K with pair
+    units, Q6_K, Q8_0; SwiGLU and residual epilogues) compiles for sm_90 with its accumulators in
+    registers: ptxas reports no spills and no stack frame."""
+    from ptx_tools import offline_ptx, ptxas_info
+    ptx = offline_ptx("""
+from numbaformer.backends.cuda import gemv, gemv_q8
+from numbaformer.quants import Q4_K, Q6_K, Q8_0
+A = types.Array
+i64 = types.int64
+f2, u2, u82 = A(f32, 2, "C"), A(u32, 2, "C"), A(u8, 2, "C")
+for name, qt, pairs, mode in (("q4k_swiglu", Q4_K, True, 3), ("q6k_res", Q6_K, False, 2),
+                              ("q80_store", Q8_0, False, 0)):
+    e = f2 if mode == 2 else A(f32, 1, "C")
+    k = gemv_q8.rows_kernel(qt, 2 if mode == 3 else 1, mode, gemv.GEMV_WARPS, gemv_q8.UNROLL,
+                            pairs, gemv.ROWS_GROUP_MAX)
+    ptx[name] = compile(k, (f2, f2, f2, u2, u2, u2, u82, u82, u82, e, e, e, f2, i64, i64))
+""")
+    for name, text in ptx.items():
+        info = ptxas_info(text)
+        if info is None:
+            pytest.skip("no ptxas: PTX checked, registers and spills not")
+        record_figure(f"rows mat-vec {name} (sm_90, ptxas)",
+                      f"{info['registers']} regs, stack {info['stack']} B")
+        assert info["spill_stores"] == 0 and info["spill_loads"] == 0, (name, info)
+        assert info["stack"] == 0, (name, info)
+
+
 # --- elementwise, norm, rope, embedding, argmax ------------------------------------------------------
 
 @pytest.mark.parametrize("n,d", [(1, 7 * 32), (3, 33)])

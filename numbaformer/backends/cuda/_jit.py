@@ -15,3 +15,13 @@ def cuda_kernel_bounded(max_threads: int):
     except TypeError:       # the simulator's jit (config.ENABLE_CUDASIM may have been re-read
         return cuda_kernel  # from a changed environment since numba.cuda was imported)
     return cached("cuda", deco)
+
+
+def forceinline_device(fn):
+    """cuda.jit(device=True, forceinline=True): inlined by NVVM (alwaysinline) rather than at
+    numba's IR level, so a device function called from many places is compiled once. The
+    simulator's jit has no such option."""
+    try:
+        return cuda.jit(device=True, forceinline=True)(fn)
+    except TypeError:
+        return cuda.jit(device=True)(fn)

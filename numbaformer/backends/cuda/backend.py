@@ -1,6 +1,7 @@
 """CUDABackend: the op table on one GPU, one stream, a buffer pool and CUDA-graph decode."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import numpy as np
@@ -8,6 +9,7 @@ from numba import cuda
 from ._sim import SIMULATOR
 
 from ...progress import byte_bar
+from ...quants import Q8_0
 from ..base import Backend
 from . import (attention, elementwise, embed, flash, gemv, matmul, matmul_mma, norm, paged, rope,
                sample)
@@ -89,6 +91,7 @@ class CUDABackend(Backend):
         self._uploads: dict = {}                     # id(ModelWeights) -> (it, its upload)
         self._xb = None                              # bf16 activations of the tensor-core GEMM
         self._part = None                            # the split decode product's partial sums
+        self._xa = None                              # q8 activations of gemv_rows' decode rows
         self._epoch = 0                              # bumped when a scratch above is reallocated
 
     # --- memory -----------------------------------------------------------------------------
@@ -184,14 +187,51 @@ class CUDABackend(Backend):
         """x (n, cols) f32 (or rmsnorm(x) * norm_w) in bf16, in the backend's scratch (n, cols)
         uint16, which grows to the largest GEMM input seen."""
         n, cols = x.shape
-        if self._xb is None or self._xb.size < n * cols:
-            if self._xb is not None:
-                self.pool.release(self._xb)
-            self._xb = self.pool.alloc(n * cols, np.uint16, zero=False)
-            self._epoch += 1
-        xb = self._xb[:n * cols].reshape(n, cols)
+        xb = self._grow("_xb", n * cols, np.uint16)[:n * cols].reshape(n, cols)
         matmul_mma.to_bf16(xb, x, self.stream, norm_w, eps)
         return xb
+
+    def _rows_first(self, x, ws) -> int:
+        """How many leading rows of x (a batched step's decode rows) take gemv.gemv_rows, the
+        mat-vec on 8-bit activations over many rows (gemv.ROWS): a row's bits are then those of
+        the single-sequence decode, in any batch of up to gemv.ROWS_MAX decode rows (past the
+        measured crossover, the tensor-core GEMM's). 0 outside batched steps, with `exact`,
+        past ROWS_MAX decode rows, or for matrices it does not take."""
+        if self.decode_rows is None or not 0 < self.decode_rows <= gemv.ROWS_MAX or \
+                not gemv.rows_supported(ws, self.exact):
+            return 0
+        return min(self.decode_rows, x.shape[0])
+
+    @contextlib.contextmanager
+    def _prompt_rows(self):
+        """After gemv_rows took the decode rows: the rest run with decode_rows 0, prompt rows to
+        every product the method composes."""
+        saved, self.decode_rows = self.decode_rows, 0
+        try:
+            yield
+        finally:
+            self.decode_rows = saved
+
+    def _q8_rows(self, x, norm_w=None, eps=0.0):
+        """x's rows as q8 activations (of rmsnorm(x) * norm_w with norm_w) in the backend's
+        scratch, which grows to the most rows seen (gemv.quantize_rows)."""
+        n, cols = x.shape
+        width = gemv.smem_words(Q8_0, cols)
+        xa = self._grow("_xa", n * width, np.float32)[:n * width].reshape(n, width)
+        gemv.quantize_rows(xa, x, norm_w, eps, self.stream)
+        return xa
+
+    def _grow(self, name: str, size: int, dtype):
+        """The backend's scratch array `name`, reallocated from the pool when smaller than size
+        (which bumps _epoch: graphs captured with the old one are dropped by replay)."""
+        a = getattr(self, name)
+        if a is None or a.size < size:
+            if a is not None:
+                self.pool.release(a)
+            a = self.pool.alloc(size, dtype, zero=False)
+            setattr(self, name, a)
+            self._epoch += 1
+        return a
 
     def _mma(self, out, xb, w, residual=None, **kw):
         """The tensor-core product of xb's rows (matmul_mma.gemm's keywords). With
@@ -207,12 +247,8 @@ class CUDABackend(Backend):
             splits = matmul_mma.decode_splits(w, swiglu, gemv._n_sms())
             shape = matmul_mma.part_shape(d, w, swiglu, splits)
             size = int(np.prod(shape))
-            if splits > 1 and (self._part is None or self._part.size < size):
-                if self._part is not None:
-                    self.pool.release(self._part)
-                self._part = self.pool.alloc(size, np.float32, zero=False)
-                self._epoch += 1
-            part = self._part[:size].reshape(shape) if splits > 1 else out
+            part = self._grow("_part", size, np.float32)[:size].reshape(shape) \
+                if splits > 1 else out
             matmul_mma.gemm(out[:d], xb[:d], w, self.stream, part=part,
                             residual=None if residual is None else residual[:d], **kw)
         if d < n:
@@ -220,12 +256,29 @@ class CUDABackend(Backend):
                             residual=None if residual is None else residual[d:], **kw)
 
     def matmul(self, out, x, w, bias=None):
+        d = self._rows_first(x, [w])
+        if d:
+            gemv.gemv_rows([out], [w], self._q8_rows(x[:d]), d, self.stream,
+                           mode="store" if bias is None else "bias",
+                           extras=None if bias is None else [bias])
+            if d < x.shape[0]:
+                with self._prompt_rows():
+                    self.matmul(out[d:], x[d:], w, bias)
+            return
         if self._tensor_cores(x):
             return self._mma(out, self._bf16(x), w, bias=bias)
         matmul.matmul(out, x, w, self.stream, bias=bias, exact=self.exact,
                       batched=self._batched(x))
 
     def matmul_add(self, x, a, w, scratch):
+        d = self._rows_first(a, [w])
+        if d:
+            gemv.gemv_rows([x], [w], self._q8_rows(a[:d]), d, self.stream, mode="residual",
+                           extras=[x])
+            if d < a.shape[0]:
+                with self._prompt_rows():
+                    self.matmul_add(x[d:], a[d:], w, scratch[d:])
+            return
         if self._tensor_cores(a):
             return self._mma(x, self._bf16(a), w, residual=x)
         matmul.matmul(x, a, w, self.stream, residual=x, exact=self.exact,
@@ -236,6 +289,18 @@ class CUDABackend(Backend):
         bias epilogue); prefill: the rmsnorm fused into the bf16 rounding, then one tensor-core
         GEMM per matrix (bias epilogue), or with `exact` the default composition."""
         if self._batched(x):
+            d = self._rows_first(x, ws)
+            if d:
+                xa = self._q8_rows(x[:d], norm_w, eps)
+                for out, w, b in zip(outs, ws, biases):
+                    gemv.gemv_rows([out], [w], xa, d, self.stream,
+                                   mode="store" if b is None else "bias",
+                                   extras=None if b is None else [b])
+                if d < x.shape[0]:
+                    with self._prompt_rows():
+                        self.norm_matmul([o[d:] for o in outs], x[d:], norm_w, eps, ws, biases,
+                                         scratch[d:])
+                return
             if self.exact or not matmul_mma.ENABLED:
                 return super().norm_matmul(outs, x, norm_w, eps, ws, biases, scratch)
             xb = self._bf16(x, norm_w, eps)
@@ -256,6 +321,15 @@ class CUDABackend(Backend):
 
     def norm_swiglu(self, out, x, norm_w, eps, w_gate, w_up, scratch, up):
         same = (w_gate.qtype, w_gate.rows, w_gate.cols) == (w_up.qtype, w_up.rows, w_up.cols)
+        d = self._rows_first(x, [w_gate, w_up]) if same else 0
+        if d:                                         # SwiGLU in the mat-vec's epilogue
+            gemv.gemv_rows([out], [w_gate, w_up], self._q8_rows(x[:d], norm_w, eps), d,
+                           self.stream, mode="swiglu")
+            if d < x.shape[0]:
+                with self._prompt_rows():
+                    self.norm_swiglu(out[d:], x[d:], norm_w, eps, w_gate, w_up, scratch[d:],
+                                     up[d:])
+            return
         if self._tensor_cores(x):
             xb = self._bf16(x, norm_w, eps)
             if same:                                  # one GEMM, SwiGLU in its epilogue

@@ -26,7 +26,7 @@ import os
 import numpy as np
 from numba import cuda, float32, uint8
 
-from ...quants import GGML_TYPES, QK
+from ...quants import GGML_TYPES, Q8_0, QK
 from ._jit import cuda_kernel
 from .decoders import DECODERS
 from . import gemv_q8
@@ -38,6 +38,16 @@ from .reduce import WARP, warp_sum
 
 GEMV_WARPS = 8
 BLOCKS_PER_SM = 4
+# A batched step's decode rows, up to ROWS_MAX of them, take gemv_rows (the fast mat-vec over
+# many activation rows) instead of the tensor-core GEMM (NUMBAFORMER_DECODE_ROWS=0: never);
+# ROWS_GROUP activation rows share a block's weight loads (the rest re-read them from L2 in
+# another grid row). H200, 8B Q4_K shapes, one step's products (scripts/gpu_rows_bench.py):
+# 1 / 4 / 16 / 64 rows 2.65 / 8.3 / 30.7 / 117 ms at group 8 (16: 2.65 / 8.3 / 51.6 / 197),
+# the GEMM's 35.0 / 34.6 / 35.7 / 33.6: the crossover is past 16 rows
+ROWS = os.environ.get("NUMBAFORMER_DECODE_ROWS", "1") == "1"
+ROWS_MAX = 16
+ROWS_GROUP = int(os.environ.get("NUMBAFORMER_ROWS_GROUP", "8"))
+ROWS_GROUP_MAX = 16       # the largest group compiled (tests/test_cuda_ops.py checks its spills)
 # quantized types: x quantized by a kernel of its own, read from L2 by every block, instead of each
 # block staging it, with Q4_K/Q5_K pair units (gemv_q8.PAIR_UNITS) then. H200 probe, % of copy
 # bandwidth at 14336x4096 / 4096x14336 (scripts/gpu_probe.py, 2026-12-02): Q4_K 38.3/29.4 staged,
@@ -149,7 +159,8 @@ def _gemv_kernel(qtype: int, n_mat: int, norm: bool, mode: int, warps: int):
             a = warp_sum(a)
             b = warp_sum(b)
             if lane == 0:
-                finish_pair(p, p0, p1, mode, a, b, o0, o1, o2, e0, e1, e2, rows0, rows1, rows2)
+                finish_pair(p, p0, p1, mode, a, b, o0, o1, o2, e0, e1, e2, rows0, rows1, rows2,
+                            0)
 
     return _gemv
 
@@ -191,11 +202,19 @@ def _prequant(x, norm_w, eps, qtype, stream):
     buf = _QBUFS.get(cols)
     if buf is None:
         buf = _QBUFS[cols] = cuda.device_array(smem_words(qtype, cols), np.float32)
+    quantize_rows(buf.reshape(1, buf.size), x, norm_w, eps, stream)
+    return buf
+
+
+def quantize_rows(out, x, norm_w, eps, stream) -> None:
+    """out (n, smem_words) f32 = the q8 activations of x's n rows (of rmsnorm(x) * norm_w with
+    norm_w), one grid row of quant_kernel blocks per row: each row's numbers are the staged ones."""
+    n, cols = x.shape
+    assert out.shape[0] >= n and out.shape[1] == smem_words(Q8_0, cols)
     threads = GEMV_WARPS * WARP
     k = gemv_q8.quant_kernel(norm_w is not None, threads)
     blocks = -(-(cols // 4) // (4 * threads))
-    k[blocks, threads, stream](buf, x, x[0] if norm_w is None else norm_w, np.float32(eps))
-    return buf
+    k[(blocks, n), threads, stream](out, x, x[0] if norm_w is None else norm_w, np.float32(eps))
 
 
 @functools.lru_cache(maxsize=None)
@@ -203,6 +222,57 @@ def _no_rope():
     """Stand-ins for the rope arguments of launches without rope (one kernel signature)."""
     return (cuda.to_device(np.zeros(1, np.int32)), cuda.to_device(np.zeros(1, np.float64)),
             cuda.to_device(np.zeros((1, 1, 1, 2), np.float16)), 0)
+
+
+def _mat_args(outs, ws, extras, mode: int, filler) -> tuple:
+    """The kernels' first twelve arguments: three outputs, the matrices as uint32 and as uint8
+    views, three extras (bias arrays or the residual), each padded to three by repeating the
+    first (extras by `filler`, or by the output in the residual mode)."""
+    o = list(outs) + [outs[0]] * (3 - len(outs))
+    w8 = [w.data for w in ws]
+    w8 += [w8[0]] * (3 - len(ws))
+    e = list(extras) if extras else []
+    e += [o[0] if mode == 2 else filler] * (3 - len(e))
+    return (*o, *[a.view(np.uint32) for a in w8], *w8, *e)
+
+
+def _prequantized(ws, exact: bool) -> bool:
+    """Whether gemv() quantizes x by a launch of its own for these matrices (long rows, much
+    weight to read) rather than in each block's prologue."""
+    qtype = ws[0].qtype
+    return PREQUANT and fast_path(qtype, exact) and qtype not in F32_UNITS and \
+        ws[0].cols >= PREQUANT_MIN_COLS and sum(w.data.nbytes for w in ws) >= PREQUANT_MIN_BYTES
+
+
+def _pair_units(ws, exact: bool) -> bool:
+    """Whether gemv()'s fast kernel takes a lane's units two at a time for these matrices."""
+    return (gemv_q8.PAIR_UNITS or _prequantized(ws, exact)) and ws[0].qtype in gemv_q8.PAIR_DOTS
+
+
+def rows_supported(ws, exact: bool = False) -> bool:
+    """Whether gemv_rows takes these matrices: one type and width, the fast kernel on 8-bit
+    activations (not the float types), and a batched-step switch that is on."""
+    return ROWS and not exact and len({(w.qtype, w.cols) for w in ws}) == 1 and \
+        fast_path(ws[0].qtype) and ws[0].qtype not in F32_UNITS
+
+
+def gemv_rows(outs, ws, xa, n: int, stream, *, mode: str = "store", extras=None) -> None:
+    """The fast mat-vec over n activation rows at once (a batched step's decode rows):
+    outs[m][:n] (n, rows_m) f32 from QTensors ws[m] (rows_supported) and xa[:n], their q8
+    activations (quantize_rows); mode and extras as gemv()'s (the residual (n, rows) f32). Each
+    weight row pair is read once per ROWS_GROUP activation rows; row t's outputs are the bits
+    gemv() gives for x[t] alone (same units per lane, same pair units: _pair_units)."""
+    n_mat, qtype, cols = len(ws), ws[0].qtype, ws[0].cols
+    assert rows_supported(ws) and 1 <= n_mat <= 3 and xa.shape[0] >= n >= 1
+    assert xa.shape[1] == smem_words(qtype, cols) and all(o.shape[0] >= n for o in outs)
+    m = MODES[mode]
+    pairs = ws[0].rows if m == 3 else sum((w.rows + 1) // 2 for w in ws)
+    group = min(ROWS_GROUP, ROWS_GROUP_MAX, 1 << (n - 1).bit_length())
+    k = gemv_q8.rows_kernel(qtype, n_mat, m, GEMV_WARPS, gemv_q8.UNROLL, _pair_units(ws, False),
+                            group)
+    args = (*_mat_args(outs, ws, extras, m, xa[0]), xa, np.int64(cols), np.int64(n))
+    grid = max(1, min(-(-pairs // GEMV_WARPS), grid_cap(k, GEMV_WARPS * WARP, 0)))
+    k[(grid, -(-n // group)), GEMV_WARPS * WARP, stream](*args)
 
 
 def rope_fusable(ws, exact: bool, rope_dim: int, head_dim: int) -> bool:
@@ -230,8 +300,7 @@ def gemv(outs, ws, x, stream, *, mode: str = "store", extras=None, norm_w=None, 
     pairs = ws[0].rows if m == 3 else sum((w.rows + 1) // 2 for w in ws)
     slots = _n_sms() * BLOCKS_PER_SM * GEMV_WARPS          # warps of a full grid
     split = 1
-    prequant = PREQUANT and fast_path(qtype, exact) and qtype not in F32_UNITS and \
-        cols >= PREQUANT_MIN_COLS and sum(w.data.nbytes for w in ws) >= PREQUANT_MIN_BYTES
+    prequant = _prequantized(ws, exact)
     if prequant:
         buf = _prequant(x, norm_w, eps, qtype, stream)
         norm_w, eps = buf, 0.0             # the kernel reads buf in norm_w's slot, no norm
@@ -241,16 +310,11 @@ def gemv(outs, ws, x, stream, *, mode: str = "store", extras=None, norm_w=None, 
         hd, neox = (rope[5], rope[6]) if rope else (0, False)
         k = q8_kernel(qtype, n_mat, norm_w is not None and not prequant, m, GEMV_WARPS,
                       gemv_q8.UNROLL, split, gemv_q8.PROBE, hd, neox, prequant,
-                      (gemv_q8.PAIR_UNITS or prequant) and qtype in gemv_q8.PAIR_DOTS)
+                      _pair_units(ws, exact))
     else:
         k = _gemv_kernel(qtype, n_mat, norm_w is not None, m, GEMV_WARPS)
-    o = list(outs) + [outs[0]] * (3 - len(outs))
-    w8 = [w.data for w in ws]
-    w8 += [w8[0]] * (3 - n_mat)
-    w32 = [a.view(np.uint32) for a in w8]
-    e = list(extras) if extras else []
-    e += [o[0] if m == 2 else x[0]] * (3 - len(e))
-    args = (*o, *w32, *w8, *e, x, x[0] if norm_w is None else norm_w, np.float32(eps))
+    args = (*_mat_args(outs, ws, extras, m, x[0]), x, x[0] if norm_w is None else norm_w,
+            np.float32(eps))
     if fast_path(qtype, exact):
         if rope:
             pos, inv_freq, kc, vc, layer = rope[:5]

@@ -182,10 +182,11 @@ def stage_q8(sm, x, norm_w, eps, norm, red, threads):
 
 @functools.lru_cache(maxsize=None)
 def quant_kernel(norm: bool, threads: int):
-    """The staging as a kernel of its own (the mat-vec's `prequant` form reads its output):
-    block b writes words 4 b threads .. of the q8 activations of x (or rmsnorm(x) * norm_w) into
-    out (smem_words(qtype, cols),) f32, laid out as the shared staging. Every block reduces x^2
-    over the whole row first in stage_q8's order, so the numbers equal the staged ones."""
+    """The staging as a kernel of its own (the mat-vec's `prequant` form and the rows kernel read
+    its output): block (b, t) writes words 4 b threads .. of the q8 activations of x[t] (or
+    rmsnorm(x[t]) * norm_w) into out[t] (out: (rows, smem_words(qtype, cols)) f32, each row laid
+    out as the shared staging). Every block reduces x[t]^2 over the whole row first in stage_q8's
+    order, so the numbers equal the staged ones."""
     from ._jit import cuda_kernel
 
     @cuda_kernel
@@ -193,11 +194,12 @@ def quant_kernel(norm: bool, threads: int):
         red = cuda.shared.array(32, float32)
         cols = x.shape[1]
         nw = cols // 4
-        xr = x[0]
+        t = cuda.blockIdx.y
+        xr = x[t]
+        o = out[t]
         scale = _q8_scale(xr, cols, norm, eps, red, threads)
         _q8_words(xr, norm_w, cuda.blockIdx.x * 4 * threads, nw, scale, norm,
-                  out[:nw].view(np.uint32), out[nw:nw + cols // 32], out[nw + cols // 32:],
-                  threads)
+                  o[:nw].view(np.uint32), o[nw:nw + cols // 32], o[nw + cols // 32:], threads)
 
     return _quantize_q8
 
@@ -688,28 +690,29 @@ def pair_views(p, p0, p1, swiglu, w0, w1, w2, v0, v1, v2):
 
 
 @cuda.jit(device=True, inline=True)
-def _store_one(o, e, r, acc, mode):
-    """o[0, r] = acc (+ bias e[r] in mode 1, + residual e[0, r] in mode 2)."""
+def _store_one(o, e, t, r, acc, mode):
+    """o[t, r] = acc (+ bias e[r] in mode 1, + residual e[t, r] in mode 2)."""
     if mode == 1:
         acc += e[r]
     elif mode == 2:
-        acc += e[0, r]
-    o[0, r] = acc
+        acc += e[t, r]
+    o[t, r] = acc
 
 
 @cuda.jit(device=True, inline=True)
-def finish_pair(p, p0, p1, mode, a, b, o0, o1, o2, e0, e1, e2, rows0, rows1, rows2):
-    """The epilogue of pair p's two dots (module docstring of gemv.py: modes 0-3)."""
+def finish_pair(p, p0, p1, mode, a, b, o0, o1, o2, e0, e1, e2, rows0, rows1, rows2, t):
+    """The epilogue of pair p's two dots for activation row t (module docstring of gemv.py:
+    modes 0-3)."""
     swiglu = mode == 3
     m, r, last = _pair_rows(p, p0, p1, swiglu, rows0, rows1, rows2)
     if swiglu:
-        o0[0, r] = a / (float32(1) + math.exp(-a)) * b
+        o0[t, r] = a / (float32(1) + math.exp(-a)) * b
     else:
         o = _pick(m, o0, o1, o2)
         e = _pick(m, e0, e1, e2)
-        _store_one(o, e, r, a, mode)
+        _store_one(o, e, t, r, a, mode)
         if not last:
-            _store_one(o, e, r + 1, b, mode)
+            _store_one(o, e, t, r + 1, b, mode)
 
 
 # --- rope epilogue (modes 4, 5 = 4 + bias): Q, K, V in one launch, rope on Q and K, K and V into
@@ -773,21 +776,15 @@ def finish_rope_pair(p, p0, p1, head_dim, neox, bias, a, b, o0, o1, o2, e0, e1, 
 
 
 @functools.lru_cache(maxsize=None)
-def q8_kernel(qtype: int, n_mat: int, norm: bool, mode: int, warps: int, unroll: int,
-              split: int, probe: int = 0, head_dim: int = 0, neox: bool = False,
-              prequant: bool = False, pairs: bool = False):
-    """The fast mat-vec kernel (module docstring); arguments and launch as gemv.py's kernel.
-    `split` warps of a block share each row pair, each taking a slice of its units."""
-    from ._jit import cuda_kernel
+def unit_ops(qtype: int, unroll: int, pairs: bool, probe: int = 0):
+    """The row walk of the fast mat-vec kernels, as device functions (load, compute):
+    load(ra, rb, ra8, rb8, ub, lane, u_end, nb, qa, qb, ha, hb) issues a batch's loads of a row
+    pair (the lane's units slot(ub, lane, i), i < unroll, below u_end: quants into qa/qb, fetched
+    words into ha/hb); compute(ub, lane, u_end, nb, q, h, xq, xd, xs) returns the batch's partial
+    dot of one row with one row of activations. `pairs`: a lane's slots 2j, 2j + 1 are adjacent
+    units dotted together (PAIR_DOTS; taken only for those types and an even unroll)."""
     f32x = qtype in F32_UNITS                # f32 activations (float types) or q8
     fetch, dot, upb, bv = F32_UNITS[qtype] if f32x else UNITS[qtype]
-    threads = warps * WARP
-    step = WARP * unroll
-    nq = 4 * unroll          # quant words per row and batch
-    nh = 8 * unroll          # fetched words per row and batch
-    swiglu = mode == 3
-    groups = warps // split  # pairs a block works on at once
-    rope = mode >= 4         # modes 4, 5: Q, K, V with rope and the cache store (5: + bias)
     pairs = pairs and qtype in PAIR_DOTS and unroll % 2 == 0
     pair_dot = PAIR_DOTS[qtype] if pairs else dot
 
@@ -798,27 +795,9 @@ def q8_kernel(qtype: int, n_mat: int, norm: bool, mode: int, warps: int, unroll:
         if pairs:
             return ub + 2 * lane + 2 * WARP * (i >> 1) + (i & 1)
         return ub + lane + WARP * i
-    n_angles = max(1, head_dim // 2)
-
-    @cuda.jit(device=True, inline=True)
-    def views(p, p0, p1, w0, w1, w2, v0, v1, v2):
-        if rope:
-            return rope_views(p, p0, p1, head_dim, neox, w0, w1, w2, v0, v1, v2)
-        return pair_views(p, p0, p1, swiglu, w0, w1, w2, v0, v1, v2)
-
-    @cuda.jit(device=True, inline=True)
-    def finish(p, p0, p1, a, b, o0, o1, o2, e0, e1, e2, rows0, rows1, rows2, pos, cs, sn, kc,
-               vc, layer):
-        if rope:
-            finish_rope_pair(p, p0, p1, head_dim, neox, mode == 5, a, b, o0, o1, o2, e0, e1, e2,
-                             pos, cs, sn, kc, vc, layer)
-        else:
-            finish_pair(p, p0, p1, mode, a, b, o0, o1, o2, e0, e1, e2, rows0, rows1, rows2)
 
     @cuda.jit(device=True, inline=True)
     def load(ra, rb, ra8, rb8, ub, lane, u_end, nb, qa, qb, ha, hb):
-        """Batch loads: the lane's units slot(ub, lane, i) (i < unroll, below u_end) of both
-        rows, quants and fetched words."""
         for i in range(unroll):
             u = slot(ub, lane, i)
             if u < u_end:
@@ -856,6 +835,43 @@ def q8_kernel(qtype: int, n_mat: int, norm: bool, mode: int, warps: int, unroll:
                            h[8 * i], h[8 * i + 1], h[8 * i + 2], h[8 * i + 3], h[8 * i + 4],
                            h[8 * i + 5], h[8 * i + 6], h[8 * i + 7], u, nb, xq, xd, xs)
         return acc
+
+    return load, compute
+
+
+@functools.lru_cache(maxsize=None)
+def q8_kernel(qtype: int, n_mat: int, norm: bool, mode: int, warps: int, unroll: int,
+              split: int, probe: int = 0, head_dim: int = 0, neox: bool = False,
+              prequant: bool = False, pairs: bool = False):
+    """The fast mat-vec kernel (module docstring); arguments and launch as gemv.py's kernel.
+    `split` warps of a block share each row pair, each taking a slice of its units."""
+    from ._jit import cuda_kernel
+    f32x = qtype in F32_UNITS                # f32 activations (float types) or q8
+    upb, bv = (F32_UNITS[qtype] if f32x else UNITS[qtype])[2:]
+    threads = warps * WARP
+    step = WARP * unroll
+    nq = 4 * unroll          # quant words per row and batch
+    nh = 8 * unroll          # fetched words per row and batch
+    swiglu = mode == 3
+    groups = warps // split  # pairs a block works on at once
+    rope = mode >= 4         # modes 4, 5: Q, K, V with rope and the cache store (5: + bias)
+    load, compute = unit_ops(qtype, unroll, pairs, probe)
+    n_angles = max(1, head_dim // 2)
+
+    @cuda.jit(device=True, inline=True)
+    def views(p, p0, p1, w0, w1, w2, v0, v1, v2):
+        if rope:
+            return rope_views(p, p0, p1, head_dim, neox, w0, w1, w2, v0, v1, v2)
+        return pair_views(p, p0, p1, swiglu, w0, w1, w2, v0, v1, v2)
+
+    @cuda.jit(device=True, inline=True)
+    def finish(p, p0, p1, a, b, o0, o1, o2, e0, e1, e2, rows0, rows1, rows2, pos, cs, sn, kc,
+               vc, layer):
+        if rope:
+            finish_rope_pair(p, p0, p1, head_dim, neox, mode == 5, a, b, o0, o1, o2, e0, e1, e2,
+                             pos, cs, sn, kc, vc, layer)
+        else:
+            finish_pair(p, p0, p1, mode, a, b, o0, o1, o2, e0, e1, e2, rows0, rows1, rows2, 0)
 
     @cuda_kernel
     def _gemv_q8(o0, o1, o2, w0, w1, w2, v0, v1, v2, e0, e1, e2, x, norm_w, eps, pos, inv_freq,
@@ -948,3 +964,111 @@ def q8_kernel(qtype: int, n_mat: int, norm: bool, mode: int, warps: int, unroll:
                 cuda.syncthreads()                       # parked sums read: free for the next
 
     return _gemv_q8
+
+
+# --- many activation rows (a batched step's decode rows): each weight row pair is read once for
+# --- all of them --------------------------------------------------------------------------------
+
+def _row_tree(group: int, compute, mode: int):
+    """Device functions (zeros, step, finish) over a group's accumulators, kept as a nested tuple
+    (a pair of floats per activation row; halves nested) so that every index is a constant and
+    they stay in registers once NVVM inlines them (forceinline: numba compiles each level once;
+    a local array indexed in a loop would go to the stack):
+    zeros() -> the tuple of 0s; step(acc, t, n_x, u0, lane, u_end, nb, qa, qb, ha, hb, xa, cols)
+    -> acc plus the batch's dots of rows t .. t + group - 1 (those below n_x) with the row
+    pair; finish(acc, t, n_x, lane, p, p0, p1, o0, o1, o2, e0, e1, e2, rows0, rows1, rows2)
+    reduces each row's pair over the warp and stores it (finish_pair)."""
+    from ._jit import forceinline_device
+    if group == 1:
+        @forceinline_device
+        def zeros():
+            return float32(0), float32(0)
+
+        @forceinline_device
+        def step(acc, t, n_x, u0, lane, u_end, nb, qa, qb, ha, hb, xa, cols):
+            if t >= n_x:
+                return acc
+            nw = cols // 4
+            xr = xa[t]
+            xq = xr[:nw].view(np.uint32)
+            xd = xr[nw:nw + cols // 32]
+            xs = xr[nw + cols // 32:]
+            return (acc[0] + compute(u0, lane, u_end, nb, qa, ha, xq, xd, xs),
+                    acc[1] + compute(u0, lane, u_end, nb, qb, hb, xq, xd, xs))
+
+        @forceinline_device
+        def finish(acc, t, n_x, lane, p, p0, p1, o0, o1, o2, e0, e1, e2, rows0, rows1, rows2):
+            if t < n_x:
+                a = warp_sum(acc[0])
+                b = warp_sum(acc[1])
+                if lane == 0:
+                    finish_pair(p, p0, p1, mode, a, b, o0, o1, o2, e0, e1, e2, rows0, rows1,
+                                rows2, t)
+
+        return zeros, step, finish
+    half = group // 2
+    z, st, fi = _row_tree(half, compute, mode)
+
+    @forceinline_device
+    def zeros():
+        return z(), z()
+
+    @forceinline_device
+    def step(acc, t, n_x, u0, lane, u_end, nb, qa, qb, ha, hb, xa, cols):
+        return (st(acc[0], t, n_x, u0, lane, u_end, nb, qa, qb, ha, hb, xa, cols),
+                st(acc[1], t + half, n_x, u0, lane, u_end, nb, qa, qb, ha, hb, xa, cols))
+
+    @forceinline_device
+    def finish(acc, t, n_x, lane, p, p0, p1, o0, o1, o2, e0, e1, e2, rows0, rows1, rows2):
+        fi(acc[0], t, n_x, lane, p, p0, p1, o0, o1, o2, e0, e1, e2, rows0, rows1, rows2)
+        fi(acc[1], t + half, n_x, lane, p, p0, p1, o0, o1, o2, e0, e1, e2, rows0, rows1, rows2)
+
+    return zeros, step, finish
+
+
+@functools.lru_cache(maxsize=None)
+def rows_kernel(qtype: int, n_mat: int, mode: int, warps: int, unroll: int, pairs: bool,
+                group: int):
+    """The fast mat-vec over several activation rows: x (n_x, cols) quantized beforehand by
+    quant_kernel into xa (n_x, smem_words) f32; out_m[t, r] = w_m[r] . x[t] (+ e per mode 0-3 as
+    q8_kernel's, the residual e_m[t, r]). Block (b, g) takes activation rows g * group ..
+    (group, a power of two: its accumulators are a nested tuple in registers, _row_tree) and its
+    warps walk the row pairs with a grid stride as q8_kernel's (split 1): a batch of a pair's
+    units is loaded once and dotted with each of the rows, which re-read only the activations
+    (L1). A row's sums are q8_kernel's, in the same order (same units per lane and batch, same
+    warp_sum), so its outputs are the one-row kernel's bits, whatever the other rows, their
+    count or `group`."""
+    from ._jit import cuda_kernel
+    assert group & (group - 1) == 0
+    upb, bv = UNITS[qtype][2:]
+    step = WARP * unroll
+    nq = 4 * unroll
+    nh = 8 * unroll
+    swiglu = mode == 3
+    load, compute = unit_ops(qtype, unroll, pairs)
+    zeros, row_step, row_finish = _row_tree(group, compute, mode)
+
+    @cuda_kernel
+    def _gemv_rows(o0, o1, o2, w0, w1, w2, v0, v1, v2, e0, e1, e2, xa, cols, n_x):
+        qa = cuda.local.array(nq, uint32)
+        qb = cuda.local.array(nq, uint32)
+        ha = cuda.local.array(nh, uint32)
+        hb = cuda.local.array(nh, uint32)
+        tid = cuda.threadIdx.x
+        lane = tid % WARP
+        wi = tid // WARP
+        nb = cols // bv
+        n_units = nb * upb
+        t0 = cuda.blockIdx.y * group
+        p0, p1, n_pairs = pair_ranges(w0, w1, w2, n_mat, swiglu)
+        rows0, rows1, rows2 = w0.shape[0], w1.shape[0], w2.shape[0]
+        for p in range(cuda.blockIdx.x * warps + wi, n_pairs, cuda.gridDim.x * warps):
+            ra, rb, ra8, rb8, last = pair_views(p, p0, p1, swiglu, w0, w1, w2, v0, v1, v2)
+            acc = zeros()
+            for u0 in range(0, n_units, step):
+                load(ra, rb, ra8, rb8, u0, lane, n_units, nb, qa, qb, ha, hb)
+                acc = row_step(acc, t0, n_x, u0, lane, n_units, nb, qa, qb, ha, hb, xa, cols)
+            row_finish(acc, t0, n_x, lane, p, p0, p1, o0, o1, o2, e0, e1, e2, rows0, rows1,
+                       rows2)
+
+    return _gemv_rows

@@ -275,7 +275,8 @@ SPILL_512 = 16         # bytes a thread the 512-thread kernels of BIG_TILE_TYPES
 
 
 @pytest.mark.skipif(ON_GPU, reason="an offline check (CI); device time is for the GPU checks")
-def test_ptx_gemm_per_type(record_figure):
+@pytest.mark.parametrize("tile", [0, 1])
+def test_ptx_gemm_per_type(tile, record_figure):
     """The kernels of the first two tiles (MMA_TILES[0] 256 x 128 on 16 warps, [1] 128 x 128 on 8;
     MMA_BK, MMA_LOOKAHEAD, MMA_MIN_BLOCKS, store epilogue) of each type compile to PTX with
     mma.sync, ldmatrix and cp.async, and where ptxas is installed assemble for sm_90: the 8-warp
@@ -283,7 +284,8 @@ def test_ptx_gemm_per_type(record_figure):
     take them (512 threads: at most 128 registers a thread), with at most SPILL_512 bytes of spill
     stores a thread (4 at Q4_K when the tile was measured at 182 against 122 TFLOP/s of the
     128-token tile on the H200, spills included); the SwiGLU ones for Q4_K too; the split-K
-    decode product's (DECODE_TILE, partial sums) without spilling."""
+    decode product's (DECODE_TILE, partial sums) without spilling. Two cases (tile 0; tile 1 and
+    the split-K ones), so that parallel test workers compile them side by side."""
     from numbaformer.backends.cuda.matmul_mma import BIG_TILE_TYPES
     ptx = offline_ptx(f"""
 from numbaformer.backends.cuda import matmul_mma as M
@@ -291,7 +293,7 @@ from numbaformer.quants import TYPE_IDS
 A = types.Array
 sig = (A(f32, 2, "C"), A(u8, 2, "C"), A(u8, 2, "C"), A(u16, 2, "C"), A(u16, 2, "C"),
        A(u16, 2, "C"), A(f32, 2, "C"))
-for bm, bn, wm, wn in M.MMA_TILES[:2]:
+for bm, bn, wm, wn in M.MMA_TILES[{tile}:{tile} + 1]:
     for name, ep in [(n, 0) for n in {PTX_TYPES!r}] + [("Q4_K swiglu", 3)]:
         k = M._gemm_kernel(TYPE_IDS[name.split()[0]], bm, bn, M.MMA_BK, wm, wn, ep,
                            M.MMA_LOOKAHEAD, M.MMA_MIN_BLOCKS)
@@ -299,7 +301,7 @@ for bm, bn, wm, wn in M.MMA_TILES[:2]:
 sig3 = (A(f32, 3, "A"), A(u8, 2, "C"), A(u8, 2, "C"), A(u16, 2, "C"), A(u16, 2, "C"),
         A(u16, 2, "C"), A(f32, 3, "A"))
 bm, bn, wm, wn = M.DECODE_TILE
-for name, ep in [("Q4_K", 0), ("Q6_K", 0), ("Q8_0", 0), ("Q4_K swiglu", 3)]:
+for name, ep in [("Q4_K", 0), ("Q6_K", 0), ("Q8_0", 0), ("Q4_K swiglu", 3)][:4 * {tile}]:
     k = M._gemm_kernel(TYPE_IDS[name.split()[0]], bm, bn, M.MMA_BK, wm, wn, ep,
                        M.MMA_LOOKAHEAD, M.MMA_MIN_BLOCKS, True)
     ptx[f"{{name}} split decode"] = compile(k, sig3)
@@ -320,7 +322,7 @@ for name, ep in [("Q4_K", 0), ("Q6_K", 0), ("Q8_0", 0), ("Q4_K swiglu", 3)]:
                 assert info["spill_stores"] <= SPILL_512, (name, info)
         else:
             assert info["spill_stores"] == 0 and info["spill_loads"] == 0, (name, info)
-    record_figure("tensor-core GEMM registers (sm_90, ptxas)", ", ".join(figures))
+    record_figure(f"tensor-core GEMM registers, tile {tile} (sm_90, ptxas)", ", ".join(figures))
 
 
 def test_pick_tile_fills_the_gpu():

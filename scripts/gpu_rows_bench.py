@@ -4,10 +4,11 @@ and group (activation rows sharing a block's weight loads) beside the one-row ma
 tensor-core GEMM of the same rows. GB/s = the matrix's bytes in the GPU layout / time, against the
 device-to-device copy bandwidth of the same run. Last: one decode step's products (32 layers of
 q, k, v, o, gate+up, down and the Q6_K output head) per row count and group, and the group that
-is fastest at 16 rows on a line of its own ("best group N", for scripts).
+is fastest at 16 rows on a line of its own ("best group N clamp C", for scripts).
 
 usage (from the repository root, on the device, after <shared>/gpu/device-env.sh):
     python3 scripts/gpu_rows_bench.py [--type Q4_K] [--n 1,4,8,16,32,64] [--groups 4,8,16]
+                                      [--clamp 0,1]
 """
 from __future__ import annotations
 
@@ -58,6 +59,11 @@ def weights(qtype: int, rows: int, cols: int, seed: int) -> QTensor:
     return QTensor("w", qtype, rows, cols, upload_matrix(host, qtype, cols, C.STREAM))
 
 
+def label(variant) -> str:
+    g, clamp = variant
+    return f"g={g}{' clamp' if clamp else ''}"
+
+
 def run_rows(ws, xa, n, outs):
     mode = "swiglu" if len(ws) == 2 else "store"
     gemv.gemv_rows(outs, ws, xa, n, C.STREAM, mode=mode)
@@ -82,12 +88,13 @@ def main() -> int:
     ap.add_argument("--type", default="Q4_K")
     ap.add_argument("--n", default="1,4,8,16,32,64")
     ap.add_argument("--groups", default="4,8,16")
+    ap.add_argument("--clamp", default="0", help="gemv.ROWS_CLAMP variants: 0, 1 or 0,1")
     a = ap.parse_args()
     C.STREAM = cuda.stream()
     gemv.ROWS = True
     qt = TYPE_IDS[a.type]
     ns = [int(k) for k in a.n.split(",")]
-    groups = [int(g) for g in a.groups.split(",")]
+    groups = [(int(g), c == "1") for g in a.groups.split(",") for c in a.clamp.split(",")]
     bw = copy_gbps()
     print(f"copy bandwidth {bw:.0f} GB/s; {a.type}; us (% of copy bandwidth on the weights)")
     lines, ok = [], True
@@ -110,7 +117,7 @@ def main() -> int:
         for n in ns:
             step[("gemv", n)] += count * n * ms1
         for g in groups:
-            gemv.ROWS_GROUP = g
+            gemv.ROWS_GROUP, gemv.ROWS_CLAMP = g
             bits = check_bits(ws, x, xa, max(ns))
             ok &= bits
             cells = []
@@ -119,7 +126,8 @@ def main() -> int:
                 ms = C.time_ms(lambda: run_rows(ws, xa, n, [out]))
                 step[(g, n)] += count * ms
                 cells.append(f"{n:2}: {ms * 1e3:6.1f} ({gb / ms * 1e5 / bw:4.1f}%)")
-            lines.append(f"   rows g={g:<2} bits {'ok' if bits else 'DIFFER'}  " + " ".join(cells))
+            lines.append(f"   rows {label(g):10} bits {'ok' if bits else 'DIFFER'}  "
+                         + " ".join(cells))
         if name != "output":
             cells = []
             for n in ns:
@@ -135,13 +143,13 @@ def main() -> int:
     print(f"\none decode step's products, ms (8B shape, {N_LAYER} layers + output), "
           "aggregate tok/s bound")
     for k in groups + ["gemm", "gemv"]:
-        label = f"rows g={k}" if isinstance(k, int) else ("GEMM" if k == "gemm" else
-                                                          "gemv per row")
-        print(f"{label:13} " + " ".join(f"n={n}: {step[(k, n)]:6.2f} ms "
+        name = "rows " + label(k) if isinstance(k, tuple) else ("GEMM" if k == "gemm" else
+                                                                 "gemv per row")
+        print(f"{name:16} " + " ".join(f"n={n}: {step[(k, n)]:6.2f} ms "
                                         f"{n / step[(k, n)] * 1e3:6.0f}/s" for n in ns))
     at = 16 if 16 in ns else ns[-1]
     best = min(groups, key=lambda g: step[(g, at)])
-    print(f"best group {best}")
+    print(f"best group {best[0]} clamp {int(best[1])}")
     print("bits: every row equals the one-row mat-vec" if ok else "bits: DIFFER")
     return 0 if ok else 1
 

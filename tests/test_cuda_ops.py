@@ -293,22 +293,29 @@ def test_prequant_mat_vec_equals_the_staged_one(cu, monkeypatch, name, split):
     assert np.abs(got[0][0]).max() > 0 and cols in gemv._QBUFS      # the prequant path ran
 
 
-@pytest.mark.parametrize("name,prequant", [("Q4_K", True), ("Q6_K", False), ("Q8_0", False)])
-def test_rows_mat_vec_gives_each_row_its_one_row_bits(cu, monkeypatch, name, prequant):
+@pytest.mark.parametrize("name,prequant,clamp", [("Q4_K", True, False), ("Q6_K", False, False),
+                                                 ("Q8_0", False, False), ("Q8_0", False, True)])
+def test_rows_mat_vec_gives_each_row_its_one_row_bits(cu, monkeypatch, name, prequant, clamp):
     """gemv.ROWS: a batched step's decode rows (split_rows) take gemv_rows, weights read once for
     a group of rows (ROWS_GROUP 2 here: 5 rows in 3 grid rows). Each row's outputs equal the
     one-row mat-vec's bits for that row alone (norm + Q/K/V with biases, SwiGLU, residual, the
     plain product), with long-row prequant (Q4_K: pair units) and without. In a step of 5 rows
     of which 3 are decode rows, the 2 prompt rows get the bits of the batched product of those
-    rows alone. Past gemv.ROWS_MAX decode rows, every row takes the batched product."""
+    rows alone. Past gemv.ROWS_MAX decode rows, every row takes the batched product. With
+    ROWS_CLAMP (the 5th row's group computes a 6th on row 5's activations; Q8_0 rows of 1024
+    values: whole batches, no bound checks) the same."""
     from numbaformer.backends.cuda import gemv
     monkeypatch.setattr(gemv, "ROWS", True)
     monkeypatch.setattr(gemv, "ROWS_GROUP", 2)
+    monkeypatch.setattr(gemv, "ROWS_CLAMP", clamp)
     if prequant:
         monkeypatch.setattr(gemv, "PREQUANT_MIN_BYTES", 0)
         monkeypatch.setattr(gemv, "PREQUANT_MIN_COLS", 0)
+    from numbaformer.backends.cuda import gemv_q8
+    built, real = [], gemv_q8.rows_kernel
+    monkeypatch.setattr(gemv_q8, "rows_kernel", lambda *a: built.append(a) or real(*a))
     qt = TYPE_IDS[name]
-    n, rows, cols = 5, *sizes((6, 512), (1024, 4096))
+    n, rows, cols = 5, *sizes((6, 1024 if clamp else 512), (1024, 4096))
     mats = [rand_qtensor(cu, qt, rows, cols, seed=40 + s)[1] for s in range(3)]
     rng = np.random.default_rng(41)
     x = rng.standard_normal((n, cols)).astype(np.float32) * 2
@@ -345,6 +352,7 @@ def test_rows_mat_vec_gives_each_row_its_one_row_bits(cu, monkeypatch, name, pre
         np.testing.assert_array_equal(a[:3], b[:3])
         np.testing.assert_array_equal(a[3:], c)
     assert np.abs(together[0]).max() > 0
+    assert {a[-2:] for a in built} == {(clamp, clamp)}     # with clamp, rows of whole batches
     monkeypatch.setattr(gemv, "ROWS_MAX", 2)        # past the crossover: the batched product
     for a, b in zip(run(x[:3], xr[:3], xs[:3], 3), run(x[:3], xr[:3], xs[:3], 0)):
         np.testing.assert_array_equal(a, b)
@@ -354,7 +362,8 @@ def test_rows_mat_vec_gives_each_row_its_one_row_bits(cu, monkeypatch, name, pre
 @pytest.mark.skipif(ON_GPU, reason="an offline check (CI); the GPU run compiles them for real")
 def test_ptx_rows_mat_vec(record_figure):
     """The many-rows mat-vec at its launch shapes (8 warps, the largest group; Q4_K with pair
-    units, Q6_K, Q8_0; SwiGLU and residual epilogues) compiles for sm_90 with its accumulators in
+    units, Q6_K, Q8_0; SwiGLU and residual epilogues; Q4_K with ROWS_CLAMP at group 8, whose
+    shared row-independent work costs registers) compiles for sm_90 with its accumulators in
     registers: ptxas reports no spills and no stack frame."""
     from ptx_tools import offline_ptx, ptxas_info
     ptx = offline_ptx("""
@@ -363,11 +372,13 @@ from numbaformer.quants import Q4_K, Q6_K, Q8_0
 A = types.Array
 i64 = types.int64
 f2, u2, u82 = A(f32, 2, "C"), A(u32, 2, "C"), A(u8, 2, "C")
-for name, qt, pairs, mode in (("q4k_swiglu", Q4_K, True, 3), ("q6k_res", Q6_K, False, 2),
-                              ("q80_store", Q8_0, False, 0)):
+for name, qt, pairs, mode, clamp in (("q4k_swiglu", Q4_K, True, 3, False),
+                                     ("q6k_res", Q6_K, False, 2, False),
+                                     ("q80_store", Q8_0, False, 0, False),
+                                     ("q4k_store_clamp_g8", Q4_K, False, 0, True)):
     e = f2 if mode == 2 else A(f32, 1, "C")
     k = gemv_q8.rows_kernel(qt, 2 if mode == 3 else 1, mode, gemv.GEMV_WARPS, gemv_q8.UNROLL,
-                            pairs, gemv.ROWS_GROUP_MAX)
+                            pairs, 8 if clamp else gemv.ROWS_GROUP_MAX, clamp, clamp)
     ptx[name] = compile(k, (f2, f2, f2, u2, u2, u2, u82, u82, u82, e, e, e, f2, i64, i64))
 """)
     for name, text in ptx.items():

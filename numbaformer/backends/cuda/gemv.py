@@ -48,6 +48,11 @@ ROWS = os.environ.get("NUMBAFORMER_DECODE_ROWS", "1") == "1"
 ROWS_MAX = 16
 ROWS_GROUP = int(os.environ.get("NUMBAFORMER_ROWS_GROUP", "8"))
 ROWS_GROUP_MAX = 16       # the largest group compiled (tests/test_cuda_ops.py checks its spills)
+# rows past the count computed, not branched around, and no bound checks where a row's units
+# are whole batches (gemv_q8._row_tree, unit_ops' `full`): the rows' dots share one basic block
+# and NVVM shares their row-independent part (PTX 27 % smaller at Q4_K, 48 % at Q6_K) at the cost
+# of registers (Q4_K group 8: 121 -> 212); not timed yet: off
+ROWS_CLAMP = os.environ.get("NUMBAFORMER_ROWS_CLAMP", "0") == "1"
 # quantized types: x quantized by a kernel of its own, read from L2 by every block, instead of each
 # block staging it, with Q4_K/Q5_K pair units (gemv_q8.PAIR_UNITS) then. H200 probe, % of copy
 # bandwidth at 14336x4096 / 4096x14336 (scripts/gpu_probe.py, 2026-12-02): Q4_K 38.3/29.4 staged,
@@ -268,8 +273,10 @@ def gemv_rows(outs, ws, xa, n: int, stream, *, mode: str = "store", extras=None)
     m = MODES[mode]
     pairs = ws[0].rows if m == 3 else sum((w.rows + 1) // 2 for w in ws)
     group = min(ROWS_GROUP, ROWS_GROUP_MAX, 1 << (n - 1).bit_length())
+    upb, bv = UNITS[qtype][2:]
+    full = ROWS_CLAMP and (cols // bv * upb) % (WARP * gemv_q8.UNROLL) == 0
     k = gemv_q8.rows_kernel(qtype, n_mat, m, GEMV_WARPS, gemv_q8.UNROLL, _pair_units(ws, False),
-                            group)
+                            group, ROWS_CLAMP, full)
     args = (*_mat_args(outs, ws, extras, m, xa[0]), xa, np.int64(cols), np.int64(n))
     grid = max(1, min(-(-pairs // GEMV_WARPS), grid_cap(k, GEMV_WARPS * WARP, 0)))
     k[(grid, -(-n // group)), GEMV_WARPS * WARP, stream](*args)

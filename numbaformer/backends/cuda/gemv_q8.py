@@ -776,13 +776,15 @@ def finish_rope_pair(p, p0, p1, head_dim, neox, bias, a, b, o0, o1, o2, e0, e1, 
 
 
 @functools.lru_cache(maxsize=None)
-def unit_ops(qtype: int, unroll: int, pairs: bool, probe: int = 0):
+def unit_ops(qtype: int, unroll: int, pairs: bool, probe: int = 0, full: bool = False):
     """The row walk of the fast mat-vec kernels, as device functions (load, compute):
     load(ra, rb, ra8, rb8, ub, lane, u_end, nb, qa, qb, ha, hb) issues a batch's loads of a row
     pair (the lane's units slot(ub, lane, i), i < unroll, below u_end: quants into qa/qb, fetched
     words into ha/hb); compute(ub, lane, u_end, nb, q, h, xq, xd, xs) returns the batch's partial
     dot of one row with one row of activations. `pairs`: a lane's slots 2j, 2j + 1 are adjacent
-    units dotted together (PAIR_DOTS; taken only for those types and an even unroll)."""
+    units dotted together (PAIR_DOTS; taken only for those types and an even unroll). `full`:
+    the caller guarantees every slot is below u_end (a row's units a multiple of the batch's):
+    compute's dots are then branch-free, so one row's and another's share a basic block."""
     f32x = qtype in F32_UNITS                # f32 activations (float types) or q8
     fetch, dot, upb, bv = F32_UNITS[qtype] if f32x else UNITS[qtype]
     pairs = pairs and qtype in PAIR_DOTS and unroll % 2 == 0
@@ -814,7 +816,7 @@ def unit_ops(qtype: int, unroll: int, pairs: bool, probe: int = 0):
         if pairs:                        # slots 2j, 2j + 1: units u, u + 1 (u_end is even)
             for j in range(unroll // 2):
                 u = slot(ub, lane, 2 * j)
-                if u < u_end:
+                if full or u < u_end:
                     a = 8 * j
                     c = 16 * j
                     acc += pair_dot(q[a], q[a + 1], q[a + 2], q[a + 3], q[a + 4], q[a + 5],
@@ -830,7 +832,7 @@ def unit_ops(qtype: int, unroll: int, pairs: bool, probe: int = 0):
                 for j in range(8):
                     t ^= h[8 * i + j]
                 acc += float32(t & uint32(1))
-            elif u < u_end:
+            elif full or u < u_end:
                 acc += dot(q[4 * i], q[4 * i + 1], q[4 * i + 2], q[4 * i + 3],
                            h[8 * i], h[8 * i + 1], h[8 * i + 2], h[8 * i + 3], h[8 * i + 4],
                            h[8 * i + 5], h[8 * i + 6], h[8 * i + 7], u, nb, xq, xd, xs)
@@ -969,7 +971,7 @@ def q8_kernel(qtype: int, n_mat: int, norm: bool, mode: int, warps: int, unroll:
 # --- many activation rows (a batched step's decode rows): each weight row pair is read once for
 # --- all of them --------------------------------------------------------------------------------
 
-def _row_tree(group: int, compute, mode: int):
+def _row_tree(group: int, compute, mode: int, clamp: bool):
     """Device functions (zeros, step, finish) over a group's accumulators, kept as a nested tuple
     (a pair of floats per activation row; halves nested) so that every index is a constant and
     they stay in registers once NVVM inlines them (forceinline: numba compiles each level once;
@@ -977,7 +979,10 @@ def _row_tree(group: int, compute, mode: int):
     zeros() -> the tuple of 0s; step(acc, t, n_x, u0, lane, u_end, nb, qa, qb, ha, hb, xa, cols)
     -> acc plus the batch's dots of rows t .. t + group - 1 (those below n_x) with the row
     pair; finish(acc, t, n_x, lane, p, p0, p1, o0, o1, o2, e0, e1, e2, rows0, rows1, rows2)
-    reduces each row's pair over the warp and stores it (finish_pair)."""
+    reduces each row's pair over the warp and stores it (finish_pair). `clamp`: rows past n_x
+    compute on row n_x - 1 (their sums are never stored) rather than branch around, so that every
+    row's work is in one basic block and NVVM can share its row-independent part (nibble masks,
+    scale decoding) between the rows."""
     from ._jit import forceinline_device
     if group == 1:
         @forceinline_device
@@ -986,10 +991,10 @@ def _row_tree(group: int, compute, mode: int):
 
         @forceinline_device
         def step(acc, t, n_x, u0, lane, u_end, nb, qa, qb, ha, hb, xa, cols):
-            if t >= n_x:
+            if not clamp and t >= n_x:
                 return acc
             nw = cols // 4
-            xr = xa[t]
+            xr = xa[min(t, n_x - 1)]
             xq = xr[:nw].view(np.uint32)
             xd = xr[nw:nw + cols // 32]
             xs = xr[nw + cols // 32:]
@@ -1007,7 +1012,7 @@ def _row_tree(group: int, compute, mode: int):
 
         return zeros, step, finish
     half = group // 2
-    z, st, fi = _row_tree(half, compute, mode)
+    z, st, fi = _row_tree(half, compute, mode, clamp)
 
     @forceinline_device
     def zeros():
@@ -1028,7 +1033,7 @@ def _row_tree(group: int, compute, mode: int):
 
 @functools.lru_cache(maxsize=None)
 def rows_kernel(qtype: int, n_mat: int, mode: int, warps: int, unroll: int, pairs: bool,
-                group: int):
+                group: int, clamp: bool = False, full: bool = False):
     """The fast mat-vec over several activation rows: x (n_x, cols) quantized beforehand by
     quant_kernel into xa (n_x, smem_words) f32; out_m[t, r] = w_m[r] . x[t] (+ e per mode 0-3 as
     q8_kernel's, the residual e_m[t, r]). Block (b, g) takes activation rows g * group ..
@@ -1037,7 +1042,7 @@ def rows_kernel(qtype: int, n_mat: int, mode: int, warps: int, unroll: int, pair
     units is loaded once and dotted with each of the rows, which re-read only the activations
     (L1). A row's sums are q8_kernel's, in the same order (same units per lane and batch, same
     warp_sum), so its outputs are the one-row kernel's bits, whatever the other rows, their
-    count or `group`."""
+    count, `group`, `clamp` (_row_tree) or `full` (unit_ops: rows of whole batches)."""
     from ._jit import cuda_kernel
     assert group & (group - 1) == 0
     upb, bv = UNITS[qtype][2:]
@@ -1045,8 +1050,8 @@ def rows_kernel(qtype: int, n_mat: int, mode: int, warps: int, unroll: int, pair
     nq = 4 * unroll
     nh = 8 * unroll
     swiglu = mode == 3
-    load, compute = unit_ops(qtype, unroll, pairs)
-    zeros, row_step, row_finish = _row_tree(group, compute, mode)
+    load, compute = unit_ops(qtype, unroll, pairs, 0, full)
+    zeros, row_step, row_finish = _row_tree(group, compute, mode, clamp)
 
     @cuda_kernel
     def _gemv_rows(o0, o1, o2, w0, w1, w2, v0, v1, v2, e0, e1, e2, xa, cols, n_x):

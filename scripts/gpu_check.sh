@@ -24,7 +24,11 @@ step() {   # step NAME COMMAND...: run, log, record pass/fail and the last line
   rows+=("$(printf '%-22s %-4s %4ss  %s' "$name" "$([ $rc -eq 0 ] && echo ok || echo FAIL)" \
             $((SECONDS - t0)) "$(grep -v '^\s*$' "$logs/$name.log" | tail -1 | cut -c1-110)")")
 }
-step ops        python3 -m pytest -q -m cuda tests/test_cuda_ops.py tests/test_cuda_intrinsics.py \
+# the kernel tests on 4 worker processes when pytest-xdist is there (gpu_side_by_side.sh prep
+# carries its wheel in shared/gpu/wheels): their time is mostly numba compiling, one core each
+workers=""
+python3 -c "import xdist" 2>/dev/null && workers="-n 4"
+step ops        python3 -m pytest -q -m cuda $workers tests/test_cuda_ops.py tests/test_cuda_intrinsics.py \
                 tests/test_cuda_graph.py tests/test_cuda_mma.py tests/test_cuda_matmul_mma.py \
                 tests/test_cuda_flash.py tests/test_cuda_paged.py
 step models     python3 -m pytest -q -m cuda -s tests/test_cuda_model.py

@@ -4,7 +4,8 @@
 #   here (no GPU):  bash scripts/gpu_side_by_side.sh prep
 #                   packs llama.cpp's source (shared/gpu/llamacpp.sh) and SmolLM2's tokenizer (the
 #                   header of the real file, 1.8 MB) into .gpu-carry/, with shared/gpu (device-env.sh,
-#                   the gguf wheel): name .gpu-carry in the device call's carry (~14 MB).
+#                   the gguf and pytest-xdist wheels): name .gpu-carry in the device call's carry
+#                   (~14 MB).
 #   on the device:  bash scripts/gpu_side_by_side.sh run [TYPES]   (TYPES default Q4_K,Q5_K,Q6_K,Q8_0,Q4_0)
 #                   starts the llama.cpp build, writes the Llama-3-8B-shaped files (Q4_K's output
 #                   Q6_K, the others' their own type) and the SmolLM2-shaped Q4_1 file, times the
@@ -21,6 +22,10 @@ case "${1:-}" in
     mkdir -p "$carry/shared"
     shared=${NUMBAFORMER_SHARED:-$here/../shared}
     cp -r "$shared/gpu" "$carry/shared/"
+    # pytest-xdist for the GPU test runs (gpu_check.sh); device-env.sh installs every wheel there
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+        --platform manylinux2014_x86_64 pytest-xdist==3.8.0 execnet==2.1.2 \
+        -d "$carry/shared/gpu/wheels" || echo "(no pytest-xdist wheel: GPU tests on one process)"
     [ -f "$carry/llamacpp-src.tgz" ] || bash "$shared/gpu/llamacpp.sh" pack "$carry"
     python3 - "$carry/smollm2-vocab.gguf" <<'PY'
 import sys

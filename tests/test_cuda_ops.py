@@ -359,12 +359,64 @@ def test_rows_mat_vec_gives_each_row_its_one_row_bits(cu, monkeypatch, name, pre
     assert not np.array_equal(a, together[-1][:3])
 
 
+@pytest.mark.parametrize("n", [5, 11])
+def test_rows_on_tensor_cores_against_float64(cu, monkeypatch, n):
+    """gemv.ROWS_MMA (rows_mma.py, Q4_K on s8 mma.sync, activation rows in chunks of 8: one chunk
+    at 5 rows, two at 11): each output against float64 of gguf's dequantized weights times the
+    rows' q8 activations as the kernel reads them, within float32 rounding of the terms (as the
+    dp4a rows kernel, held to the same bound); the bias and residual epilogues; the backend's
+    SwiGLU of decode rows (two products and silu_mul) as the dp4a kernel's SwiGLU epilogue."""
+    from numbaformer.backends.cuda import gemv
+    from numbaformer.quants import Q4_K
+    rows, cols = sizes((32, 512), (1024, 4096))
+    raw, w = rand_qtensor(cu, Q4_K, rows, cols, seed=50)
+    W = ref_matrix(raw, Q4_K)
+    rng = np.random.default_rng(51)
+    x = dev(cu, rng.standard_normal((n, cols)).astype(np.float32) * 2)
+    bias = rng.standard_normal(rows).astype(np.float32)
+    res = rng.standard_normal((n, rows)).astype(np.float32)
+    xa = cu.alloc((n, gemv.smem_words(Q4_K, cols)))
+    gemv.quantize_rows(xa, x, None, 0.0, cu.stream)
+    ha = host(cu, xa)
+    nw = cols // 4
+    q = ha[:, :nw].copy().view(np.int8).astype(np.float64)             # (n, cols) q8 values
+    d = np.repeat(ha[:, nw:nw + cols // 32].astype(np.float64), 32, axis=1)
+    terms = np.abs(q * d) @ np.abs(W).T
+    ref = (q * d) @ W.T
+    for mma in (True, False):
+        monkeypatch.setattr(gemv, "ROWS_MMA", mma)
+        for mode, extras, add in (("store", None, 0), ("bias", [dev(cu, bias)], bias),
+                                  ("residual", [dev(cu, res)], res)):
+            out = dev(cu, res) if mode == "residual" else cu.alloc((n, rows))
+            gemv.gemv_rows([out], [w], xa, n, cu.stream, mode=mode,
+                           extras=[out] if mode == "residual" else extras)
+            got = host(cu, out).astype(np.float64)
+            assert np.all(np.abs(got - ref - add) <= 2e-6 * terms + 1e-6 * np.abs(add)), \
+                (mma, mode, np.abs(got - ref - add).max())
+    # the backend's SwiGLU of a batched step's decode rows: two tensor-core products, then silu_mul
+    up_raw, w_up = rand_qtensor(cu, Q4_K, rows, cols, seed=52)
+    nw_ = dev(cu, rng.uniform(0.5, 1.5, cols).astype(np.float32))
+    sw = {}
+    for mma in (True, False):
+        monkeypatch.setattr(gemv, "ROWS_MMA", mma)
+        cu.split_rows(n)
+        try:
+            out = cu.alloc((n, rows))
+            cu.norm_swiglu(out, x, nw_, 1e-5, w, w_up, cu.alloc((n, cols)), cu.alloc((n, rows)))
+        finally:
+            cu.split_rows(None)
+        sw[mma] = host(cu, out)
+    np.testing.assert_allclose(sw[True], sw[False], rtol=1e-4, atol=1e-5 * np.abs(sw[False]).max())
+    assert np.abs(sw[True]).max() > 0
+
+
 @pytest.mark.skipif(ON_GPU, reason="an offline check (CI); the GPU run compiles them for real")
 def test_ptx_rows_mat_vec(record_figure):
     """The many-rows mat-vec at its launch shapes (8 warps, the largest group; Q4_K with pair
     units, Q6_K, Q8_0; SwiGLU and residual epilogues; Q4_K with ROWS_CLAMP at group 8, whose
-    shared row-independent work costs registers) compiles for sm_90 with its accumulators in
-    registers: ptxas reports no spills and no stack frame."""
+    shared row-independent work costs registers; the s8 tensor-core form of rows_mma.py with one
+    and two chunks of activation rows) compiles for sm_90 with its accumulators in registers:
+    ptxas reports no spills and no stack frame."""
     from ptx_tools import offline_ptx, ptxas_info
     ptx = offline_ptx("""
 from numbaformer.backends.cuda import gemv, gemv_q8
@@ -380,7 +432,12 @@ for name, qt, pairs, mode, clamp in (("q4k_swiglu", Q4_K, True, 3, False),
     k = gemv_q8.rows_kernel(qt, 2 if mode == 3 else 1, mode, gemv.GEMV_WARPS, gemv_q8.UNROLL,
                             pairs, 8 if clamp else gemv.ROWS_GROUP_MAX, clamp, clamp)
     ptx[name] = compile(k, (f2, f2, f2, u2, u2, u2, u82, u82, u82, e, e, e, f2, i64, i64))
+from numbaformer.backends.cuda import rows_mma
+for chunks in (1, 2):
+    ptx[f"mma_q4k_bias_{chunks}"] = compile(rows_mma.mma_rows_kernel(1, gemv.GEMV_WARPS, chunks),
+                                            (f2, u2, A(f32, 1, "C"), f2, i64, i64))
 """)
+    assert "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32" in ptx["mma_q4k_bias_2"]
     for name, text in ptx.items():
         info = ptxas_info(text)
         if info is None:

@@ -323,8 +323,13 @@ class CUDABackend(Backend):
         same = (w_gate.qtype, w_gate.rows, w_gate.cols) == (w_up.qtype, w_up.rows, w_up.cols)
         d = self._rows_first(x, [w_gate, w_up]) if same else 0
         if d:                                         # SwiGLU in the mat-vec's epilogue
-            gemv.gemv_rows([out], [w_gate, w_up], self._q8_rows(x[:d], norm_w, eps), d,
-                           self.stream, mode="swiglu")
+            xa = self._q8_rows(x[:d], norm_w, eps)
+            if gemv.rows_on_tensor_cores([w_gate, w_up], d):     # (or after two products)
+                gemv.gemv_rows([out], [w_gate], xa, d, self.stream)
+                gemv.gemv_rows([up], [w_up], xa, d, self.stream)
+                self.silu_mul(out[:d], out[:d], up[:d])
+            else:
+                gemv.gemv_rows([out], [w_gate, w_up], xa, d, self.stream, mode="swiglu")
             if d < x.shape[0]:
                 with self._prompt_rows():
                     self.norm_swiglu(out[d:], x[d:], norm_w, eps, w_gate, w_up, scratch[d:],

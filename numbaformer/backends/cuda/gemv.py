@@ -29,7 +29,7 @@ from numba import cuda, float32, uint8
 from ...quants import GGML_TYPES, Q8_0, QK
 from ._jit import cuda_kernel
 from .decoders import DECODERS
-from . import gemv_q8
+from . import gemv_q8, rows_mma
 from .gemv_q8 import (F32_UNITS, UNITS, finish_pair, pair_ranges, pair_views, q8_kernel,
                       smem_words, stage_f32)
 from .intrinsics import syncwarp
@@ -53,6 +53,9 @@ ROWS_GROUP_MAX = 16       # the largest group compiled (tests/test_cuda_ops.py c
 # and NVVM shares their row-independent part (PTX 27 % smaller at Q4_K, 48 % at Q6_K) at the cost
 # of registers (Q4_K group 8: 121 -> 212); not timed yet: off
 ROWS_CLAMP = os.environ.get("NUMBAFORMER_ROWS_CLAMP", "0") == "1"
+# Q4_K decode rows on the s8 tensor cores (rows_mma.py; not timed yet: off). Not the one-row
+# mat-vec's bits: its sums in another order
+ROWS_MMA = os.environ.get("NUMBAFORMER_ROWS_MMA", "0") == "1"
 # quantized types: x quantized by a kernel of its own, read from L2 by every block, instead of each
 # block staging it, with Q4_K/Q5_K pair units (gemv_q8.PAIR_UNITS) then. H200 probe, % of copy
 # bandwidth at 14336x4096 / 4096x14336 (scripts/gpu_probe.py, 2026-12-02): Q4_K 38.3/29.4 staged,
@@ -261,6 +264,12 @@ def rows_supported(ws, exact: bool = False) -> bool:
         fast_path(ws[0].qtype) and ws[0].qtype not in F32_UNITS
 
 
+def rows_on_tensor_cores(ws, n: int) -> bool:
+    """Whether gemv_rows takes each of these matrices on the s8 tensor cores (ROWS_MMA,
+    rows_mma.supported; one matrix at a time, no SwiGLU epilogue)."""
+    return ROWS_MMA and all(rows_mma.supported(w.qtype, w.rows, w.cols, n, 0) for w in ws)
+
+
 def gemv_rows(outs, ws, xa, n: int, stream, *, mode: str = "store", extras=None) -> None:
     """The fast mat-vec over n activation rows at once (a batched step's decode rows):
     outs[m][:n] (n, rows_m) f32 from QTensors ws[m] (rows_supported) and xa[:n], their q8
@@ -271,6 +280,14 @@ def gemv_rows(outs, ws, xa, n: int, stream, *, mode: str = "store", extras=None)
     assert rows_supported(ws) and 1 <= n_mat <= 3 and xa.shape[0] >= n >= 1
     assert xa.shape[1] == smem_words(qtype, cols) and all(o.shape[0] >= n for o in outs)
     m = MODES[mode]
+    if n_mat == 1 and m < 3 and rows_on_tensor_cores(ws, n):
+        k = rows_mma.mma_rows_kernel(m, GEMV_WARPS, 1 if n <= 8 else 2)
+        grid = max(1, min(-(-ws[0].rows // (16 * GEMV_WARPS)),
+                          grid_cap(k, GEMV_WARPS * WARP, 0)))
+        k[grid, GEMV_WARPS * WARP, stream](outs[0], ws[0].data.view(np.uint32),
+                                           extras[0] if extras else outs[0], xa, np.int64(cols),
+                                           np.int64(n))
+        return
     pairs = ws[0].rows if m == 3 else sum((w.rows + 1) // 2 for w in ws)
     group = min(ROWS_GROUP, ROWS_GROUP_MAX, 1 << (n - 1).bit_length())
     upb, bv = UNITS[qtype][2:]

@@ -1,0 +1,149 @@
+"""A batched step's decode rows on the s8 tensor cores (Q4_K; gemv.ROWS_MMA, off until timed).
+
+The many-rows mat-vec (gemv_q8.rows_kernel) pays each activation row the whole per-unit arithmetic
+of the one-row kernel: its time grows almost as fast as the rows. Here the rows share it:
+`mma.sync.m16n8k32.s8` multiplies a fragment of 16 weight rows x 32 values by 8 activation rows
+in one instruction, the 32 values being one Q4_K sub-block, so the s32 sums only need the
+sub-block's scale and min afterwards:
+
+    y[r, t] += d_r sc_r[s] dx_t[s] (q_r[s] . qx_t[s])  -  dmin_r m_r[s] sx_t[s]
+
+(dx, qx: the activations' q8 scale and values of sub-block s, sx their d-scaled sum; the xa rows
+of gemv.quantize_rows). A warp takes 16 weight rows (a grid stride over tiles of 16) and all the
+activation rows (chunks of 8, `chunks` of them), walking the blocks of the rows: per block, each
+lane loads the header (d, dmin, 12 scale bytes) of its two rows (g and g + 8, g = lane // 4) and,
+per pair of sub-blocks, the two words of each row that are its A fragment (PTX layout, mma.py:
+bytes 4t .. and 16 + 4t .. of the sub-block pair's 32 bytes: low nibbles are sub-block 2j, high
+nibbles 2j + 1), and the B fragment of activation row g of each chunk; C's four values are rows g,
+g + 8 of activation rows 2t, 2t + 1. Activation rows past n_x read row n_x - 1 and are not
+stored. The sums are the same numbers as the dp4a kernel's, added in another order: within
+float32 rounding of them (tests/test_cuda_ops.py).
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+from numba import cuda, float32, int32, uint32
+
+from ...quants import Q4_K
+from .gemv_q8 import LO, _f16_half, _scales_pair
+from .intrinsics import load_u32x4
+from .mma import mma_s8
+from .reduce import WARP
+
+TYPES = (Q4_K,)
+
+
+@cuda.jit(device=True, inline=True)
+def _sub(sc, j):
+    """Byte j (0, 1) of a 16-bit scale/min pair, as float32."""
+    return float32(int32((sc >> uint32(8 * j)) & uint32(0xFF)))
+
+
+@cuda.jit(device=True, inline=True)
+def _store(o, e, t, r, acc, mode, n_x):
+    if t < n_x:
+        if mode == 1:
+            acc += e[r]
+        elif mode == 2:
+            acc += e[t, r]
+        o[t, r] = acc
+
+
+@functools.lru_cache(maxsize=None)
+def mma_rows_kernel(mode: int, warps: int, chunks: int):
+    """out[t, r] = w[r] . x[t] (+ bias e[r] in mode 1, + residual e[t, r] in mode 2) for Q4_K rows
+    (GPU layout, a multiple of 16) and up to 8 `chunks` activation rows (module docstring)."""
+    from ._jit import cuda_kernel
+    assert 1 <= chunks <= 2 and mode in (0, 1, 2)
+
+    @cuda.jit(device=True, inline=True)
+    def chunk(ch, a0, a1, a2, a3, sa, sb, ma, mb, xa, n_x, t, g, wq, sub, nw, n32):
+        """One sub-block's product with activation chunk ch: the four C values' increments."""
+        tg = min(8 * ch + g, n_x - 1)
+        t0 = min(8 * ch + 2 * t, n_x - 1)
+        t1 = min(8 * ch + 2 * t + 1, n_x - 1)
+        xq = xa[tg].view(np.uint32)
+        b0 = xq[wq]
+        b1 = xq[wq + 4]
+        c0, c1, c2, c3 = mma_s8(a0, a1, a2, a3, b0, b1, int32(0), int32(0), int32(0), int32(0))
+        x0 = xa[t0]
+        x1 = xa[t1]
+        d0 = x0[nw + sub]
+        d1 = x1[nw + sub]
+        s0 = x0[nw + n32 + 2 * sub] + x0[nw + n32 + 2 * sub + 1]
+        s1 = x1[nw + n32 + 2 * sub] + x1[nw + n32 + 2 * sub + 1]
+        return (sa * d0 * float32(c0) - ma * s0, sa * d1 * float32(c1) - ma * s1,
+                sb * d0 * float32(c2) - mb * s0, sb * d1 * float32(c3) - mb * s1)
+
+    @cuda_kernel
+    def _mma_rows(o, w, e, xa, cols, n_x):
+        lane = cuda.threadIdx.x % WARP
+        wi = cuda.threadIdx.x // WARP
+        g = lane >> 2
+        t = lane & 3
+        nb = cols // 256
+        nw = cols // 4
+        n32 = cols // 32
+        n_tiles = w.shape[0] // 16
+        for tile in range(cuda.blockIdx.x * warps + wi, n_tiles, cuda.gridDim.x * warps):
+            ra = w[16 * tile + g]
+            rb = w[16 * tile + g + 8]
+            p0 = p1 = p2 = p3 = float32(0)
+            q0 = q1 = q2 = q3 = float32(0)
+            for b in range(nb):
+                ha0, ha1, ha2, ha3 = load_u32x4(ra, 8 * nb + b)
+                hb0, hb1, hb2, hb3 = load_u32x4(rb, 8 * nb + b)
+                da = _f16_half(ha0, 0)
+                db = _f16_half(hb0, 0)
+                dma = _f16_half(ha0, 1)
+                dmb = _f16_half(hb0, 1)
+                for gp in range(4):
+                    wa0 = ra[32 * b + 8 * gp + t]
+                    wa1 = ra[32 * b + 8 * gp + 4 + t]
+                    wb0 = rb[32 * b + 8 * gp + t]
+                    wb1 = rb[32 * b + 8 * gp + 4 + t]
+                    sca, mna = _scales_pair(ha1, ha2, ha3, gp)
+                    scb, mnb = _scales_pair(hb1, hb2, hb3, gp)
+                    for j in range(2):
+                        sh = uint32(4 * j)
+                        a0 = (wa0 >> sh) & uint32(LO)
+                        a1 = (wb0 >> sh) & uint32(LO)
+                        a2 = (wa1 >> sh) & uint32(LO)
+                        a3 = (wb1 >> sh) & uint32(LO)
+                        sa = da * _sub(sca, j)
+                        sb = db * _sub(scb, j)
+                        ma = dma * _sub(mna, j)
+                        mb = dmb * _sub(mnb, j)
+                        sub = 8 * b + 2 * gp + j
+                        wq = 8 * sub + t
+                        i0, i1, i2, i3 = chunk(0, a0, a1, a2, a3, sa, sb, ma, mb, xa, n_x, t, g,
+                                               wq, sub, nw, n32)
+                        p0 += i0
+                        p1 += i1
+                        p2 += i2
+                        p3 += i3
+                        if chunks > 1:
+                            i0, i1, i2, i3 = chunk(1, a0, a1, a2, a3, sa, sb, ma, mb, xa, n_x, t,
+                                                   g, wq, sub, nw, n32)
+                            q0 += i0
+                            q1 += i1
+                            q2 += i2
+                            q3 += i3
+            r0 = 16 * tile + g
+            _store(o, e, 2 * t, r0, p0, mode, n_x)
+            _store(o, e, 2 * t + 1, r0, p1, mode, n_x)
+            _store(o, e, 2 * t, r0 + 8, p2, mode, n_x)
+            _store(o, e, 2 * t + 1, r0 + 8, p3, mode, n_x)
+            if chunks > 1:
+                _store(o, e, 8 + 2 * t, r0, q0, mode, n_x)
+                _store(o, e, 9 + 2 * t, r0, q1, mode, n_x)
+                _store(o, e, 8 + 2 * t, r0 + 8, q2, mode, n_x)
+                _store(o, e, 9 + 2 * t, r0 + 8, q3, mode, n_x)
+
+    return _mma_rows
+
+
+def supported(qtype: int, rows: int, cols: int, n: int, mode: int) -> bool:
+    return qtype in TYPES and rows % 16 == 0 and cols % 256 == 0 and 1 <= n <= 16 and mode < 3

@@ -359,23 +359,23 @@ def test_rows_mat_vec_gives_each_row_its_one_row_bits(cu, monkeypatch, name, pre
     assert not np.array_equal(a, together[-1][:3])
 
 
-@pytest.mark.parametrize("n", [5, 11])
-def test_rows_on_tensor_cores_against_float64(cu, monkeypatch, n):
-    """gemv.ROWS_MMA (rows_mma.py, Q4_K on s8 mma.sync, activation rows in chunks of 8: one chunk
-    at 5 rows, two at 11): each output against float64 of gguf's dequantized weights times the
+@pytest.mark.parametrize("name,n", [("Q4_K", 5), ("Q4_K", 11), ("Q6_K", 11)])
+def test_rows_on_tensor_cores_against_float64(cu, monkeypatch, name, n):
+    """gemv.ROWS_MMA (rows_mma.py, Q4_K on s8 mma.sync m16n8k32, Q6_K on m16n8k16; activation
+    rows in chunks of 8: one chunk at 5 rows, two at 11): each output against float64 of gguf's dequantized weights times the
     rows' q8 activations as the kernel reads them, within float32 rounding of the terms (as the
     dp4a rows kernel, held to the same bound); the bias and residual epilogues; the backend's
     SwiGLU of decode rows (two products and silu_mul) as the dp4a kernel's SwiGLU epilogue."""
     from numbaformer.backends.cuda import gemv
-    from numbaformer.quants import Q4_K
+    qt = TYPE_IDS[name]
     rows, cols = sizes((32, 512), (1024, 4096))
-    raw, w = rand_qtensor(cu, Q4_K, rows, cols, seed=50)
-    W = ref_matrix(raw, Q4_K)
+    raw, w = rand_qtensor(cu, qt, rows, cols, seed=50)
+    W = ref_matrix(raw, qt)
     rng = np.random.default_rng(51)
     x = dev(cu, rng.standard_normal((n, cols)).astype(np.float32) * 2)
     bias = rng.standard_normal(rows).astype(np.float32)
     res = rng.standard_normal((n, rows)).astype(np.float32)
-    xa = cu.alloc((n, gemv.smem_words(Q4_K, cols)))
+    xa = cu.alloc((n, gemv.smem_words(qt, cols)))
     gemv.quantize_rows(xa, x, None, 0.0, cu.stream)
     ha = host(cu, xa)
     nw = cols // 4
@@ -394,7 +394,7 @@ def test_rows_on_tensor_cores_against_float64(cu, monkeypatch, n):
             assert np.all(np.abs(got - ref - add) <= 2e-6 * terms + 1e-6 * np.abs(add)), \
                 (mma, mode, np.abs(got - ref - add).max())
     # the backend's SwiGLU of a batched step's decode rows: two tensor-core products, then silu_mul
-    up_raw, w_up = rand_qtensor(cu, Q4_K, rows, cols, seed=52)
+    up_raw, w_up = rand_qtensor(cu, qt, rows, cols, seed=52)
     nw_ = dev(cu, rng.uniform(0.5, 1.5, cols).astype(np.float32))
     sw = {}
     for mma in (True, False):
@@ -414,8 +414,8 @@ def test_rows_on_tensor_cores_against_float64(cu, monkeypatch, n):
 def test_ptx_rows_mat_vec(record_figure):
     """The many-rows mat-vec at its launch shapes (8 warps, the largest group; Q4_K with pair
     units, Q6_K, Q8_0; SwiGLU and residual epilogues; Q4_K with ROWS_CLAMP at group 8, whose
-    shared row-independent work costs registers; the s8 tensor-core form of rows_mma.py with one
-    and two chunks of activation rows) compiles for sm_90 with its accumulators in registers:
+    shared row-independent work costs registers; the s8 tensor-core forms of rows_mma.py, Q4_K with
+    one and two chunks of activation rows, Q6_K with two) compiles for sm_90 with its accumulators in registers:
     ptxas reports no spills and no stack frame."""
     from ptx_tools import offline_ptx, ptxas_info
     ptx = offline_ptx("""
@@ -436,7 +436,10 @@ from numbaformer.backends.cuda import rows_mma
 for chunks in (1, 2):
     ptx[f"mma_q4k_bias_{chunks}"] = compile(rows_mma.mma_rows_kernel(1, gemv.GEMV_WARPS, chunks),
                                             (f2, u2, A(f32, 1, "C"), f2, i64, i64))
+ptx["mma_q6k_store_2"] = compile(rows_mma.q6k_rows_kernel(0, gemv.GEMV_WARPS, 2),
+                                 (f2, u2, u82, f2, f2, i64, i64))
 """)
+    assert "mma.sync.aligned.m16n8k16.row.col.s32.s8.s8.s32" in ptx["mma_q6k_store_2"]
     assert "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32" in ptx["mma_q4k_bias_2"]
     for name, text in ptx.items():
         info = ptxas_info(text)

@@ -281,13 +281,7 @@ def gemv_rows(outs, ws, xa, n: int, stream, *, mode: str = "store", extras=None)
     assert xa.shape[1] == smem_words(qtype, cols) and all(o.shape[0] >= n for o in outs)
     m = MODES[mode]
     if n_mat == 1 and m < 3 and rows_on_tensor_cores(ws, n):
-        k = rows_mma.mma_rows_kernel(m, GEMV_WARPS, 1 if n <= 8 else 2)
-        grid = max(1, min(-(-ws[0].rows // (16 * GEMV_WARPS)),
-                          grid_cap(k, GEMV_WARPS * WARP, 0)))
-        k[grid, GEMV_WARPS * WARP, stream](outs[0], ws[0].data.view(np.uint32),
-                                           extras[0] if extras else outs[0], xa, np.int64(cols),
-                                           np.int64(n))
-        return
+        return rows_mma.launch(ws[0], outs, extras, xa, n, m, GEMV_WARPS, stream, grid_cap)
     pairs = ws[0].rows if m == 3 else sum((w.rows + 1) // 2 for w in ws)
     group = min(ROWS_GROUP, ROWS_GROUP_MAX, 1 << (n - 1).bit_length())
     upb, bv = UNITS[qtype][2:]

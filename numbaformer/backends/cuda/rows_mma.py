@@ -1,4 +1,4 @@
-"""A batched step's decode rows on the s8 tensor cores (Q4_K; gemv.ROWS_MMA, off until timed).
+"""A batched step's decode rows on the s8 tensor cores (Q4_K, Q6_K; gemv.ROWS_MMA, off until timed).
 
 The many-rows mat-vec (gemv_q8.rows_kernel) pays each activation row the whole per-unit arithmetic
 of the one-row kernel: its time grows almost as fast as the rows. Here the rows share it:
@@ -26,19 +26,34 @@ import functools
 import numpy as np
 from numba import cuda, float32, int32, uint32
 
-from ...quants import Q4_K
+from ...quants import Q4_K, Q6_K
 from .gemv_q8 import LO, _f16_half, _scales_pair
 from .intrinsics import load_u32x4
-from .mma import mma_s8
+from .mma import mma_s8, mma_s8_k16
 from .reduce import WARP
 
-TYPES = (Q4_K,)
+TYPES = (Q4_K, Q6_K)
 
 
 @cuda.jit(device=True, inline=True)
 def _sub(sc, j):
     """Byte j (0, 1) of a 16-bit scale/min pair, as float32."""
     return float32(int32((sc >> uint32(8 * j)) & uint32(0xFF)))
+
+
+@cuda.jit(device=True, inline=True)
+def _lane(cols):
+    """(warp of the block, the lane's group g and thread t in it, blocks of 256 a row, then the
+    offsets of xd and xs in an activation row: nw (= cols / 4 words of q8 values), cols / 32)."""
+    lane = cuda.threadIdx.x % WARP
+    return cuda.threadIdx.x // WARP, lane >> 2, lane & 3, cols // 256, cols // 4, cols // 32
+
+
+@cuda.jit(device=True, inline=True)
+def _chunk_rows(ch, g, t, n_x):
+    """The activation rows of chunk ch a lane reads: its B column 8 ch + g and its C columns
+    8 ch + 2t, 8 ch + 2t + 1, each at most n_x - 1 (rows past n_x are computed, never stored)."""
+    return min(8 * ch + g, n_x - 1), min(8 * ch + 2 * t, n_x - 1), min(8 * ch + 2 * t + 1, n_x - 1)
 
 
 @cuda.jit(device=True, inline=True)
@@ -61,9 +76,7 @@ def mma_rows_kernel(mode: int, warps: int, chunks: int):
     @cuda.jit(device=True, inline=True)
     def chunk(ch, a0, a1, a2, a3, sa, sb, ma, mb, xa, n_x, t, g, wq, sub, nw, n32):
         """One sub-block's product with activation chunk ch: the four C values' increments."""
-        tg = min(8 * ch + g, n_x - 1)
-        t0 = min(8 * ch + 2 * t, n_x - 1)
-        t1 = min(8 * ch + 2 * t + 1, n_x - 1)
+        tg, t0, t1 = _chunk_rows(ch, g, t, n_x)
         xq = xa[tg].view(np.uint32)
         b0 = xq[wq]
         b1 = xq[wq + 4]
@@ -79,13 +92,7 @@ def mma_rows_kernel(mode: int, warps: int, chunks: int):
 
     @cuda_kernel
     def _mma_rows(o, w, e, xa, cols, n_x):
-        lane = cuda.threadIdx.x % WARP
-        wi = cuda.threadIdx.x // WARP
-        g = lane >> 2
-        t = lane & 3
-        nb = cols // 256
-        nw = cols // 4
-        n32 = cols // 32
+        wi, g, t, nb, nw, n32 = _lane(cols)
         n_tiles = w.shape[0] // 16
         for tile in range(cuda.blockIdx.x * warps + wi, n_tiles, cuda.gridDim.x * warps):
             ra = w[16 * tile + g]
@@ -131,18 +138,113 @@ def mma_rows_kernel(mode: int, warps: int, chunks: int):
                             q1 += i1
                             q2 += i2
                             q3 += i3
-            r0 = 16 * tile + g
-            _store(o, e, 2 * t, r0, p0, mode, n_x)
-            _store(o, e, 2 * t + 1, r0, p1, mode, n_x)
-            _store(o, e, 2 * t, r0 + 8, p2, mode, n_x)
-            _store(o, e, 2 * t + 1, r0 + 8, p3, mode, n_x)
-            if chunks > 1:
-                _store(o, e, 8 + 2 * t, r0, q0, mode, n_x)
-                _store(o, e, 9 + 2 * t, r0, q1, mode, n_x)
-                _store(o, e, 8 + 2 * t, r0 + 8, q2, mode, n_x)
-                _store(o, e, 9 + 2 * t, r0 + 8, q3, mode, n_x)
+            _store_tile(o, e, t, 16 * tile + g, p0, p1, p2, p3, q0, q1, q2, q3, mode, n_x, chunks)
 
     return _mma_rows
+
+
+@functools.lru_cache(maxsize=None)
+def q6k_rows_kernel(mode: int, warps: int, chunks: int):
+    """mma_rows_kernel for Q6_K, on the k = 16 form (mma_s8_k16): a Q6_K sub-block is 16 values
+    with its own int8 scale. Values are q - 32 with q = 4 bits of ql | 2 bits of qh (0..63, an s8
+    as it is): y[r, t] += d_r sc_r[s] (dx_t (q_r[s] . qx_t[s]) - 32 sx_t[s]). Per 16-byte group
+    (n, v) of a block (gemv_q8._dot_q6_k's unit: ql bytes 64n + 16v .., qh bytes 32n + 16 (v % 2)
+    .., fields v // 2 and v // 2 + 2), lane t's word t of each is A[g, 4t:4t+4] of sub-blocks
+    8n + v (low nibbles) and 8n + v + 4 (high)."""
+    from ._jit import cuda_kernel
+    assert 1 <= chunks <= 2 and mode in (0, 1, 2)
+    three = uint32(0x03030303)
+
+    @cuda.jit(device=True, inline=True)
+    def chunk(ch, a0, a1, sa, sb, xa, n_x, t, g, wq, s16, nw, n32):
+        tg, t0, t1 = _chunk_rows(ch, g, t, n_x)
+        b0 = xa[tg].view(np.uint32)[wq]
+        c0, c1, c2, c3 = mma_s8_k16(a0, a1, b0, int32(0), int32(0), int32(0), int32(0))
+        x0 = xa[t0]
+        x1 = xa[t1]
+        d0 = x0[nw + (s16 >> 1)]
+        d1 = x1[nw + (s16 >> 1)]
+        s0 = float32(32) * x0[nw + n32 + s16]
+        s1 = float32(32) * x1[nw + n32 + s16]
+        return (sa * (d0 * float32(c0) - s0), sa * (d1 * float32(c1) - s1),
+                sb * (d0 * float32(c2) - s0), sb * (d1 * float32(c3) - s1))
+
+    @cuda_kernel
+    def _q6k_rows(o, w, w8, e, xa, cols, n_x):
+        wi, g, t, nb, nw, n32 = _lane(cols)
+        n_tiles = w.shape[0] // 16
+        for tile in range(cuda.blockIdx.x * warps + wi, n_tiles, cuda.gridDim.x * warps):
+            ra = w[16 * tile + g]
+            rb = w[16 * tile + g + 8]
+            ra8 = w8[16 * tile + g]
+            rb8 = w8[16 * tile + g + 8]
+            p0 = p1 = p2 = p3 = float32(0)
+            q0 = q1 = q2 = q3 = float32(0)
+            for b in range(nb):
+                da = _f16_half(ra[52 * nb + (b >> 1)], b & 1)
+                db = _f16_half(rb[52 * nb + (b >> 1)], b & 1)
+                for n in range(2):
+                    for v in range(4):
+                        la = ra[32 * b + 16 * n + 4 * v + t]
+                        lb = rb[32 * b + 16 * n + 4 * v + t]
+                        qa = ra[32 * nb + 16 * b + 8 * n + 4 * (v & 1) + t]
+                        qb = rb[32 * nb + 16 * b + 8 * n + 4 * (v & 1) + t]
+                        for hi in range(2):
+                            f = uint32(2 * (v >> 1) + 4 * hi)
+                            a0 = ((la >> uint32(4 * hi)) & uint32(LO)) | \
+                                (((qa >> f) & three) << uint32(4))
+                            a1 = ((lb >> uint32(4 * hi)) & uint32(LO)) | \
+                                (((qb >> f) & three) << uint32(4))
+                            s = 8 * n + v + 4 * hi                      # sub-block in the block
+                            sa = da * float32(int32(np.int8(ra8[192 * nb + 16 * b + s])))
+                            sb = db * float32(int32(np.int8(rb8[192 * nb + 16 * b + s])))
+                            s16 = 16 * b + s
+                            wq = 4 * s16 + t
+                            i0, i1, i2, i3 = chunk(0, a0, a1, sa, sb, xa, n_x, t, g, wq, s16, nw,
+                                                   n32)
+                            p0 += i0
+                            p1 += i1
+                            p2 += i2
+                            p3 += i3
+                            if chunks > 1:
+                                i0, i1, i2, i3 = chunk(1, a0, a1, sa, sb, xa, n_x, t, g, wq, s16,
+                                                       nw, n32)
+                                q0 += i0
+                                q1 += i1
+                                q2 += i2
+                                q3 += i3
+            _store_tile(o, e, t, 16 * tile + g, p0, p1, p2, p3, q0, q1, q2, q3, mode, n_x, chunks)
+
+    return _q6k_rows
+
+
+@cuda.jit(device=True, inline=True)
+def _store_tile(o, e, t, r0, p0, p1, p2, p3, q0, q1, q2, q3, mode, n_x, chunks):
+    """A lane's C values of a tile: rows r0, r0 + 8 of activation rows 2t, 2t + 1 (p) and, with
+    two chunks, 8 + 2t, 9 + 2t (q)."""
+    _store(o, e, 2 * t, r0, p0, mode, n_x)
+    _store(o, e, 2 * t + 1, r0, p1, mode, n_x)
+    _store(o, e, 2 * t, r0 + 8, p2, mode, n_x)
+    _store(o, e, 2 * t + 1, r0 + 8, p3, mode, n_x)
+    if chunks > 1:
+        _store(o, e, 8 + 2 * t, r0, q0, mode, n_x)
+        _store(o, e, 9 + 2 * t, r0, q1, mode, n_x)
+        _store(o, e, 8 + 2 * t, r0 + 8, q2, mode, n_x)
+        _store(o, e, 9 + 2 * t, r0 + 8, q3, mode, n_x)
+
+
+def launch(w, outs, extras, xa, n: int, mode: int, warps: int, stream, grid_cap) -> None:
+    """out[:n] = w . xa's rows (+ extras per mode) on the tensor cores (`supported`)."""
+    chunks = 1 if n <= 8 else 2
+    if w.qtype == Q6_K:
+        k = q6k_rows_kernel(mode, warps, chunks)
+        args = (outs[0], w.data.view(np.uint32), w.data)
+    else:
+        k = mma_rows_kernel(mode, warps, chunks)
+        args = (outs[0], w.data.view(np.uint32))
+    args += (extras[0] if extras else outs[0], xa, np.int64(w.cols), np.int64(n))
+    grid = max(1, min(-(-w.rows // (16 * warps)), grid_cap(k, warps * WARP, 0)))
+    k[grid, warps * WARP, stream](*args)
 
 
 def supported(qtype: int, rows: int, cols: int, n: int, mode: int) -> bool:

@@ -23,7 +23,7 @@ import gpu_mma_check as C  # noqa: E402  (sets up the paths and the numpy shim)
 import numpy as np  # noqa: E402
 from numba import cuda  # noqa: E402
 
-from numbaformer.backends.cuda import gemv  # noqa: E402
+from numbaformer.backends.cuda import elementwise, gemv  # noqa: E402
 from numbaformer.backends.cuda import matmul_mma as MMA  # noqa: E402
 from numbaformer.backends.cuda.backend import upload_matrix  # noqa: E402
 from numbaformer.backends.cuda.matmul import _opt_in  # noqa: E402
@@ -36,7 +36,7 @@ SHAPES = (("q/o", 4096, 4096, 1, 2), ("k/v", 1024, 4096, 1, 2), ("gate+up", 1433
           ("down", 4096, 14336, 1, 1))
 N_LAYER = 32
 if C.SIM:                  # the script's logic at toy sizes under the simulator
-    SHAPES = (("q/o", 32, 512, 1, 2), ("gate+up", 6, 512, 2, 1))
+    SHAPES = (("q/o", 32, 512, 1, 2), ("gate+up", 16, 512, 2, 1))
     OUTPUT = ("output", 10, 256, 1, 0)
     gemv.GEMV_WARPS = 1
     MMA.MMA_TILES, MMA.MMA_BK, MMA.BF16_THREADS = ((16, 16, 1, 1),), 32, 32
@@ -64,7 +64,20 @@ def label(variant) -> str:
     return f"g={g}{' clamp' if clamp else ''}{' mma' if mma else ''}"
 
 
+_UP: dict = {}
+
+
 def run_rows(ws, xa, n, outs):
+    """The step's product as the backend runs it: SwiGLU in the dp4a kernel's epilogue, or on
+    the tensor cores (ROWS_MMA) two products and silu_mul."""
+    if len(ws) == 2 and gemv.rows_on_tensor_cores(ws, n):
+        key = (n, ws[1].rows)
+        if key not in _UP:
+            _UP[key] = cuda.device_array((n, ws[1].rows), np.float32, stream=C.STREAM)
+        gemv.gemv_rows(outs, ws[:1], xa, n, C.STREAM)
+        gemv.gemv_rows([_UP[key]], ws[1:], xa, n, C.STREAM)
+        elementwise.silu_mul(outs[0][:n], outs[0][:n], _UP[key], C.STREAM)
+        return
     mode = "swiglu" if len(ws) == 2 else "store"
     gemv.gemv_rows(outs, ws, xa, n, C.STREAM, mode=mode)
 

@@ -359,10 +359,10 @@ def test_rows_mat_vec_gives_each_row_its_one_row_bits(cu, monkeypatch, name, pre
     assert not np.array_equal(a, together[-1][:3])
 
 
-@pytest.mark.parametrize("name,n", [("Q4_K", 5), ("Q4_K", 11), ("Q6_K", 11)])
+@pytest.mark.parametrize("name,n", [("Q4_K", 5), ("Q4_K", 11), ("Q6_K", 11), ("Q4_K", 21)])
 def test_rows_on_tensor_cores_against_float64(cu, monkeypatch, name, n):
     """gemv.ROWS_MMA (rows_mma.py, Q4_K on s8 mma.sync m16n8k32, Q6_K on m16n8k16; activation
-    rows in chunks of 8: one chunk at 5 rows, two at 11): each output against float64 of gguf's dequantized weights times the
+    rows in chunks of 8, two a block: one chunk at 5 rows, two at 11, two grid rows at 21): each output against float64 of gguf's dequantized weights times the
     rows' q8 activations as the kernel reads them, within float32 rounding of the terms (as the
     dp4a rows kernel, held to the same bound); the bias and residual epilogues; the backend's
     SwiGLU of decode rows (two products and silu_mul) as the dp4a kernel's SwiGLU epilogue."""
@@ -397,6 +397,7 @@ def test_rows_on_tensor_cores_against_float64(cu, monkeypatch, name, n):
     up_raw, w_up = rand_qtensor(cu, qt, rows, cols, seed=52)
     nw_ = dev(cu, rng.uniform(0.5, 1.5, cols).astype(np.float32))
     sw = {}
+    monkeypatch.setattr(gemv, "ROWS_MAX", 64)          # the dp4a kernel for all rows too
     for mma in (True, False):
         monkeypatch.setattr(gemv, "ROWS_MMA", mma)
         cu.split_rows(n)

@@ -195,12 +195,14 @@ class CUDABackend(Backend):
         """How many leading rows of x (a batched step's decode rows) take gemv.gemv_rows, the
         mat-vec on 8-bit activations over many rows (gemv.ROWS): a row's bits are then those of
         the single-sequence decode, in any batch of up to gemv.ROWS_MAX decode rows (past the
-        measured crossover, the tensor-core GEMM's). 0 outside batched steps, with `exact`,
-        past ROWS_MAX decode rows, or for matrices it does not take."""
-        if self.decode_rows is None or not 0 < self.decode_rows <= gemv.ROWS_MAX or \
-                not gemv.rows_supported(ws, self.exact):
+        measured crossover, the tensor-core GEMM's); with gemv.ROWS_MMA, up to rows_mma.MAX_ROWS
+        for the matrices it takes. 0 outside batched steps, with `exact`, past those counts, or
+        for matrices it does not take."""
+        d = self.decode_rows
+        if d is None or d <= 0 or not gemv.rows_supported(ws, self.exact) or \
+                d > gemv.ROWS_MAX and not gemv.rows_on_tensor_cores(ws, d):
             return 0
-        return min(self.decode_rows, x.shape[0])
+        return min(d, x.shape[0])
 
     @contextlib.contextmanager
     def _prompt_rows(self):

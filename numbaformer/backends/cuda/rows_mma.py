@@ -33,6 +33,7 @@ from .mma import mma_s8, mma_s8_k16
 from .reduce import WARP
 
 TYPES = (Q4_K, Q6_K)
+MAX_ROWS = 64             # activation rows of a launch (a grid row per 16)
 
 
 @cuda.jit(device=True, inline=True)
@@ -94,6 +95,7 @@ def mma_rows_kernel(mode: int, warps: int, chunks: int):
     def _mma_rows(o, w, e, xa, cols, n_x):
         wi, g, t, nb, nw, n32 = _lane(cols)
         n_tiles = w.shape[0] // 16
+        c0 = 2 * cuda.blockIdx.y                 # this block's chunks of 8 activation rows
         for tile in range(cuda.blockIdx.x * warps + wi, n_tiles, cuda.gridDim.x * warps):
             ra = w[16 * tile + g]
             rb = w[16 * tile + g + 8]
@@ -125,20 +127,21 @@ def mma_rows_kernel(mode: int, warps: int, chunks: int):
                         mb = dmb * _sub(mnb, j)
                         sub = 8 * b + 2 * gp + j
                         wq = 8 * sub + t
-                        i0, i1, i2, i3 = chunk(0, a0, a1, a2, a3, sa, sb, ma, mb, xa, n_x, t, g,
+                        i0, i1, i2, i3 = chunk(c0, a0, a1, a2, a3, sa, sb, ma, mb, xa, n_x, t, g,
                                                wq, sub, nw, n32)
                         p0 += i0
                         p1 += i1
                         p2 += i2
                         p3 += i3
                         if chunks > 1:
-                            i0, i1, i2, i3 = chunk(1, a0, a1, a2, a3, sa, sb, ma, mb, xa, n_x, t,
-                                                   g, wq, sub, nw, n32)
+                            i0, i1, i2, i3 = chunk(c0 + 1, a0, a1, a2, a3, sa, sb, ma, mb, xa, n_x,
+                                                   t, g, wq, sub, nw, n32)
                             q0 += i0
                             q1 += i1
                             q2 += i2
                             q3 += i3
-            _store_tile(o, e, t, 16 * tile + g, p0, p1, p2, p3, q0, q1, q2, q3, mode, n_x, chunks)
+            _store_tile(o, e, 8 * c0, t, 16 * tile + g, p0, p1, p2, p3, q0, q1, q2, q3, mode,
+                        n_x, chunks)
 
     return _mma_rows
 
@@ -173,6 +176,7 @@ def q6k_rows_kernel(mode: int, warps: int, chunks: int):
     def _q6k_rows(o, w, w8, e, xa, cols, n_x):
         wi, g, t, nb, nw, n32 = _lane(cols)
         n_tiles = w.shape[0] // 16
+        c0 = 2 * cuda.blockIdx.y                 # this block's chunks of 8 activation rows
         for tile in range(cuda.blockIdx.x * warps + wi, n_tiles, cuda.gridDim.x * warps):
             ra = w[16 * tile + g]
             rb = w[16 * tile + g + 8]
@@ -200,42 +204,43 @@ def q6k_rows_kernel(mode: int, warps: int, chunks: int):
                             sb = db * float32(int32(np.int8(rb8[192 * nb + 16 * b + s])))
                             s16 = 16 * b + s
                             wq = 4 * s16 + t
-                            i0, i1, i2, i3 = chunk(0, a0, a1, sa, sb, xa, n_x, t, g, wq, s16, nw,
+                            i0, i1, i2, i3 = chunk(c0, a0, a1, sa, sb, xa, n_x, t, g, wq, s16, nw,
                                                    n32)
                             p0 += i0
                             p1 += i1
                             p2 += i2
                             p3 += i3
                             if chunks > 1:
-                                i0, i1, i2, i3 = chunk(1, a0, a1, sa, sb, xa, n_x, t, g, wq, s16,
-                                                       nw, n32)
+                                i0, i1, i2, i3 = chunk(c0 + 1, a0, a1, sa, sb, xa, n_x, t, g, wq,
+                                                       s16, nw, n32)
                                 q0 += i0
                                 q1 += i1
                                 q2 += i2
                                 q3 += i3
-            _store_tile(o, e, t, 16 * tile + g, p0, p1, p2, p3, q0, q1, q2, q3, mode, n_x, chunks)
+            _store_tile(o, e, 8 * c0, t, 16 * tile + g, p0, p1, p2, p3, q0, q1, q2, q3, mode,
+                        n_x, chunks)
 
     return _q6k_rows
 
 
 @cuda.jit(device=True, inline=True)
-def _store_tile(o, e, t, r0, p0, p1, p2, p3, q0, q1, q2, q3, mode, n_x, chunks):
-    """A lane's C values of a tile: rows r0, r0 + 8 of activation rows 2t, 2t + 1 (p) and, with
-    two chunks, 8 + 2t, 9 + 2t (q)."""
-    _store(o, e, 2 * t, r0, p0, mode, n_x)
-    _store(o, e, 2 * t + 1, r0, p1, mode, n_x)
-    _store(o, e, 2 * t, r0 + 8, p2, mode, n_x)
-    _store(o, e, 2 * t + 1, r0 + 8, p3, mode, n_x)
+def _store_tile(o, e, base, t, r0, p0, p1, p2, p3, q0, q1, q2, q3, mode, n_x, chunks):
+    """A lane's C values of a tile: rows r0, r0 + 8 of activation rows base + 2t, base + 2t + 1
+    (p) and, with two chunks, base + 8 + 2t, base + 9 + 2t (q)."""
+    _store(o, e, base + 2 * t, r0, p0, mode, n_x)
+    _store(o, e, base + 2 * t + 1, r0, p1, mode, n_x)
+    _store(o, e, base + 2 * t, r0 + 8, p2, mode, n_x)
+    _store(o, e, base + 2 * t + 1, r0 + 8, p3, mode, n_x)
     if chunks > 1:
-        _store(o, e, 8 + 2 * t, r0, q0, mode, n_x)
-        _store(o, e, 9 + 2 * t, r0, q1, mode, n_x)
-        _store(o, e, 8 + 2 * t, r0 + 8, q2, mode, n_x)
-        _store(o, e, 9 + 2 * t, r0 + 8, q3, mode, n_x)
+        _store(o, e, base + 8 + 2 * t, r0, q0, mode, n_x)
+        _store(o, e, base + 9 + 2 * t, r0, q1, mode, n_x)
+        _store(o, e, base + 8 + 2 * t, r0 + 8, q2, mode, n_x)
+        _store(o, e, base + 9 + 2 * t, r0 + 8, q3, mode, n_x)
 
 
 def launch(w, outs, extras, xa, n: int, mode: int, warps: int, stream, grid_cap) -> None:
     """out[:n] = w . xa's rows (+ extras per mode) on the tensor cores (`supported`)."""
-    chunks = 1 if n <= 8 else 2
+    chunks = 1 if n <= 8 else 2             # per block; grid rows of 16 activation rows beyond
     if w.qtype == Q6_K:
         k = q6k_rows_kernel(mode, warps, chunks)
         args = (outs[0], w.data.view(np.uint32), w.data)
@@ -244,8 +249,9 @@ def launch(w, outs, extras, xa, n: int, mode: int, warps: int, stream, grid_cap)
         args = (outs[0], w.data.view(np.uint32))
     args += (extras[0] if extras else outs[0], xa, np.int64(w.cols), np.int64(n))
     grid = max(1, min(-(-w.rows // (16 * warps)), grid_cap(k, warps * WARP, 0)))
-    k[grid, warps * WARP, stream](*args)
+    k[(grid, -(-n // 16)), warps * WARP, stream](*args)
 
 
 def supported(qtype: int, rows: int, cols: int, n: int, mode: int) -> bool:
-    return qtype in TYPES and rows % 16 == 0 and cols % 256 == 0 and 1 <= n <= 16 and mode < 3
+    return qtype in TYPES and rows % 16 == 0 and cols % 256 == 0 and 1 <= n <= MAX_ROWS and \
+        mode < 3

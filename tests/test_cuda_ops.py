@@ -365,7 +365,8 @@ def test_rows_on_tensor_cores_against_float64(cu, monkeypatch, name, n):
     rows in chunks of 8, two a block: one chunk at 5 rows, two at 11, two grid rows at 21): each output against float64 of gguf's dequantized weights times the
     rows' q8 activations as the kernel reads them, within float32 rounding of the terms (as the
     dp4a rows kernel, held to the same bound); the bias and residual epilogues; the backend's
-    SwiGLU of decode rows (two products and silu_mul) as the dp4a kernel's SwiGLU epilogue."""
+    SwiGLU of decode rows (two products and silu_mul) as the dp4a kernel's SwiGLU epilogue, and
+    its norm + two biased products (a launch per matrix) as the dp4a kernel's one launch."""
     from numbaformer.backends.cuda import gemv
     qt = TYPE_IDS[name]
     rows, cols = sizes((32, 512), (1024, 4096))
@@ -404,11 +405,14 @@ def test_rows_on_tensor_cores_against_float64(cu, monkeypatch, name, n):
         try:
             out = cu.alloc((n, rows))
             cu.norm_swiglu(out, x, nw_, 1e-5, w, w_up, cu.alloc((n, cols)), cu.alloc((n, rows)))
+            qk = [cu.alloc((n, rows)) for _ in range(2)]      # a run of two: one launch each
+            cu.norm_matmul(qk, x, nw_, 1e-5, [w, w_up], [dev(cu, bias)] * 2, cu.alloc((n, cols)))
         finally:
             cu.split_rows(None)
-        sw[mma] = host(cu, out)
-    np.testing.assert_allclose(sw[True], sw[False], rtol=1e-4, atol=1e-5 * np.abs(sw[False]).max())
-    assert np.abs(sw[True]).max() > 0
+        sw[mma] = [host(cu, a) for a in (out, *qk)]
+    for a, b in zip(sw[True], sw[False]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max())
+    assert np.abs(sw[True][0]).max() > 0
 
 
 @pytest.mark.skipif(ON_GPU, reason="an offline check (CI); the GPU run compiles them for real")

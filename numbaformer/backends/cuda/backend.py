@@ -58,6 +58,19 @@ def check_fits(need: int, free: int, total: int, n_ctx: int, what: str = "") -> 
                           f"is free")
 
 
+def _runs(ws, biases):
+    """(i, j) of each run ws[i:j] of matrices of one type and width, with biases or without: what
+    one fused mat-vec launch takes (Q, K, V)."""
+    i = 0
+    while i < len(ws):
+        j = i + 1
+        while j < len(ws) and (ws[j].qtype, ws[j].cols) == (ws[i].qtype, ws[i].cols) \
+                and (biases[j] is None) == (biases[i] is None):
+            j += 1
+        yield i, j
+        i = j
+
+
 class CUDABackend(Backend):
     """Weights uploaded once in the GPU layout; activations and the f16 KV cache from the pool.
     `exact`: every matrix product with f32 activations and FP32 arithmetic (matmul.py); else
@@ -294,10 +307,11 @@ class CUDABackend(Backend):
             d = self._rows_first(x, ws)
             if d:
                 xa = self._q8_rows(x[:d], norm_w, eps)
-                for out, w, b in zip(outs, ws, biases):
-                    gemv.gemv_rows([out], [w], xa, d, self.stream,
-                                   mode="store" if b is None else "bias",
-                                   extras=None if b is None else [b])
+                for i, j in _runs(ws, biases):
+                    has_bias = biases[i] is not None
+                    gemv.gemv_rows(outs[i:j], ws[i:j], xa, d, self.stream,
+                                   mode="bias" if has_bias else "store",
+                                   extras=biases[i:j] if has_bias else None)
                 if d < x.shape[0]:
                     with self._prompt_rows():
                         self.norm_matmul([o[d:] for o in outs], x[d:], norm_w, eps, ws, biases,
@@ -309,17 +323,11 @@ class CUDABackend(Backend):
             for out, w, b in zip(outs, ws, biases):
                 self._mma(out, xb, w, bias=b)
             return
-        i = 0
-        while i < len(ws):
-            j = i + 1
-            while j < len(ws) and (ws[j].qtype, ws[j].cols) == (ws[i].qtype, ws[i].cols) \
-                    and (biases[j] is None) == (biases[i] is None):
-                j += 1
+        for i, j in _runs(ws, biases):
             has_bias = biases[i] is not None
             gemv.gemv(outs[i:j], ws[i:j], x, self.stream, mode="bias" if has_bias else "store",
                       extras=biases[i:j] if has_bias else None, norm_w=norm_w, eps=eps,
                       opt_in=matmul._opt_in, exact=self.exact)
-            i = j
 
     def norm_swiglu(self, out, x, norm_w, eps, w_gate, w_up, scratch, up):
         same = (w_gate.qtype, w_gate.rows, w_gate.cols) == (w_up.qtype, w_up.rows, w_up.cols)

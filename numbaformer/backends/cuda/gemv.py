@@ -266,7 +266,7 @@ def rows_supported(ws, exact: bool = False) -> bool:
 
 def rows_on_tensor_cores(ws, n: int) -> bool:
     """Whether gemv_rows takes each of these matrices on the s8 tensor cores (ROWS_MMA,
-    rows_mma.supported; one matrix at a time, no SwiGLU epilogue)."""
+    rows_mma.supported; a launch per matrix, no SwiGLU epilogue)."""
     return ROWS_MMA and all(rows_mma.supported(w.qtype, w.rows, w.cols, n, 0) for w in ws)
 
 
@@ -280,8 +280,11 @@ def gemv_rows(outs, ws, xa, n: int, stream, *, mode: str = "store", extras=None)
     assert rows_supported(ws) and 1 <= n_mat <= 3 and xa.shape[0] >= n >= 1
     assert xa.shape[1] == smem_words(qtype, cols) and all(o.shape[0] >= n for o in outs)
     m = MODES[mode]
-    if n_mat == 1 and m < 3 and rows_on_tensor_cores(ws, n):
-        return rows_mma.launch(ws[0], outs, extras, xa, n, m, GEMV_WARPS, stream, grid_cap)
+    if m < 3 and rows_on_tensor_cores(ws, n):                 # a launch per matrix
+        for k, w in enumerate(ws):
+            rows_mma.launch(w, outs[k:], extras[k:] if extras else None, xa, n, m, GEMV_WARPS,
+                            stream, grid_cap)
+        return
     pairs = ws[0].rows if m == 3 else sum((w.rows + 1) // 2 for w in ws)
     group = min(ROWS_GROUP, ROWS_GROUP_MAX, 1 << (n - 1).bit_length())
     upb, bv = UNITS[qtype][2:]

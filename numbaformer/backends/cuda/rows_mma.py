@@ -58,6 +58,12 @@ def _chunk_rows(ch, g, t, n_x):
 
 
 @cuda.jit(device=True, inline=True)
+def _add4(a0, a1, a2, a3, d):
+    """A lane's four C accumulators plus a chunk's increments d."""
+    return a0 + d[0], a1 + d[1], a2 + d[2], a3 + d[3]
+
+
+@cuda.jit(device=True, inline=True)
 def _store(o, e, t, r, acc, mode, n_x):
     if t < n_x:
         if mode == 1:
@@ -127,19 +133,12 @@ def mma_rows_kernel(mode: int, warps: int, chunks: int):
                         mb = dmb * _sub(mnb, j)
                         sub = 8 * b + 2 * gp + j
                         wq = 8 * sub + t
-                        i0, i1, i2, i3 = chunk(c0, a0, a1, a2, a3, sa, sb, ma, mb, xa, n_x, t, g,
-                                               wq, sub, nw, n32)
-                        p0 += i0
-                        p1 += i1
-                        p2 += i2
-                        p3 += i3
+                        p0, p1, p2, p3 = _add4(p0, p1, p2, p3, chunk(
+                            c0, a0, a1, a2, a3, sa, sb, ma, mb, xa, n_x, t, g, wq, sub, nw, n32))
                         if chunks > 1:
-                            i0, i1, i2, i3 = chunk(c0 + 1, a0, a1, a2, a3, sa, sb, ma, mb, xa, n_x,
-                                                   t, g, wq, sub, nw, n32)
-                            q0 += i0
-                            q1 += i1
-                            q2 += i2
-                            q3 += i3
+                            q0, q1, q2, q3 = _add4(q0, q1, q2, q3, chunk(
+                                c0 + 1, a0, a1, a2, a3, sa, sb, ma, mb, xa, n_x, t, g, wq, sub, nw,
+                                n32))
             _store_tile(o, e, 8 * c0, t, 16 * tile + g, p0, p1, p2, p3, q0, q1, q2, q3, mode,
                         n_x, chunks)
 
@@ -204,19 +203,11 @@ def q6k_rows_kernel(mode: int, warps: int, chunks: int):
                             sb = db * float32(int32(np.int8(rb8[192 * nb + 16 * b + s])))
                             s16 = 16 * b + s
                             wq = 4 * s16 + t
-                            i0, i1, i2, i3 = chunk(c0, a0, a1, sa, sb, xa, n_x, t, g, wq, s16, nw,
-                                                   n32)
-                            p0 += i0
-                            p1 += i1
-                            p2 += i2
-                            p3 += i3
+                            p0, p1, p2, p3 = _add4(p0, p1, p2, p3, chunk(
+                                c0, a0, a1, sa, sb, xa, n_x, t, g, wq, s16, nw, n32))
                             if chunks > 1:
-                                i0, i1, i2, i3 = chunk(c0 + 1, a0, a1, sa, sb, xa, n_x, t, g, wq,
-                                                       s16, nw, n32)
-                                q0 += i0
-                                q1 += i1
-                                q2 += i2
-                                q3 += i3
+                                q0, q1, q2, q3 = _add4(q0, q1, q2, q3, chunk(
+                                    c0 + 1, a0, a1, sa, sb, xa, n_x, t, g, wq, s16, nw, n32))
             _store_tile(o, e, 8 * c0, t, 16 * tile + g, p0, p1, p2, p3, q0, q1, q2, q3, mode,
                         n_x, chunks)
 

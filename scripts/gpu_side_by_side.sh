@@ -11,7 +11,9 @@
 #                   Q6_K, the others' their own type) and the SmolLM2-shaped Q4_1 file, times the
 #                   mat-vecs per type (gpu_bench.py), then `numbaformer bench --kernels` and
 #                   `llama-bench -fa 1` on every file, pp4096 of both on the first 8B file; the
-#                   tables are the last lines printed.
+#                   tables are the last lines printed. Environment: GEMV=0 skips the mat-vec
+#                   timings, LONG=0 the pp4096 pair, MMA=1 runs the GEMM microbenchmark
+#                   (gpu_mma_check.py, Q4_K, the prefill issue's gate) while the files are written.
 # About 7 minutes on an H200 (the llama.cpp build takes ~5 of them, beside the other steps).
 set -uo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -47,13 +49,18 @@ PY
     for t in ${types//,/ }; do files="$files /tmp/l8-$t.gguf"; done
     files="$files /tmp/s135-Q4_1.gguf"
     gen() { python3 scripts/make_synthetic_gguf.py "$@" >/dev/null 2>&1; }
+    rm -f /tmp/side-by-side.gen
     (for t in ${types//,/ }; do o=$t; [ "$t" = Q4_K ] && o=Q6_K
-       [ -f "/tmp/l8-$t.gguf" ] || gen --preset llama3-8b --type "$t" --output-type "$o" -o "/tmp/l8-$t.gguf"
+       [ -f "/tmp/l8-$t.gguf" ] || gen --preset llama3-8b --type "$t" --output-type "$o" -o "/tmp/l8-$t.gguf" &
      done
-     gen --preset smollm2-135m --type Q4_1 --output-type Q8_0 -o /tmp/s135-Q4_1.gguf \
-         --vocab-from "$carry/smollm2-vocab.gguf"
+     [ -f /tmp/s135-Q4_1.gguf ] || gen --preset smollm2-135m --type Q4_1 --output-type Q8_0 \
+         -o /tmp/s135-Q4_1.gguf --vocab-from "$carry/smollm2-vocab.gguf"
+     wait
      touch /tmp/side-by-side.gen) &
-    python3 scripts/gpu_bench.py --paths fast --gemm-types "" 2>&1 | grep "^device\|gemv" | tail -30
+    [ "${GEMV:-1}" = 0 ] || \
+      python3 scripts/gpu_bench.py --paths fast --gemm-types "" 2>&1 | grep "^device\|gemv" | tail -30
+    [ "${MMA:-0}" = 1 ] && python3 scripts/gpu_mma_check.py --types Q4_K --check-types Q4_K \
+      --budget 240 2>&1 | tail -25
     until [ -f /tmp/side-by-side.gen ]; do sleep 2; done
     for f in $files; do
       echo "== numbaformer $f"
@@ -65,6 +72,7 @@ PY
       echo "== llama.cpp $f"
       "$BIN/llama-bench" -m "$f" -ngl 99 -fa 1 -p 512 -n 128 -r 2 2>&1 | grep -E "pp512|tg128"
     done
+    [ "${LONG:-1}" = 0 ] && exit 0
     # long prompts (the prefill issue's pp4096) on the first 8B file, both engines
     f=/tmp/l8-${types%%,*}.gguf
     echo "== numbaformer pp4096 $f"

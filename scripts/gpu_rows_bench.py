@@ -4,11 +4,12 @@ and group (activation rows sharing a block's weight loads) beside the one-row ma
 tensor-core GEMM of the same rows. GB/s = the matrix's bytes in the GPU layout / time, against the
 device-to-device copy bandwidth of the same run. Last: one decode step's products (32 layers of
 q, k, v, o, gate+up, down and the Q6_K output head) per row count and group, and the group that
-is fastest at 16 rows on a line of its own ("best group N clamp C mma M", for scripts).
+is fastest at 16 rows on a line of its own ("best: g=8", "best: mma w=4", for scripts).
 
 usage (from the repository root, on the device, after <shared>/gpu/device-env.sh):
     python3 scripts/gpu_rows_bench.py [--type Q4_K] [--n 1,4,8,16,32,64] [--groups 4,8,16]
-                                      [--clamp 0,1] [--mma 0,1]
+                                      [--clamp 0,1] [--mma 0,4,8]
+    (--mma: 0 is the dp4a kernel, w > 0 rows_mma's tensor-core kernels with w warps a block)
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import gpu_mma_check as C  # noqa: E402  (sets up the paths and the numpy shim)
 import numpy as np  # noqa: E402
 from numba import cuda  # noqa: E402
 
-from numbaformer.backends.cuda import elementwise, gemv  # noqa: E402
+from numbaformer.backends.cuda import elementwise, gemv, rows_mma  # noqa: E402
 from numbaformer.backends.cuda import matmul_mma as MMA  # noqa: E402
 from numbaformer.backends.cuda.backend import upload_matrix  # noqa: E402
 from numbaformer.backends.cuda.matmul import _opt_in  # noqa: E402
@@ -61,7 +62,7 @@ def weights(qtype: int, rows: int, cols: int, seed: int) -> QTensor:
 
 def label(variant) -> str:
     g, clamp, mma = variant
-    return f"g={g}{' clamp' if clamp else ''}{' mma' if mma else ''}"
+    return f"mma w={mma}" if mma else f"g={g}{' clamp' if clamp else ''}"
 
 
 _UP: dict = {}
@@ -106,14 +107,17 @@ def main() -> int:
     ap.add_argument("--n", default="1,4,8,16,32,64")
     ap.add_argument("--groups", default="4,8,16")
     ap.add_argument("--clamp", default="0", help="gemv.ROWS_CLAMP variants: 0, 1 or 0,1")
-    ap.add_argument("--mma", default="0", help="gemv.ROWS_MMA variants (Q4_K on s8 tensor cores)")
+    ap.add_argument("--mma", default="0", help="gemv.ROWS_MMA variants: 0 off, else the warps of "
+                    "a block of rows_mma's kernels (Q4_K, Q6_K on the s8 tensor cores)")
     a = ap.parse_args()
     C.STREAM = cuda.stream()
     gemv.ROWS = True
     qt = TYPE_IDS[a.type]
     ns = [int(k) for k in a.n.split(",")]
-    groups = [(int(g), c == "1", m == "1") for g in a.groups.split(",")
-              for c in a.clamp.split(",") for m in a.mma.split(",")]
+    mmas = [int(m) for m in a.mma.split(",")]
+    groups = [(int(g), c == "1", 0) for g in a.groups.split(",") for c in a.clamp.split(",")] \
+        if 0 in mmas else []
+    groups += [(0, False, m) for m in mmas if m]
     bw = copy_gbps()
     print(f"copy bandwidth {bw:.0f} GB/s; {a.type}; us (% of copy bandwidth on the weights)")
     lines, ok = [], True
@@ -136,7 +140,8 @@ def main() -> int:
         for n in ns:
             step[("gemv", n)] += count * n * ms1
         for g in groups:
-            gemv.ROWS_GROUP, gemv.ROWS_CLAMP, gemv.ROWS_MMA = g
+            gemv.ROWS_GROUP, gemv.ROWS_CLAMP, gemv.ROWS_MMA = g[0] or 8, g[1], bool(g[2])
+            rows_mma.WARPS = g[2] or rows_mma.WARPS
             bits = check_bits(ws, x, xa, max(ns), exact=not g[2])
             ok &= bits
             cells = []
@@ -168,7 +173,7 @@ def main() -> int:
                                         f"{n / step[(k, n)] * 1e3:6.0f}/s" for n in ns))
     at = 16 if 16 in ns else ns[-1]
     best = min(groups, key=lambda g: step[(g, at)])
-    print(f"best group {best[0]} clamp {int(best[1])} mma {int(best[2])}")
+    print(f"best: {label(best)}")
     print("bits: every row equals the one-row mat-vec (mma: within 1e-4)" if ok else
           "bits: DIFFER")
     return 0 if ok else 1

@@ -362,14 +362,18 @@ def test_rows_mat_vec_gives_each_row_its_one_row_bits(cu, monkeypatch, name, pre
 @pytest.mark.parametrize("name,n", [("Q4_K", 5), ("Q4_K", 11), ("Q6_K", 11), ("Q4_K", 21)])
 def test_rows_on_tensor_cores_against_float64(cu, monkeypatch, name, n):
     """gemv.ROWS_MMA (rows_mma.py, Q4_K on s8 mma.sync m16n8k32, Q6_K on m16n8k16; activation
-    rows in chunks of 8, two a block: one chunk at 5 rows, two at 11, two grid rows at 21): each output against float64 of gguf's dequantized weights times the
+    rows in chunks of 8: one chunk at 5 rows, two at 11, two grid columns of two chunks at 21 (at
+    most 2 a block there); a block's warps split the blocks of a row, 2 of them): each output against float64 of gguf's dequantized weights times the
     rows' q8 activations as the kernel reads them, within float32 rounding of the terms (as the
     dp4a rows kernel, held to the same bound); the bias and residual epilogues; the backend's
     SwiGLU of decode rows (two products and silu_mul) as the dp4a kernel's SwiGLU epilogue, and
     its norm + two biased products (a launch per matrix) as the dp4a kernel's one launch."""
-    from numbaformer.backends.cuda import gemv
+    from numbaformer.backends.cuda import gemv, rows_mma
+    monkeypatch.setattr(rows_mma, "WARPS", 2)
+    if n > 16:
+        monkeypatch.setattr(rows_mma, "MAX_CHUNKS", 2)
     qt = TYPE_IDS[name]
-    rows, cols = sizes((32, 512), (1024, 4096))
+    rows, cols = sizes((32, 768), (1024, 4096))
     raw, w = rand_qtensor(cu, qt, rows, cols, seed=50)
     W = ref_matrix(raw, qt)
     rng = np.random.default_rng(51)
@@ -420,7 +424,7 @@ def test_ptx_rows_mat_vec(record_figure):
     """The many-rows mat-vec at its launch shapes (8 warps, the largest group; Q4_K with pair
     units, Q6_K, Q8_0; SwiGLU and residual epilogues; Q4_K with ROWS_CLAMP at group 8, whose
     shared row-independent work costs registers; the s8 tensor-core forms of rows_mma.py, Q4_K with
-    one and two chunks of activation rows, Q6_K with two) compiles for sm_90 with its accumulators in registers:
+    one and eight chunks of activation rows, Q6_K with eight) compiles for sm_90 with its accumulators in registers:
     ptxas reports no spills and no stack frame."""
     from ptx_tools import offline_ptx, ptxas_info
     ptx = offline_ptx("""
@@ -438,14 +442,14 @@ for name, qt, pairs, mode, clamp in (("q4k_swiglu", Q4_K, True, 3, False),
                             pairs, 8 if clamp else gemv.ROWS_GROUP_MAX, clamp, clamp)
     ptx[name] = compile(k, (f2, f2, f2, u2, u2, u2, u82, u82, u82, e, e, e, f2, i64, i64))
 from numbaformer.backends.cuda import rows_mma
-for chunks in (1, 2):
-    ptx[f"mma_q4k_bias_{chunks}"] = compile(rows_mma.mma_rows_kernel(1, gemv.GEMV_WARPS, chunks),
+for chunks in (1, 8):
+    ptx[f"mma_q4k_bias_{chunks}"] = compile(rows_mma.mma_rows_kernel(1, rows_mma.WARPS, chunks),
                                             (f2, u2, A(f32, 1, "C"), f2, i64, i64))
-ptx["mma_q6k_store_2"] = compile(rows_mma.q6k_rows_kernel(0, gemv.GEMV_WARPS, 2),
+ptx["mma_q6k_store_8"] = compile(rows_mma.q6k_rows_kernel(0, rows_mma.WARPS, 8),
                                  (f2, u2, u82, f2, f2, i64, i64))
 """)
-    assert "mma.sync.aligned.m16n8k16.row.col.s32.s8.s8.s32" in ptx["mma_q6k_store_2"]
-    assert "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32" in ptx["mma_q4k_bias_2"]
+    assert "mma.sync.aligned.m16n8k16.row.col.s32.s8.s8.s32" in ptx["mma_q6k_store_8"]
+    assert "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32" in ptx["mma_q4k_bias_8"]
     for name, text in ptx.items():
         info = ptxas_info(text)
         if info is None:

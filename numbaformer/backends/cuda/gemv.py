@@ -282,8 +282,7 @@ def gemv_rows(outs, ws, xa, n: int, stream, *, mode: str = "store", extras=None)
     m = MODES[mode]
     if m < 3 and rows_on_tensor_cores(ws, n):                 # a launch per matrix
         for k, w in enumerate(ws):
-            rows_mma.launch(w, outs[k:], extras[k:] if extras else None, xa, n, m, GEMV_WARPS,
-                            stream, grid_cap)
+            rows_mma.launch(w, outs[k:], extras[k:] if extras else None, xa, n, m, stream)
         return
     pairs = ws[0].rows if m == 3 else sum((w.rows + 1) // 2 for w in ws)
     group = min(ROWS_GROUP, ROWS_GROUP_MAX, 1 << (n - 1).bit_length())

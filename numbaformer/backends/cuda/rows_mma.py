@@ -9,31 +9,41 @@ sub-block's scale and min afterwards:
     y[r, t] += d_r sc_r[s] dx_t[s] (q_r[s] . qx_t[s])  -  dmin_r m_r[s] sx_t[s]
 
 (dx, qx: the activations' q8 scale and values of sub-block s, sx their d-scaled sum; the xa rows
-of gemv.quantize_rows). A warp takes 16 weight rows (a grid stride over tiles of 16) and all the
-activation rows (chunks of 8, `chunks` of them), walking the blocks of the rows: per block, each
-lane loads the header (d, dmin, 12 scale bytes) of its two rows (g and g + 8, g = lane // 4) and,
-per pair of sub-blocks, the two words of each row that are its A fragment (PTX layout, mma.py:
-bytes 4t .. and 16 + 4t .. of the sub-block pair's 32 bytes: low nibbles are sub-block 2j, high
-nibbles 2j + 1), and the B fragment of activation row g of each chunk; C's four values are rows g,
-g + 8 of activation rows 2t, 2t + 1. Activation rows past n_x read row n_x - 1 and are not
-stored. The sums are the same numbers as the dp4a kernel's, added in another order: within
-float32 rounding of them (tests/test_cuda_ops.py).
+of gemv.quantize_rows). A block takes one tile of 16 weight rows (grid row y) and `chunks` chunks
+of 8 activation rows (grid column x: every activation row of a step up to 8 x MAX_CHUNKS, so the
+weights are read once), its `warps` warps splitting the 256-value blocks of the rows (warp w:
+blocks w, w + warps, ..), their sums added in shared memory in warp order at the end (_finish):
+enough warps in flight to stream the weights, whatever the number of rows.
+
+Per block of a row, each lane loads the header (d, dmin, 12 scale bytes) of its two rows (g and
+g + 8, g = lane // 4) and, per pair of sub-blocks, 8 bytes of each row: bytes 8t .. 8t + 7 of the
+pair's 32 (low nibbles: sub-block 2j, high: 2j + 1). The mma's k order is free as long as A and B
+share it: lane t's A registers hold values 8t .. 8t + 3 (k = 4t ..) and 8t + 4 .. 8t + 7
+(k = 16 + 4t ..), its B registers the same values of activation row g of each chunk (one 8-byte
+load), and C's four values are rows g, g + 8 of activation rows 2t, 2t + 1. Activation rows past
+n_x read row n_x - 1 and are not stored; chunks wholly past it are skipped. The accumulators of the
+chunks are a nested tuple (_chunk_tree) so that they stay in registers. The sums are the same
+numbers as the dp4a kernel's, added in another order: within float32 rounding of them
+(tests/test_cuda_ops.py).
 """
 from __future__ import annotations
 
 import functools
+import os
 
 import numpy as np
 from numba import cuda, float32, int32, uint32
 
 from ...quants import Q4_K, Q6_K
 from .gemv_q8 import LO, _f16_half, _scales_pair
-from .intrinsics import load_u32x4
+from .intrinsics import load_u32x2, load_u32x4
 from .mma import mma_s8, mma_s8_k16
 from .reduce import WARP
 
 TYPES = (Q4_K, Q6_K)
-MAX_ROWS = 64             # activation rows of a launch (a grid row per 16)
+MAX_ROWS = 64             # activation rows a launch takes
+MAX_CHUNKS = 8            # chunks of 8 activation rows a block takes (more: more grid columns)
+WARPS = int(os.environ.get("NUMBAFORMER_ROWS_MMA_WARPS", "4"))   # a block's split of the blocks
 
 
 @cuda.jit(device=True, inline=True)
@@ -57,10 +67,50 @@ def _chunk_rows(ch, g, t, n_x):
     return min(8 * ch + g, n_x - 1), min(8 * ch + 2 * t, n_x - 1), min(8 * ch + 2 * t + 1, n_x - 1)
 
 
-@cuda.jit(device=True, inline=True)
-def _add4(a0, a1, a2, a3, d):
-    """A lane's four C accumulators plus a chunk's increments d."""
-    return a0 + d[0], a1 + d[1], a2 + d[2], a3 + d[3]
+def _chunk_tree(chunks: int, leaf):
+    """Device functions (zeros, step, put) over the four C accumulators of each of `chunks`
+    chunks (a power of two), kept as a nested tuple so that every index is a constant:
+    zeros() -> the tuple of 0s; step(acc, ch, n_x, p) -> acc plus leaf(ch + i, p) for chunk i
+    (chunks from ch on; one wholly past activation row n_x - 1 adds nothing); put(acc, sm, base, lane) -> the
+    accumulators to shared memory, chunk i's value k at sm[base + 128 i + 32 k + lane]."""
+    from ._jit import forceinline_device
+    if chunks == 1:
+        @forceinline_device
+        def zeros():
+            return float32(0), float32(0), float32(0), float32(0)
+
+        @forceinline_device
+        def step(acc, ch, n_x, p):
+            if 8 * ch >= n_x:
+                return acc
+            d = leaf(ch, p)
+            return acc[0] + d[0], acc[1] + d[1], acc[2] + d[2], acc[3] + d[3]
+
+        @forceinline_device
+        def put(acc, sm, base, lane):
+            sm[base + lane] = acc[0]
+            sm[base + 32 + lane] = acc[1]
+            sm[base + 64 + lane] = acc[2]
+            sm[base + 96 + lane] = acc[3]
+
+        return zeros, step, put
+    half = chunks // 2
+    z, st, pt = _chunk_tree(half, leaf)
+
+    @forceinline_device
+    def zeros():
+        return z(), z()
+
+    @forceinline_device
+    def step(acc, ch, n_x, p):
+        return st(acc[0], ch, n_x, p), st(acc[1], ch + half, n_x, p)
+
+    @forceinline_device
+    def put(acc, sm, base, lane):
+        pt(acc[0], sm, base, lane)
+        pt(acc[1], sm, base + 128 * half, lane)
+
+    return zeros, step, put
 
 
 @cuda.jit(device=True, inline=True)
@@ -73,76 +123,105 @@ def _store(o, e, t, r, acc, mode, n_x):
         o[t, r] = acc
 
 
+def _finisher(mode: int, warps: int, chunks: int, put):
+    """finish(o, e, acc, c0, tile, n_x): the warps' accumulators added in warp order through
+    shared memory, each output of the block's tile stored once (with its epilogue, `mode`)."""
+    per_warp = 128 * chunks
+    size = warps * per_warp
+
+    @cuda.jit(device=True, inline=True)
+    def finish(o, e, acc, c0, tile, n_x):
+        sm = cuda.shared.array(size, float32)
+        tid = cuda.threadIdx.x
+        put(acc, sm, (tid // WARP) * per_warp, tid % WARP)
+        cuda.syncthreads()
+        for v in range(tid, per_warp, warps * WARP):
+            s = sm[v]
+            for wi in range(1, warps):
+                s += sm[wi * per_warp + v]
+            lane = v % WARP
+            k = (v // WARP) % 4
+            t = 8 * (c0 + v // 128) + 2 * (lane & 3) + (k & 1)
+            _store(o, e, t, 16 * tile + (lane >> 2) + 8 * (k >> 1), s, mode, n_x)
+
+    return finish
+
+
+@cuda.jit(device=True, inline=True)
+def _q4k_chunk(ch, p):
+    """One Q4_K sub-block's product with activation chunk ch: the four C values' increments."""
+    a0, a1, a2, a3, sa, sb, ma, mb, xa, sub, t, g, nw, n32, n_x = p
+    tg, t0, t1 = _chunk_rows(ch, g, t, n_x)
+    b0, b1 = load_u32x2(xa[tg].view(np.uint32), 4 * sub + t)
+    c0, c1, c2, c3 = mma_s8(a0, a1, a2, a3, b0, b1, int32(0), int32(0), int32(0), int32(0))
+    x0 = xa[t0]
+    x1 = xa[t1]
+    d0 = x0[nw + sub]
+    d1 = x1[nw + sub]
+    s0 = x0[nw + n32 + 2 * sub] + x0[nw + n32 + 2 * sub + 1]
+    s1 = x1[nw + n32 + 2 * sub] + x1[nw + n32 + 2 * sub + 1]
+    return (sa * (d0 * float32(c0)) - ma * s0, sa * (d1 * float32(c1)) - ma * s1,
+            sb * (d0 * float32(c2)) - mb * s0, sb * (d1 * float32(c3)) - mb * s1)
+
+
 @functools.lru_cache(maxsize=None)
 def mma_rows_kernel(mode: int, warps: int, chunks: int):
     """out[t, r] = w[r] . x[t] (+ bias e[r] in mode 1, + residual e[t, r] in mode 2) for Q4_K rows
-    (GPU layout, a multiple of 16) and up to 8 `chunks` activation rows (module docstring)."""
+    (GPU layout, a multiple of 16) and the `chunks` chunks of 8 activation rows of grid column x
+    (module docstring)."""
     from ._jit import cuda_kernel
-    assert 1 <= chunks <= 2 and mode in (0, 1, 2)
-
-    @cuda.jit(device=True, inline=True)
-    def chunk(ch, a0, a1, a2, a3, sa, sb, ma, mb, xa, n_x, t, g, wq, sub, nw, n32):
-        """One sub-block's product with activation chunk ch: the four C values' increments."""
-        tg, t0, t1 = _chunk_rows(ch, g, t, n_x)
-        xq = xa[tg].view(np.uint32)
-        b0 = xq[wq]
-        b1 = xq[wq + 4]
-        c0, c1, c2, c3 = mma_s8(a0, a1, a2, a3, b0, b1, int32(0), int32(0), int32(0), int32(0))
-        x0 = xa[t0]
-        x1 = xa[t1]
-        d0 = x0[nw + sub]
-        d1 = x1[nw + sub]
-        s0 = x0[nw + n32 + 2 * sub] + x0[nw + n32 + 2 * sub + 1]
-        s1 = x1[nw + n32 + 2 * sub] + x1[nw + n32 + 2 * sub + 1]
-        return (sa * d0 * float32(c0) - ma * s0, sa * d1 * float32(c1) - ma * s1,
-                sb * d0 * float32(c2) - mb * s0, sb * d1 * float32(c3) - mb * s1)
+    assert chunks in (1, 2, 4, 8) and mode in (0, 1, 2)
+    zeros, step, put = _chunk_tree(chunks, _q4k_chunk)
+    finish = _finisher(mode, warps, chunks, put)
 
     @cuda_kernel
     def _mma_rows(o, w, e, xa, cols, n_x):
         wi, g, t, nb, nw, n32 = _lane(cols)
-        n_tiles = w.shape[0] // 16
-        c0 = 2 * cuda.blockIdx.y                 # this block's chunks of 8 activation rows
-        for tile in range(cuda.blockIdx.x * warps + wi, n_tiles, cuda.gridDim.x * warps):
-            ra = w[16 * tile + g]
-            rb = w[16 * tile + g + 8]
-            p0 = p1 = p2 = p3 = float32(0)
-            q0 = q1 = q2 = q3 = float32(0)
-            for b in range(nb):
-                ha0, ha1, ha2, ha3 = load_u32x4(ra, 8 * nb + b)
-                hb0, hb1, hb2, hb3 = load_u32x4(rb, 8 * nb + b)
-                da = _f16_half(ha0, 0)
-                db = _f16_half(hb0, 0)
-                dma = _f16_half(ha0, 1)
-                dmb = _f16_half(hb0, 1)
-                for gp in range(4):
-                    wa0 = ra[32 * b + 8 * gp + t]
-                    wa1 = ra[32 * b + 8 * gp + 4 + t]
-                    wb0 = rb[32 * b + 8 * gp + t]
-                    wb1 = rb[32 * b + 8 * gp + 4 + t]
-                    sca, mna = _scales_pair(ha1, ha2, ha3, gp)
-                    scb, mnb = _scales_pair(hb1, hb2, hb3, gp)
-                    for j in range(2):
-                        sh = uint32(4 * j)
-                        a0 = (wa0 >> sh) & uint32(LO)
-                        a1 = (wb0 >> sh) & uint32(LO)
-                        a2 = (wa1 >> sh) & uint32(LO)
-                        a3 = (wb1 >> sh) & uint32(LO)
-                        sa = da * _sub(sca, j)
-                        sb = db * _sub(scb, j)
-                        ma = dma * _sub(mna, j)
-                        mb = dmb * _sub(mnb, j)
-                        sub = 8 * b + 2 * gp + j
-                        wq = 8 * sub + t
-                        p0, p1, p2, p3 = _add4(p0, p1, p2, p3, chunk(
-                            c0, a0, a1, a2, a3, sa, sb, ma, mb, xa, n_x, t, g, wq, sub, nw, n32))
-                        if chunks > 1:
-                            q0, q1, q2, q3 = _add4(q0, q1, q2, q3, chunk(
-                                c0 + 1, a0, a1, a2, a3, sa, sb, ma, mb, xa, n_x, t, g, wq, sub, nw,
-                                n32))
-            _store_tile(o, e, 8 * c0, t, 16 * tile + g, p0, p1, p2, p3, q0, q1, q2, q3, mode,
-                        n_x, chunks)
+        tile = cuda.blockIdx.y
+        c0 = chunks * cuda.blockIdx.x            # this block's first chunk of 8 activation rows
+        ra = w[16 * tile + g]
+        rb = w[16 * tile + g + 8]
+        acc = zeros()
+        for b in range(wi, nb, warps):
+            ha0, ha1, ha2, ha3 = load_u32x4(ra, 8 * nb + b)
+            hb0, hb1, hb2, hb3 = load_u32x4(rb, 8 * nb + b)
+            da = _f16_half(ha0, 0)
+            db = _f16_half(hb0, 0)
+            dma = _f16_half(ha0, 1)
+            dmb = _f16_half(hb0, 1)
+            for gp in range(4):
+                wa0, wa1 = load_u32x2(ra, 16 * b + 4 * gp + t)
+                wb0, wb1 = load_u32x2(rb, 16 * b + 4 * gp + t)
+                sca, mna = _scales_pair(ha1, ha2, ha3, gp)
+                scb, mnb = _scales_pair(hb1, hb2, hb3, gp)
+                for j in range(2):
+                    sh = uint32(4 * j)
+                    sub = 8 * b + 2 * gp + j
+                    acc = step(acc, c0, n_x, ((wa0 >> sh) & uint32(LO), (wb0 >> sh) & uint32(LO),
+                                         (wa1 >> sh) & uint32(LO), (wb1 >> sh) & uint32(LO),
+                                         da * _sub(sca, j), db * _sub(scb, j),
+                                         dma * _sub(mna, j), dmb * _sub(mnb, j),
+                                         xa, sub, t, g, nw, n32, n_x))
+        finish(o, e, acc, c0, tile, n_x)
 
     return _mma_rows
+
+
+@cuda.jit(device=True, inline=True)
+def _q6k_chunk(ch, p):
+    """One Q6_K sub-block (16 values) with activation chunk ch: y += d sc (dx (q . qx) - 32 sx)."""
+    a0, a1, sa, sb, xa, s16, t, g, nw, n32, n_x = p
+    tg, t0, t1 = _chunk_rows(ch, g, t, n_x)
+    b0 = xa[tg].view(np.uint32)[4 * s16 + t]
+    c0, c1, c2, c3 = mma_s8_k16(a0, a1, b0, int32(0), int32(0), int32(0), int32(0))
+    x0 = xa[t0]
+    x1 = xa[t1]
+    d0 = x0[nw + (s16 >> 1)]
+    d1 = x1[nw + (s16 >> 1)]
+    s0 = float32(32) * x0[nw + n32 + s16]
+    s1 = float32(32) * x1[nw + n32 + s16]
+    return (sa * (d0 * float32(c0) - s0), sa * (d1 * float32(c1) - s1),
+            sb * (d0 * float32(c2) - s0), sb * (d1 * float32(c3) - s1))
 
 
 @functools.lru_cache(maxsize=None)
@@ -154,95 +233,62 @@ def q6k_rows_kernel(mode: int, warps: int, chunks: int):
     .., fields v // 2 and v // 2 + 2), lane t's word t of each is A[g, 4t:4t+4] of sub-blocks
     8n + v (low nibbles) and 8n + v + 4 (high)."""
     from ._jit import cuda_kernel
-    assert 1 <= chunks <= 2 and mode in (0, 1, 2)
+    assert chunks in (1, 2, 4, 8) and mode in (0, 1, 2)
     three = uint32(0x03030303)
-
-    @cuda.jit(device=True, inline=True)
-    def chunk(ch, a0, a1, sa, sb, xa, n_x, t, g, wq, s16, nw, n32):
-        tg, t0, t1 = _chunk_rows(ch, g, t, n_x)
-        b0 = xa[tg].view(np.uint32)[wq]
-        c0, c1, c2, c3 = mma_s8_k16(a0, a1, b0, int32(0), int32(0), int32(0), int32(0))
-        x0 = xa[t0]
-        x1 = xa[t1]
-        d0 = x0[nw + (s16 >> 1)]
-        d1 = x1[nw + (s16 >> 1)]
-        s0 = float32(32) * x0[nw + n32 + s16]
-        s1 = float32(32) * x1[nw + n32 + s16]
-        return (sa * (d0 * float32(c0) - s0), sa * (d1 * float32(c1) - s1),
-                sb * (d0 * float32(c2) - s0), sb * (d1 * float32(c3) - s1))
+    zeros, step, put = _chunk_tree(chunks, _q6k_chunk)
+    finish = _finisher(mode, warps, chunks, put)
 
     @cuda_kernel
     def _q6k_rows(o, w, w8, e, xa, cols, n_x):
         wi, g, t, nb, nw, n32 = _lane(cols)
-        n_tiles = w.shape[0] // 16
-        c0 = 2 * cuda.blockIdx.y                 # this block's chunks of 8 activation rows
-        for tile in range(cuda.blockIdx.x * warps + wi, n_tiles, cuda.gridDim.x * warps):
-            ra = w[16 * tile + g]
-            rb = w[16 * tile + g + 8]
-            ra8 = w8[16 * tile + g]
-            rb8 = w8[16 * tile + g + 8]
-            p0 = p1 = p2 = p3 = float32(0)
-            q0 = q1 = q2 = q3 = float32(0)
-            for b in range(nb):
-                da = _f16_half(ra[52 * nb + (b >> 1)], b & 1)
-                db = _f16_half(rb[52 * nb + (b >> 1)], b & 1)
-                for n in range(2):
-                    for v in range(4):
-                        la = ra[32 * b + 16 * n + 4 * v + t]
-                        lb = rb[32 * b + 16 * n + 4 * v + t]
-                        qa = ra[32 * nb + 16 * b + 8 * n + 4 * (v & 1) + t]
-                        qb = rb[32 * nb + 16 * b + 8 * n + 4 * (v & 1) + t]
-                        for hi in range(2):
-                            f = uint32(2 * (v >> 1) + 4 * hi)
-                            a0 = ((la >> uint32(4 * hi)) & uint32(LO)) | \
-                                (((qa >> f) & three) << uint32(4))
-                            a1 = ((lb >> uint32(4 * hi)) & uint32(LO)) | \
-                                (((qb >> f) & three) << uint32(4))
-                            s = 8 * n + v + 4 * hi                      # sub-block in the block
-                            sa = da * float32(int32(np.int8(ra8[192 * nb + 16 * b + s])))
-                            sb = db * float32(int32(np.int8(rb8[192 * nb + 16 * b + s])))
-                            s16 = 16 * b + s
-                            wq = 4 * s16 + t
-                            p0, p1, p2, p3 = _add4(p0, p1, p2, p3, chunk(
-                                c0, a0, a1, sa, sb, xa, n_x, t, g, wq, s16, nw, n32))
-                            if chunks > 1:
-                                q0, q1, q2, q3 = _add4(q0, q1, q2, q3, chunk(
-                                    c0 + 1, a0, a1, sa, sb, xa, n_x, t, g, wq, s16, nw, n32))
-            _store_tile(o, e, 8 * c0, t, 16 * tile + g, p0, p1, p2, p3, q0, q1, q2, q3, mode,
-                        n_x, chunks)
+        tile = cuda.blockIdx.y
+        c0 = chunks * cuda.blockIdx.x            # this block's first chunk of 8 activation rows
+        ra = w[16 * tile + g]
+        rb = w[16 * tile + g + 8]
+        ra8 = w8[16 * tile + g]
+        rb8 = w8[16 * tile + g + 8]
+        acc = zeros()
+        for b in range(wi, nb, warps):
+            da = _f16_half(ra[52 * nb + (b >> 1)], b & 1)
+            db = _f16_half(rb[52 * nb + (b >> 1)], b & 1)
+            for n in range(2):
+                for v in range(4):
+                    la = ra[32 * b + 16 * n + 4 * v + t]
+                    lb = rb[32 * b + 16 * n + 4 * v + t]
+                    qa = ra[32 * nb + 16 * b + 8 * n + 4 * (v & 1) + t]
+                    qb = rb[32 * nb + 16 * b + 8 * n + 4 * (v & 1) + t]
+                    for hi in range(2):
+                        f = uint32(2 * (v >> 1) + 4 * hi)
+                        s = 8 * n + v + 4 * hi                      # sub-block in the block
+                        acc = step(acc, c0, n_x, (
+                            ((la >> uint32(4 * hi)) & uint32(LO)) | (((qa >> f) & three) << uint32(4)),
+                            ((lb >> uint32(4 * hi)) & uint32(LO)) | (((qb >> f) & three) << uint32(4)),
+                            da * float32(int32(np.int8(ra8[192 * nb + 16 * b + s]))),
+                            db * float32(int32(np.int8(rb8[192 * nb + 16 * b + s]))),
+                            xa, 16 * b + s, t, g, nw, n32, n_x))
+        finish(o, e, acc, c0, tile, n_x)
 
     return _q6k_rows
 
 
-@cuda.jit(device=True, inline=True)
-def _store_tile(o, e, base, t, r0, p0, p1, p2, p3, q0, q1, q2, q3, mode, n_x, chunks):
-    """A lane's C values of a tile: rows r0, r0 + 8 of activation rows base + 2t, base + 2t + 1
-    (p) and, with two chunks, base + 8 + 2t, base + 9 + 2t (q)."""
-    _store(o, e, base + 2 * t, r0, p0, mode, n_x)
-    _store(o, e, base + 2 * t + 1, r0, p1, mode, n_x)
-    _store(o, e, base + 2 * t, r0 + 8, p2, mode, n_x)
-    _store(o, e, base + 2 * t + 1, r0 + 8, p3, mode, n_x)
-    if chunks > 1:
-        _store(o, e, base + 8 + 2 * t, r0, q0, mode, n_x)
-        _store(o, e, base + 9 + 2 * t, r0, q1, mode, n_x)
-        _store(o, e, base + 8 + 2 * t, r0 + 8, q2, mode, n_x)
-        _store(o, e, base + 9 + 2 * t, r0 + 8, q3, mode, n_x)
+def chunks_for(n: int) -> int:
+    """Chunks of 8 activation rows a block takes for n rows (a power of two, at most MAX_CHUNKS)."""
+    return min(MAX_CHUNKS, 1 << (-(-n // 8) - 1).bit_length())
 
 
-def launch(w, outs, extras, xa, n: int, mode: int, warps: int, stream, grid_cap) -> None:
+def launch(w, outs, extras, xa, n: int, mode: int, stream) -> None:
     """out[:n] = w . xa's rows (+ extras per mode) on the tensor cores (`supported`)."""
-    chunks = 1 if n <= 8 else 2             # per block; grid rows of 16 activation rows beyond
+    chunks = chunks_for(n)
     if w.qtype == Q6_K:
-        k = q6k_rows_kernel(mode, warps, chunks)
+        k = q6k_rows_kernel(mode, WARPS, chunks)
         args = (outs[0], w.data.view(np.uint32), w.data)
     else:
-        k = mma_rows_kernel(mode, warps, chunks)
+        k = mma_rows_kernel(mode, WARPS, chunks)
         args = (outs[0], w.data.view(np.uint32))
     args += (extras[0] if extras else outs[0], xa, np.int64(w.cols), np.int64(n))
-    grid = max(1, min(-(-w.rows // (16 * warps)), grid_cap(k, warps * WARP, 0)))
-    k[(grid, -(-n // 16)), warps * WARP, stream](*args)
+    k[(-(-n // (8 * chunks)), w.rows // 16), WARPS * WARP, stream](*args)
 
 
 def supported(qtype: int, rows: int, cols: int, n: int, mode: int) -> bool:
-    return qtype in TYPES and rows % 16 == 0 and cols % 256 == 0 and 1 <= n <= MAX_ROWS and \
-        mode < 3
+    return qtype in TYPES and rows % 16 == 0 and 16 <= rows <= 16 * 65535 and \
+        cols % 256 == 0 and 1 <= n <= MAX_ROWS and mode < 3

@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Time every op of one decode step (and one prefill chunk) on the GPU with CUDA events.
 
-usage: python scripts/gpu_profile.py MODEL [--ctx 1024] [--prefill 512] [--pos 256]
+usage: python scripts/gpu_profile.py MODEL [--ctx 1024] [--prefill 512] [--batch N] [--pos 256]
+                                         [--no-decode]
+(--batch: prompt tokens a pass, default the backend's, as `numbaformer bench` runs it)
 Prefill: ops are launched directly (no graph) with an event pair around each, so launch gaps are
 excluded; matmuls are keyed by weight name and report GB/s of weight bytes read. Decode: the table
 of `numbaformer bench --kernels` (numbaformer.profile), then the whole decode graph's replay.
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections import defaultdict
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -72,16 +75,30 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=1024)
     ap.add_argument("--prefill", type=int, default=512)
     ap.add_argument("--pos", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=0)
+    ap.add_argument("--no-decode", action="store_true")
     a = ap.parse_args()
     mf = load_model_file(a.model)
-    m = Model(mf, CUDABackend(), n_ctx=a.ctx, n_batch=a.prefill)
+    ops = CUDABackend()
+    m = Model(mf, ops, n_ctx=a.ctx, n_batch=a.batch or ops.default_n_batch)
     m.warmup()
     ids = np.random.default_rng(0).integers(0, mf.config.n_vocab, a.prefill)
     m.forward(ids, 0)
+    walls = []
+    for _ in range(3):
+        m.ops.synchronize()
+        t0 = time.perf_counter()
+        m.forward(ids, 0)
+        m.ops.synchronize()
+        walls.append(time.perf_counter() - t0)
+    print(f"prefill {a.prefill} tokens, n_batch {m.n_batch}, ctx {a.ctx}: wall "
+          f"{min(walls) * 1e3:.2f} ms ({a.prefill / min(walls):.0f} tok/s), launched directly")
     t = Timed(m.ops)
     m.ops = t
     m.forward(ids, 0)
     t.report(f"prefill {a.prefill} tokens")
+    if a.no_decode:
+        return
     # decode: every op of one step timed alone (graph-captured copies), bytes and % of copy BW
     m.ops = t.ops
     prof = profile_decode(m, a.pos)

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Batched decode (issue 10) on the lent GPU, in two device calls made back to back (the second
+# reuses the first's /tmp: the llama.cpp build, the synthetic files, the best rows variant):
+#
+#   here (no GPU):  bash scripts/gpu_side_by_side.sh prep     (.gpu-carry: llama.cpp, wheels)
+#   call 1:         bash scripts/gpu_batched.sh one
+#                   starts the llama.cpp build, writes the 8B Q4_K and SmolLM2-shaped files, times
+#                   one prefill chunk op by op (scripts/gpu_profile.py: SmolLM2 shape at n_batch
+#                   2048 and 512, 8B at 2048) and the decode-row kernels at the 8B shapes
+#                   (scripts/gpu_rows_bench.py: dp4a rows, tensor-core rows at 4 and 8 warps);
+#                   the fastest tensor-core variant at 64 rows goes to /tmp/rows-mma-warps.
+#   call 2:         bash scripts/gpu_batched.sh two
+#                   `numbaformer bench --parallel 1,4,16,64 -p 128 -n 128` with the decode rows
+#                   on the tensor cores (that variant), llama-batched-bench on the same file, and
+#                   pp512 of both engines on it.
+set -uo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+cd "$here"
+carry=.gpu-carry
+S=$carry/shared
+export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+# shellcheck disable=SC1091
+source "$S/gpu/device-env.sh" >/dev/null || { echo "error: device env failed"; exit 2; }
+f=/tmp/l8-Q4_K.gguf
+case "${1:-}" in
+  one)
+    [ -d /tmp/llamacpp/llama.cpp ] || bash "$S/gpu/llamacpp.sh" build "$carry/llamacpp-src.tgz" >/dev/null
+    rm -f /tmp/gen8
+    ([ -f $f ] || python3 scripts/make_synthetic_gguf.py --preset llama3-8b --type Q4_K \
+        --output-type Q6_K -o $f >/dev/null 2>&1; touch /tmp/gen8) &
+    [ -f /tmp/s135-Q4_1.gguf ] || python3 scripts/make_synthetic_gguf.py --preset smollm2-135m \
+        --type Q4_1 --output-type Q8_0 -o /tmp/s135-Q4_1.gguf \
+        --vocab-from "$carry/smollm2-vocab.gguf" >/dev/null 2>&1
+    for b in 2048 512; do
+      timeout 120 python3 scripts/gpu_profile.py /tmp/s135-Q4_1.gguf --ctx 4096 --prefill 512 \
+        --batch $b --no-decode 2>&1 | grep -v "^$" | head -14
+    done
+    timeout 240 python3 scripts/gpu_rows_bench.py --groups 8 --mma 0,4,8 --n 1,4,16,64 \
+      2>&1 | tee /tmp/rows.txt | tail -12
+    python3 - <<'PY' > /tmp/rows-mma-warps
+import re
+best, w = None, 4
+for line in open("/tmp/rows.txt"):
+    m = re.match(r"rows mma w=(\d+) .* n=64: +([\d.]+) ms", line)
+    if m and (best is None or float(m.group(2)) < best):
+        best, w = float(m.group(2)), int(m.group(1))
+print(w)
+PY
+    echo "tensor-core rows variant for call 2: $(cat /tmp/rows-mma-warps) warps"
+    until [ -f /tmp/gen8 ]; do sleep 2; done
+    timeout 150 python3 scripts/gpu_profile.py $f --ctx 4096 --prefill 512 --no-decode 2>&1 \
+      | grep -v "^$" | head -16 ;;
+  two)
+    w=$(cat /tmp/rows-mma-warps 2>/dev/null || echo 4)
+    echo "== numbaformer bench --parallel (NUMBAFORMER_ROWS_MMA=1, $w warps)"
+    NUMBAFORMER_ROWS_MMA=1 NUMBAFORMER_ROWS_MMA_WARPS=$w timeout 330 python3 -m numbaformer.cli \
+      bench -m $f --device cuda --parallel 1,4,16,64 -p 128 -n 128 2>&1 | tail -8
+    BIN=$(bash "$S/gpu/llamacpp.sh" wait) || exit 1
+    echo "== llama-batched-bench"
+    "$BIN/llama-batched-bench" -m $f -ngl 99 -fa 1 -c 20000 -npp 128 -ntg 128 -npl 1,4,16,64 \
+      2>&1 | grep "^|"
+    echo "== pp512"
+    timeout 100 python3 -m numbaformer.cli bench -m $f --device cuda -p 512 -n 0 -r 3 2>/dev/null \
+      | grep pp512
+    "$BIN/llama-bench" -m $f -ngl 99 -fa 1 -p 512 -n 0 -r 3 2>&1 | grep pp512 ;;
+  *) sed -n 2,17p "$0"; exit 2 ;;
+esac

@@ -7,12 +7,13 @@
 #                   starts the llama.cpp build, writes the 8B Q4_K and SmolLM2-shaped files, times
 #                   one prefill chunk op by op (scripts/gpu_profile.py: SmolLM2 shape at n_batch
 #                   2048 and 512, 8B at 2048) and the decode-row kernels at the 8B shapes
-#                   (scripts/gpu_rows_bench.py: dp4a rows, tensor-core rows at 4 and 8 warps);
-#                   the fastest tensor-core variant at 64 rows goes to /tmp/rows-mma-warps.
+#                   (scripts/gpu_rows_bench.py: dp4a rows, the tensor-core rows kernel and its
+#                   VERSION 3 at 1 and 2 tiles a warp); the fastest tensor-core variant at 16
+#                   rows goes to /tmp/rows-mma-env (its NUMBAFORMER_ROWS_MMA_* settings).
 #   call 2:         bash scripts/gpu_batched.sh two
-#                   `numbaformer bench --parallel 1,4,16,64 -p 128 -n 128` with the decode rows
-#                   on the tensor cores (that variant), llama-batched-bench on the same file, and
-#                   pp512 of both engines on it.
+#                   `numbaformer bench --parallel 1,4,16,64 -p 128 -n 128` (the default split of
+#                   decode rows between the kernels, that tensor-core variant), llama-batched-bench
+#                   on the same file, and pp512 of both engines on it.
 set -uo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
@@ -35,25 +36,28 @@ case "${1:-}" in
       timeout 120 python3 scripts/gpu_profile.py /tmp/s135-Q4_1.gguf --ctx 4096 --prefill 512 \
         --batch $b --no-decode 2>&1 | grep -v "^$" | head -14
     done
-    timeout 240 python3 scripts/gpu_rows_bench.py --groups 8 --mma 0,4,8 --n 1,4,16,64 \
-      2>&1 | tee /tmp/rows.txt | tail -12
-    python3 - <<'PY' > /tmp/rows-mma-warps
+    timeout 300 python3 scripts/gpu_rows_bench.py --groups 8 --mma ${MMA:-0,8,8v3t1,8v3t2} \
+      --n 1,2,4,8,16,32,64 2>&1 | tee /tmp/rows.txt | tail -12
+    python3 - <<'PY' > /tmp/rows-mma-env
 import re
-best, w = None, 4
+best, env = None, "NUMBAFORMER_ROWS_MMA_WARPS=8"
 for line in open("/tmp/rows.txt"):
-    m = re.match(r"rows mma w=(\d+) .* n=64: +([\d.]+) ms", line)
-    if m and (best is None or float(m.group(2)) < best):
-        best, w = float(m.group(2)), int(m.group(1))
-print(w)
+    m = re.match(r"rows mma w=(\d+)( v3 t=(\d))? .* n=16: +([\d.]+) ms", line)
+    if m and (best is None or float(m.group(4)) < best):
+        best = float(m.group(4))
+        env = f"NUMBAFORMER_ROWS_MMA_WARPS={m.group(1)}" + (
+            f" NUMBAFORMER_ROWS_MMA_VERSION=3 NUMBAFORMER_ROWS_MMA_TILES={m.group(3)}"
+            if m.group(2) else "")
+print(env)
 PY
-    echo "tensor-core rows variant for call 2: $(cat /tmp/rows-mma-warps) warps"
+    echo "tensor-core rows variant for call 2: $(cat /tmp/rows-mma-env)"
     until [ -f /tmp/gen8 ]; do sleep 2; done
     timeout 150 python3 scripts/gpu_profile.py $f --ctx 4096 --prefill 512 --no-decode 2>&1 \
       | grep -v "^$" | head -16 ;;
   two)
-    w=$(cat /tmp/rows-mma-warps 2>/dev/null || echo 4)
-    echo "== numbaformer bench --parallel (NUMBAFORMER_ROWS_MMA=1, $w warps)"
-    NUMBAFORMER_ROWS_MMA=1 NUMBAFORMER_ROWS_MMA_WARPS=$w timeout 330 python3 -m numbaformer.cli \
+    v=$(cat /tmp/rows-mma-env 2>/dev/null || echo NUMBAFORMER_ROWS_MMA_WARPS=8)
+    echo "== numbaformer bench --parallel ($v)"
+    env $v timeout 330 python3 -m numbaformer.cli \
       bench -m $f --device cuda --parallel 1,4,16,64 -p 128 -n 128 2>&1 | tail -8
     BIN=$(bash "$S/gpu/llamacpp.sh" wait) || exit 1
     echo "== llama-batched-bench"

@@ -2,7 +2,8 @@
 """Time every op of one decode step (and one prefill chunk) on the GPU with CUDA events.
 
 usage: python scripts/gpu_profile.py MODEL [--ctx 1024] [--prefill 512] [--batch N] [--pos 256]
-                                         [--no-decode]
+                                         [--no-decode] [--cprofile]
+(--cprofile: the prefill forward's host time by function, cProfile, before the per-op events)
 (--batch: prompt tokens a pass, default the backend's, as `numbaformer bench` runs it)
 Prefill: ops are launched directly (no graph) with an event pair around each, so launch gaps are
 excluded; matmuls are keyed by weight name and report GB/s of weight bytes read. Decode: the table
@@ -77,6 +78,7 @@ def main() -> None:
     ap.add_argument("--pos", type=int, default=256)
     ap.add_argument("--batch", type=int, default=0)
     ap.add_argument("--no-decode", action="store_true")
+    ap.add_argument("--cprofile", action="store_true")
     a = ap.parse_args()
     mf = load_model_file(a.model)
     ops = CUDABackend()
@@ -93,6 +95,16 @@ def main() -> None:
         walls.append(time.perf_counter() - t0)
     print(f"prefill {a.prefill} tokens, n_batch {m.n_batch}, ctx {a.ctx}: wall "
           f"{min(walls) * 1e3:.2f} ms ({a.prefill / min(walls):.0f} tok/s), launched directly")
+    if a.cprofile:
+        import cProfile
+        import pstats
+        pr = cProfile.Profile()
+        m.ops.synchronize()
+        pr.enable()
+        m.forward(ids, 0)
+        pr.disable()
+        m.ops.synchronize()
+        pstats.Stats(pr).sort_stats("tottime").print_stats(14)
     t = Timed(m.ops)
     m.ops = t
     m.forward(ids, 0)

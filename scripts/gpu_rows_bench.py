@@ -8,13 +8,15 @@ is fastest at 16 rows on a line of its own ("best: g=8", "best: mma w=4", for sc
 
 usage (from the repository root, on the device, after <shared>/gpu/device-env.sh):
     python3 scripts/gpu_rows_bench.py [--type Q4_K] [--n 1,4,8,16,32,64] [--groups 4,8,16]
-                                      [--clamp 0,1] [--mma 0,4,8]
-    (--mma: 0 is the dp4a kernel, w > 0 rows_mma's tensor-core kernels with w warps a block)
+                                      [--clamp 0,1] [--mma 0,8,8v3t1,8v3t2]
+    (--mma: 0 is the dp4a kernel, W rows_mma's tensor-core kernels with W warps a block, WvV3tT
+    its VERSION 3 Q4_K kernel with T 16-row tiles a warp)
 """
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -61,8 +63,10 @@ def weights(qtype: int, rows: int, cols: int, seed: int) -> QTensor:
 
 
 def label(variant) -> str:
-    g, clamp, mma = variant
-    return f"mma w={mma}" if mma else f"g={g}{' clamp' if clamp else ''}"
+    g, clamp, mma, version, tiles = variant
+    if not mma:
+        return f"g={g}{' clamp' if clamp else ''}"
+    return f"mma w={mma}" + (f" v3 t={tiles}" if version == 3 else "")
 
 
 _UP: dict = {}
@@ -107,17 +111,19 @@ def main() -> int:
     ap.add_argument("--n", default="1,4,8,16,32,64")
     ap.add_argument("--groups", default="4,8,16")
     ap.add_argument("--clamp", default="0", help="gemv.ROWS_CLAMP variants: 0, 1 or 0,1")
-    ap.add_argument("--mma", default="0", help="gemv.ROWS_MMA variants: 0 off, else the warps of "
-                    "a block of rows_mma's kernels (Q4_K, Q6_K on the s8 tensor cores)")
+    ap.add_argument("--mma", default="0", help="gemv.ROWS_MMA variants: 0 off, else W[v3tT]: the "
+                    "warps of a block of rows_mma's kernels (Q4_K, Q6_K on the s8 tensor cores), "
+                    "v3tT: its VERSION 3 Q4_K kernel with T tiles a warp (e.g. 8,8v3t1,8v3t2)")
     a = ap.parse_args()
     C.STREAM = cuda.stream()
     gemv.ROWS = True
     qt = TYPE_IDS[a.type]
     ns = [int(k) for k in a.n.split(",")]
-    mmas = [int(m) for m in a.mma.split(",")]
-    groups = [(int(g), c == "1", 0) for g in a.groups.split(",") for c in a.clamp.split(",")] \
-        if 0 in mmas else []
-    groups += [(0, False, m) for m in mmas if m]
+    mmas = [re.fullmatch(r"(\d+)(?:v(\d)t(\d))?", m).groups() for m in a.mma.split(",")]
+    mmas = [(int(w), int(v or 2), int(t or 1)) for w, v, t in mmas]
+    groups = [(int(g), c == "1", 0, 2, 1) for g in a.groups.split(",")
+              for c in a.clamp.split(",")] if any(w == 0 for w, _, _ in mmas) else []
+    groups += [(0, False, w, v, t) for w, v, t in mmas if w]
     bw = copy_gbps()
     print(f"copy bandwidth {bw:.0f} GB/s; {a.type}; us (% of copy bandwidth on the weights)")
     lines, ok = [], True
@@ -142,6 +148,8 @@ def main() -> int:
         for g in groups:
             gemv.ROWS_GROUP, gemv.ROWS_CLAMP, gemv.ROWS_MMA = g[0] or 8, g[1], bool(g[2])
             rows_mma.WARPS = g[2] or rows_mma.WARPS
+            rows_mma.VERSION, rows_mma.TILES = g[3], g[4]
+            gemv.ROWS_MMA_MIN, gemv.ROWS_MMA_MAX = 1, rows_mma.MAX_ROWS      # every row count
             bits = check_bits(ws, x, xa, max(ns), exact=not g[2])
             ok &= bits
             cells = []

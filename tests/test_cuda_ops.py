@@ -303,9 +303,11 @@ def test_rows_mat_vec_gives_each_row_its_one_row_bits(cu, monkeypatch, name, pre
     of which 3 are decode rows, the 2 prompt rows get the bits of the batched product of those
     rows alone. Past gemv.ROWS_MAX decode rows, every row takes the batched product. With
     ROWS_CLAMP (the 5th row's group computes a 6th on row 5's activations; Q8_0 rows of 1024
-    values: whole batches, no bound checks) the same."""
+    values: whole batches, no bound checks) the same. (The dp4a kernel's test: the tensor-core
+    rows kernel, which takes Q4_K and Q6_K rows from gemv.ROWS_MMA_MIN on, is off.)"""
     from numbaformer.backends.cuda import gemv
     monkeypatch.setattr(gemv, "ROWS", True)
+    monkeypatch.setattr(gemv, "ROWS_MMA", False)
     monkeypatch.setattr(gemv, "ROWS_GROUP", 2)
     monkeypatch.setattr(gemv, "ROWS_CLAMP", clamp)
     if prequant:
@@ -419,12 +421,48 @@ def test_rows_on_tensor_cores_against_float64(cu, monkeypatch, name, n):
     assert np.abs(sw[True][0]).max() > 0
 
 
+@pytest.mark.parametrize("mt", [1, 2])
+def test_rows_mma_version3_gives_the_timed_kernels_bits(cu, monkeypatch, mt):
+    """rows_mma.VERSION 3 (mma_rows_kernel3: `mt` 16-row tiles a warp sharing the activations'
+    loads, a block's words loaded at once and the next block's ahead, chunks without branches)
+    adds the same numbers in the same order as the timed kernel (VERSION 2, held to float64
+    above): the same bits, with the bias and residual epilogues, at 11 rows (two chunks, the
+    second partly past the rows) and 21 (two grid columns of two chunks); 2 warps a block over 3
+    blocks a row."""
+    from numbaformer.backends.cuda import gemv, rows_mma
+    monkeypatch.setattr(rows_mma, "WARPS", 2)
+    monkeypatch.setattr(rows_mma, "TILES", mt)
+    monkeypatch.setattr(rows_mma, "MAX_CHUNKS", 2)
+    qt = TYPE_IDS["Q4_K"]
+    rows, cols = sizes((32, 768), (1024, 4096))
+    _, w = rand_qtensor(cu, qt, rows, cols, seed=53)
+    rng = np.random.default_rng(54)
+    n = 21
+    x = dev(cu, rng.standard_normal((n, cols)).astype(np.float32) * 2)
+    xa = cu.alloc((n, gemv.smem_words(qt, cols)))
+    gemv.quantize_rows(xa, x, None, 0.0, cu.stream)
+    bias = dev(cu, rng.standard_normal(rows).astype(np.float32))
+    res = rng.standard_normal((n, rows)).astype(np.float32)
+    for m in (11, 21):
+        for mode, code in (("bias", 1), ("residual", 2)):
+            got = {}
+            for version in (2, 3):
+                monkeypatch.setattr(rows_mma, "VERSION", version)
+                out = dev(cu, res) if mode == "residual" else cu.alloc((n, rows))
+                rows_mma.launch(w, [out], [out] if mode == "residual" else [bias], xa, m, code,
+                                cu.stream)
+                got[version] = host(cu, out)
+            np.testing.assert_array_equal(got[3], got[2])
+            assert np.abs(got[2][:m]).max() > 0
+
+
 @pytest.mark.skipif(ON_GPU, reason="an offline check (CI); the GPU run compiles them for real")
 def test_ptx_rows_mat_vec(record_figure):
     """The many-rows mat-vec at its launch shapes (8 warps, the largest group; Q4_K with pair
     units, Q6_K, Q8_0; SwiGLU and residual epilogues; Q4_K with ROWS_CLAMP at group 8, whose
     shared row-independent work costs registers; the s8 tensor-core forms of rows_mma.py, Q4_K with
-    one and eight chunks of activation rows, Q6_K with eight) compiles for sm_90 with its accumulators in registers:
+    one and eight chunks of activation rows, Q6_K with eight; the VERSION 3 Q4_K kernel at 1
+    tile a warp x 4 chunks, 2 x 2 and 2 x 1) compiles for sm_90 with its accumulators in registers:
     ptxas reports no spills and no stack frame."""
     from ptx_tools import offline_ptx, ptxas_info
     ptx = offline_ptx("""
@@ -447,6 +485,9 @@ for chunks in (1, 8):
                                             (f2, u2, A(f32, 1, "C"), f2, i64, i64))
 ptx["mma_q6k_store_8"] = compile(rows_mma.q6k_rows_kernel(0, rows_mma.WARPS, 8),
                                  (f2, u2, u82, f2, f2, i64, i64))
+for mt, chunks in ((1, 4), (2, 2), (2, 1)):
+    ptx[f"mma3_q4k_res_t{mt}_c{chunks}"] = compile(
+        rows_mma.mma_rows_kernel3(2, rows_mma.WARPS, chunks, mt), (f2, u2, f2, f2, i64, i64))
 """)
     assert "mma.sync.aligned.m16n8k16.row.col.s32.s8.s8.s32" in ptx["mma_q6k_store_8"]
     assert "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32" in ptx["mma_q4k_bias_8"]

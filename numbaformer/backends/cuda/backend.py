@@ -208,9 +208,9 @@ class CUDABackend(Backend):
         """How many leading rows of x (a batched step's decode rows) take gemv.gemv_rows, the
         mat-vec on 8-bit activations over many rows (gemv.ROWS): a row's bits are then those of
         the single-sequence decode, in any batch of up to gemv.ROWS_MAX decode rows (past the
-        measured crossover, the tensor-core GEMM's); with gemv.ROWS_MMA, up to rows_mma.MAX_ROWS
-        for the matrices it takes. 0 outside batched steps, with `exact`, past those counts, or
-        for matrices it does not take."""
+        measured crossover, the tensor-core GEMM's); the matrices rows_mma takes, from
+        gemv.ROWS_MMA_MIN to gemv.ROWS_MMA_MAX rows, on the tensor cores (gemv_rows picks). 0
+        outside batched steps, with `exact`, past those counts, or for matrices neither takes."""
         d = self.decode_rows
         if d is None or d <= 0 or not gemv.rows_supported(ws, self.exact) or \
                 d > gemv.ROWS_MAX and not gemv.rows_on_tensor_cores(ws, d):

@@ -53,9 +53,14 @@ ROWS_GROUP_MAX = 16       # the largest group compiled (tests/test_cuda_ops.py c
 # and NVVM shares their row-independent part (PTX 27 % smaller at Q4_K, 48 % at Q6_K) at the cost
 # of registers (Q4_K group 8: 121 -> 212); not timed yet: off
 ROWS_CLAMP = os.environ.get("NUMBAFORMER_ROWS_CLAMP", "0") == "1"
-# Q4_K decode rows on the s8 tensor cores (rows_mma.py; not timed yet: off). Not the one-row
-# mat-vec's bits: its sums in another order
-ROWS_MMA = os.environ.get("NUMBAFORMER_ROWS_MMA", "0") == "1"
+# Q4_K and Q6_K decode rows on the s8 tensor cores (rows_mma.py), for ROWS_MMA_MIN to ROWS_MMA_MAX
+# rows; their sums in another order than the one-row mat-vec's (not its bits). H200, one 8B Q4_K
+# step's products (scripts/gpu_rows_bench.py, 2026-12-02, fifth session), ms at 1 / 4 / 16 / 64
+# rows: tensor cores (8 warps a block) 5.90 / 5.95 / 9.32 / 51.7, the dp4a rows kernel 2.68 / 8.29
+# / 31.4 / 122, the GEMM 35.7 / 34.7 / 34.8 / 33.6: the dp4a kernel below 3 rows, the GEMM past 32
+ROWS_MMA = os.environ.get("NUMBAFORMER_ROWS_MMA", "1") == "1"
+ROWS_MMA_MIN = 3
+ROWS_MMA_MAX = 32
 # quantized types: x quantized by a kernel of its own, read from L2 by every block, instead of each
 # block staging it, with Q4_K/Q5_K pair units (gemv_q8.PAIR_UNITS) then. H200 probe, % of copy
 # bandwidth at 14336x4096 / 4096x14336 (scripts/gpu_probe.py, 2026-12-02): Q4_K 38.3/29.4 staged,
@@ -265,9 +270,10 @@ def rows_supported(ws, exact: bool = False) -> bool:
 
 
 def rows_on_tensor_cores(ws, n: int) -> bool:
-    """Whether gemv_rows takes each of these matrices on the s8 tensor cores (ROWS_MMA,
-    rows_mma.supported; a launch per matrix, no SwiGLU epilogue)."""
-    return ROWS_MMA and all(rows_mma.supported(w.qtype, w.rows, w.cols, n, 0) for w in ws)
+    """Whether gemv_rows takes each of these matrices on the s8 tensor cores (ROWS_MMA, n within
+    ROWS_MMA_MIN .. ROWS_MMA_MAX, rows_mma.supported; a launch per matrix, no SwiGLU epilogue)."""
+    return ROWS_MMA and ROWS_MMA_MIN <= n <= ROWS_MMA_MAX and \
+        all(rows_mma.supported(w.qtype, w.rows, w.cols, n, 0) for w in ws)
 
 
 def gemv_rows(outs, ws, xa, n: int, stream, *, mode: str = "store", extras=None) -> None:

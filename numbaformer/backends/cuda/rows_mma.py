@@ -1,4 +1,4 @@
-"""A batched step's decode rows on the s8 tensor cores (Q4_K, Q6_K; gemv.ROWS_MMA, off until timed).
+"""A batched step's decode rows on the s8 tensor cores (Q4_K, Q6_K; gemv.ROWS_MMA, its row range).
 
 The many-rows mat-vec (gemv_q8.rows_kernel) pays each activation row the whole per-unit arithmetic
 of the one-row kernel: its time grows almost as fast as the rows. Here the rows share it:
@@ -43,7 +43,13 @@ from .reduce import WARP
 TYPES = (Q4_K, Q6_K)
 MAX_ROWS = 64             # activation rows a launch takes
 MAX_CHUNKS = 8            # chunks of 8 activation rows a block takes (more: more grid columns)
-WARPS = int(os.environ.get("NUMBAFORMER_ROWS_MMA_WARPS", "4"))   # a block's split of the blocks
+# a block's warps, splitting the blocks of a row (H200, 8B Q4_K step products at 1 / 4 / 16 / 64
+# rows: 4 warps 7.43 / 7.52 / 11.3 / 51.1 ms, 8 warps 5.90 / 5.95 / 9.32 / 51.7)
+WARPS = int(os.environ.get("NUMBAFORMER_ROWS_MMA_WARPS", "8"))
+# Q4_K: 2 = mma_rows_kernel (timed), 3 = mma_rows_kernel3 with TILES 16-row tiles a warp (1, 2;
+# not timed yet: the next device run times both)
+VERSION = int(os.environ.get("NUMBAFORMER_ROWS_MMA_VERSION", "2"))
+TILES = int(os.environ.get("NUMBAFORMER_ROWS_MMA_TILES", "2"))
 
 
 @cuda.jit(device=True, inline=True)
@@ -67,35 +73,63 @@ def _chunk_rows(ch, g, t, n_x):
     return min(8 * ch + g, n_x - 1), min(8 * ch + 2 * t, n_x - 1), min(8 * ch + 2 * t + 1, n_x - 1)
 
 
-def _chunk_tree(chunks: int, leaf):
-    """Device functions (zeros, step, put) over the four C accumulators of each of `chunks`
-    chunks (a power of two), kept as a nested tuple so that every index is a constant:
-    zeros() -> the tuple of 0s; step(acc, ch, n_x, p) -> acc plus leaf(ch + i, p) for chunk i
-    (chunks from ch on; one wholly past activation row n_x - 1 adds nothing); put(acc, sm, base, lane) -> the
-    accumulators to shared memory, chunk i's value k at sm[base + 128 i + 32 k + lane]."""
+def _chunk_tree(chunks: int, leaf, width: int = 4, skip: bool = True):
+    """Device functions (zeros, step, put) over the `width` (4, or 8 for two weight tiles) C
+    accumulators of each of `chunks` chunks (a power of two), kept as a nested tuple so that every
+    index is a constant: zeros() -> the tuple of 0s; step(acc, ch, n_x, p) -> acc plus leaf(ch + i,
+    p) for chunk i (chunks from ch on; with `skip`, one wholly past activation row n_x - 1 adds
+    nothing, a branch a chunk; without, it computes on row n_x - 1, in one basic block with the
+    others); put(acc, sm, base, lane) -> the accumulators to shared memory, chunk i's value k at
+    sm[base + 32 width i + 32 k + lane]."""
     from ._jit import forceinline_device
+    assert width in (4, 8)
     if chunks == 1:
-        @forceinline_device
-        def zeros():
-            return float32(0), float32(0), float32(0), float32(0)
+        if width == 4:
+            @forceinline_device
+            def zeros():
+                return float32(0), float32(0), float32(0), float32(0)
+
+            @forceinline_device
+            def add(acc, d):
+                return acc[0] + d[0], acc[1] + d[1], acc[2] + d[2], acc[3] + d[3]
+
+            @forceinline_device
+            def put(acc, sm, base, lane):
+                sm[base + lane] = acc[0]
+                sm[base + 32 + lane] = acc[1]
+                sm[base + 64 + lane] = acc[2]
+                sm[base + 96 + lane] = acc[3]
+        else:
+            @forceinline_device
+            def zeros():
+                z = float32(0)
+                return z, z, z, z, z, z, z, z
+
+            @forceinline_device
+            def add(acc, d):
+                return (acc[0] + d[0], acc[1] + d[1], acc[2] + d[2], acc[3] + d[3],
+                        acc[4] + d[4], acc[5] + d[5], acc[6] + d[6], acc[7] + d[7])
+
+            @forceinline_device
+            def put(acc, sm, base, lane):
+                sm[base + lane] = acc[0]
+                sm[base + 32 + lane] = acc[1]
+                sm[base + 64 + lane] = acc[2]
+                sm[base + 96 + lane] = acc[3]
+                sm[base + 128 + lane] = acc[4]
+                sm[base + 160 + lane] = acc[5]
+                sm[base + 192 + lane] = acc[6]
+                sm[base + 224 + lane] = acc[7]
 
         @forceinline_device
         def step(acc, ch, n_x, p):
-            if 8 * ch >= n_x:
+            if skip and 8 * ch >= n_x:
                 return acc
-            d = leaf(ch, p)
-            return acc[0] + d[0], acc[1] + d[1], acc[2] + d[2], acc[3] + d[3]
-
-        @forceinline_device
-        def put(acc, sm, base, lane):
-            sm[base + lane] = acc[0]
-            sm[base + 32 + lane] = acc[1]
-            sm[base + 64 + lane] = acc[2]
-            sm[base + 96 + lane] = acc[3]
+            return add(acc, leaf(ch, p))
 
         return zeros, step, put
     half = chunks // 2
-    z, st, pt = _chunk_tree(half, leaf)
+    z, st, pt = _chunk_tree(half, leaf, width, skip)
 
     @forceinline_device
     def zeros():
@@ -108,7 +142,7 @@ def _chunk_tree(chunks: int, leaf):
     @forceinline_device
     def put(acc, sm, base, lane):
         pt(acc[0], sm, base, lane)
-        pt(acc[1], sm, base + 128 * half, lane)
+        pt(acc[1], sm, base + 32 * width * half, lane)
 
     return zeros, step, put
 
@@ -123,10 +157,12 @@ def _store(o, e, t, r, acc, mode, n_x):
         o[t, r] = acc
 
 
-def _finisher(mode: int, warps: int, chunks: int, put):
+def _finisher(mode: int, warps: int, chunks: int, put, mt: int = 1):
     """finish(o, e, acc, c0, tile, n_x): the warps' accumulators added in warp order through
-    shared memory, each output of the block's tile stored once (with its epilogue, `mode`)."""
-    per_warp = 128 * chunks
+    shared memory, each output of the block's `mt` tiles (from 16-row tile `tile` on) stored once
+    (with its epilogue, `mode`)."""
+    per_chunk = 128 * mt
+    per_warp = per_chunk * chunks
     size = warps * per_warp
 
     @cuda.jit(device=True, inline=True)
@@ -140,28 +176,78 @@ def _finisher(mode: int, warps: int, chunks: int, put):
             for wi in range(1, warps):
                 s += sm[wi * per_warp + v]
             lane = v % WARP
-            k = (v // WARP) % 4
-            t = 8 * (c0 + v // 128) + 2 * (lane & 3) + (k & 1)
-            _store(o, e, t, 16 * tile + (lane >> 2) + 8 * (k >> 1), s, mode, n_x)
+            k = (v // WARP) % (4 * mt)
+            t = 8 * (c0 + v // per_chunk) + 2 * (lane & 3) + (k & 1)
+            r = 16 * (tile + (k >> 2)) + (lane >> 2) + 8 * ((k >> 1) & 1)
+            _store(o, e, t, r, s, mode, n_x)
 
     return finish
+
+
+@cuda.jit(device=True, inline=True)
+def _act(ch, xa, sub, t, g, nw, n32, n_x):
+    """The activations' part of sub-block sub with chunk ch, for a lane: its B fragment (8 bytes
+    of activation row 8 ch + g) and the q8 scale and d-scaled 32-value sum of its C rows."""
+    tg, t0, t1 = _chunk_rows(ch, g, t, n_x)
+    b0, b1 = load_u32x2(xa[tg].view(np.uint32), 4 * sub + t)
+    x0 = xa[t0]
+    x1 = xa[t1]
+    return (b0, b1, x0[nw + sub], x1[nw + sub],
+            x0[nw + n32 + 2 * sub] + x0[nw + n32 + 2 * sub + 1],
+            x1[nw + n32 + 2 * sub] + x1[nw + n32 + 2 * sub + 1])
+
+
+@cuda.jit(device=True, inline=True)
+def _tile_c(a0, a1, a2, a3, sa, sb, ma, mb, b0, b1, d0, d1, s0, s1):
+    """One 16-row tile's four C increments: the s32 mma of a sub-block, scaled, less the mins."""
+    c0, c1, c2, c3 = mma_s8(a0, a1, a2, a3, b0, b1, int32(0), int32(0), int32(0), int32(0))
+    return (sa * (d0 * float32(c0)) - ma * s0, sa * (d1 * float32(c1)) - ma * s1,
+            sb * (d0 * float32(c2)) - mb * s0, sb * (d1 * float32(c3)) - mb * s1)
 
 
 @cuda.jit(device=True, inline=True)
 def _q4k_chunk(ch, p):
     """One Q4_K sub-block's product with activation chunk ch: the four C values' increments."""
     a0, a1, a2, a3, sa, sb, ma, mb, xa, sub, t, g, nw, n32, n_x = p
-    tg, t0, t1 = _chunk_rows(ch, g, t, n_x)
-    b0, b1 = load_u32x2(xa[tg].view(np.uint32), 4 * sub + t)
-    c0, c1, c2, c3 = mma_s8(a0, a1, a2, a3, b0, b1, int32(0), int32(0), int32(0), int32(0))
-    x0 = xa[t0]
-    x1 = xa[t1]
-    d0 = x0[nw + sub]
-    d1 = x1[nw + sub]
-    s0 = x0[nw + n32 + 2 * sub] + x0[nw + n32 + 2 * sub + 1]
-    s1 = x1[nw + n32 + 2 * sub] + x1[nw + n32 + 2 * sub + 1]
-    return (sa * (d0 * float32(c0)) - ma * s0, sa * (d1 * float32(c1)) - ma * s1,
-            sb * (d0 * float32(c2)) - mb * s0, sb * (d1 * float32(c3)) - mb * s1)
+    b0, b1, d0, d1, s0, s1 = _act(ch, xa, sub, t, g, nw, n32, n_x)
+    return _tile_c(a0, a1, a2, a3, sa, sb, ma, mb, b0, b1, d0, d1, s0, s1)
+
+
+@cuda.jit(device=True, inline=True)
+def _q4k_chunk2(ch, p):
+    """_q4k_chunk for two 16-row tiles sharing the activations' loads: eight increments."""
+    f0, f1, xa, sub, t, g, nw, n32, n_x = p
+    b0, b1, d0, d1, s0, s1 = _act(ch, xa, sub, t, g, nw, n32, n_x)
+    return (_tile_c(f0[0], f0[1], f0[2], f0[3], f0[4], f0[5], f0[6], f0[7],
+                    b0, b1, d0, d1, s0, s1) +
+            _tile_c(f1[0], f1[1], f1[2], f1[3], f1[4], f1[5], f1[6], f1[7],
+                    b0, b1, d0, d1, s0, s1))
+
+
+@cuda.jit(device=True, inline=True)
+def _q4k_block(ra, rb, b, nb, t):
+    """A lane's words of 256-value block b of rows ra, rb (uint32 views), all loaded at once:
+    both headers (d, dmin, 12 scale bytes; 16 bytes each), then per pair gp of sub-blocks 8 bytes
+    of each row (ra, rb, ra, rb words: pair gp at 8 + 4 gp)."""
+    return (load_u32x4(ra, 8 * nb + b) + load_u32x4(rb, 8 * nb + b) +
+            load_u32x2(ra, 16 * b + t) + load_u32x2(rb, 16 * b + t) +
+            load_u32x2(ra, 16 * b + 4 + t) + load_u32x2(rb, 16 * b + 4 + t) +
+            load_u32x2(ra, 16 * b + 8 + t) + load_u32x2(rb, 16 * b + 8 + t) +
+            load_u32x2(ra, 16 * b + 12 + t) + load_u32x2(rb, 16 * b + 12 + t))
+
+
+@cuda.jit(device=True, inline=True)
+def _q4k_frags(k, gp, j):
+    """A tile's A fragment and scales of sub-block 2 gp + j from its _q4k_block words k (gp, j
+    constants at every call, so every index folds): (a0, a1, a2, a3, sa, sb, ma, mb)."""
+    sca, mna = _scales_pair(k[1], k[2], k[3], gp)
+    scb, mnb = _scales_pair(k[5], k[6], k[7], gp)
+    sh = uint32(4 * j)
+    m = uint32(LO)
+    return ((k[8 + 4 * gp] >> sh) & m, (k[10 + 4 * gp] >> sh) & m,
+            (k[9 + 4 * gp] >> sh) & m, (k[11 + 4 * gp] >> sh) & m,
+            _f16_half(k[0], 0) * _sub(sca, j), _f16_half(k[4], 0) * _sub(scb, j),
+            _f16_half(k[0], 1) * _sub(mna, j), _f16_half(k[4], 1) * _sub(mnb, j))
 
 
 @functools.lru_cache(maxsize=None)
@@ -205,6 +291,58 @@ def mma_rows_kernel(mode: int, warps: int, chunks: int):
         finish(o, e, acc, c0, tile, n_x)
 
     return _mma_rows
+
+
+@functools.lru_cache(maxsize=None)
+def mma_rows_kernel3(mode: int, warps: int, chunks: int, mt: int):
+    """mma_rows_kernel's form for latency (VERSION 3; not timed yet): a warp takes `mt` (1, 2)
+    tiles of 16 weight rows, the activations' loads of a chunk shared between them; a block's
+    words for all its sub-blocks loaded at once (_q4k_block); the chunks without a branch between
+    them (rows past n_x computed on row n_x - 1), in one basic block, so that their loads and mma
+    overlap (registers: mt x chunks <= 4 keeps them under 255 without spills, ptxas). Same sums
+    as mma_rows_kernel, in the same order."""
+    from ._jit import cuda_kernel
+    assert chunks in (1, 2, 4, 8) and mode in (0, 1, 2) and mt in (1, 2)
+    zeros, step, put = _chunk_tree(chunks, _q4k_chunk if mt == 1 else _q4k_chunk2, 4 * mt, False)
+    finish = _finisher(mode, warps, chunks, put, mt)
+
+    @cuda.jit(device=True, inline=True)
+    def sub_step(acc, k0, k1, gp, j, c0, xa, b, t, g, nw, n32, n_x):
+        sub = 8 * b + 2 * gp + j
+        f0 = _q4k_frags(k0, gp, j)
+        if mt == 1:
+            return step(acc, c0, n_x, (f0[0], f0[1], f0[2], f0[3], f0[4], f0[5], f0[6], f0[7],
+                                       xa, sub, t, g, nw, n32, n_x))
+        return step(acc, c0, n_x, (f0, _q4k_frags(k1, gp, j), xa, sub, t, g, nw, n32, n_x))
+
+    @cuda.jit(device=True, inline=True)
+    def block_step(acc, k0, k1, c0, xa, b, t, g, nw, n32, n_x):
+        acc = sub_step(acc, k0, k1, 0, 0, c0, xa, b, t, g, nw, n32, n_x)
+        acc = sub_step(acc, k0, k1, 0, 1, c0, xa, b, t, g, nw, n32, n_x)
+        acc = sub_step(acc, k0, k1, 1, 0, c0, xa, b, t, g, nw, n32, n_x)
+        acc = sub_step(acc, k0, k1, 1, 1, c0, xa, b, t, g, nw, n32, n_x)
+        acc = sub_step(acc, k0, k1, 2, 0, c0, xa, b, t, g, nw, n32, n_x)
+        acc = sub_step(acc, k0, k1, 2, 1, c0, xa, b, t, g, nw, n32, n_x)
+        acc = sub_step(acc, k0, k1, 3, 0, c0, xa, b, t, g, nw, n32, n_x)
+        return sub_step(acc, k0, k1, 3, 1, c0, xa, b, t, g, nw, n32, n_x)
+
+    @cuda_kernel
+    def _mma_rows3(o, w, e, xa, cols, n_x):
+        wi, g, t, nb, nw, n32 = _lane(cols)
+        tile = mt * cuda.blockIdx.y              # this block's first 16-row tile
+        c0 = chunks * cuda.blockIdx.x            # this block's first chunk of 8 activation rows
+        ra0 = w[16 * tile + g]
+        rb0 = w[16 * tile + g + 8]
+        ra1 = w[16 * (tile + mt - 1) + g]        # (mt == 1: the same rows, never used)
+        rb1 = w[16 * (tile + mt - 1) + g + 8]
+        acc = zeros()
+        for b in range(wi, nb, warps):
+            k0 = _q4k_block(ra0, rb0, b, nb, t)
+            k1 = _q4k_block(ra1, rb1, b, nb, t) if mt == 2 else k0
+            acc = block_step(acc, k0, k1, c0, xa, b, t, g, nw, n32, n_x)
+        finish(o, e, acc, c0, tile, n_x)
+
+    return _mma_rows3
 
 
 @cuda.jit(device=True, inline=True)
@@ -271,22 +409,29 @@ def q6k_rows_kernel(mode: int, warps: int, chunks: int):
     return _q6k_rows
 
 
-def chunks_for(n: int) -> int:
-    """Chunks of 8 activation rows a block takes for n rows (a power of two, at most MAX_CHUNKS)."""
-    return min(MAX_CHUNKS, 1 << (-(-n // 8) - 1).bit_length())
+def chunks_for(n: int, cap: int = MAX_CHUNKS) -> int:
+    """Chunks of 8 activation rows a block takes for n rows (a power of two, at most `cap`)."""
+    return min(cap, MAX_CHUNKS, 1 << (-(-n // 8) - 1).bit_length())
 
 
 def launch(w, outs, extras, xa, n: int, mode: int, stream) -> None:
     """out[:n] = w . xa's rows (+ extras per mode) on the tensor cores (`supported`)."""
-    chunks = chunks_for(n)
+    mt = 1
     if w.qtype == Q6_K:
+        chunks = chunks_for(n)
         k = q6k_rows_kernel(mode, WARPS, chunks)
         args = (outs[0], w.data.view(np.uint32), w.data)
+    elif VERSION == 3:
+        mt = TILES if w.rows % (16 * TILES) == 0 else 1
+        chunks = chunks_for(n, 4 // mt)               # registers: see mma_rows_kernel3
+        k = mma_rows_kernel3(mode, WARPS, chunks, mt)
+        args = (outs[0], w.data.view(np.uint32))
     else:
+        chunks = chunks_for(n)
         k = mma_rows_kernel(mode, WARPS, chunks)
         args = (outs[0], w.data.view(np.uint32))
     args += (extras[0] if extras else outs[0], xa, np.int64(w.cols), np.int64(n))
-    k[(-(-n // (8 * chunks)), w.rows // 16), WARPS * WARP, stream](*args)
+    k[(-(-n // (8 * chunks)), w.rows // (16 * mt)), WARPS * WARP, stream](*args)
 
 
 def supported(qtype: int, rows: int, cols: int, n: int, mode: int) -> bool:

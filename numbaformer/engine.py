@@ -4,6 +4,7 @@ model in one forward (nano-vllm's schedule() -> run() -> postprocess()).
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -18,6 +19,10 @@ from .scheduler import Scheduler, Sequence
 
 DEFAULT_CTX = 4096
 BATCH_CTX_BLOCKS = 1024 // BLOCK_SIZE   # default pool: this many blocks per sequence (or n_ctx's)
+# greedy decode steps a replay when every running sequence decodes greedily and none waits
+# (Scheduler.schedule_steps, Model.run_batch_steps; backends with graphs): the host's turn
+# between steps (scheduling, reading the picks) paid once for them; 1 turns it off
+BATCH_STEPS = int(os.environ.get("NUMBAFORMER_BATCH_STEPS", "8"))
 WARMUP_PROMPT = 80      # the batched warm-up's long prompt: past the row counts under which a
                         # backend takes other kernels (the CPU's serial rope and K/V store: 64)
 
@@ -96,8 +101,19 @@ class Engine:
 
     def step(self) -> list[Sequence]:
         """One step: schedule, run the batch in one forward, pick each emitting sequence's token,
-        postprocess; returns the sequences that finished in it."""
+        postprocess; returns the sequences that finished in it. When every running sequence
+        decodes greedily and none waits, BATCH_STEPS such steps in one replay (on a backend with
+        graphs), each sequence taking its picks until it finishes."""
         b = self.start_batching()
+        if BATCH_STEPS > 1 and b.model.ops.multi_step and \
+                all(s.sampler is None for s in b.scheduler.running):
+            plan = b.scheduler.schedule_steps(BATCH_STEPS)
+            if plan is not None:
+                batch, k = plan
+                done = b.scheduler.postprocess_steps(batch, b.model.run_batch_steps(batch, k))
+                for s in done:
+                    b.seqs.pop(s.seq_id, None)
+                return done
         batch = b.scheduler.schedule()
         if batch is None:
             return []

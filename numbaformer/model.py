@@ -63,6 +63,7 @@ class Buffers:
             self.xn_sel = a((max_seqs, cfg.n_embd))
             self.batch_logits = a((max_seqs, cfg.n_vocab))
             self.batch_ids = a((max_seqs,), np.int32)    # each output row's greedy pick
+            self.step_picks = a((MAX_CHUNK, max_seqs), np.int32)   # run_batch_steps' picks
         self._all_logits = None
         self._ops, self._cfg, self.n_batch = ops, cfg, n_batch
 
@@ -150,6 +151,50 @@ class Model:
         sequence's logits are the same bits alone or in any batch. A batch of decode rows only
         (one a sequence) is padded to the next GRAPH_BUCKETS size (padding rows write nowhere
         and read position 0 of the first sequence) and replays that size's CUDA graph."""
+        size, n_decode = self._stage_batch(batch)
+        if size:
+            self.ops.replay(("batch_decode", id(self), size), lambda: self._batch_step(size, size))
+        else:
+            self._batch_step(batch.n_rows, len(batch.seqs), n_decode)
+
+    def run_batch_steps(self, batch, k: int) -> np.ndarray:
+        """k greedy decode steps of a decode-only batch (one row a sequence, each sequence's
+        table covering its positions pos .. pos + k - 1) in one replay: each step's picks feed
+        the next on the device (ops.advance_rows: the next position and its slot through the
+        table), so the host reads the picks once; returns them, (k, n_seqs) int32. A sequence
+        that the caller ends inside the chunk (a stop id, its token budget) has had its K/V
+        written past its end, into its own blocks. Each step is run_batch's, the same bits."""
+        n, m = batch.n_rows, len(batch.seqs)
+        if not 1 <= k <= MAX_CHUNK:
+            raise ValueError(f"a batch's greedy chunk is 1..{MAX_CHUNK} steps, not {k}")
+        if batch.decode is None or not np.asarray(batch.decode).all() or n != m:
+            raise ValueError("several steps a replay take a batch of decode rows only, one a "
+                             "sequence")
+        size, _ = self._stage_batch(batch)                  # (checks the batch first)
+        tables, B = np.asarray(batch.tables), self.kv.block_size
+        end = np.asarray(batch.pos, np.int64) + k - 1          # each row's last position
+        reach = end // B
+        if end.max() >= self.n_ctx or reach.max() >= tables.shape[1] or any(
+                (tables[s, :b + 1] < 0).any() for s, b in zip(batch.row_seq, reach)):
+            raise ValueError(f"batch: {k} steps reach positions its block tables (or the "
+                             f"context of {self.n_ctx}) lack")
+        if not size:
+            raise ValueError(f"batch of {n} decode rows has no graph bucket "
+                             f"(max {min(self.n_batch, self.max_seqs)})")
+        ops, b = self.ops, self.buf
+
+        def steps():
+            for j in range(k):
+                self._batch_step(size, size)
+                ops.advance_rows(b.ids[:size], b.pos[:size], b.slots[:size], b.tables,
+                                 b.row_seq[:size], b.batch_ids, b.step_picks, j, B)
+        ops.replay(("batch_steps", id(self), size, k), steps)
+        return ops.to_host(b.step_picks)[:k, :m]
+
+    def _stage_batch(self, batch) -> tuple[int, int]:
+        """Check a batch and copy its rows (reordered, decode rows first; a decode-only batch
+        padded to its graph bucket) to the step's device buffers in one host->device copy;
+        returns (the bucket size, 0 if the batch runs eagerly; its decode rows)."""
         n, m = batch.n_rows, len(batch.seqs)
         if not self.max_seqs:
             raise ValueError("this model was built for one sequence (max_seqs 0)")
@@ -180,10 +225,7 @@ class Model:
         tables[...] = -1
         tables[:m, :batch.tables.shape[1]] = batch.tables
         ops.copy_in(b.step_in, host)                      # the step's one host->device copy
-        if graphed:
-            ops.replay(("batch_decode", id(self), size), lambda: self._batch_step(size, size))
-        else:
-            self._batch_step(n, m, int(decode.sum()))
+        return (size if graphed else 0), int(decode.sum())
 
     def _batch_step(self, n: int, m: int, n_decode: int | None = None) -> None:
         ops, b = self.ops, self.buf

@@ -156,6 +156,38 @@ class Scheduler:
             budget -= n
         return self._batch(chosen) if chosen else None
 
+    def schedule_steps(self, k: int) -> tuple[Batch, int] | None:
+        """A batch for several decode steps in one go (Model.run_batch_steps) and their count,
+        k or the power of two that covers the most tokens any running sequence may still take;
+        None when the next step needs the host (a sequence waiting or in its prompt, fewer than 2
+        steps, a context or the pool too short for that many more positions of every running
+        sequence). One decode row a running sequence, its table grown to cover the positions of
+        the steps (up to len(tokens) + k - 2)."""
+        if self.waiting or not self.running or any(s.in_prompt for s in self.running):
+            return None
+        left = max(min(s.max_tokens - len(s.output_ids), self.n_ctx - len(s.token_ids))
+                   for s in self.running)
+        k = min(k, 1 << max(0, left - 1).bit_length())
+        if k < 2 or any(len(s.token_ids) + k - 1 > self.n_ctx for s in self.running):
+            return None
+        need = sum(max(0, self.blocks.blocks_for(len(s.token_ids) + k - 1) - len(s.block_table))
+                   for s in self.running)
+        if need > self.blocks.n_free:
+            return None
+        for s in self.running:
+            self.blocks.append(s, len(s.token_ids) + k - 1)
+        return self._batch([(s, 1) for s in self.running]), k
+
+    def postprocess_steps(self, batch: Batch, picks) -> list[Sequence]:
+        """postprocess for the k steps of a schedule_steps batch, picks (k, n_seqs): each
+        sequence takes its picks in order until it finishes (the rest dropped)."""
+        done = []
+        for j, row in enumerate(picks):
+            step = Batch(batch.seqs, batch.rows, batch.ids, batch.pos + j, batch.slots,
+                         batch.tables, batch.row_seq, batch.last, batch.emits, batch.decode)
+            done += self.postprocess(step, row)
+        return done
+
     def _batch(self, chosen) -> Batch:
         B = self.blocks.block_size
         seqs = [s for s, _ in chosen]

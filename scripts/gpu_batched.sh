@@ -4,16 +4,19 @@
 #
 #   here (no GPU):  bash scripts/gpu_side_by_side.sh prep     (.gpu-carry: llama.cpp, wheels)
 #   call 1:         bash scripts/gpu_batched.sh one
-#                   starts the llama.cpp build, writes the 8B Q4_K and SmolLM2-shaped files, times
-#                   one prefill chunk op by op (scripts/gpu_profile.py: SmolLM2 shape at n_batch
-#                   2048 and 512, 8B at 2048) and the decode-row kernels at the 8B shapes
+#                   writes the SmolLM2-shaped file and times its 512-token prefill's host work by
+#                   function (scripts/gpu_profile.py --cprofile; with .gpu-carry/old, pp512 of an
+#                   older tree beside this one's), then starts the llama.cpp build, writes the 8B
+#                   Q4_K file, times the decode-row kernels at the 8B shapes
 #                   (scripts/gpu_rows_bench.py: dp4a rows, the tensor-core rows kernel and its
 #                   VERSION 3 at 1 and 2 tiles a warp); the fastest tensor-core variant at 16
-#                   rows goes to /tmp/rows-mma-env (its NUMBAFORMER_ROWS_MMA_* settings).
+#                   rows goes to /tmp/rows-mma-env (its NUMBAFORMER_ROWS_MMA_* settings); last the
+#                   8B prefill op by op.
 #   call 2:         bash scripts/gpu_batched.sh two
 #                   `numbaformer bench --parallel 1,4,16,64 -p 128 -n 128` (the default split of
 #                   decode rows between the kernels, that tensor-core variant), llama-batched-bench
-#                   on the same file, and pp512 of both engines on it.
+#                   on the same file, bench --parallel 1,16 with one decode step a replay, and
+#                   pp512 of both engines on the file.
 set -uo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
@@ -25,17 +28,25 @@ source "$S/gpu/device-env.sh" >/dev/null || { echo "error: device env failed"; e
 f=/tmp/l8-Q4_K.gguf
 case "${1:-}" in
   one)
+    [ -f /tmp/s135-Q4_1.gguf ] || python3 scripts/make_synthetic_gguf.py --preset smollm2-135m \
+        --type Q4_1 --output-type Q8_0 -o /tmp/s135-Q4_1.gguf \
+        --vocab-from "$carry/smollm2-vocab.gguf" >/dev/null 2>&1
+    # the prefill regression: the host's time by function, and (with .gpu-carry/old, an older
+    # tree: `git archive 459889d numbaformer | tar -x -C .gpu-carry/old`) both trees' pp512
+    timeout 120 python3 scripts/gpu_profile.py /tmp/s135-Q4_1.gguf --ctx 4096 --prefill 512 \
+      --no-decode --cprofile 2>&1 | grep -v "^$" | head -40
+    if [ -d $carry/old ]; then
+      for tree in $carry/old .; do
+        (cd $tree && PYTHONPATH=$PWD:${PYTHONPATH:-} timeout 150 python3 -m numbaformer.cli bench \
+          -m /tmp/s135-Q4_1.gguf --device cuda -p 512 -n 0 -r 3 2>/dev/null | grep pp512 \
+          | sed "s|^|$tree: |")
+      done
+    fi
+    # (started after the prefill timings, which the host's load would disturb)
     [ -d /tmp/llamacpp/llama.cpp ] || bash "$S/gpu/llamacpp.sh" build "$carry/llamacpp-src.tgz" >/dev/null
     rm -f /tmp/gen8
     ([ -f $f ] || python3 scripts/make_synthetic_gguf.py --preset llama3-8b --type Q4_K \
         --output-type Q6_K -o $f >/dev/null 2>&1; touch /tmp/gen8) &
-    [ -f /tmp/s135-Q4_1.gguf ] || python3 scripts/make_synthetic_gguf.py --preset smollm2-135m \
-        --type Q4_1 --output-type Q8_0 -o /tmp/s135-Q4_1.gguf \
-        --vocab-from "$carry/smollm2-vocab.gguf" >/dev/null 2>&1
-    for b in 2048 512; do
-      timeout 120 python3 scripts/gpu_profile.py /tmp/s135-Q4_1.gguf --ctx 4096 --prefill 512 \
-        --batch $b --no-decode 2>&1 | grep -v "^$" | head -14
-    done
     timeout 300 python3 scripts/gpu_rows_bench.py --groups 8 --mma ${MMA:-0,8,8v3t1,8v3t2} \
       --n 1,2,4,8,16,32,64 2>&1 | tee /tmp/rows.txt | tail -12
     python3 - <<'PY' > /tmp/rows-mma-env
@@ -63,6 +74,9 @@ PY
     echo "== llama-batched-bench"
     "$BIN/llama-batched-bench" -m $f -ngl 99 -fa 1 -c 20000 -npp 128 -ntg 128 -npl 1,4,16,64 \
       2>&1 | grep "^|"
+    echo "== numbaformer bench --parallel, one step a replay (NUMBAFORMER_BATCH_STEPS=1)"
+    env $v NUMBAFORMER_BATCH_STEPS=1 timeout 200 python3 -m numbaformer.cli \
+      bench -m $f --device cuda --parallel 1,16 -p 128 -n 128 2>&1 | tail -3
     echo "== pp512"
     timeout 100 python3 -m numbaformer.cli bench -m $f --device cuda -p 512 -n 0 -r 3 2>/dev/null \
       | grep pp512

@@ -424,7 +424,7 @@ def test_rows_on_tensor_cores_against_float64(cu, monkeypatch, name, n):
 @pytest.mark.parametrize("mt", [1, 2])
 def test_rows_mma_version3_gives_the_timed_kernels_bits(cu, monkeypatch, mt):
     """rows_mma.VERSION 3 (mma_rows_kernel3: `mt` 16-row tiles a warp sharing the activations'
-    loads, a block's words loaded at once and the next block's ahead, chunks without branches)
+    loads, a block's words loaded at once, chunks without branches)
     adds the same numbers in the same order as the timed kernel (VERSION 2, held to float64
     above): the same bits, with the bias and residual epilogues, at 11 rows (two chunks, the
     second partly past the rows) and 21 (two grid columns of two chunks); 2 warps a block over 3

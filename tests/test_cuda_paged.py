@@ -311,6 +311,68 @@ def test_forward_batch_same_bits_alone_or_batched(tmp_path, toy_model_shapes, re
     assert worst <= 5e-2
 
 
+def test_batch_steps_give_the_single_steps_picks(tmp_path, toy_model_shapes):
+    """Model.run_batch_steps (the engine's several greedy decode steps a replay, each step's
+    picks fed to the next on the device by advance_rows, the slot through the block table) gives
+    the picks of as many single run_batch steps: three sequences in the graph bucket of 4 (a
+    padding row), the first one's positions crossing a block of 4 inside the chunk."""
+    from numbaformer.backends.cuda.backend import CUDABackend
+    mf = tiny_mf(tmp_path)
+    ops = CUDABackend()
+    outs = []
+    for several in (True, False):
+        model = Model(mf, ops, n_ctx=32, n_batch=6, max_seqs=4, kv_blocks=16, block_size=4)
+        bm = BlockManager(16, 4)
+        sched = Scheduler(bm, model.n_ctx, model.max_seqs, 6)
+        seqs = [Sequence(p, max_tokens=3, stop_ids=frozenset()) for p in PROMPTS[:3]]
+        for q in seqs:
+            sched.add(q)
+        while sched.waiting or any(q.in_prompt for q in sched.running):
+            batch = sched.schedule()
+            model.run_batch(batch)
+            toks = model.batch_greedy_ids(len(batch.seqs))
+            sched.postprocess(batch, [int(t) if e else -1 for t, e in zip(toks, batch.emits)])
+        if several:
+            batch, k = sched.schedule_steps(4)
+            assert k == 2 and batch.n_rows == 3 and batch.pos[0] == 7
+            sched.postprocess_steps(batch, model.run_batch_steps(batch, k))
+        else:
+            for _ in range(2):
+                batch = sched.schedule()
+                model.run_batch(batch)
+                sched.postprocess(batch, [int(t) for t in model.batch_greedy_ids(3)])
+        assert [len(q.output_ids) for q in seqs] == [3, 3, 3]
+        outs.append([q.output_ids for q in seqs])
+        bm.check()
+    assert outs[0] == outs[1]
+
+
+def test_advance_rows_kernel_against_the_host_rule(cu):
+    """paged.advance_rows (the device's step-to-step feed of a batch) against the base backend's
+    host rule: real rows take their pick, one position on, the slot through their table (-1 past
+    the table's width or at a missing block); padding rows (slot -1) untouched."""
+    from numbaformer.backends.base import Backend
+    from numbaformer.backends.cuda import paged as P
+    rng = np.random.default_rng(9)
+    n, B = 7, 4
+    tables = np.array([[3, 0, 5, -1], [1, 2, -1, -1], [4, 6, 7, 8]], np.int32)
+    row_seq = np.array([0, 1, 2, 0, 2, 1, 0], np.int32)
+    pos = np.array([2, 3, 6, 7, 15, 7, 0], np.int32)
+    slots = (tables[row_seq, pos // B] * B + pos % B).astype(np.int32)
+    slots[6] = -1                                            # a padding row
+    ids = rng.integers(0, 100, n).astype(np.int32)
+    picks = rng.integers(0, 100, n).astype(np.int32)
+    want = [a.copy() for a in (ids, pos, slots)] + [np.full((2, n), -7, np.int32)]
+    Backend.advance_rows(None, *want[:3], tables, row_seq, picks, want[3], 1, B)
+    got = [dev(cu, a) for a in (ids, pos, slots, np.full((2, n), -7, np.int32))]
+    P.advance_rows(*got[:3], dev(cu, tables), dev(cu, row_seq), dev(cu, picks), got[3], 1, B,
+                   cu.stream)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(cu.to_host(g), w)
+    assert want[2][4] == -1 and want[2][5] == -1 and want[2][0] == 3 * B + 3   # past, missing
+    assert want[1][6] == 0 and want[3][1, 6] == -7                              # padding
+
+
 @GPU_ONLY
 def test_engine_on_cuda_gives_each_solo_greedy_text(tmp_path, toy_model_shapes):
     """Engine.add_request/step on the CUDA backend (its default f16 cache, blocks of 64): three

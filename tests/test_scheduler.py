@@ -9,6 +9,7 @@ import dataclasses
 import numpy as np
 import pytest
 
+from numbaformer.backends.base import Backend
 from numbaformer.blocks import BlockManager
 from numbaformer.kvcache import check_batch
 from numbaformer.scheduler import FINISHED, Scheduler, Sequence
@@ -33,6 +34,25 @@ class FakeModel:
             assert min(ctx) >= 0
             out.append(next_token(ctx))
         return out
+
+
+    def steps(self, batch, k):
+        """k decode steps of a decode-only batch, each step's picks fed to the next as
+        Model.run_batch_steps does on a device (the base backend's advance_rows, host arrays)."""
+        ids, pos, slots = batch.ids.copy(), batch.pos.copy(), batch.slots.copy()
+        picks = np.full((k, len(ids)), -1, np.int32)
+        for j in range(k):
+            self.cache[slots[slots >= 0]] = ids[slots >= 0]
+            out = []
+            for r in range(len(ids)):
+                table = batch.tables[batch.row_seq[r]]
+                ctx = [self.cache[table[i // B] * B + i % B] for i in range(pos[r] + 1)]
+                assert min(ctx) >= 0
+                out.append(next_token(ctx))
+            Backend.advance_rows(None, ids, pos, slots, batch.tables, batch.row_seq,
+                                 np.array(out, np.int32), picks, j, B)
+        self.rows_run.append(len(ids))
+        return picks
 
 
 def next_token(ctx):
@@ -74,6 +94,49 @@ def test_many_sequences_give_their_solo_text():
     assert max(model.rows_run) <= 8
     assert bm.n_free == 32
     bm.check()
+
+
+def test_several_steps_a_go_give_the_solo_text():
+    """schedule_steps / postprocess_steps (the engine's several greedy steps a replay): only
+    when nothing waits and no prompt is under way; k steps, or the power of two covering the
+    most tokens a sequence may still take; every sequence takes its picks until its length or a
+    stop id (inside a chunk too), and gives the text it gives alone; the pool comes back whole."""
+    bm, sched, model = make(n_blocks=48, max_seqs=4, max_batched_tokens=12)
+    rng = np.random.default_rng(3)
+    prompts = [list(rng.integers(0, VOCAB, int(n))) for n in rng.integers(1, 14, 9)]
+    lengths = [int(m) for m in rng.integers(2, 14, 9)]
+    texts = [solo_text(p, m) for p, m in zip(prompts, lengths)]
+    stops = [frozenset({texts[i][len(texts[i]) // 2]}) if i % 3 == 0 else frozenset()
+             for i in range(9)]
+    seqs = [Sequence(p, max_tokens=m, stop_ids=st) for p, m, st in zip(prompts, lengths, stops)]
+    for s in seqs:
+        sched.add(s)
+    ks = []
+    for _ in range(200):
+        plan = sched.schedule_steps(4)
+        if plan is not None:
+            assert not sched.waiting and not any(s.in_prompt for s in sched.running)
+            batch, k = plan
+            ks.append(k)
+            check_batch(batch, VOCAB, 64, 48, B)
+            sched.postprocess_steps(batch, model.steps(batch, k))
+            continue
+        batch = sched.schedule()
+        if batch is None:
+            break
+        sched.postprocess(batch, model.step(batch))
+    assert sched.is_finished() and ks and set(ks) <= {2, 4}
+    for s, text, st in zip(seqs, texts, stops):
+        want = text[:text.index(next(iter(st))) + 1] if st else text
+        assert s.output_ids == want, (s.output_ids, want)
+        assert s.finish_reason == ("stop" if st else "length")
+    assert bm.n_free == 48
+    bm.check()
+    one = Sequence([1, 2, 3], max_tokens=1)
+    sched.add(one)
+    assert sched.schedule_steps(4) is None                  # waiting
+    sched.postprocess(b := sched.schedule(), model.step(b))
+    assert one.status == FINISHED and sched.schedule_steps(4) is None
 
 
 def test_decodes_first_then_prompt_chunks_within_budget():

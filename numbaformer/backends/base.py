@@ -227,6 +227,26 @@ class Backend(ABC):
         pos[0] += 1
         out[j] = next_id[0]
 
+    def advance_rows(self, ids, pos, slots, tables, row_seq, picks, out, j: int,
+                     block_size: int) -> None:
+        """advance() for the rows of a decode-only batch (Model.run_batch_steps): each row r
+        with slots[r] >= 0 takes picks[r] as its next token (out[j, r] too), one position on, and
+        that position's slot through tables[row_seq[r]] (-1 if the table has no block there);
+        padding rows (slot -1) stay as they are. Host arrays here; a device backend overrides it
+        with a kernel."""
+        for r in range(ids.shape[0]):
+            if slots[r] < 0:
+                continue
+            out[j, r] = ids[r] = picks[r]
+            pos[r] += 1
+            b = pos[r] // block_size
+            blk = tables[row_seq[r], b] if b < tables.shape[1] else -1
+            slots[r] = blk * block_size + pos[r] % block_size if blk >= 0 else -1
+
+    # whether the batched engine runs several greedy decode steps a replay (Engine.step): a
+    # backend with graphs, where it saves the host's turn between steps
+    multi_step = False
+
     decode_rows = None            # set by split_rows for a batched step's products
 
     def split_rows(self, n: int | None) -> None:

@@ -190,7 +190,8 @@ class CUDABackend(Backend):
     def _batched(self, x) -> bool:
         """Whether x's rows take the batched products: several rows, or any number inside a
         batched step (split_rows), so that a row's result does not depend on how many rows share
-        the step (a batch's lone decode row would otherwise take the 8-bit mat-vec)."""
+        the step (a batch's lone decode row would otherwise take the single-sequence mat-vec;
+        decode rows: _rows_first)."""
         return x.shape[0] > 1 or self.decode_rows is not None
 
     def _tensor_cores(self, x) -> bool:
@@ -206,11 +207,13 @@ class CUDABackend(Backend):
 
     def _rows_first(self, x, ws) -> int:
         """How many leading rows of x (a batched step's decode rows) take gemv.gemv_rows, the
-        mat-vec on 8-bit activations over many rows (gemv.ROWS): a row's bits are then those of
-        the single-sequence decode, in any batch of up to gemv.ROWS_MAX decode rows (past the
-        measured crossover, the tensor-core GEMM's); the matrices rows_mma takes, from
-        gemv.ROWS_MMA_MIN to gemv.ROWS_MMA_MAX rows, on the tensor cores (gemv_rows picks). 0
-        outside batched steps, with `exact`, past those counts, or for matrices neither takes."""
+        mat-vec on 8-bit activations over many rows (gemv.ROWS): for the matrices rows_mma takes
+        (Q4_K, Q6_K), gemv.ROWS_MMA_MIN to gemv.ROWS_MMA_MAX rows on the s8 tensor cores; for the
+        others, up to gemv.ROWS_MAX rows on the dp4a rows kernel, whose rows have the bits of the
+        single-sequence decode. Either way a row's bits do not depend on the other rows, as long
+        as the step's decode rows stay within the kernel's range (past it, the tensor-core GEMM,
+        the measured crossover). 0 outside batched steps, with `exact`, past those counts, or for
+        matrices neither takes."""
         d = self.decode_rows
         if d is None or d <= 0 or not gemv.rows_supported(ws, self.exact) or \
                 d > gemv.ROWS_MAX and not gemv.rows_on_tensor_cores(ws, d):
@@ -447,6 +450,12 @@ class CUDABackend(Backend):
 
     def advance(self, ids, pos, next_id, out, j):
         sample.advance(ids, pos, next_id, out, j, self.stream)
+
+    def advance_rows(self, ids, pos, slots, tables, row_seq, picks, out, j, block_size):
+        paged.advance_rows(ids, pos, slots, tables, row_seq, picks, out, j, block_size,
+                           self.stream)
+
+    multi_step = True
 
     samples_on_device = True
 

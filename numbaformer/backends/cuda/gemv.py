@@ -57,9 +57,12 @@ ROWS_CLAMP = os.environ.get("NUMBAFORMER_ROWS_CLAMP", "0") == "1"
 # rows; their sums in another order than the one-row mat-vec's (not its bits). H200, one 8B Q4_K
 # step's products (scripts/gpu_rows_bench.py, 2026-12-02, fifth session), ms at 1 / 4 / 16 / 64
 # rows: tensor cores (8 warps a block) 5.90 / 5.95 / 9.32 / 51.7, the dp4a rows kernel 2.68 / 8.29
-# / 31.4 / 122, the GEMM 35.7 / 34.7 / 34.8 / 33.6: the dp4a kernel below 3 rows, the GEMM past 32
+# / 31.4 / 122, the GEMM 35.7 / 34.7 / 34.8 / 33.6: the GEMM past 32 rows. From one row on, although
+# the dp4a kernel is faster at 1 and 2: a sequence's logits are then the same bits alone or in a
+# batch of up to 32 decode rows (as a seeded request's text must be; the dp4a kernel below 3 rows
+# would make a lone row's bits differ from a batched one's)
 ROWS_MMA = os.environ.get("NUMBAFORMER_ROWS_MMA", "1") == "1"
-ROWS_MMA_MIN = 3
+ROWS_MMA_MIN = 1
 ROWS_MMA_MAX = 32
 # quantized types: x quantized by a kernel of its own, read from L2 by every block, instead of each
 # block staging it, with Q4_K/Q5_K pair units (gemv_q8.PAIR_UNITS) then. H200 probe, % of copy
@@ -279,9 +282,12 @@ def rows_on_tensor_cores(ws, n: int) -> bool:
 def gemv_rows(outs, ws, xa, n: int, stream, *, mode: str = "store", extras=None) -> None:
     """The fast mat-vec over n activation rows at once (a batched step's decode rows):
     outs[m][:n] (n, rows_m) f32 from QTensors ws[m] (rows_supported) and xa[:n], their q8
-    activations (quantize_rows); mode and extras as gemv()'s (the residual (n, rows) f32). Each
-    weight row pair is read once per ROWS_GROUP activation rows; row t's outputs are the bits
-    gemv() gives for x[t] alone (same units per lane, same pair units: _pair_units)."""
+    activations (quantize_rows); mode and extras as gemv()'s (the residual (n, rows) f32). On
+    the dp4a rows kernel each weight row pair is read once per ROWS_GROUP activation rows and row
+    t's outputs are the bits gemv() gives for x[t] alone (same units per lane, same pair units:
+    _pair_units); for ROWS_MMA_MIN..ROWS_MMA_MAX rows of the matrices rows_mma takes, its
+    tensor-core kernels, whose sums for a row do not depend on the other rows either but are
+    added in another order (within float32 rounding of gemv()'s)."""
     n_mat, qtype, cols = len(ws), ws[0].qtype, ws[0].cols
     assert rows_supported(ws) and 1 <= n_mat <= 3 and xa.shape[0] >= n >= 1
     assert xa.shape[1] == smem_words(qtype, cols) and all(o.shape[0] >= n for o in outs)

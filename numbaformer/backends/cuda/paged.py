@@ -307,3 +307,36 @@ def gather_rows(out, x, idx, stream) -> None:
     if out.shape[1] != x.shape[1] or idx.shape[0] < out.shape[0]:
         raise ValueError(f"gather_rows: out {out.shape}, x {x.shape}, idx {idx.shape}")
     _gather_rows_kernel[out.shape[0], GATHER_THREADS, stream](out, x, idx)
+
+
+# --- several greedy decode steps of a batch in one replay ---------------------------------------
+
+@cuda_kernel
+def _advance_rows_kernel(ids, pos, slots, tables, row_seq, picks, out, j, block_size):
+    """Thread r: a real row (slot >= 0) takes its pick as its next token, one position on, and
+    the slot that position maps to through its sequence's table (-1 past the table)."""
+    r = cuda.grid(1)
+    if r < ids.shape[0] and slots[r] >= 0:
+        t = picks[r]
+        out[j, r] = t
+        ids[r] = t
+        p = pos[r] + 1
+        pos[r] = p
+        b = p // block_size
+        slots[r] = -1
+        if b < tables.shape[1]:
+            blk = tables[row_seq[r], b]
+            if blk >= 0:
+                slots[r] = blk * block_size + p % block_size
+
+
+def advance_rows(ids, pos, slots, tables, row_seq, picks, out, j: int, block_size: int,
+                 stream) -> None:
+    """For each row r of a decode-only batch with slots[r] >= 0 (padding rows: -1, untouched):
+    out[j, r] = ids[r] = picks[r], pos[r] += 1, slots[r] = the new position's slot (-1 when its
+    block is not in the table). int32 device arrays; row_seq[r] < tables.shape[0] and picks,
+    out[j] as long as ids (checked by the caller, Model.run_batch_steps)."""
+    n = ids.shape[0]
+    _advance_rows_kernel[-(-n // 64), 64, stream](ids, pos, slots, tables, row_seq, picks, out,
+                                                  j, block_size)
+

@@ -11,8 +11,9 @@ sub-block's scale and min afterwards:
 (dx, qx: the activations' q8 scale and values of sub-block s, sx their d-scaled sum; the xa rows
 of gemv.quantize_rows). A block takes one tile of 16 weight rows (grid row y) and `chunks` chunks
 of 8 activation rows (grid column x: every activation row of a step up to 8 x MAX_CHUNKS, so the
-weights are read once), its `warps` warps splitting the 256-value blocks of the rows (warp w:
-blocks w, w + warps, ..), their sums added in shared memory in warp order at the end (_finish):
+weights are read once; VERSION 3 takes fewer a block, its weights read once per grid column),
+its `warps` warps splitting the 256-value blocks of the rows (warp w: blocks w, w + warps, ..),
+their sums added in shared memory in warp order at the end (_finish):
 enough warps in flight to stream the weights, whatever the number of rows.
 
 Per block of a row, each lane loads the header (d, dmin, 12 scale bytes) of its two rows (g and
@@ -45,7 +46,9 @@ MAX_ROWS = 64             # activation rows a launch takes
 MAX_CHUNKS = 8            # chunks of 8 activation rows a block takes (more: more grid columns)
 # a block's warps, splitting the blocks of a row (H200, 8B Q4_K step products at 1 / 4 / 16 / 64
 # rows: 4 warps 7.43 / 7.52 / 11.3 / 51.1 ms, 8 warps 5.90 / 5.95 / 9.32 / 51.7)
-WARPS = int(os.environ.get("NUMBAFORMER_ROWS_MMA_WARPS", "8"))
+# (1..8: a block's shared sums, warps x 128 x chunks x 4 bytes, within the 48 KiB of static shared
+# memory)
+WARPS = min(8, max(1, int(os.environ.get("NUMBAFORMER_ROWS_MMA_WARPS", "8"))))
 # Q4_K: 2 = mma_rows_kernel (timed), 3 = mma_rows_kernel3 with TILES 16-row tiles a warp (1, 2;
 # not timed yet: the next device run times both)
 VERSION = int(os.environ.get("NUMBAFORMER_ROWS_MMA_VERSION", "2"))
@@ -422,7 +425,7 @@ def launch(w, outs, extras, xa, n: int, mode: int, stream) -> None:
         k = q6k_rows_kernel(mode, WARPS, chunks)
         args = (outs[0], w.data.view(np.uint32), w.data)
     elif VERSION == 3:
-        mt = TILES if w.rows % (16 * TILES) == 0 else 1
+        mt = 2 if TILES >= 2 and w.rows % 32 == 0 else 1
         chunks = chunks_for(n, 4 // mt)               # registers: see mma_rows_kernel3
         k = mma_rows_kernel3(mode, WARPS, chunks, mt)
         args = (outs[0], w.data.view(np.uint32))

@@ -10,13 +10,13 @@
 #                   Q4_K file, times the decode-row kernels at the 8B shapes
 #                   (scripts/gpu_rows_bench.py: dp4a rows, the tensor-core rows kernel and its
 #                   VERSION 3 at 1 and 2 tiles a warp); the fastest tensor-core variant at 16
-#                   rows goes to /tmp/rows-mma-env (its NUMBAFORMER_ROWS_MMA_* settings); last the
-#                   8B prefill op by op.
+#                   rows goes to /tmp/rows-mma-env (its NUMBAFORMER_ROWS_MMA_* settings).
 #   call 2:         bash scripts/gpu_batched.sh two
-#                   `numbaformer bench --parallel 1,4,16,64 -p 128 -n 128` (the default split of
-#                   decode rows between the kernels, that tensor-core variant), llama-batched-bench
-#                   on the same file, bench --parallel 1,16 with one decode step a replay, and
-#                   pp512 of both engines on the file.
+#                   the 8B file's prefill and batched decode steps (16, 64 sequences) op by op
+#                   (scripts/gpu_profile.py --batched), `numbaformer bench --parallel 1,4,16,64
+#                   -p 128 -n 128` (the default split of decode rows between the kernels, that
+#                   tensor-core variant), llama-batched-bench on the same file, bench --parallel
+#                   1,16 with one decode step a replay, and pp512 of both engines on the file.
 set -uo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
@@ -62,11 +62,13 @@ for line in open("/tmp/rows.txt"):
 print(env)
 PY
     echo "tensor-core rows variant for call 2: $(cat /tmp/rows-mma-env)"
-    until [ -f /tmp/gen8 ]; do sleep 2; done
-    timeout 150 python3 scripts/gpu_profile.py $f --ctx 4096 --prefill 512 --no-decode 2>&1 \
-      | grep -v "^$" | head -16 ;;
+    until [ -f /tmp/gen8 ]; do sleep 2; done ;;
   two)
     v=$(cat /tmp/rows-mma-env 2>/dev/null || echo NUMBAFORMER_ROWS_MMA_WARPS=8)
+    # the 8B prefill op by op, then batched decode steps at 16 and 64 sequences: wall time per
+    # step, the step's graph alone, its ops one by one
+    env $v timeout 240 python3 scripts/gpu_profile.py $f --ctx 4096 --prefill 512 --no-decode \
+      --batched 16,64 2>&1 | grep -v "^$" | grep -v Warning | head -60
     echo "== numbaformer bench --parallel ($v)"
     env $v timeout 330 python3 -m numbaformer.cli \
       bench -m $f --device cuda --parallel 1,4,16,64 -p 128 -n 128 2>&1 | tail -8

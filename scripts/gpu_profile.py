@@ -2,8 +2,11 @@
 """Time every op of one decode step (and one prefill chunk) on the GPU with CUDA events.
 
 usage: python scripts/gpu_profile.py MODEL [--ctx 1024] [--prefill 512] [--batch N] [--pos 256]
-                                         [--no-decode] [--cprofile]
-(--cprofile: the prefill forward's host time by function, cProfile, before the per-op events)
+                                         [--no-decode] [--cprofile] [--batched 16,64]
+(--cprofile: the prefill forward's host time by function, cProfile, before the per-op events;
+--batched: for each count B, B sequences of 128 prompt tokens through the batched engine, then
+a decode step's wall time per token as the engine runs it, its graph's replay on the GPU, and
+its ops launched one by one, each timed by events)
 (--batch: prompt tokens a pass, default the backend's, as `numbaformer bench` runs it)
 Prefill: ops are launched directly (no graph) with an event pair around each, so launch gaps are
 excluded; matmuls are keyed by weight name and report GB/s of weight bytes read. Decode: the table
@@ -70,6 +73,59 @@ class Timed:
         self.events.clear()
 
 
+def profile_batched(m, mf, count: int, prompt: int = 128) -> None:
+    """`count` sequences of `prompt` random tokens through the batched engine (its defaults:
+    graph buckets, several steps a replay), then: the wall time per generated token of engine
+    steps; one decode-only step's graph replayed alone on the GPU; its ops launched one by one,
+    each bracketed by CUDA events."""
+    from numbaformer.engine import Engine
+    prompt = min(prompt, m.n_ctx // 4)
+    e = Engine(mf, m, 0.0)
+    bt = e.start_batching(max_seqs=count, max_batched_tokens=max(count, min(16384,
+                                                                           count * prompt)))
+    rng = np.random.default_rng(count)
+    for _ in range(count):
+        e.add_request(list(rng.integers(0, mf.config.n_vocab, prompt)), max_tokens=10 ** 6,
+                      stop_ids=())
+    sched = bt.scheduler
+    while sched.waiting or any(s.in_prompt for s in sched.running):
+        e.step()
+    for _ in range(3):                                   # compiles, graphs captured
+        e.step()
+    made = sum(len(s.output_ids) for s in sched.running)
+    m.ops.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(4):
+        e.step()
+    m.ops.synchronize()
+    wall = time.perf_counter() - t0
+    tokens = sum(len(s.output_ids) for s in sched.running) - made
+    bm = bt.model
+    batch = sched.schedule()                             # one decode-only step, run below
+    size, _ = bm._stage_batch(batch)
+    def step():
+        bm.ops.replay(("batch_decode", id(bm), size), lambda: bm._batch_step(size, size))
+    step()                                               # (captured on its first call)
+    e0, e1 = cuda.event(), cuda.event()
+    e0.record(bm.ops.stream)
+    for _ in range(10):
+        step()
+    e1.record(bm.ops.stream)
+    e1.synchronize()
+    replay_us = cuda.event_elapsed_time(e0, e1) / 10 * 1e3
+    print(f"\nbatched decode, {count} sequences (bucket {size}): engine steps "
+          f"{wall / tokens * count * 1e3:.2f} ms a step ({tokens / wall:.0f} tok/s, host work "
+          f"included); one step's graph replayed alone {replay_us:.0f} us on the GPU")
+    t = Timed(bm.ops)
+    bm.ops = t
+    try:
+        bm._batch_step(size, size)
+    finally:
+        bm.ops = t.ops
+    t.report(f"batched decode step, {count} sequences, ops launched one by one")
+    e.batching = None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
@@ -79,6 +135,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=0)
     ap.add_argument("--no-decode", action="store_true")
     ap.add_argument("--cprofile", action="store_true")
+    ap.add_argument("--batched", default="")
     a = ap.parse_args()
     mf = load_model_file(a.model)
     ops = CUDABackend()
@@ -109,6 +166,9 @@ def main() -> None:
     m.ops = t
     m.forward(ids, 0)
     t.report(f"prefill {a.prefill} tokens")
+    m.ops = t.ops
+    for count in [int(c) for c in a.batched.split(",") if c]:
+        profile_batched(m, mf, count)
     if a.no_decode:
         return
     # decode: every op of one step timed alone (graph-captured copies), bytes and % of copy BW

@@ -87,42 +87,36 @@ def _chunk_tree(chunks: int, leaf, width: int = 4, skip: bool = True):
     from ._jit import forceinline_device
     assert width in (4, 8)
     if chunks == 1:
+        @forceinline_device
+        def zeros4():
+            return float32(0), float32(0), float32(0), float32(0)
+
+        @forceinline_device
+        def add4(acc, d):
+            return acc[0] + d[0], acc[1] + d[1], acc[2] + d[2], acc[3] + d[3]
+
+        @forceinline_device
+        def put4(acc, sm, base, lane):
+            sm[base + lane] = acc[0]
+            sm[base + 32 + lane] = acc[1]
+            sm[base + 64 + lane] = acc[2]
+            sm[base + 96 + lane] = acc[3]
+
         if width == 4:
+            zeros, add, put = zeros4, add4, put4
+        else:                                   # two tiles: two halves of four
             @forceinline_device
             def zeros():
-                return float32(0), float32(0), float32(0), float32(0)
+                return zeros4() + zeros4()
 
             @forceinline_device
             def add(acc, d):
-                return acc[0] + d[0], acc[1] + d[1], acc[2] + d[2], acc[3] + d[3]
+                return add4(acc[:4], d[:4]) + add4(acc[4:], d[4:])
 
             @forceinline_device
             def put(acc, sm, base, lane):
-                sm[base + lane] = acc[0]
-                sm[base + 32 + lane] = acc[1]
-                sm[base + 64 + lane] = acc[2]
-                sm[base + 96 + lane] = acc[3]
-        else:
-            @forceinline_device
-            def zeros():
-                z = float32(0)
-                return z, z, z, z, z, z, z, z
-
-            @forceinline_device
-            def add(acc, d):
-                return (acc[0] + d[0], acc[1] + d[1], acc[2] + d[2], acc[3] + d[3],
-                        acc[4] + d[4], acc[5] + d[5], acc[6] + d[6], acc[7] + d[7])
-
-            @forceinline_device
-            def put(acc, sm, base, lane):
-                sm[base + lane] = acc[0]
-                sm[base + 32 + lane] = acc[1]
-                sm[base + 64 + lane] = acc[2]
-                sm[base + 96 + lane] = acc[3]
-                sm[base + 128 + lane] = acc[4]
-                sm[base + 160 + lane] = acc[5]
-                sm[base + 192 + lane] = acc[6]
-                sm[base + 224 + lane] = acc[7]
+                put4(acc[:4], sm, base, lane)
+                put4(acc[4:], sm, base + 128, lane)
 
         @forceinline_device
         def step(acc, ch, n_x, p):

@@ -52,24 +52,30 @@ class Timed:
                 nbytes = 0
             e0, e1 = cuda.event(), cuda.event()
             e0.record(self.ops.stream)
+            h0 = time.perf_counter()
             f(*args, **kw)
+            host = time.perf_counter() - h0
             e1.record(self.ops.stream)
-            self.events.append((key, e0, e1, nbytes))
+            self.events.append((key, e0, e1, nbytes, host))
         return timed
 
     def report(self, title):
         cuda.synchronize()
-        agg = defaultdict(lambda: [0, 0.0, 0])
-        for key, e0, e1, nb in self.events:
+        agg = defaultdict(lambda: [0, 0.0, 0, 0.0])
+        for key, e0, e1, nb, host in self.events:
             a = agg[key]
             a[0] += 1
             a[1] += cuda.event_elapsed_time(e0, e1) * 1e3
             a[2] += nb
+            a[3] += host * 1e6
         total = sum(a[1] for a in agg.values())
-        print(f"\n{title}: {total:.0f} us in {len(self.events)} launches")
-        for key, (n, us, nb) in sorted(agg.items(), key=lambda kv: -kv[1][1]):
+        host = sum(a[3] for a in agg.values())
+        print(f"\n{title}: {total:.0f} us in {len(self.events)} launches ({host:.0f} us of host "
+              f"time in the op calls)")
+        for key, (n, us, nb, hu) in sorted(agg.items(), key=lambda kv: -kv[1][1]):
             bw = f"{nb / us / 1e3:8.0f} GB/s" if nb else ""
-            print(f"  {key:34s} {n:4d}x {us:9.1f} us {us / n:8.2f} us/call {bw}")
+            print(f"  {key:34s} {n:4d}x {us:9.1f} us {us / n:8.2f} us/call host {hu / n:7.1f} "
+                  f"us/call {bw}")
         self.events.clear()
 
 
@@ -161,7 +167,8 @@ def main() -> None:
         m.forward(ids, 0)
         pr.disable()
         m.ops.synchronize()
-        pstats.Stats(pr).sort_stats("tottime").print_stats(14)
+        pstats.Stats(pr).sort_stats("tottime").print_stats(16)
+        pstats.Stats(pr).sort_stats("cumulative").print_stats(30)
     t = Timed(m.ops)
     m.ops = t
     m.forward(ids, 0)

@@ -1,6 +1,7 @@
 """backends/cuda/graph.py and launch.py: the simulator fallbacks (NUMBA_ENABLE_CUDASIM=1), and on a real
-GPU (`pytest -m cuda`) graph capture and replay, capture errors, PreparedLaunch, and the dynamic shared
-memory opt-in."""
+GPU (`pytest -m cuda`) graph capture and replay, capture errors, PreparedLaunch, FastKernel (every
+kernel's launch path), and the dynamic shared memory opt-in; offline (NVVM), both launchers'
+marshalling against the PTX parameter list."""
 import json
 import os
 import subprocess
@@ -14,7 +15,8 @@ import numbaformer.backends.cuda  # noqa: F401  (numpy shim before numba.cuda)
 from numba import cuda
 from numba.cuda.core import config
 from numbaformer.backends.cuda.graph import CudaGraph, GraphError, compile_for, graphs_supported
-from numbaformer.backends.cuda.launch import PreparedLaunch, set_max_dynamic_shared_memory
+from numbaformer.backends.cuda.launch import (FastKernel, PreparedLaunch, fast_kernel,
+                                              set_max_dynamic_shared_memory)
 
 SIM = config.ENABLE_CUDASIM
 GPU = not SIM and cuda.is_available()
@@ -170,6 +172,65 @@ def test_gpu_prepared_launch_matches_and_is_cheaper():
     assert t_prepared < t_numba
 
 
+@cuda.jit
+def _mixed(out, x, w, a, n, flag, b, u):
+    """out[i] = a * x[i] + w[i, 1] + b (+ u if flag), i < n; every kind of argument FastKernel packs:
+    arrays of 1 and 2 dimensions (one a strided view), float32/float64/int32/uint32/Python int/bool."""
+    i = cuda.grid(1)
+    if i < n:
+        v = a * x[i] + w[i, 1] + b
+        out[i] = v + u if flag else v
+
+
+@needs_sim
+def test_sim_fast_kernel_is_the_dispatcher():
+    assert fast_kernel(_axpy) is _axpy
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_gpu_fast_kernel_matches_numba_and_is_cheaper():
+    n, stream = 1000, cuda.stream()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(n).astype(np.float32)
+    w = rng.standard_normal((n, 6)).astype(np.float32)
+    dx, dw = cuda.to_device(x, stream=stream), cuda.to_device(w, stream=stream)
+    fast = FastKernel(_mixed)
+    for flag, u, a in ((True, 7, np.float32(2.5)), (False, 3, np.float32(-1.0))):
+        want = cuda.device_array(n, np.float32, stream=stream)
+        got = cuda.device_array(n, np.float32, stream=stream)
+        args = (dx, dw[:, ::2], a, n, flag, 0.25, np.uint32(u))    # w[:, ::2]: 'A' layout
+        _mixed[(n + 127) // 128, 128, stream](want, *args)
+        fast[(n + 127) // 128, 128, stream](got, *args)
+        stream.synchronize()
+        np.testing.assert_array_equal(got.copy_to_host(), want.copy_to_host())
+        ref = float(a) * x.astype(np.float64) + w[:, 2] + 0.25 + (u if flag else 0)
+        err = np.abs(got.copy_to_host() - ref).max()          # float32 rounding of values ~10
+        assert err <= 4e-7 * np.abs(ref).max(), err
+    assert len(fast._signatures) == 1                    # one signature, prepared once
+    out = cuda.to_device(np.zeros(4, np.float32), stream=stream)
+    fast[1, 32, stream](out, np.ones(4, np.float32), dw, np.float32(1), 4, True, 0.0, np.uint32(0))
+    stream.synchronize()                                 # a host array: numba's launch copies it
+    np.testing.assert_allclose(out.copy_to_host(), 1 + w[:4, 1] + 0)
+
+    counter, value = (cuda.to_device(np.zeros(1, np.int64), stream=stream) for _ in "cv")
+    fast_acc = FastKernel(_accumulate)
+
+    def per_launch_us(fn, reps=2000):
+        stream.synchronize()
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        stream.synchronize()
+        return (time.perf_counter() - t) / reps * 1e6
+
+    t_numba = per_launch_us(lambda: _accumulate[1, 32, stream](counter, value))
+    t_fast = per_launch_us(lambda: fast_acc[1, 32, stream](counter, value))
+    print(f"per launch: numba dispatcher {t_numba:.1f} us, FastKernel {t_fast:.1f} us")
+    assert counter.copy_to_host()[0] == 4000
+    assert t_fast < t_numba
+
+
 @pytest.mark.cuda
 @needs_gpu
 def test_gpu_dynamic_shared_memory_over_48k_needs_the_opt_in():
@@ -194,18 +255,20 @@ from numba import cuda, types
 import numba.cuda.codegen, numba.cuda.dispatcher
 numba.cuda.codegen.CUDACodeLibrary._ensure_cc = lambda self, cc: cc or (9, 0)  # offline only
 numba.cuda.dispatcher.get_current_device = lambda: type("F", (), {"compute_capability": (9, 0)})()
-from numbaformer.backends.cuda.launch import _to_ctype
+from numbaformer.backends.cuda.launch import _array_values, _param_codes, _to_ctype
 
 def kern(out, x, w, a, n, flag, h):
     i = cuda.grid(1)
     if flag and i < n:
         out[i] = a * x[i] + w[i, 0] + h
 
-class FakeDeviceArray:  # what _prepare_args reads from a DeviceNDArray
+class FakeDeviceArray:  # what _prepare_args (and FastKernel's _array_values) read from one
     __cuda_memory__ = True
     def __init__(self, a):
         self._strided_memory_view_shim = pytypes.SimpleNamespace(size=a.size, dtype=a.dtype,
             ptr=1 << 40, shape=a.shape, _layout=pytypes.SimpleNamespace(strides_in_bytes=a.strides))
+        self.size, self.dtype, self.shape, self.strides = a.size, a.dtype, a.shape, a.strides
+        self.device_ctypes_pointer = ctypes.c_void_p(1 << 40)
 
 argtypes = (types.float32[::1], types.float32[::1], types.float32[:, ::1], types.float32, types.int32,
             types.boolean, types.float16)
@@ -223,8 +286,13 @@ flat = []
 for ty, v in zip(argtypes, values):
     compiled._prepare_args(ty, v, 0, [], flat)
 sizes = {"u64": 8, "b64": 8, "u32": 4, "b32": 4, "f32": 4, "u16": 2, "b16": 2, "u8": 1, "b8": 1}
+import struct
+codes = "".join(_param_codes(t) or "?" for t in argtypes[:6])       # (FastKernel leaves f16 to numba)
+mine = [v for a in values[:3] for v in _array_values(a)] + [2.0, 8, True]
 print(json.dumps({"ptx": [sizes[t] for t in re.findall(r"\\.param \\.(\\w+)", compiled.inspect_asm((9, 0)))],
-                  "slots": [ctypes.sizeof(_to_ctype(v)) for v in flat]}))
+                  "slots": [ctypes.sizeof(_to_ctype(v)) for v in flat],
+                  "fast": [struct.calcsize("<" + c) for c in codes], "f16": _param_codes(argtypes[6]),
+                  "same_values": [getattr(v, "value", v) for v in flat][:len(mine)] == mine}))
 """
 
 
@@ -236,3 +304,5 @@ def test_prepared_launch_marshalling_matches_ptx_params():
     if "skip" in got:
         pytest.skip(f"NVVM unavailable: {got['skip']}")
     assert got["slots"] == got["ptx"] and len(got["ptx"]) == 7 + 7 + 9 + 4  # an array: 5 + 2 * ndim
+    # FastKernel: its struct codes' sizes are the PTX parameters', its array values are numba's
+    assert got["fast"] == got["ptx"][:-1] and got["f16"] is None and got["same_values"]

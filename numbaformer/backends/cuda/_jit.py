@@ -2,8 +2,15 @@
 from numba import cuda
 
 from ..kernel_cache import cached
+from .launch import fast_kernel
 
-cuda_kernel = cached("cuda", cuda.jit(cache=True))
+
+def launched_fast(decorator):
+    """decorator (a cuda.jit) whose kernels launch through launch.FastKernel."""
+    return lambda fn: fast_kernel(decorator(fn))
+
+
+cuda_kernel = launched_fast(cached("cuda", cuda.jit(cache=True)))
 
 
 def cuda_kernel_bounded(max_threads: int):
@@ -14,7 +21,7 @@ def cuda_kernel_bounded(max_threads: int):
         deco = cuda.jit(cache=True, launch_bounds=max_threads)
     except TypeError:       # the simulator's jit (config.ENABLE_CUDASIM may have been re-read
         return cuda_kernel  # from a changed environment since numba.cuda was imported)
-    return cached("cuda", deco)
+    return launched_fast(cached("cuda", deco))
 
 
 def forceinline_device(fn):

@@ -48,7 +48,8 @@ from ._sim import SIMULATOR
 
 from ...quants import BF16, F16, F32, GGML_TYPES, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q8_0
 from ..kernel_cache import cached
-from ._jit import cuda_kernel
+from ._jit import cuda_kernel, launched_fast
+from .launch import derived, dtype_view
 from .decoders import DECODERS, HELPERS
 from .intrinsics import as_f32, f16_bits_to_f32, prmt
 from .layout import PLANES
@@ -116,7 +117,9 @@ def _bf16_kernel(norm: bool, threads: int):
 def to_bf16(xb, x, stream, norm_w=None, eps: float = 0.0) -> None:
     """xb (n, cols) uint16 = bf16 of x (n, cols) f32, or of rmsnorm(x) * norm_w; cols even."""
     k = _bf16_kernel(norm_w is not None, BF16_THREADS)
-    k[x.shape[0], BF16_THREADS, stream](xb.view(np.uint32), x, x[0] if norm_w is None else norm_w,
+    k[x.shape[0], BF16_THREADS, stream](dtype_view(xb, np.uint32), x,
+                                        derived(x, "row0", lambda x: x[0]) if norm_w is None
+                                        else norm_w,
                                         np.float32(eps))
 
 
@@ -342,7 +345,7 @@ def cached_kernel(threads: int, min_blocks: int):
     simulator takes none)."""
     if SIMULATOR:
         return cuda_kernel
-    return cached("cuda", cuda.jit(cache=True, launch_bounds=(threads, min_blocks)))
+    return launched_fast(cached("cuda", cuda.jit(cache=True, launch_bounds=(threads, min_blocks))))
 
 
 @functools.lru_cache(maxsize=None)
@@ -788,9 +791,11 @@ def gemm(out, xb, w, stream, *, bias=None, residual=None, up=None, tile=None, pa
     extra = bias if bias is not None else residual if residual is not None else out
     if split:
         sums = part[:splits, :n, :want[2]]
-        args = (sums, w.data, w1, w.data.view(np.uint16), w1.view(np.uint16), xb, sums)
+        args = (sums, w.data, w1, dtype_view(w.data, np.uint16), dtype_view(w1, np.uint16), xb,
+                sums)
     else:
-        args = (out, w.data, w1, w.data.view(np.uint16), w1.view(np.uint16), xb, extra)
+        args = (out, w.data, w1, dtype_view(w.data, np.uint16), dtype_view(w1, np.uint16), xb,
+                extra)
     _opt_in(k, smem, *args)
     per = bn // 2 if up is not None else bn
     grid = (-(-w.rows // per), -(-n // bm), splits)

@@ -135,7 +135,7 @@ def main() -> int:
         count = N_LAYER * per_layer or 1
         x = cuda.to_device(np.random.default_rng(cols).standard_normal((max(ns), cols))
                            .astype(np.float32) * 2, stream=C.STREAM)
-        xa = cuda.device_array((max(ns), gemv.smem_words(Q8_0, cols)), np.float32,
+        xa = cuda.device_array((max(ns), gemv.rows_words(cols)), np.float32,
                                stream=C.STREAM)
         gemv.quantize_rows(xa, x, None, 0.0, C.STREAM)
         o1 = cuda.device_array((1, rows), np.float32, stream=C.STREAM)

@@ -293,9 +293,11 @@ def test_prequant_mat_vec_equals_the_staged_one(cu, monkeypatch, name, split):
     assert np.abs(got[0][0]).max() > 0 and cols in gemv._QBUFS      # the prequant path ran
 
 
-@pytest.mark.parametrize("name,prequant,clamp", [("Q4_K", True, False), ("Q6_K", False, False),
-                                                 ("Q8_0", False, False), ("Q8_0", False, True)])
-def test_rows_mat_vec_gives_each_row_its_one_row_bits(cu, monkeypatch, name, prequant, clamp):
+@pytest.mark.parametrize("name,prequant,clamp,width", [
+    ("Q4_K", True, False, 0), ("Q6_K", False, False, 0), ("Q8_0", False, False, 0),
+    ("Q8_0", False, True, 0), ("Q4_1", False, False, 576)])
+def test_rows_mat_vec_gives_each_row_its_one_row_bits(cu, monkeypatch, name, prequant, clamp,
+                                                      width):
     """gemv.ROWS: a batched step's decode rows (split_rows) take gemv_rows, weights read once for
     a group of rows (ROWS_GROUP 2 here: 5 rows in 3 grid rows). Each row's outputs equal the
     one-row mat-vec's bits for that row alone (norm + Q/K/V with biases, SwiGLU, residual, the
@@ -304,7 +306,9 @@ def test_rows_mat_vec_gives_each_row_its_one_row_bits(cu, monkeypatch, name, pre
     rows alone. Past gemv.ROWS_MAX decode rows, every row takes the batched product. With
     ROWS_CLAMP (the 5th row's group computes a 6th on row 5's activations; Q8_0 rows of 1024
     values: whole batches, no bound checks) the same. (The dp4a kernel's test: the tensor-core
-    rows kernel, which takes Q4_K and Q6_K rows from gemv.ROWS_MMA_MIN on, is off.)"""
+    rows kernel, which takes Q4_K and Q6_K rows from gemv.ROWS_MMA_MIN on, is off.) Width 576
+    (SmolLM2's): q8 rows of 198 words, padded to 200 (gemv.rows_words) so that each row's 16-byte
+    loads are aligned (the simulator's vector loads check it; the H200 faulted without it).)"""
     from numbaformer.backends.cuda import gemv
     monkeypatch.setattr(gemv, "ROWS", True)
     monkeypatch.setattr(gemv, "ROWS_MMA", False)
@@ -317,7 +321,7 @@ def test_rows_mat_vec_gives_each_row_its_one_row_bits(cu, monkeypatch, name, pre
     built, real = [], gemv_q8.rows_kernel
     monkeypatch.setattr(gemv_q8, "rows_kernel", lambda *a: built.append(a) or real(*a))
     qt = TYPE_IDS[name]
-    n, rows, cols = 5, *sizes((6, 1024 if clamp else 512), (1024, 4096))
+    n, rows, cols = 5, *sizes((6, width or (1024 if clamp else 512)), (1024, width or 4096))
     mats = [rand_qtensor(cu, qt, rows, cols, seed=40 + s)[1] for s in range(3)]
     rng = np.random.default_rng(41)
     x = rng.standard_normal((n, cols)).astype(np.float32) * 2
@@ -382,7 +386,7 @@ def test_rows_on_tensor_cores_against_float64(cu, monkeypatch, name, n):
     x = dev(cu, rng.standard_normal((n, cols)).astype(np.float32) * 2)
     bias = rng.standard_normal(rows).astype(np.float32)
     res = rng.standard_normal((n, rows)).astype(np.float32)
-    xa = cu.alloc((n, gemv.smem_words(qt, cols)))
+    xa = cu.alloc((n, gemv.rows_words(cols)))
     gemv.quantize_rows(xa, x, None, 0.0, cu.stream)
     ha = host(cu, xa)
     nw = cols // 4
@@ -439,7 +443,7 @@ def test_rows_mma_version3_gives_the_timed_kernels_bits(cu, monkeypatch, mt):
     rng = np.random.default_rng(54)
     n = 21
     x = dev(cu, rng.standard_normal((n, cols)).astype(np.float32) * 2)
-    xa = cu.alloc((n, gemv.smem_words(qt, cols)))
+    xa = cu.alloc((n, gemv.rows_words(cols)))
     gemv.quantize_rows(xa, x, None, 0.0, cu.stream)
     bias = dev(cu, rng.standard_normal(rows).astype(np.float32))
     res = rng.standard_normal((n, rows)).astype(np.float32)

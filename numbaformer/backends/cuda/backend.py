@@ -14,6 +14,7 @@ from ..base import Backend
 from . import (attention, elementwise, embed, flash, gemv, matmul, matmul_mma, norm, paged, rope,
                sample)
 from .graph import CudaGraph, graphs_supported
+from .launch import derived
 from .layout import device_bytes, repack
 from .pool import DevicePool
 
@@ -201,7 +202,8 @@ class CUDABackend(Backend):
         """x (n, cols) f32 (or rmsnorm(x) * norm_w) in bf16, in the backend's scratch (n, cols)
         uint16, which grows to the largest GEMM input seen."""
         n, cols = x.shape
-        xb = self._grow("_xb", n * cols, np.uint16)[:n * cols].reshape(n, cols)
+        xb = derived(self._grow("_xb", n * cols, np.uint16), (n, cols),
+                     lambda a: a[:n * cols].reshape(n, cols))
         matmul_mma.to_bf16(xb, x, self.stream, norm_w, eps)
         return xb
 
@@ -234,7 +236,7 @@ class CUDABackend(Backend):
         """x's rows as q8 activations (of rmsnorm(x) * norm_w with norm_w) in the backend's
         scratch, which grows to the most rows seen (gemv.quantize_rows)."""
         n, cols = x.shape
-        width = gemv.smem_words(Q8_0, cols)
+        width = gemv.rows_words(cols)
         xa = self._grow("_xa", n * width, np.float32)[:n * width].reshape(n, width)
         gemv.quantize_rows(xa, x, norm_w, eps, self.stream)
         return xa
@@ -269,7 +271,9 @@ class CUDABackend(Backend):
                 if splits > 1 else out
             matmul_mma.gemm(out[:d], xb[:d], w, self.stream, part=part,
                             residual=None if residual is None else residual[:d], **kw)
-        if d < n:
+        if d == 0:                                      # (no views: numba's cost ~20-60 us each)
+            matmul_mma.gemm(out, xb, w, self.stream, residual=residual, **kw)
+        elif d < n:
             matmul_mma.gemm(out[d:], xb[d:], w, self.stream,
                             residual=None if residual is None else residual[d:], **kw)
 

@@ -28,6 +28,7 @@ from numba import cuda, float32, uint8
 
 from ...quants import GGML_TYPES, Q8_0, QK
 from ._jit import cuda_kernel
+from .launch import dtype_view
 from .decoders import DECODERS
 from . import gemv_q8, rows_mma
 from .gemv_q8 import (F32_UNITS, UNITS, finish_pair, pair_ranges, pair_views, q8_kernel,
@@ -55,15 +56,16 @@ ROWS_GROUP_MAX = 16       # the largest group compiled (tests/test_cuda_ops.py c
 ROWS_CLAMP = os.environ.get("NUMBAFORMER_ROWS_CLAMP", "0") == "1"
 # Q4_K and Q6_K decode rows on the s8 tensor cores (rows_mma.py), for ROWS_MMA_MIN to ROWS_MMA_MAX
 # rows; their sums in another order than the one-row mat-vec's (not its bits). H200, one 8B Q4_K
-# step's products (scripts/gpu_rows_bench.py, 2026-12-02, fifth session), ms at 1 / 4 / 16 / 64
-# rows: tensor cores (8 warps a block) 5.90 / 5.95 / 9.32 / 51.7, the dp4a rows kernel 2.68 / 8.29
-# / 31.4 / 122, the GEMM 35.7 / 34.7 / 34.8 / 33.6: the GEMM past 32 rows. From one row on, although
-# the dp4a kernel is faster at 1 and 2: a sequence's logits are then the same bits alone or in a
-# batch of up to 32 decode rows (as a seeded request's text must be; the dp4a kernel below 3 rows
-# would make a lone row's bits differ from a batched one's)
+# step's products (scripts/gpu_rows_bench.py, 2026-12-02, sixth session), ms at 1 / 4 / 16 / 32 /
+# 64 rows: tensor cores (rows_mma VERSION 3, 2 tiles a warp, 8 warps a block) 4.67 / 4.72 / 6.87 /
+# 11.9 / 23.9, the dp4a rows kernel 2.65 / 8.24 / 31.4 / 61.7 / 122, the GEMM 35.9 / 35.4 / 35.3 /
+# 35.0 / 33.7: the tensor cores up to rows_mma.MAX_ROWS. From one row on, although the dp4a kernel
+# is faster at 1 and 2: a sequence's logits are then the same bits alone or in a batch of up to 64
+# decode rows (as a seeded request's text must be; the dp4a kernel below 3 rows would make a lone
+# row's bits differ from a batched one's)
 ROWS_MMA = os.environ.get("NUMBAFORMER_ROWS_MMA", "1") == "1"
 ROWS_MMA_MIN = 1
-ROWS_MMA_MAX = 32
+ROWS_MMA_MAX = 64
 # quantized types: x quantized by a kernel of its own, read from L2 by every block, instead of each
 # block staging it, with Q4_K/Q5_K pair units (gemv_q8.PAIR_UNITS) then. H200 probe, % of copy
 # bandwidth at 14336x4096 / 4096x14336 (scripts/gpu_probe.py, 2026-12-02): Q4_K 38.3/29.4 staged,
@@ -222,11 +224,21 @@ def _prequant(x, norm_w, eps, qtype, stream):
     return buf
 
 
+def rows_words(cols: int) -> int:
+    """Words of a row of q8 activations for the rows kernels (quantize_rows' out, gemv_rows' xa):
+    smem_words(Q8_0, cols) rounded up to 4, so that every row starts 16-byte aligned, as the
+    kernels' 16-byte loads of xq need (cols 576, SmolLM2's width: 198 words, odd rows of xa only
+    8-byte aligned, a misaligned-address fault on the H200)."""
+    return -(-smem_words(Q8_0, cols) // 4) * 4
+
+
 def quantize_rows(out, x, norm_w, eps, stream) -> None:
-    """out (n, smem_words) f32 = the q8 activations of x's n rows (of rmsnorm(x) * norm_w with
-    norm_w), one grid row of quant_kernel blocks per row: each row's numbers are the staged ones."""
+    """out (n, rows_words(cols)) f32 = the q8 activations of x's n rows (of rmsnorm(x) * norm_w
+    with norm_w), one grid row of quant_kernel blocks per row: each row's numbers are the staged
+    ones."""
     n, cols = x.shape
-    assert out.shape[0] >= n and out.shape[1] == smem_words(Q8_0, cols)
+    if out.shape[0] < n or out.shape[1] != rows_words(cols) or not out.is_c_contiguous():
+        raise ValueError(f"q8 rows: out {out.shape}, need ({n}.., {rows_words(cols)}) contiguous")
     threads = GEMV_WARPS * WARP
     k = gemv_q8.quant_kernel(norm_w is not None, threads)
     blocks = -(-(cols // 4) // (4 * threads))
@@ -249,7 +261,7 @@ def _mat_args(outs, ws, extras, mode: int, filler) -> tuple:
     w8 += [w8[0]] * (3 - len(ws))
     e = list(extras) if extras else []
     e += [o[0] if mode == 2 else filler] * (3 - len(e))
-    return (*o, *[a.view(np.uint32) for a in w8], *w8, *e)
+    return (*o, *[dtype_view(a, np.uint32) for a in w8], *w8, *e)
 
 
 def _prequantized(ws, exact: bool) -> bool:
@@ -290,7 +302,10 @@ def gemv_rows(outs, ws, xa, n: int, stream, *, mode: str = "store", extras=None)
     added in another order (within float32 rounding of gemv()'s)."""
     n_mat, qtype, cols = len(ws), ws[0].qtype, ws[0].cols
     assert rows_supported(ws) and 1 <= n_mat <= 3 and xa.shape[0] >= n >= 1
-    assert xa.shape[1] == smem_words(qtype, cols) and all(o.shape[0] >= n for o in outs)
+    if xa.shape[1] != rows_words(cols) or not xa.is_c_contiguous() or \
+            any(o.shape[0] < n for o in outs):
+        raise ValueError(f"gemv_rows: xa {xa.shape}, need (>= {n}, {rows_words(cols)}) "
+                         f"contiguous (quantize_rows), outputs of >= {n} rows")
     m = MODES[mode]
     if m < 3 and rows_on_tensor_cores(ws, n):                 # a launch per matrix
         for k, w in enumerate(ws):

@@ -27,14 +27,31 @@ def _s32(x):
     return np.int32(((x + 0x80000000) & _U32) - 0x80000000)
 
 
+class MisalignedLoad(RuntimeError):
+    """A vector load's address is not a multiple of its size (the GPU's misaligned-address fault)."""
+
+
+def _aligned(arr, j, nbytes):
+    """Under the simulator, what the GPU faults on: element j of arr not at a multiple of nbytes.
+    Host arrays (malloc) start 16-byte aligned, as device allocations (256) do, so an offset that
+    breaks the alignment on the GPU breaks it here too (a row of a (n, 198) float32 array...)."""
+    a = getattr(arr, "_ary", arr)
+    addr = a.__array_interface__["data"][0] + j * a.itemsize
+    if addr % nbytes:
+        raise MisalignedLoad(f"{nbytes}-byte load at an address {addr % nbytes} bytes past "
+                             f"alignment (element {j} of an array of {a.shape})")
+
+
 def load_u32x4(arr, i):
     """Words arr[4i .. 4i+3] of a 1-D C-contiguous uint32 array, as a tuple of 4 uint32.
 
     PTX: one `ld.global.nc.v4.u32` (16 bytes). The caller guarantees the address is 16-byte aligned
     (arr starts at a device allocation, 256-byte aligned, or an offset that is a multiple of 4 words)
-    and that arr is not written by the same kernel (.nc is the read-only path).
+    and that arr is not written by the same kernel (.nc is the read-only path). The simulator checks
+    the alignment (MisalignedLoad), as do the other vector loads.
     """
     j = 4 * i
+    _aligned(arr, j, 16)
     return arr[j], arr[j + 1], arr[j + 2], arr[j + 3]
 
 
@@ -42,6 +59,7 @@ def load_u32x2(arr, i):
     """Words arr[2i], arr[2i+1] of a 1-D C-contiguous uint32 array: one `ld.global.nc.v2.u32`, 8-byte
     aligned; same contract as load_u32x4."""
     j = 2 * i
+    _aligned(arr, j, 8)
     return arr[j], arr[j + 1]
 
 
@@ -59,6 +77,7 @@ def load_f32x4(arr, i):
     """arr[4i .. 4i+3] of a 1-D C-contiguous float32 array (global or shared) as one 16-byte vector
     load; the caller guarantees 16-byte alignment."""
     j = 4 * i
+    _aligned(arr, j, 16)
     return arr[j], arr[j + 1], arr[j + 2], arr[j + 3]
 
 
@@ -66,6 +85,7 @@ def load_u32x4_shared(arr, i):
     """load_f32x4 for a uint32 array: words arr[4i .. 4i+3] (global or shared, plain ld.v4: the
     array may be written by the kernel, e.g. staged activations in shared memory)."""
     j = 4 * i
+    _aligned(arr, j, 16)
     return arr[j], arr[j + 1], arr[j + 2], arr[j + 3]
 
 

@@ -38,6 +38,7 @@ from numba import cuda, float32, int32, uint32
 from ...quants import Q4_K, Q6_K
 from .gemv_q8 import LO, _f16_half, _scales_pair
 from .intrinsics import load_u32x2, load_u32x4
+from .launch import dtype_view
 from .mma import mma_s8, mma_s8_k16
 from .reduce import WARP
 
@@ -49,9 +50,11 @@ MAX_CHUNKS = 8            # chunks of 8 activation rows a block takes (more: mor
 # (1..8: a block's shared sums, warps x 128 x chunks x 4 bytes, within the 48 KiB of static shared
 # memory)
 WARPS = min(8, max(1, int(os.environ.get("NUMBAFORMER_ROWS_MMA_WARPS", "8"))))
-# Q4_K: 2 = mma_rows_kernel (timed), 3 = mma_rows_kernel3 with TILES 16-row tiles a warp (1, 2;
-# not timed yet: the next device run times both)
-VERSION = int(os.environ.get("NUMBAFORMER_ROWS_MMA_VERSION", "2"))
+# Q4_K: 2 = mma_rows_kernel, 3 = mma_rows_kernel3 with TILES 16-row tiles a warp (1, 2). H200, 8B
+# Q4_K step products (output Q6_K), 8 warps, ms at 1 / 4 / 16 / 32 / 64 rows (2026-12-02, sixth
+# session, scripts/gpu_rows_bench.py): VERSION 2 5.75 / 5.81 / 9.15 / 18.3 / 47.7, VERSION 3 with
+# 1 tile 4.69 / 4.76 / 8.67 / 14.9 / 29.7, with 2 tiles 4.67 / 4.72 / 6.87 / 11.9 / 23.9
+VERSION = int(os.environ.get("NUMBAFORMER_ROWS_MMA_VERSION", "3"))
 TILES = int(os.environ.get("NUMBAFORMER_ROWS_MMA_TILES", "2"))
 
 
@@ -417,16 +420,16 @@ def launch(w, outs, extras, xa, n: int, mode: int, stream) -> None:
     if w.qtype == Q6_K:
         chunks = chunks_for(n)
         k = q6k_rows_kernel(mode, WARPS, chunks)
-        args = (outs[0], w.data.view(np.uint32), w.data)
+        args = (outs[0], dtype_view(w.data, np.uint32), w.data)
     elif VERSION == 3:
         mt = 2 if TILES >= 2 and w.rows % 32 == 0 else 1
         chunks = chunks_for(n, 4 // mt)               # registers: see mma_rows_kernel3
         k = mma_rows_kernel3(mode, WARPS, chunks, mt)
-        args = (outs[0], w.data.view(np.uint32))
+        args = (outs[0], dtype_view(w.data, np.uint32))
     else:
         chunks = chunks_for(n)
         k = mma_rows_kernel(mode, WARPS, chunks)
-        args = (outs[0], w.data.view(np.uint32))
+        args = (outs[0], dtype_view(w.data, np.uint32))
     args += (extras[0] if extras else outs[0], xa, np.int64(w.cols), np.int64(n))
     k[(-(-n // (8 * chunks)), w.rows // (16 * mt)), WARPS * WARP, stream](*args)
 

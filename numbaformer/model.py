@@ -159,7 +159,8 @@ class Model:
 
     def run_batch_steps(self, batch, k: int) -> np.ndarray:
         """k greedy decode steps of a decode-only batch (one row a sequence, each sequence's
-        table covering its positions pos .. pos + k - 1) in one replay: each step's picks feed
+        table covering its positions pos .. pos + k - 1) in one replay (launched directly when
+        the batch has no graph bucket, e.g. 3 rows with max_seqs 3): each step's picks feed
         the next on the device (ops.advance_rows: the next position and its slot through the
         table), so the host reads the picks once; returns them, (k, n_seqs) int32. A sequence
         that the caller ends inside the chunk (a stop id, its token budget) has had its K/V
@@ -178,17 +179,18 @@ class Model:
                 (tables[s, :b + 1] < 0).any() for s, b in zip(batch.row_seq, reach)):
             raise ValueError(f"batch: {k} steps reach positions its block tables (or the "
                              f"context of {self.n_ctx}) lack")
-        if not size:
-            raise ValueError(f"batch of {n} decode rows has no graph bucket "
-                             f"(max {min(self.n_batch, self.max_seqs)})")
         ops, b = self.ops, self.buf
+        rows = size or n          # no graph bucket (more rows than max_seqs allows): launched
 
         def steps():
             for j in range(k):
-                self._batch_step(size, size)
-                ops.advance_rows(b.ids[:size], b.pos[:size], b.slots[:size], b.tables,
-                                 b.row_seq[:size], b.batch_ids, b.step_picks, j, B)
-        ops.replay(("batch_steps", id(self), size, k), steps)
+                self._batch_step(rows, rows)
+                ops.advance_rows(b.ids[:rows], b.pos[:rows], b.slots[:rows], b.tables,
+                                 b.row_seq[:rows], b.batch_ids, b.step_picks, j, B)
+        if size:
+            ops.replay(("batch_steps", id(self), size, k), steps)
+        else:
+            steps()
         return ops.to_host(b.step_picks)[:k, :m]
 
     def _stage_batch(self, batch) -> tuple[int, int]:

@@ -311,17 +311,21 @@ def test_forward_batch_same_bits_alone_or_batched(tmp_path, toy_model_shapes, re
     assert worst <= 5e-2
 
 
-def test_batch_steps_give_the_single_steps_picks(tmp_path, toy_model_shapes):
+@pytest.mark.parametrize("max_seqs", [4, 3])
+def test_batch_steps_give_the_single_steps_picks(tmp_path, toy_model_shapes, max_seqs):
     """Model.run_batch_steps (the engine's several greedy decode steps a replay, each step's
     picks fed to the next on the device by advance_rows, the slot through the block table) gives
     the picks of as many single run_batch steps: three sequences in the graph bucket of 4 (a
-    padding row), the first one's positions crossing a block of 4 inside the chunk."""
+    padding row), the first one's positions crossing a block of 4 inside the chunk; with
+    max_seqs 3 the 3 rows have no bucket and the steps are launched directly (the H200 run found
+    them refused: the engine's batches of max_seqs 3 failed)."""
     from numbaformer.backends.cuda.backend import CUDABackend
     mf = tiny_mf(tmp_path)
     ops = CUDABackend()
     outs = []
     for several in (True, False):
-        model = Model(mf, ops, n_ctx=32, n_batch=6, max_seqs=4, kv_blocks=16, block_size=4)
+        model = Model(mf, ops, n_ctx=32, n_batch=6, max_seqs=max_seqs, kv_blocks=16,
+                      block_size=4)
         bm = BlockManager(16, 4)
         sched = Scheduler(bm, model.n_ctx, model.max_seqs, 6)
         seqs = [Sequence(p, max_tokens=3, stop_ids=frozenset()) for p in PROMPTS[:3]]

@@ -13,7 +13,12 @@
 #                   `llama-bench -fa 1` on every file, pp4096 of both on the first 8B file; the
 #                   tables are the last lines printed. Environment: GEMV=0 skips the mat-vec
 #                   timings, LONG=0 the pp4096 pair, MMA=1 runs the GEMM microbenchmark
-#                   (gpu_mma_check.py, Q4_K, the prefill issue's gate) while the files are written.
+#                   (gpu_mma_check.py, Q4_K, the prefill issue's gate) while the files are written,
+#                   TESTS=1 the GPU op tests (pytest -m cuda, TESTS_S seconds at most) meanwhile,
+#                   QUIET=1 starts numbaformer's benches only once the llama.cpp build is done (the
+#                   build's 16 processes slow a host-bound prefill), SMOL=0 leaves the SmolLM2 file
+#                   out, CHECK=1 checks FastKernel's results against numba's launch on the SmolLM2
+#                   file (gpu_launch_check.py) and times its pp512 with NUMBAFORMER_FAST_LAUNCH=0.
 # About 7 minutes on an H200 (the llama.cpp build takes ~5 of them, beside the other steps).
 set -uo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -47,7 +52,8 @@ PY
     [ -d /tmp/llamacpp/llama.cpp ] || bash "$S/gpu/llamacpp.sh" build "$carry/llamacpp-src.tgz" >/dev/null
     files=""
     for t in ${types//,/ }; do files="$files /tmp/l8-$t.gguf"; done
-    files="$files /tmp/s135-Q4_1.gguf"
+    smol=/tmp/s135-Q4_1.gguf
+    [ "${SMOL:-1}" = 0 ] || files="$files $smol"
     gen() { python3 scripts/make_synthetic_gguf.py "$@" >/dev/null 2>&1; }
     rm -f /tmp/side-by-side.gen
     (for t in ${types//,/ }; do o=$t; [ "$t" = Q4_K ] && o=Q6_K
@@ -61,7 +67,29 @@ PY
       python3 scripts/gpu_bench.py --paths fast --gemm-types "" 2>&1 | grep "^device\|gemv" | tail -30
     [ "${MMA:-0}" = 1 ] && python3 scripts/gpu_mma_check.py --types Q4_K --check-types Q4_K \
       --budget 240 2>&1 | tail -25
+    if [ "${TESTS:-0}" = 1 ]; then
+      workers=""; python3 -c "import xdist" 2>/dev/null && workers="-n 4"
+      echo "== GPU tests"
+      NUMBAFORMER_TEST_GPU=1 timeout "${TESTS_S:-240}" python3 -m pytest -q -m cuda $workers \
+        -p no:cacheprovider tests/test_cuda_graph.py tests/test_cuda_ops.py tests/test_cuda_mma.py \
+        tests/test_cuda_matmul_mma.py tests/test_cuda_flash.py tests/test_cuda_paged.py 2>&1 \
+        | grep -E "passed|failed|FAILED|Error" | tail -12
+      echo "(pytest rc ${PIPESTATUS[0]})"
+    fi
     until [ -f /tmp/side-by-side.gen ]; do sleep 2; done
+    if [ "${CHECK:-0}" = 1 ]; then
+      echo "== FastKernel against numba's launch, $smol"
+      NUMBAFORMER_FAST_LAUNCH=0 timeout 120 python3 scripts/gpu_launch_check.py $smol \
+        --save /tmp/launch-numba.npz 2>&1 | tail -1
+      timeout 120 python3 scripts/gpu_launch_check.py $smol --save /tmp/launch-fast.npz \
+        --against /tmp/launch-numba.npz 2>&1 | tail -2
+    fi
+    [ "${QUIET:-0}" = 1 ] && { BIN=$(bash "$S/gpu/llamacpp.sh" wait) || exit 1; }
+    if [ "${CHECK:-0}" = 1 ]; then
+      echo "== numbaformer $smol, numba's launches (NUMBAFORMER_FAST_LAUNCH=0)"
+      NUMBAFORMER_FAST_LAUNCH=0 timeout 100 python3 -m numbaformer.cli bench -m $smol \
+        --device cuda -p 512 -n 128 -r 2 2>/dev/null | grep -E "pp512|tg128"
+    fi
     for f in $files; do
       echo "== numbaformer $f"
       timeout 150 python3 -m numbaformer.cli bench -m "$f" --device cuda -p 512 -n 128 -r 2 --kernels \

@@ -115,6 +115,16 @@ def test_sim_prepared_launch():
 
 # ---- GPU ----
 
+def per_launch_us(stream, fn, reps=2000):
+    """Host microseconds a call of fn (a launch on stream), over reps calls, the stream drained."""
+    stream.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    stream.synchronize()
+    return (time.perf_counter() - t) / reps * 1e6
+
+
 @pytest.mark.cuda
 @needs_gpu
 def test_gpu_graph_replays_300_launches_reading_device_values():
@@ -155,19 +165,11 @@ def test_gpu_prepared_launch_matches_and_is_cheaper():
     stream.synchronize()
     np.testing.assert_array_equal(out.copy_to_host(), np.arange(n, dtype=np.float32))
 
-    def per_launch_us(fn, reps=2000):
-        stream.synchronize()
-        t = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        stream.synchronize()
-        return (time.perf_counter() - t) / reps * 1e6
-
     counter, value = (cuda.to_device(np.zeros(1, np.int64), stream=stream) for _ in "cv")
     small = PreparedLaunch(_accumulate, 1, 32, stream, (counter, value))
     dispatcher = _accumulate[1, 32, stream]
-    t_numba = per_launch_us(lambda: dispatcher(counter, value))
-    t_prepared = per_launch_us(small)
+    t_numba = per_launch_us(stream, lambda: dispatcher(counter, value))
+    t_prepared = per_launch_us(stream, small)
     print(f"per launch: numba dispatcher {t_numba:.1f} us, PreparedLaunch {t_prepared:.1f} us")
     assert t_prepared < t_numba
 
@@ -216,16 +218,8 @@ def test_gpu_fast_kernel_matches_numba_and_is_cheaper():
     counter, value = (cuda.to_device(np.zeros(1, np.int64), stream=stream) for _ in "cv")
     fast_acc = FastKernel(_accumulate)
 
-    def per_launch_us(fn, reps=2000):
-        stream.synchronize()
-        t = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        stream.synchronize()
-        return (time.perf_counter() - t) / reps * 1e6
-
-    t_numba = per_launch_us(lambda: _accumulate[1, 32, stream](counter, value))
-    t_fast = per_launch_us(lambda: fast_acc[1, 32, stream](counter, value))
+    t_numba = per_launch_us(stream, lambda: _accumulate[1, 32, stream](counter, value))
+    t_fast = per_launch_us(stream, lambda: fast_acc[1, 32, stream](counter, value))
     print(f"per launch: numba dispatcher {t_numba:.1f} us, FastKernel {t_fast:.1f} us")
     assert counter.copy_to_host()[0] == 4000
     assert t_fast < t_numba

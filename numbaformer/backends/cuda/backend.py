@@ -11,8 +11,8 @@ from ._sim import SIMULATOR
 from ...progress import byte_bar
 from ...quants import Q8_0
 from ..base import Backend
-from . import (attention, elementwise, embed, flash, gemv, matmul, matmul_mma, norm, paged, rope,
-               sample)
+from . import (attention, elementwise, embed, flash, gemv, matmul, matmul_mma, matmul_wide, norm,
+               paged, rope, sample)
 from .graph import CudaGraph, graphs_supported
 from .launch import derived
 from .layout import device_bytes, repack
@@ -35,7 +35,14 @@ def memory_needed(mf, n_ctx: int, n_batch: int) -> int:
     return (sum(device_bytes(t) for t in mf.weights.matrices()) + cfg.kv_cache_bytes(n_ctx, 2)
             + 4 * n_batch * (4 * cfg.n_embd + 2 * cfg.q_dim + 2 * cfg.kv_dim + 2 * cfg.n_ff)
             + 2 * n_batch * max(cfg.n_embd, cfg.q_dim, cfg.n_ff)
-            + 4 * (n_batch + 1) * cfg.n_vocab + WORKSPACE_BYTES)
+            + 4 * (n_batch + 1) * cfg.n_vocab + WORKSPACE_BYTES
+            + (wide_scratch_bytes(cfg) if n_batch >= matmul_wide.WIDE_MIN_TOKENS else 0))
+
+
+def wide_scratch_bytes(cfg) -> int:
+    """The widened weights' scratch at its largest: the FFN's gate and up pair in bf16 (the
+    output head, past matmul_wide.WIDE_MAX_BYTES for the vocabularies in use, stays in-kernel)."""
+    return min(2 * 2 * cfg.n_ff * cfg.n_embd, matmul_wide.WIDE_MAX_BYTES)
 
 
 def batch_memory_needed(cfg, kv_slots: int, n_batch: int, max_seqs: int,
@@ -106,6 +113,7 @@ class CUDABackend(Backend):
         self._xb = None                              # bf16 activations of the tensor-core GEMM
         self._part = None                            # the split decode product's partial sums
         self._xa = None                              # q8 activations of gemv_rows' decode rows
+        self._wb = None                              # widened bf16 weights (matmul_wide)
         self._epoch = 0                              # bumped when a scratch above is reallocated
 
     # --- memory -----------------------------------------------------------------------------
@@ -272,10 +280,24 @@ class CUDABackend(Backend):
             matmul_mma.gemm(out[:d], xb[:d], w, self.stream, part=part,
                             residual=None if residual is None else residual[:d], **kw)
         if d == 0:                                      # (no views: numba's cost ~20-60 us each)
-            matmul_mma.gemm(out, xb, w, self.stream, residual=residual, **kw)
+            self._gemm(out, xb, w, residual=residual, **kw)
         elif d < n:
-            matmul_mma.gemm(out[d:], xb[d:], w, self.stream,
-                            residual=None if residual is None else residual[d:], **kw)
+            self._gemm(out[d:], xb[d:], w, residual=None if residual is None else residual[d:],
+                       **kw)
+
+    def _gemm(self, out, xb, w, residual=None, bias=None, up=None):
+        """The prefill GEMM: on weights widened to bf16 in the backend's scratch for passes of
+        matmul_wide.WIDE_MIN_TOKENS tokens or more (the same bits), else matmul_mma's."""
+        if not matmul_wide.takes(xb.shape[0], w, up):
+            return matmul_mma.gemm(out, xb, w, self.stream, residual=residual, bias=bias, up=up)
+        rows = w.rows * (1 if up is None else 2)
+        wb = derived(self._grow("_wb", rows * w.cols, np.uint16), (rows, w.cols),
+                     lambda a: a[:rows * w.cols].reshape(rows, w.cols))
+        matmul_wide.widen(wb, w, self.stream)
+        if up is not None:
+            matmul_wide.widen(wb, up, self.stream, w.rows)
+        matmul_wide.gemm(out, xb, wb, w.rows, self.stream, bias=bias, residual=residual,
+                         swiglu=up is not None)
 
     def matmul(self, out, x, w, bias=None):
         d = self._rows_first(x, [w])

@@ -349,6 +349,100 @@ def cached_kernel(threads: int, min_blocks: int):
 
 
 @functools.lru_cache(maxsize=None)
+def tile_functions(bm: int, bn: int, bk: int, wm: int, wn: int, epilogue: int, split_k: int):
+    """The device functions every tensor-core GEMM here shares, for a bm x bn block tile of wm x wn
+    warps over k-tiles of bk bf16 values: swz (the swizzled chunk of a tile row), tile_row (the
+    weight row behind a tile row: SwiGLU's gate or up), mma_tile (a warp's product of two staged
+    tiles) and finish (the epilogues, or split-K's raw sums)."""
+    wtm, wtn = bm // wm, bn // wn               # a warp's tokens and weight rows
+    MT, NT = wtm // 16, wtn // 8                # its m16 and n8 tiles
+    swiglu = epilogue == 3
+    half_w = wtn // 2                           # SwiGLU: a warp's gate (and up) rows
+    rows_per_block = bn // 2 if swiglu else bn
+    NT_OUT = NT // 2 if swiglu else NT
+    CPR = bk // 8                               # 16-byte chunks per tile row (bf16)
+    KSTEPS = bk // 16
+    XM = min(CPR, 8)                            # swizzle: chunk c of row r at c ^ ((r // RDIV) % XM)
+    RDIV = max(1, 8 // CPR)
+
+    @cuda.jit(device=True, inline=True)
+    def swz(r, c):
+        return r * CPR + (c ^ ((r // RDIV) % XM))
+
+    @cuda.jit(device=True, inline=True)
+    def tile_row(rho, bx, rows):
+        """Tile row rho -> (0 or 1: w0 or w1, its row in that matrix, clamped to the last)."""
+        if swiglu:
+            wc = rho // wtn
+            j = rho - wc * wtn
+            half = j // half_w
+            r = bx * rows_per_block + wc * half_w + j - half * half_w
+        else:
+            half = 0
+            r = bx * bn + rho
+        return half, min(r, rows - 1)
+
+    @cuda.jit(device=True, inline=True)
+    def mma_tile(xs, ws, xstage, wstage, acc, af, wmi, wni, lane):
+        """acc += the warp's (wtm x bk) x (bk x wtn) product of the staged tiles."""
+        xbase = xstage * bm * CPR
+        wbase = wstage * bn * CPR
+        for ks in range(KSTEPS):
+            for mt in range(MT):
+                row = wmi * wtm + mt * 16 + (lane & 15)
+                af[4 * mt], af[4 * mt + 1], af[4 * mt + 2], af[4 * mt + 3] = ldmatrix_x4(
+                    xs, xbase + swz(row, 2 * ks + (lane >> 4)))
+            for p in range(NT // 2):
+                nrow = wni * wtn + (2 * p + (lane >> 4)) * 8 + (lane & 7)
+                b0, b1, b2, b3 = ldmatrix_x4(ws, wbase + swz(nrow, 2 * ks + ((lane >> 3) & 1)))
+                for mt in range(MT):
+                    i = (mt * NT + 2 * p) * 4
+                    acc[i], acc[i + 1], acc[i + 2], acc[i + 3] = mma_bf16(
+                        af[4 * mt], af[4 * mt + 1], af[4 * mt + 2], af[4 * mt + 3], b0, b1,
+                        acc[i], acc[i + 1], acc[i + 2], acc[i + 3])
+                    i += 4
+                    acc[i], acc[i + 1], acc[i + 2], acc[i + 3] = mma_bf16(
+                        af[4 * mt], af[4 * mt + 1], af[4 * mt + 2], af[4 * mt + 3], b2, b3,
+                        acc[i], acc[i + 1], acc[i + 2], acc[i + 3])
+
+    @cuda.jit(device=True, inline=True)
+    def finish(out, extra, acc, m0, bx, wmi, wni, lane, n_tok, rows_out):
+        """The accumulators (c layout: rows g, g+8; columns 2t, 2t+1 of each n8 tile) -> out;
+        split: the raw sums -> extra[z] (SwiGLU: gate at r, up at rows_out + r)."""
+        z = cuda.blockIdx.z
+        for mt in range(MT):
+            for nt in range(NT_OUT):
+                for e in range(4):
+                    m = m0 + wmi * wtm + mt * 16 + (lane >> 2) + 8 * (e >> 1)
+                    j = nt * 8 + 2 * (lane & 3) + (e & 1)
+                    v = acc[(mt * NT + nt) * 4 + e]
+                    if split_k == 1:                   # raw sums of this k-slice
+                        if swiglu:
+                            r = bx * rows_per_block + wni * half_w + j
+                        else:
+                            r = bx * bn + wni * wtn + j
+                        if m < n_tok and r < rows_out:
+                            extra[z, m, r] = v
+                            if swiglu:
+                                extra[z, m, rows_out + r] = acc[(mt * NT + nt + NT // 2) * 4 + e]
+                    else:
+                        if swiglu:
+                            r = bx * rows_per_block + wni * half_w + j
+                            v = v / (float32(1) + math.exp(-v)) * \
+                                acc[(mt * NT + nt + NT // 2) * 4 + e]
+                        else:
+                            r = bx * bn + wni * wtn + j
+                        if m < n_tok and r < rows_out:
+                            if epilogue == 1:
+                                v += extra[r]
+                            elif epilogue == 2:
+                                v += extra[m, r]
+                            out[m, r] = v
+
+    return swz, tile_row, mma_tile, finish
+
+
+@functools.lru_cache(maxsize=None)
 def _gemm_kernel(qtype: int, bm: int, bn: int, bk: int, wm: int, wn: int, epilogue: int,
                  lookahead: int, min_blocks: int, split: bool = False):
     plan = stage_plan(qtype, bk)
@@ -358,15 +452,8 @@ def _gemm_kernel(qtype: int, bm: int, bn: int, bk: int, wm: int, wn: int, epilog
     wtm, wtn = bm // wm, bn // wn               # a warp's tokens and weight rows
     MT, NT = wtm // 16, wtn // 8                # its m16 and n8 tiles
     assert MT >= 1 and NT >= 2 and NT % 2 == 0 and bk % 32 == 0, (bm, bn, bk, wm, wn)
-    swiglu = epilogue == 3
-    half_w = wtn // 2                           # SwiGLU: a warp's gate (and up) rows
-    rows_per_block = bn // 2 if swiglu else bn
-    NT_OUT = NT // 2 if swiglu else NT
     CPR = bk // 8                               # 16-byte chunks per tile row (bf16)
     CPT = bk // 32                              # 32-value chunks per tile row
-    KSTEPS = bk // 16
-    XM = min(CPR, 8)                            # swizzle: chunk c of row r at c ^ ((r // RDIV) % XM)
-    RDIV = max(1, 8 // CPR)
     ACC = MT * NT * 4
     AF = 4 * MT
     L = lookahead                               # x tiles in flight ahead of the one in use
@@ -393,13 +480,10 @@ def _gemm_kernel(qtype: int, bm: int, bn: int, bk: int, wm: int, wn: int, epilog
     s_iters = tuple(-(-bn * nbu * n // 2 // threads) for n in s_len)
     s_first = tuple(sum(s_iters[:k]) for k in range(len(s_len)))
     PRE = max(1, sum(s_iters[:n_sync]))
+    swz, tile_row, mma_tile, finish = tile_functions(bm, bn, bk, wm, wn, epilogue, split_k)
     X_ITERS = -(-bm * CPR // threads)
     HPT = bk // 16                              # 16-value pieces per tile row
     DQ_ITERS = -(-bn * HPT // threads)
-
-    @cuda.jit(device=True, inline=True)
-    def swz(r, c):
-        return r * CPR + (c ^ ((r // RDIV) % XM))
 
     @cuda.jit(device=True, inline=True)
     def plane_offset(p, nb):
@@ -409,19 +493,6 @@ def _gemm_kernel(qtype: int, bm: int, bn: int, bk: int, wm: int, wn: int, epilog
             if q < p:
                 off += (nb * lens[q] + 15) // 16 * 16
         return off
-
-    @cuda.jit(device=True, inline=True)
-    def tile_row(rho, bx, rows):
-        """Tile row rho -> (0 or 1: w0 or w1, its row in that matrix, clamped to the last)."""
-        if swiglu:
-            wc = rho // wtn
-            j = rho - wc * wtn
-            half = j // half_w
-            r = bx * rows_per_block + wc * half_w + j - half * half_w
-        else:
-            half = 0
-            r = bx * bn + rho
-        return half, min(r, rows - 1)
 
     @cuda.jit(device=True, inline=True)
     def x_plan(xdst, xsrc, xcol, m0, n_tok, cols, tid):
@@ -529,63 +600,6 @@ def _gemm_kernel(qtype: int, bm: int, bn: int, bk: int, wm: int, wn: int, epilog
                         wv[h] = uint32(0)
                 store_shared_u32x4(ws, wbase + dqd[it], wv[0], wv[1], wv[2], wv[3])
                 store_shared_u32x4(ws, wbase + (dqd[it] ^ 1), wv[4], wv[5], wv[6], wv[7])
-
-    @cuda.jit(device=True, inline=True)
-    def mma_tile(xs, ws, xstage, wstage, acc, af, wmi, wni, lane):
-        """acc += the warp's (wtm x bk) x (bk x wtn) product of the staged tiles."""
-        xbase = xstage * bm * CPR
-        wbase = wstage * bn * CPR
-        for ks in range(KSTEPS):
-            for mt in range(MT):
-                row = wmi * wtm + mt * 16 + (lane & 15)
-                af[4 * mt], af[4 * mt + 1], af[4 * mt + 2], af[4 * mt + 3] = ldmatrix_x4(
-                    xs, xbase + swz(row, 2 * ks + (lane >> 4)))
-            for p in range(NT // 2):
-                nrow = wni * wtn + (2 * p + (lane >> 4)) * 8 + (lane & 7)
-                b0, b1, b2, b3 = ldmatrix_x4(ws, wbase + swz(nrow, 2 * ks + ((lane >> 3) & 1)))
-                for mt in range(MT):
-                    i = (mt * NT + 2 * p) * 4
-                    acc[i], acc[i + 1], acc[i + 2], acc[i + 3] = mma_bf16(
-                        af[4 * mt], af[4 * mt + 1], af[4 * mt + 2], af[4 * mt + 3], b0, b1,
-                        acc[i], acc[i + 1], acc[i + 2], acc[i + 3])
-                    i += 4
-                    acc[i], acc[i + 1], acc[i + 2], acc[i + 3] = mma_bf16(
-                        af[4 * mt], af[4 * mt + 1], af[4 * mt + 2], af[4 * mt + 3], b2, b3,
-                        acc[i], acc[i + 1], acc[i + 2], acc[i + 3])
-
-    @cuda.jit(device=True, inline=True)
-    def finish(out, extra, acc, m0, bx, wmi, wni, lane, n_tok, rows_out):
-        """The accumulators (c layout: rows g, g+8; columns 2t, 2t+1 of each n8 tile) -> out;
-        split: the raw sums -> extra[z] (SwiGLU: gate at r, up at rows_out + r)."""
-        z = cuda.blockIdx.z
-        for mt in range(MT):
-            for nt in range(NT_OUT):
-                for e in range(4):
-                    m = m0 + wmi * wtm + mt * 16 + (lane >> 2) + 8 * (e >> 1)
-                    j = nt * 8 + 2 * (lane & 3) + (e & 1)
-                    v = acc[(mt * NT + nt) * 4 + e]
-                    if split_k == 1:                   # raw sums of this k-slice
-                        if swiglu:
-                            r = bx * rows_per_block + wni * half_w + j
-                        else:
-                            r = bx * bn + wni * wtn + j
-                        if m < n_tok and r < rows_out:
-                            extra[z, m, r] = v
-                            if swiglu:
-                                extra[z, m, rows_out + r] = acc[(mt * NT + nt + NT // 2) * 4 + e]
-                    else:
-                        if swiglu:
-                            r = bx * rows_per_block + wni * half_w + j
-                            v = v / (float32(1) + math.exp(-v)) * \
-                                acc[(mt * NT + nt + NT // 2) * 4 + e]
-                        else:
-                            r = bx * bn + wni * wtn + j
-                        if m < n_tok and r < rows_out:
-                            if epilogue == 1:
-                                v += extra[r]
-                            elif epilogue == 2:
-                                v += extra[m, r]
-                            out[m, r] = v
 
     @cached_kernel(threads, min_blocks)
     def _gemm(out, w0, w1, w0h, w1h, xb, extra):

@@ -263,6 +263,15 @@ def store_shared_u32x4(arr, i, a, b, c, d):
     arr[j], arr[j + 1], arr[j + 2], arr[j + 3] = a, b, c, d
 
 
+def store_u32x4(arr, i, a, b, c, d):
+    """Store 4 words as chunk i (16 bytes) of a C-contiguous uint32 array in global memory: one
+    `st.global.v4.u32`; the chunk must be 16-byte aligned (the simulator checks it)."""
+    _row16(arr, i)                                                   # the alignment check
+    j = 4 * int(i)
+    flat = arr.reshape(-1)
+    flat[j], flat[j + 1], flat[j + 2], flat[j + 3] = a, b, c, d
+
+
 if not SIMULATOR:
     from llvmlite import ir
     from numba import types
@@ -441,6 +450,24 @@ if not SIMULATOR:
 
         return types.void(arr, i, a, b, c, d), codegen
 
+    @intrinsic
+    def _st_global_v4(typingctx, arr, i, a, b, c, d):
+        _check_array("st.global.v4", arr, i)
+
+        def codegen(context, builder, sig, args):
+            ptr = _byte_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1])
+            vty = ir.VectorType(_i32, 4)
+            vec = ir.Constant(vty, ir.Undefined)
+            for k in range(4):
+                word = context.cast(builder, args[2 + k], sig.args[2 + k], types.uint32)
+                vec = builder.insert_element(vec, word, ir.Constant(_i32, k))
+            gptr = builder.addrspacecast(ptr, ir.PointerType(_i8, nvvm.ADDRSPACE_GLOBAL))
+            builder.store(vec, builder.bitcast(gptr, ir.PointerType(vty, nvvm.ADDRSPACE_GLOBAL)),
+                          align=16)
+            return context.get_dummy_value()
+
+        return types.void(arr, i, a, b, c, d), codegen
+
     @overload(mma_bf16, target="cuda")
     def _ol_mma_bf16(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
         return lambda a0, a1, a2, a3, b0, b1, c0, c1, c2, c3: _mma_bf16(
@@ -498,3 +525,7 @@ if not SIMULATOR:
     @overload(store_shared_u32x4, target="cuda")
     def _ol_store_shared_u32x4(arr, i, a, b, c, d):
         return lambda arr, i, a, b, c, d: _st_shared_v4(arr, i, a, b, c, d)
+
+    @overload(store_u32x4, target="cuda")
+    def _ol_store_u32x4(arr, i, a, b, c, d):
+        return lambda arr, i, a, b, c, d: _st_global_v4(arr, i, a, b, c, d)

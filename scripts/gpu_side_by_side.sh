@@ -14,6 +14,7 @@
 #                   tables are the last lines printed. Environment: GEMV=0 skips the mat-vec
 #                   timings, LONG=0 the pp4096 pair, MMA=1 runs the GEMM microbenchmark
 #                   (gpu_mma_check.py, Q4_K, the prefill issue's gate) while the files are written,
+#                   WIDE=1 the widened-weights GEMM's (gpu_wide_check.py, Q4_K and Q8_0, its tiles),
 #                   TESTS=1 the GPU op tests (pytest -m cuda, TESTS_S seconds at most) meanwhile,
 #                   QUIET=1 starts numbaformer's benches only once the llama.cpp build is done (the
 #                   build's 16 processes slow a host-bound prefill), SMOL=0 leaves the SmolLM2 file
@@ -67,12 +68,15 @@ PY
       python3 scripts/gpu_bench.py --paths fast --gemm-types "" 2>&1 | grep "^device\|gemv" | tail -30
     [ "${MMA:-0}" = 1 ] && python3 scripts/gpu_mma_check.py --types Q4_K --check-types Q4_K \
       --budget 240 2>&1 | tail -25
+    [ "${WIDE:-0}" = 1 ] && python3 scripts/gpu_wide_check.py --types Q4_K,Q8_0 --budget 150 \
+      --variants 128x128x4x4/64/3,256x128x4x4/32/3,64x128x2x4/32/4 2>&1 | sed -n '/== wide/,$p'
     if [ "${TESTS:-0}" = 1 ]; then
       workers=""; python3 -c "import xdist" 2>/dev/null && workers="-n 4"
       echo "== GPU tests"
       NUMBAFORMER_TEST_GPU=1 timeout "${TESTS_S:-240}" python3 -m pytest -q -m cuda $workers \
         -p no:cacheprovider tests/test_cuda_graph.py tests/test_cuda_ops.py tests/test_cuda_mma.py \
-        tests/test_cuda_matmul_mma.py tests/test_cuda_flash.py tests/test_cuda_paged.py 2>&1 \
+        tests/test_cuda_matmul_mma.py tests/test_cuda_matmul_wide.py tests/test_cuda_flash.py \
+        tests/test_cuda_paged.py 2>&1 \
         | grep -E "passed|failed|FAILED|Error" | tail -12
       echo "(pytest rc ${PIPESTATUS[0]})"
     fi

@@ -31,6 +31,7 @@ workers=""; python3 -c "import xdist" 2>/dev/null && workers="-n 4"
 echo "== GPU tests"
 NUMBAFORMER_TEST_GPU=1 timeout "${TESTS_S:-280}" python3 -m pytest -v -m cuda $workers \
   -p no:cacheprovider tests/test_cuda_graph.py tests/test_cuda_paged.py tests/test_cuda_model.py \
+  tests/test_cuda_matmul_wide.py \
   tests/test_cuda_ops.py > $out/gpu_verify-tests.log 2>&1
 echo "(pytest rc $?) passed $(grep -c " PASSED" $out/gpu_verify-tests.log), failed" \
   "$(grep -c " FAILED" $out/gpu_verify-tests.log), skipped $(grep -c " SKIPPED" $out/gpu_verify-tests.log)"

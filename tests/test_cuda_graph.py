@@ -215,7 +215,8 @@ def test_gpu_fast_kernel_matches_numba_and_is_cheaper():
     stream.synchronize()                                 # a host array: numba's launch copies it
     np.testing.assert_allclose(out.copy_to_host(), 1 + w[:4, 1] + 0)
 
-    counter, value = (cuda.to_device(np.zeros(1, np.int64), stream=stream) for _ in "cv")
+    counter = cuda.to_device(np.zeros(1, np.int64), stream=stream)
+    value = cuda.to_device(np.ones(1, np.int64), stream=stream)
     fast_acc = FastKernel(_accumulate)
 
     t_numba = per_launch_us(stream, lambda: _accumulate[1, 32, stream](counter, value))

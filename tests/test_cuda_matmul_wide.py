@@ -163,14 +163,14 @@ def test_wide_gemm_checks_shapes(cu):
 
 
 def test_backend_long_passes_take_the_wide_path_with_the_same_bits(cu, monkeypatch):
-    """With matmul_wide on from 8 tokens, the backend's prefill ops (norm_matmul + bias,
-    matmul_add, norm_swiglu) give bitwise what the in-kernel tensor-core GEMM gives; a pass of
-    fewer tokens does not widen (the scratch is not even allocated)."""
+    """With matmul_wide on from n - 1 tokens, the backend's prefill ops (norm_matmul + bias,
+    matmul_add, norm_swiglu) over n tokens give bitwise what the in-kernel tensor-core GEMM gives;
+    a pass of n - 3 tokens does not widen (the scratch is not even allocated)."""
     from numbaformer.backends.cuda import matmul_mma, matmul_wide
-    monkeypatch.setattr(matmul_mma, "ENABLED", True)
-    monkeypatch.setattr(matmul_wide, "WIDE_MIN_TOKENS", 8)
     qt = TYPE_IDS["Q4_K"]
     n, d, ff = real((9, 256, 24), (600, 4096, 2048))
+    monkeypatch.setattr(matmul_mma, "ENABLED", True)
+    monkeypatch.setattr(matmul_wide, "WIDE_MIN_TOKENS", n - 1)
     rng = np.random.default_rng(24)
     x = rng.standard_normal((n, d)).astype(np.float32)
     nw = cu.to_device(rng.uniform(0.5, 1.5, d).astype(np.float32))
@@ -193,7 +193,7 @@ def test_backend_long_passes_take_the_wide_path_with_the_same_bits(cu, monkeypat
     ref = run(n)
     monkeypatch.setattr(matmul_wide, "ENABLED", True)
     run(n - 3)
-    assert cu._wb is None                                    # 6 tokens: the in-kernel path
+    assert cu._wb is None                                    # n - 3 tokens: the in-kernel path
     for a, b in zip(run(n), ref):
         np.testing.assert_array_equal(a, b)
     assert cu._wb is not None and cu._wb.size >= 2 * ff * d

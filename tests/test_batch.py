@@ -212,3 +212,24 @@ def test_bench_parallel_prints_llama_batched_bench_table(model):
     assert row["parallel"] == 2 and row["n_kv"] == 12 and row["decode_tps"] > 0
     assert row["prefill_tps"] == pytest.approx(8 / row["prefill_s"], rel=0.01)
     assert_one_line_error(cli("bench", "-m", model, "--parallel", "1,x"), "--parallel takes")
+
+
+def test_bench_parallel_times_the_warmed_up_engine(engine, monkeypatch):
+    """Each count's timed run steps the engine (and so the batched model, whose CUDA graphs are
+    keyed by it) that its warm-up stepped through the same run: nothing is captured or compiled
+    on the clock. Both runs leave the KV pool as they found it."""
+    from numbaformer import bench
+    stepped = []
+    real_step = Engine.step
+    monkeypatch.setattr(Engine, "step", lambda self: stepped.append(id(self)) or real_step(self))
+    made = []
+    real_make = bench._batched_engine
+    monkeypatch.setattr(bench, "_batched_engine",
+                        lambda *a: made.append(real_make(*a)) or made[-1])
+    rows = bench.run_parallel_bench(engine, [1, 2], n_prompt=4, n_gen=3)
+    assert [r["parallel"] for r in rows] == [1, 2] and len(made) == 2
+    assert set(stepped) == {id(e) for e in made}
+    for e in made:
+        bm = e.batching.blocks
+        assert not e.has_unfinished() and bm.n_free == len(bm.blocks)
+        bm.check()

@@ -64,8 +64,12 @@ ROWS_CLAMP = os.environ.get("NUMBAFORMER_ROWS_CLAMP", "0") == "1"
 # decode rows (as a seeded request's text must be; the dp4a kernel below 3 rows would make a lone
 # row's bits differ from a batched one's)
 ROWS_MMA = os.environ.get("NUMBAFORMER_ROWS_MMA", "1") == "1"
+# NUMBAFORMER_ROWS_MMA_MAX sets the crossover: past it the step's rows take the tensor-core GEMM,
+# on widened weights from matmul_wide.WIDE_MIN_TOKENS rows on (the seventh session's prefill
+# figures suggest ~11 ms a 64-row 8B step there: widen ~5.7 ms, the bf16 weights' read ~5; to be
+# measured with `bench --parallel` at a lower crossover and NUMBAFORMER_WIDE_MIN_TOKENS)
 ROWS_MMA_MIN = 1
-ROWS_MMA_MAX = 64
+ROWS_MMA_MAX = int(os.environ.get("NUMBAFORMER_ROWS_MMA_MAX", "64"))
 # quantized types: x quantized by a kernel of its own, read from L2 by every block, instead of each
 # block staging it, with Q4_K/Q5_K pair units (gemv_q8.PAIR_UNITS) then. H200 probe, % of copy
 # bandwidth at 14336x4096 / 4096x14336 (scripts/gpu_probe.py, 2026-12-02): Q4_K 38.3/29.4 staged,

@@ -17,6 +17,9 @@
 #                   -p 128 -n 128` (the default split of decode rows between the kernels, that
 #                   tensor-core variant), llama-batched-bench on the same file, bench --parallel
 #                   1,16 with one decode step a replay, and pp512 of both engines on the file.
+#   or one call:    bash scripts/gpu_batched.sh three
+#                   bench --parallel 1,4,16,32,64 as it is, then with the decode rows past 16 or
+#                   32 (CROSS) on the widened-weights GEMM, and llama-batched-bench, same file.
 set -uo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
@@ -83,5 +86,27 @@ PY
     timeout 100 python3 -m numbaformer.cli bench -m $f --device cuda -p 512 -n 0 -r 3 2>/dev/null \
       | grep pp512
     "$BIN/llama-bench" -m $f -ngl 99 -fa 1 -p 512 -n 0 -r 3 2>&1 | grep pp512 ;;
+  three)
+    # one call: the decode rows' crossover from the tensor-core rows kernel to the GEMM on
+    # widened weights (NUMBAFORMER_ROWS_MMA_MAX, NUMBAFORMER_WIDE_MIN_TOKENS; the output head
+    # widened too with NUMBAFORMER_WIDE_MAX_MB=1100), beside llama-batched-bench on the same file
+    [ -d /tmp/llamacpp/llama.cpp ] || bash "$S/gpu/llamacpp.sh" build "$carry/llamacpp-src.tgz" >/dev/null
+    [ -f $f ] || python3 scripts/make_synthetic_gguf.py --preset llama3-8b --type Q4_K \
+        --output-type Q6_K -o $f >/dev/null 2>&1
+    echo "== numbaformer bench --parallel (rows kernel up to 64 rows, the default)"
+    timeout 200 python3 -m numbaformer.cli bench -m $f --device cuda --parallel 1,4,16,32,64 \
+      -p 128 -n 128 2>&1 | tail -7
+    for x in ${CROSS:-16 32}; do
+      for head in 512 1100; do
+        echo "== rows kernel up to $x rows, the GEMM on widened weights past it (head: $head MB cap)"
+        NUMBAFORMER_ROWS_MMA_MAX=$x NUMBAFORMER_WIDE_MIN_TOKENS=$((x + 1)) \
+          NUMBAFORMER_WIDE_MAX_MB=$head timeout 150 python3 -m numbaformer.cli bench -m $f \
+          --device cuda --parallel 32,64 -p 128 -n 128 2>&1 | tail -4
+      done
+    done
+    BIN=$(bash "$S/gpu/llamacpp.sh" wait) || exit 1
+    echo "== llama-batched-bench"
+    "$BIN/llama-batched-bench" -m $f -ngl 99 -fa 1 -c 20000 -npp 128 -ntg 128 \
+      -npl 1,4,16,32,64 2>&1 | grep "^|" ;;
   *) sed -n 2,17p "$0"; exit 2 ;;
 esac

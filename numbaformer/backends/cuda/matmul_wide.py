@@ -50,7 +50,7 @@ from .mma import cp_async16, cp_async_commit, cp_async_wait, store_shared_u32x4,
 # vocabulary stays on the in-kernel path.
 ENABLED = os.environ.get("NUMBAFORMER_WIDE", "0" if SIMULATOR else "1") == "1"
 WIDE_MIN_TOKENS = int(os.environ.get("NUMBAFORMER_WIDE_MIN_TOKENS", "256"))
-WIDE_MAX_BYTES = 512 << 20
+WIDE_MAX_BYTES = int(os.environ.get("NUMBAFORMER_WIDE_MAX_MB", "512")) << 20
 # (BM, BN, WM, WN, BK, STAGES) per block, largest first: a launch takes the first whose grid has
 # at least WIDE_FILL blocks per SM, else the last. H200, Q4_K weights widened, 512 tokens
 # (scripts/gpu_wide_check.py, 2026-12-03; TFLOP/s of the GEMM alone, the bf16 mma.sync peak 622):

@@ -108,5 +108,5 @@ PY
     echo "== llama-batched-bench"
     "$BIN/llama-batched-bench" -m $f -ngl 99 -fa 1 -c 20000 -npp 128 -ntg 128 \
       -npl 1,4,16,32,64 2>&1 | grep "^|" ;;
-  *) sed -n 2,17p "$0"; exit 2 ;;
+  *) sed -n 2,22p "$0"; exit 2 ;;
 esac

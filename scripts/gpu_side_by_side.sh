@@ -15,6 +15,8 @@
 #                   timings, LONG=0 the pp4096 pair, MMA=1 runs the GEMM microbenchmark
 #                   (gpu_mma_check.py, Q4_K, the prefill issue's gate) while the files are written,
 #                   WIDE=1 the widened-weights GEMM's (gpu_wide_check.py, Q4_K and Q8_0, its tiles),
+#                   SMOLX=1 the SmolLM2 file's pp512 also without the wide path and with widened
+#                   weights kept resident (NUMBAFORMER_WIDE_RESIDENT_MB=512),
 #                   TESTS=1 the GPU op tests (pytest -m cuda, TESTS_S seconds at most) meanwhile,
 #                   QUIET=1 starts numbaformer's benches only once the llama.cpp build is done (the
 #                   build's 16 processes slow a host-bound prefill), SMOL=0 leaves the SmolLM2 file
@@ -99,6 +101,13 @@ PY
       timeout 150 python3 -m numbaformer.cli bench -m "$f" --device cuda -p 512 -n 128 -r 2 --kernels \
         2>/dev/null | grep -E "pp512|tg128|kernel launches|\| total"
     done
+    if [ "${SMOLX:-0}" = 1 ]; then
+      for v in NUMBAFORMER_WIDE=0 NUMBAFORMER_WIDE_RESIDENT_MB=512; do
+        echo "== numbaformer $smol, $v"
+        env $v timeout 100 python3 -m numbaformer.cli bench -m $smol --device cuda -p 512 -n 0 \
+          -r 3 2>/dev/null | grep pp512
+      done
+    fi
     BIN=$(bash "$S/gpu/llamacpp.sh" wait) || exit 1
     for f in $files; do
       echo "== llama.cpp $f"

@@ -245,3 +245,43 @@ def test_wide_pick_tile_fills_the_gpu():
     assert pick_tile(512, 14336, True, 132) == WIDE_TILES[0]          # 64 rows a block: 448
     assert pick_tile(512, 4096, False, 132) == WIDE_TILES[1] == (128, 128, 4, 4, 64, 3)
     assert pick_tile(512, 1024, False, 132) == WIDE_TILES[2] == (64, 128, 2, 4, 32, 4)
+
+
+def test_resident_widened_weights_widen_once_with_the_same_bits(cu, monkeypatch):
+    """With RESIDENT_BYTES room for the gate/up pair (used first) but not for Q too, the pair is
+    widened on its first pass only and kept (the same bits as the scratch path); Q, past the
+    budget, is widened into the scratch every pass."""
+    from numbaformer.backends.cuda import matmul_mma, matmul_wide
+    qt = TYPE_IDS["Q4_K"]
+    n, d, ff = real((9, 256, 24), (600, 4096, 2048))
+    monkeypatch.setattr(matmul_mma, "ENABLED", True)
+    monkeypatch.setattr(matmul_wide, "ENABLED", True)
+    monkeypatch.setattr(matmul_wide, "WIDE_MIN_TOKENS", n)
+    rng = np.random.default_rng(28)
+    x = cu.to_device(rng.standard_normal((n, d)).astype(np.float32))
+    nw = cu.to_device(rng.uniform(0.5, 1.5, d).astype(np.float32))
+    _, wq = rand_weights(cu, qt, 24, d, seed=29)
+    _, wg = rand_weights(cu, qt, ff, d, seed=30)
+    _, wu = rand_weights(cu, qt, ff, d, seed=31)
+    widens = []
+    real_widen = matmul_wide.widen
+    monkeypatch.setattr(matmul_wide, "widen", lambda wb, w, *a: widens.append(id(w)) or
+                        real_widen(wb, w, *a))
+
+    def run():
+        out = cu.alloc((n, ff))
+        cu.norm_swiglu(out, x, nw, 1e-5, wg, wu, cu.alloc((n, d)), cu.alloc((n, ff)))
+        outs = [cu.alloc((n, 24))]
+        cu.norm_matmul(outs, x, nw, 1e-5, [wq], [None], cu.alloc((n, d)))
+        return cu.to_host(outs[0]), cu.to_host(out)
+
+    ref = run()                                          # RESIDENT_BYTES 0: scratch only
+    assert widens == [id(wg), id(wu), id(wq)] and cu._resident_bytes == 0
+    monkeypatch.setattr(matmul_wide, "RESIDENT_BYTES", 2 * 2 * ff * d)
+    widens.clear()
+    first, second = run(), run()
+    assert widens == [id(wg), id(wu), id(wq), id(wq)]    # the pair once, Q each pass
+    assert cu._resident_bytes == 2 * 2 * ff * d
+    for a, b, c in zip(ref, first, second):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)

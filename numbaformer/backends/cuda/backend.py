@@ -36,7 +36,9 @@ def memory_needed(mf, n_ctx: int, n_batch: int) -> int:
             + 4 * n_batch * (4 * cfg.n_embd + 2 * cfg.q_dim + 2 * cfg.kv_dim + 2 * cfg.n_ff)
             + 2 * n_batch * max(cfg.n_embd, cfg.q_dim, cfg.n_ff)
             + 4 * (n_batch + 1) * cfg.n_vocab + WORKSPACE_BYTES
-            + (wide_scratch_bytes(cfg) if n_batch >= matmul_wide.WIDE_MIN_TOKENS else 0))
+            + (wide_scratch_bytes(cfg) if n_batch >= matmul_wide.WIDE_MIN_TOKENS else 0)
+            + min(matmul_wide.RESIDENT_BYTES,
+                  2 * sum(t.rows * t.cols for t in mf.weights.matrices())))
 
 
 def wide_scratch_bytes(cfg) -> int:
@@ -114,6 +116,7 @@ class CUDABackend(Backend):
         self._part = None                            # the split decode product's partial sums
         self._xa = None                              # q8 activations of gemv_rows' decode rows
         self._wb = None                              # widened bf16 weights (matmul_wide)
+        self._resident_bytes = 0                     # ... kept resident (matmul_wide.RESIDENT_BYTES)
         self._epoch = 0                              # bumped when a scratch above is reallocated
 
     # --- memory -----------------------------------------------------------------------------
@@ -291,13 +294,33 @@ class CUDABackend(Backend):
         if not matmul_wide.takes(xb.shape[0], w, up):
             return matmul_mma.gemm(out, xb, w, self.stream, residual=residual, bias=bias, up=up)
         rows = w.rows * (1 if up is None else 2)
-        wb = derived(self._grow("_wb", rows * w.cols, np.uint16), (rows, w.cols),
-                     lambda a: a[:rows * w.cols].reshape(rows, w.cols))
+        wb = self._resident_wide(w, up, rows)
+        if wb is None:
+            wb = derived(self._grow("_wb", rows * w.cols, np.uint16), (rows, w.cols),
+                         lambda a: a[:rows * w.cols].reshape(rows, w.cols))
+            matmul_wide.widen(wb, w, self.stream)
+            if up is not None:
+                matmul_wide.widen(wb, up, self.stream, w.rows)
+        matmul_wide.gemm(out, xb, wb, w.rows, self.stream, bias=bias, residual=residual,
+                         swiglu=up is not None)
+
+    def _resident_wide(self, w, up, rows: int):
+        """W's (and SwiGLU's up's) widened rows kept on the device, widened on first use while
+        matmul_wide.RESIDENT_BYTES allows (kept on W's device array, freed with it); None past
+        that budget."""
+        key = ("wide", None if up is None else id(up.data))
+        views = getattr(w.data, "_nf_views", None)
+        if views is not None and key in views:
+            return views[key]
+        size = 2 * rows * w.cols
+        if self._resident_bytes + size > matmul_wide.RESIDENT_BYTES:
+            return None
+        wb = cuda.device_array((rows, w.cols), np.uint16, stream=self.stream)
         matmul_wide.widen(wb, w, self.stream)
         if up is not None:
             matmul_wide.widen(wb, up, self.stream, w.rows)
-        matmul_wide.gemm(out, xb, wb, w.rows, self.stream, bias=bias, residual=residual,
-                         swiglu=up is not None)
+        self._resident_bytes += size
+        return derived(w.data, key, lambda a: wb)
 
     def matmul(self, out, x, w, bias=None):
         d = self._rows_first(x, [w])

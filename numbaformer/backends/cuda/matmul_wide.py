@@ -51,6 +51,10 @@ from .mma import cp_async16, cp_async_commit, cp_async_wait, store_shared_u32x4,
 ENABLED = os.environ.get("NUMBAFORMER_WIDE", "0" if SIMULATOR else "1") == "1"
 WIDE_MIN_TOKENS = int(os.environ.get("NUMBAFORMER_WIDE_MIN_TOKENS", "256"))
 WIDE_MAX_BYTES = int(os.environ.get("NUMBAFORMER_WIDE_MAX_MB", "512")) << 20
+# Up to RESIDENT_BYTES of widened matrices (first used, first kept) stay on the device after their
+# first pass, so later passes launch no widen for them: for a small model (SmolLM2: 270 MB in
+# all) every widen of a prefill; off by default until a GPU run times it (NUMBAFORMER_WIDE_RESIDENT_MB).
+RESIDENT_BYTES = int(os.environ.get("NUMBAFORMER_WIDE_RESIDENT_MB", "0")) << 20
 # (BM, BN, WM, WN, BK, STAGES) per block, largest first: a launch takes the first whose grid has
 # at least WIDE_FILL blocks per SM, else the last. H200, Q4_K weights widened, 512 tokens
 # (scripts/gpu_wide_check.py, 2026-12-03; TFLOP/s of the GEMM alone, the bf16 mma.sync peak 622):

@@ -14,6 +14,7 @@ import reference as R
 from ptx_tools import offline_ptx, ptxas_info
 from test_cuda_matmul_mma import (ALL_TYPES, ON_GPU, SMALL, bf16, bf16_bound, block_max, check,
                                   rand_weights, real)
+from test_cuda_matmul_mma import run_gemm as mma_gemm
 
 from numbaformer.quants import GGML_TYPES, TYPE_IDS
 
@@ -78,17 +79,6 @@ def wide_gemm(be, x, w, up=None, **kw):
     if out is None:
         out = be.alloc((x.shape[0], w.rows))
     matmul_wide.gemm(out, xb, wb, w.rows, be.stream, swiglu=up is not None, **kw)
-    return be.to_host(out)
-
-
-def mma_gemm(be, x, w, **kw):
-    from numbaformer.backends.cuda import matmul_mma
-    xb = be.alloc(x.shape, np.uint16)
-    matmul_mma.to_bf16(xb, be.to_device(x), be.stream)
-    out = kw.pop("out", None)
-    if out is None:
-        out = be.alloc((x.shape[0], w.rows))
-    matmul_mma.gemm(out, xb, w, be.stream, **kw)
     return be.to_host(out)
 
 

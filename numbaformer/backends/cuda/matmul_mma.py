@@ -321,9 +321,16 @@ def stage_plan(qtype: int, bk: int) -> dict:
         aligned = (a + shift) % 16 == 0 and n % 16 == 0
         assert aligned or ((a + shift) % 2 == 0 and n % 2 == 0), t.name
         parts["async" if aligned else "sync"].append((p, a + shift, n))
+    sync = parts["sync"] or [(0, 0, 2)]        # (a typed placeholder when there is none)
     return dict(bs=bs, bb=t.chunk_bytes, cpb=t.chunks_per_block, nbu=kr // bs, tpu=kr // bk,
                 shift=shift, pitch=pitch, unit=(kr // bs) * pitch, lens=tuple(b - a for a, b in planes),
-                **{k: tuple(v) for k, v in parts.items()})
+                **{k: tuple(v) for k, v in parts.items()},
+                # the same as columns (plane, offset in the staged block, bytes a block)
+                a_plane=tuple(p for p, _, _ in parts["async"]),
+                a_dst=tuple(o for _, o, _ in parts["async"]),
+                a_len=tuple(n for _, _, n in parts["async"]),
+                s_plane=tuple(p for p, _, _ in sync), s_dst=tuple(o for _, o, _ in sync),
+                s_len=tuple(n for _, _, n in sync))
 
 
 def raw_stages(qtype: int, bk: int, lookahead: int) -> int:
@@ -364,6 +371,8 @@ def tile_functions(bm: int, bn: int, bk: int, wm: int, wn: int, epilogue: int, s
     KSTEPS = bk // 16
     XM = min(CPR, 8)                            # swizzle: chunk c of row r at c ^ ((r // RDIV) % XM)
     RDIV = max(1, 8 // CPR)
+    threads = 32 * wm * wn
+    X_ITERS = -(-bm * CPR // threads)           # a thread's 16-byte chunks of an x tile
 
     @cuda.jit(device=True, inline=True)
     def swz(r, c):
@@ -439,7 +448,49 @@ def tile_functions(bm: int, bn: int, bk: int, wm: int, wn: int, epilogue: int, s
                                 v += extra[m, r]
                             out[m, r] = v
 
-    return swz, tile_row, mma_tile, finish
+    @cuda.jit(device=True, inline=True)
+    def x_plan(xdst, xsrc, xcol, m0, n_tok, cols, tid):
+        """This thread's 16-byte chunks of every x tile, worked out once: xdst its offset in a
+        stage (-1: none), xsrc its source chunk in tile 0 (tokens past the end repeat the last
+        one), xcol its column chunk in the tile."""
+        for it in range(X_ITERS):
+            q = tid + it * threads
+            row = q // CPR
+            c = q - row * CPR
+            xdst[it] = swz(row, c) if q < bm * CPR else -1
+            xsrc[it] = min(m0 + row, n_tok - 1) * (cols // 8) + c
+            xcol[it] = c
+
+    @cuda.jit(device=True, inline=True)
+    def stage_tile(sm, base, src, dst, srci, coli, iters, tc, cols8):
+        """A tile of bf16 rows (column chunks tc ..; this thread's chunks planned in dst, srci,
+        coli) -> the stage at chunk `base` of sm: one cp.async per 16-byte chunk, zeros past the
+        last column."""
+        for it in range(iters):
+            if dst[it] >= 0:
+                if tc + coli[it] < cols8:
+                    cp_async16(sm, base + dst[it], src, srci[it] + tc)
+                else:
+                    store_shared_u32x4(sm, base + dst[it], 0, 0, 0, 0)
+
+    return swz, tile_row, mma_tile, finish, x_plan, stage_tile
+
+
+@functools.lru_cache(maxsize=None)
+def plane_offset_function(lens: tuple):
+    """A device function plane_offset(p, nb): the byte offset of plane p in a GPU-layout row of nb
+    blocks whose planes take lens[q] bytes a block (layout.plane_offsets)."""
+    n_planes = len(lens)
+
+    @cuda.jit(device=True, inline=True)
+    def plane_offset(p, nb):
+        off = 0
+        for q in range(n_planes):
+            if q < p:
+                off += (nb * lens[q] + 15) // 16 * 16
+        return off
+
+    return plane_offset
 
 
 @functools.lru_cache(maxsize=None)
@@ -467,56 +518,19 @@ def _gemm_kernel(qtype: int, bm: int, bn: int, bk: int, wm: int, wn: int, epilog
     R_FIRST = (1 // tpu) % RST                  # raw stage of tile 1's unit
     UB, P, SHIFT = plan["unit"], plan["pitch"], plan["shift"]
     lens = plan["lens"]
-    n_planes = len(lens)
-    a_plane = tuple(p for p, _, _ in plan["async"])
-    a_dst = tuple(o for _, o, _ in plan["async"])
-    a_len = tuple(n for _, _, n in plan["async"])
-    n_async = len(a_plane)
-    n_sync = len(plan["sync"])
-    sync = plan["sync"] or ((0, 0, 2),)         # (a typed placeholder when there is none)
-    s_plane = tuple(p for p, _, _ in sync)
-    s_dst = tuple(o for _, o, _ in sync)
-    s_len = tuple(n for _, _, n in sync)
+    a_plane, a_dst, a_len = plan["a_plane"], plan["a_dst"], plan["a_len"]
+    s_plane, s_dst, s_len = plan["s_plane"], plan["s_dst"], plan["s_len"]
+    n_async, n_sync = len(a_plane), len(plan["sync"])
     s_iters = tuple(-(-bn * nbu * n // 2 // threads) for n in s_len)
     s_first = tuple(sum(s_iters[:k]) for k in range(len(s_len)))
     PRE = max(1, sum(s_iters[:n_sync]))
-    swz, tile_row, mma_tile, finish = tile_functions(bm, bn, bk, wm, wn, epilogue, split_k)
+    swz, tile_row, mma_tile, finish, x_plan, stage_tile = tile_functions(bm, bn, bk, wm, wn,
+                                                                         epilogue, split_k)
     X_ITERS = -(-bm * CPR // threads)
     HPT = bk // 16                              # 16-value pieces per tile row
     DQ_ITERS = -(-bn * HPT // threads)
 
-    @cuda.jit(device=True, inline=True)
-    def plane_offset(p, nb):
-        """Byte offset of plane p in a GPU-layout row of nb blocks (layout.plane_offsets)."""
-        off = 0
-        for q in range(n_planes):
-            if q < p:
-                off += (nb * lens[q] + 15) // 16 * 16
-        return off
-
-    @cuda.jit(device=True, inline=True)
-    def x_plan(xdst, xsrc, xcol, m0, n_tok, cols, tid):
-        """This thread's 16-byte chunks of every x tile, worked out once: xdst its offset in a
-        stage (-1: none), xsrc its source chunk in tile 0 (tokens past the end repeat the last
-        one), xcol its column chunk in the tile."""
-        for it in range(X_ITERS):
-            q = tid + it * threads
-            row = q // CPR
-            c = q - row * CPR
-            xdst[it] = swz(row, c) if q < bm * CPR else -1
-            xsrc[it] = min(m0 + row, n_tok - 1) * (cols // 8) + c
-            xcol[it] = c
-
-    @cuda.jit(device=True, inline=True)
-    def stage_x(xs, xb, xdst, xsrc, xcol, tc, base, cols8):
-        """x tile (column chunks tc ..) -> the stage at chunk `base` of xs: one cp.async per
-        16-byte chunk, zeros past the last column."""
-        for it in range(X_ITERS):
-            if xdst[it] >= 0:
-                if tc + xcol[it] < cols8:
-                    cp_async16(xs, base + xdst[it], xb, xsrc[it] + tc)
-                else:
-                    store_shared_u32x4(xs, base + xdst[it], 0, 0, 0, 0)
+    plane_offset = plane_offset_function(lens)
 
     @cuda.jit(device=True, inline=True)
     def stage_raw(rs, w0, w1, u, stage, bx, rows, nb, tid):
@@ -654,7 +668,8 @@ def _gemm_kernel(qtype: int, bm: int, bn: int, bk: int, wm: int, wn: int, epilog
         r_new = 1 % RST                                  # raw stage of the next unit staged
         for i in range(L):                               # g(i - L): x tile i, tile i+1's unit
             if i < n_tiles:
-                stage_x(xs, xb, xdst, xsrc, xcol, (t_lo + i) * CPR, i * bm * CPR, cols // 8)
+                stage_tile(xs, i * bm * CPR, xb, xdst, xsrc, xcol, X_ITERS, (t_lo + i) * CPR,
+                           cols // 8)
             j = i + 1
             if j < n_tiles and j % tpu == 0:
                 stage_raw(rs, w0, w1, u_lo + j // tpu, r_new, bx, rows, nb, tid)
@@ -673,8 +688,8 @@ def _gemm_kernel(qtype: int, bm: int, bn: int, bk: int, wm: int, wn: int, epilog
             cuda.syncthreads()    # g(t-L) landed: x tile t, the raw unit of t+1; the dequantized
             #                       tile t visible; every warp done with tile t-1's stages
             if t + L < n_tiles:
-                stage_x(xs, xb, xdst, xsrc, xcol, (t_lo + t + L) * CPR, x_write * bm * CPR,
-                        cols // 8)
+                stage_tile(xs, x_write * bm * CPR, xb, xdst, xsrc, xcol, X_ITERS,
+                           (t_lo + t + L) * CPR, cols // 8)
             j = t + L + 1
             new_unit = j < n_tiles and (j & (tpu - 1)) == 0
             r_staged = r_new

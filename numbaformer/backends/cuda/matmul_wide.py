@@ -40,9 +40,9 @@ from numba import cuda, float32, int64, uint32
 
 from ._sim import SIMULATOR
 from .launch import dtype_view
-from .matmul_mma import (EPILOGUES, MAX_SMEM, cached_kernel, decoder, stage_plan,
-                         tile_functions)
-from .mma import cp_async16, cp_async_commit, cp_async_wait, store_shared_u32x4, store_u32x4
+from .matmul_mma import (EPILOGUES, MAX_SMEM, cached_kernel, decoder, plane_offset_function,
+                         stage_plan, tile_functions)
+from .mma import cp_async16, cp_async_commit, cp_async_wait, store_u32x4
 
 # On by default on a GPU for passes of WIDE_MIN_TOKENS tokens or more (NUMBAFORMER_WIDE=0/1
 # overrides; the simulator's tests call it directly). A matrix (SwiGLU: the gate and up pair)
@@ -78,26 +78,12 @@ def _widen_kernel(qtype: int, rows_blk: int, threads: int):
     nbu, cpb, bs = plan["nbu"], plan["cpb"], plan["bs"]
     UB, P, SHIFT = plan["unit"], plan["pitch"], plan["shift"]
     lens = plan["lens"]
-    n_planes = len(lens)
-    a_plane = tuple(p for p, _, _ in plan["async"])
-    a_dst = tuple(o for _, o, _ in plan["async"])
-    a_len = tuple(n for _, _, n in plan["async"])
-    n_async = len(a_plane)
-    n_sync = len(plan["sync"])
-    sync = plan["sync"] or ((0, 0, 2),)         # (a typed placeholder when there is none)
-    s_plane = tuple(p for p, _, _ in sync)
-    s_dst = tuple(o for _, o, _ in sync)
-    s_len = tuple(n for _, _, n in sync)
+    a_plane, a_dst, a_len = plan["a_plane"], plan["a_dst"], plan["a_len"]
+    s_plane, s_dst, s_len = plan["s_plane"], plan["s_dst"], plan["s_len"]
+    n_async, n_sync = len(a_plane), len(plan["sync"])
     PIECES = WIDEN_VALUES // 16                 # 16-value pieces of a row in a unit
 
-    @cuda.jit(device=True, inline=True)
-    def plane_offset(p, nb):
-        """Byte offset of plane p in a GPU-layout row of nb blocks (layout.plane_offsets)."""
-        off = 0
-        for q in range(n_planes):
-            if q < p:
-                off += (nb * lens[q] + 15) // 16 * 16
-        return off
+    plane_offset = plane_offset_function(lens)
 
     @cached_kernel(threads, 1)
     def _widen(wb, w, wh, row0):
@@ -181,7 +167,8 @@ def _gemm_kernel(bm: int, bn: int, bk: int, wm: int, wn: int, stages: int, epilo
     MT, NT = wtm // 16, wtn // 8
     assert MT >= 1 and NT >= 2 and NT % 2 == 0 and bk % 32 == 0 and stages >= 2, \
         (bm, bn, bk, wm, wn, stages)
-    swz, tile_row, mma_tile, finish = tile_functions(bm, bn, bk, wm, wn, epilogue, 0)
+    swz, tile_row, mma_tile, finish, x_plan, stage = tile_functions(bm, bn, bk, wm, wn,
+                                                                    epilogue, 0)
     CPR = bk // 8                               # 16-byte chunks per tile row
     ACC = MT * NT * 4
     AF = 4 * MT
@@ -191,17 +178,6 @@ def _gemm_kernel(bm: int, bn: int, bk: int, wm: int, wn: int, stages: int, epilo
     X_ITERS = -(-bm * CPR // threads)
     W_ITERS = -(-bn * CPR // threads)
     swiglu = epilogue == 3
-
-    @cuda.jit(device=True, inline=True)
-    def stage(sm, base, src, dst, srci, coli, iters, tc, cols8):
-        """A tile (column chunks tc ..) -> the stage at chunk `base` of sm: one cp.async per
-        16-byte chunk, zeros past the last column."""
-        for it in range(iters):
-            if dst[it] >= 0:
-                if tc + coli[it] < cols8:
-                    cp_async16(sm, base + dst[it], src, srci[it] + tc)
-                else:
-                    store_shared_u32x4(sm, base + dst[it], 0, 0, 0, 0)
 
     @cached_kernel(threads, min_blocks)
     def _gemm(out, wb, xb, extra, rows):
@@ -231,13 +207,7 @@ def _gemm_kernel(bm: int, bn: int, bk: int, wm: int, wn: int, stages: int, epilo
         n_tiles = (cols + bk - 1) // bk
         for i in range(ACC):
             acc[i] = float32(0)
-        for it in range(X_ITERS):               # this thread's chunks of every x tile
-            q = tid + it * threads
-            row = q // CPR
-            c = q - row * CPR
-            xdst[it] = swz(row, c) if q < bm * CPR else -1
-            xsrc[it] = min(m0 + row, n_tok - 1) * cols8 + c     # past the end: the last token
-            xcol[it] = c
+        x_plan(xdst, xsrc, xcol, m0, n_tok, cols, tid)   # this thread's chunks of every x tile
         for it in range(W_ITERS):               # ... and of every weight tile
             q = tid + it * threads
             rho = q // CPR

@@ -16,7 +16,9 @@
 #                   (gpu_mma_check.py, Q4_K, the prefill issue's gate) while the files are written,
 #                   WIDE=1 the widened-weights GEMM's (gpu_wide_check.py, Q4_K and Q8_0, its tiles),
 #                   SMOLX=1 the SmolLM2 file's pp512 also without the wide path and with widened
-#                   weights kept resident (NUMBAFORMER_WIDE_RESIDENT_MB=512),
+#                   weights kept resident (NUMBAFORMER_WIDE_RESIDENT_MB=512) and its prefill op by
+#                   op (gpu_profile.py), TTFT=1 the first 8B file's time to first token of a
+#                   2,000-token prompt (gpu_ttft.py) and llama.cpp's pp2000,
 #                   TESTS=1 the GPU op tests (pytest -m cuda, TESTS_S seconds at most) meanwhile,
 #                   QUIET=1 starts numbaformer's benches only once the llama.cpp build is done (the
 #                   build's 16 processes slow a host-bound prefill), SMOL=0 leaves the SmolLM2 file
@@ -108,7 +110,19 @@ PY
           -r 3 2>/dev/null | grep pp512
       done
     fi
+    if [ "${SMOLX:-0}" = 1 ]; then
+      echo "== $smol: a 512-token prefill op by op (graph-timed GPU time against the wall)"
+      timeout 120 python3 scripts/gpu_profile.py $smol --ctx 4096 --prefill 512 --no-decode \
+        2>&1 | grep -v "^$" | grep -v -i warn | head -40
+    fi
+    if [ "${TTFT:-0}" = 1 ]; then
+      echo "== time to first token, 2,000-token prompt, /tmp/l8-${types%%,*}.gguf"
+      timeout 150 python3 scripts/gpu_ttft.py -m "/tmp/l8-${types%%,*}.gguf" --device cuda \
+        -p 2000 -r 5 2>&1 | tail -2
+    fi
     BIN=$(bash "$S/gpu/llamacpp.sh" wait) || exit 1
+    [ "${TTFT:-0}" = 1 ] && "$BIN/llama-bench" -m "/tmp/l8-${types%%,*}.gguf" -ngl 99 -fa 1 \
+      -p 2000 -n 0 -r 2 2>&1 | grep -E "pp2000"
     for f in $files; do
       echo "== llama.cpp $f"
       "$BIN/llama-bench" -m "$f" -ngl 99 -fa 1 -p 512 -n 128 -r 2 2>&1 | grep -E "pp512|tg128"

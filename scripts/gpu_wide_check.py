@@ -59,11 +59,7 @@ def swiglu(qt: int, variants) -> str:
     base = ref.copy_to_host(stream=S)
     wb = cuda.device_array((2 * rows, cols), np.uint16, stream=S)
     out = cuda.device_array((G.M_TOK, rows), np.float32, stream=S)
-
-    def widen2():
-        WIDE.widen(wb, w, S)
-        WIDE.widen(wb, u, S, rows)
-    ms_w = G.time_ms(widen2)
+    ms_w = G.time_ms(lambda: WIDE.widen_pair(wb, w, S, u))
     line = f"SwiGLU pair {G.M_TOK}x2x{rows}x{cols}: in-kernel {ms_in:.3f} ms " \
            f"{flops / ms_in / 1e9:.1f} TFLOP/s | 2 widens {ms_w:.4f} ms"
     for v in variants:

@@ -32,13 +32,6 @@ def cu(cuda_toy_shapes, monkeypatch):
     return CUDABackend()
 
 
-def widened(be, w, rows_total=None, row0=0):
-    from numbaformer.backends.cuda import matmul_wide
-    wb = be.alloc((rows_total or w.rows, w.cols), np.uint16)
-    matmul_wide.widen(wb, w, be.stream, row0)
-    return wb
-
-
 def as_f64(bits):
     return (np.asarray(bits).astype(np.uint32) << 16).view(np.float32).astype(np.float64)
 
@@ -72,9 +65,8 @@ def wide_gemm(be, x, w, up=None, **kw):
     from numbaformer.backends.cuda import matmul_mma, matmul_wide
     xb = be.alloc(x.shape, np.uint16)
     matmul_mma.to_bf16(xb, be.to_device(x), be.stream)
-    wb = widened(be, w, w.rows * (2 if up is not None else 1))
-    if up is not None:
-        matmul_wide.widen(wb, up, be.stream, w.rows)
+    wb = be.alloc((w.rows * (2 if up is not None else 1), w.cols), np.uint16)
+    matmul_wide.widen_pair(wb, w, be.stream, up)
     out = kw.pop("out", None)
     if out is None:
         out = be.alloc((x.shape[0], w.rows))

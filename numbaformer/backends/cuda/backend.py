@@ -298,9 +298,7 @@ class CUDABackend(Backend):
         if wb is None:
             wb = derived(self._grow("_wb", rows * w.cols, np.uint16), (rows, w.cols),
                          lambda a: a[:rows * w.cols].reshape(rows, w.cols))
-            matmul_wide.widen(wb, w, self.stream)
-            if up is not None:
-                matmul_wide.widen(wb, up, self.stream, w.rows)
+            matmul_wide.widen_pair(wb, w, self.stream, up)
         matmul_wide.gemm(out, xb, wb, w.rows, self.stream, bias=bias, residual=residual,
                          swiglu=up is not None)
 
@@ -316,9 +314,7 @@ class CUDABackend(Backend):
         if self._resident_bytes + size > matmul_wide.RESIDENT_BYTES:
             return None
         wb = cuda.device_array((rows, w.cols), np.uint16, stream=self.stream)
-        matmul_wide.widen(wb, w, self.stream)
-        if up is not None:
-            matmul_wide.widen(wb, up, self.stream, w.rows)
+        matmul_wide.widen_pair(wb, w, self.stream, up)
         self._resident_bytes += size
         return derived(w.data, key, lambda a: wb)
 

@@ -157,6 +157,13 @@ def widen(wb, w, stream, row0: int = 0) -> None:
                                          dtype_view(w.data, np.uint16), np.int64(row0))
 
 
+def widen_pair(wb, w, stream, up=None) -> None:
+    """wb's rows = W's widened rows, then SwiGLU's up's after them (what gemm(swiglu=True) reads)."""
+    widen(wb, w, stream)
+    if up is not None:
+        widen(wb, up, stream, w.rows)
+
+
 # --- the GEMM on bf16 weights -------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)

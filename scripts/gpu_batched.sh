@@ -87,26 +87,90 @@ PY
       | grep pp512
     "$BIN/llama-bench" -m $f -ngl 99 -fa 1 -p 512 -n 0 -r 3 2>&1 | grep pp512 ;;
   three)
-    # one call: the decode rows' crossover from the tensor-core rows kernel to the GEMM on
-    # widened weights (NUMBAFORMER_ROWS_MMA_MAX, NUMBAFORMER_WIDE_MIN_TOKENS; the output head
-    # widened too with NUMBAFORMER_WIDE_MAX_MB=1100), beside llama-batched-bench on the same file
+    # one call: the batched decode steps op by op (1, 16, 64 sequences), bench --parallel as it
+    # is, then (CROSS="16 32") with the decode rows past 16 or 32 on the widened-weights GEMM
+    # (NUMBAFORMER_ROWS_MMA_MAX, NUMBAFORMER_WIDE_MIN_TOKENS; the output head widened too with
+    # NUMBAFORMER_WIDE_MAX_MB=1100), beside llama-batched-bench on the same file; PREGEN="Q5_K .."
+    # writes those 8B files (and the SmolLM2-shaped one) last, for a side-by-side call made next
     [ -d /tmp/llamacpp/llama.cpp ] || bash "$S/gpu/llamacpp.sh" build "$carry/llamacpp-src.tgz" >/dev/null
     [ -f $f ] || python3 scripts/make_synthetic_gguf.py --preset llama3-8b --type Q4_K \
         --output-type Q6_K -o $f >/dev/null 2>&1
-    echo "== numbaformer bench --parallel (rows kernel up to 64 rows, the default)"
-    timeout 200 python3 -m numbaformer.cli bench -m $f --device cuda --parallel 1,4,16,32,64 \
+    timeout 240 python3 scripts/gpu_profile.py $f --ctx 4096 --prefill 128 --no-decode \
+      --batched ${PROFILE:-1,16,64} 2>&1 | grep -v "^$" | grep -v -i warn | sed -n '/^batched/,$p' \
+      | head -${PROFILE_LINES:-90}
+    echo "== numbaformer bench --parallel (the default split of decode rows)"
+    timeout 200 python3 -m numbaformer.cli bench -m $f --device cuda --parallel ${PAR:-1,4,16,64} \
       -p 128 -n 128 2>&1 | tail -7
-    for x in ${CROSS:-16 32}; do
-      for head in 512 1100; do
-        echo "== rows kernel up to $x rows, the GEMM on widened weights past it (head: $head MB cap)"
-        NUMBAFORMER_ROWS_MMA_MAX=$x NUMBAFORMER_WIDE_MIN_TOKENS=$((x + 1)) \
-          NUMBAFORMER_WIDE_MAX_MB=$head timeout 150 python3 -m numbaformer.cli bench -m $f \
-          --device cuda --parallel 32,64 -p 128 -n 128 2>&1 | tail -4
-      done
+    for x in ${CROSS:-}; do
+      echo "== rows kernel up to $x rows, the GEMM on widened weights past it (head widened)"
+      NUMBAFORMER_ROWS_MMA_MAX=$x NUMBAFORMER_WIDE_MIN_TOKENS=$((x + 1)) \
+        NUMBAFORMER_WIDE_MAX_MB=1100 timeout 150 python3 -m numbaformer.cli bench -m $f \
+        --device cuda --parallel 32,64 -p 128 -n 128 2>&1 | tail -4
     done
+    BIN=$(bash "$S/gpu/llamacpp.sh" wait) || exit 1
+    (for t in ${PREGEN:-}; do
+       python3 scripts/make_synthetic_gguf.py --preset llama3-8b --type "$t" --output-type "$t" \
+         -o /tmp/l8-$t.part >/dev/null 2>&1 && mv /tmp/l8-$t.part /tmp/l8-$t.gguf &
+     done
+     if [ -n "${PREGEN:-}" ]; then
+       python3 scripts/make_synthetic_gguf.py --preset smollm2-135m --type Q4_1 --output-type Q8_0 \
+         -o /tmp/s135.part --vocab-from "$carry/smollm2-vocab.gguf" >/dev/null 2>&1 \
+         && mv /tmp/s135.part /tmp/s135-Q4_1.gguf
+     fi; wait) &
+    echo "== llama-batched-bench"
+    "$BIN/llama-batched-bench" -m $f -ngl 99 -fa 1 -c 20000 -npp 128 -ntg 128 \
+      -npl ${PAR:-1,4,16,64} 2>&1 | grep "^|"
+    wait ;;
+  four)
+    # issue 10's figures in one call, then the files a side-by-side call made next reads:
+    # bench --parallel (the default split of decode rows) and llama-batched-bench on the 8B Q4_K
+    # file, `generate -f requests.jsonl --parallel 16 --json` on the SmolLM2-shaped file, the
+    # 64-sequence run with the decode rows past 32 on the widened-weights GEMM, then (PREGEN)
+    # the other 8B files
+    [ -d /tmp/llamacpp/llama.cpp ] || bash "$S/gpu/llamacpp.sh" build "$carry/llamacpp-src.tgz" >/dev/null
+    s=/tmp/s135-Q4_1.gguf
+    [ -f $s ] || python3 scripts/make_synthetic_gguf.py --preset smollm2-135m --type Q4_1 \
+        --output-type Q8_0 -o $s --vocab-from "$carry/smollm2-vocab.gguf" >/dev/null 2>&1 &
+    [ -f $f ] || python3 scripts/make_synthetic_gguf.py --preset llama3-8b --type Q4_K \
+        --output-type Q6_K -o $f >/dev/null 2>&1
+    wait
+    echo "== numbaformer bench --parallel ${PAR:-1,4,16,64} (the default split of decode rows)"
+    /usr/bin/time -f "(%e s)" timeout 330 python3 -m numbaformer.cli bench -m $f --device cuda \
+      --parallel ${PAR:-1,4,16,64} -p 128 -n 128 2>&1 | tail -7
     BIN=$(bash "$S/gpu/llamacpp.sh" wait) || exit 1
     echo "== llama-batched-bench"
     "$BIN/llama-batched-bench" -m $f -ngl 99 -fa 1 -c 20000 -npp 128 -ntg 128 \
-      -npl 1,4,16,32,64 2>&1 | grep "^|" ;;
+      -npl ${PAR:-1,4,16,64} 2>&1 | grep "^|"
+    echo "== generate -f requests.jsonl --parallel 16 --json, $s"
+    python3 - > /tmp/requests.jsonl <<'PY'
+import json
+for i in range(24):
+    r = {"prompt": f"Request {i}: write about the number {i}.", "max_tokens": 16 + i}
+    if i % 3 == 1:
+        r = {"messages": [{"role": "user", "content": f"Say {i} twice."}], "max_tokens": 20,
+             "temperature": 0.8, "seed": i}
+    print(json.dumps(r))
+PY
+    timeout 120 python3 -m numbaformer.cli generate -m $s --device cuda -f /tmp/requests.jsonl \
+      --parallel 16 --json > /tmp/results.jsonl 2>/tmp/gen.err
+    echo "rc $?, $(wc -l < /tmp/results.jsonl) result lines for 24 requests; stderr: $(tail -c 300 /tmp/gen.err | tr '\r\n' '  ')"
+    python3 - <<'PY'
+import json
+rows = [json.loads(l) for l in open("/tmp/results.jsonl")]
+print("finish reasons:", sorted({r.get("finish_reason") for r in rows}),
+      "tokens:", [len(r.get("ids", ())) for r in rows])
+print("first:", json.dumps(rows[0])[:300] if rows else "-")
+PY
+    (for t in ${PREGEN:-}; do
+       python3 scripts/make_synthetic_gguf.py --preset llama3-8b --type "$t" --output-type "$t" \
+         -o /tmp/l8-$t.part >/dev/null 2>&1 && mv /tmp/l8-$t.part /tmp/l8-$t.gguf &
+     done; wait) &
+    for x in ${CROSS:-}; do
+      echo "== 64 sequences, the rows kernel up to $x rows, the GEMM on widened weights past it"
+      NUMBAFORMER_ROWS_MMA_MAX=$x NUMBAFORMER_WIDE_MIN_TOKENS=$((x + 1)) \
+        NUMBAFORMER_WIDE_MAX_MB=1100 timeout 150 python3 -m numbaformer.cli bench -m $f \
+        --device cuda --parallel 64 -p 128 -n 128 2>&1 | tail -3
+    done
+    wait ;;
   *) sed -n 2,22p "$0"; exit 2 ;;
 esac

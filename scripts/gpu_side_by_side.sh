@@ -58,6 +58,7 @@ PY
     files=""
     for t in ${types//,/ }; do files="$files /tmp/l8-$t.gguf"; done
     smol=/tmp/s135-Q4_1.gguf
+    tf=/tmp/l8-${TTFT_TYPE:-${types%%,*}}.gguf        # TTFT=1's file (TTFT_TYPE: another type's)
     [ "${SMOL:-1}" = 0 ] || files="$files $smol"
     gen() { python3 scripts/make_synthetic_gguf.py "$@" >/dev/null 2>&1; }
     rm -f /tmp/side-by-side.gen
@@ -116,12 +117,12 @@ PY
         2>&1 | grep -v "^$" | grep -v -i warn | head -40
     fi
     if [ "${TTFT:-0}" = 1 ]; then
-      echo "== time to first token, 2,000-token prompt, /tmp/l8-${types%%,*}.gguf"
-      timeout 150 python3 scripts/gpu_ttft.py -m "/tmp/l8-${types%%,*}.gguf" --device cuda \
+      echo "== time to first token, 2,000-token prompt, $tf"
+      timeout 150 python3 scripts/gpu_ttft.py -m "$tf" --device cuda \
         -p 2000 -r 5 2>&1 | tail -2
     fi
     BIN=$(bash "$S/gpu/llamacpp.sh" wait) || exit 1
-    [ "${TTFT:-0}" = 1 ] && "$BIN/llama-bench" -m "/tmp/l8-${types%%,*}.gguf" -ngl 99 -fa 1 \
+    [ "${TTFT:-0}" = 1 ] && "$BIN/llama-bench" -m "$tf" -ngl 99 -fa 1 \
       -p 2000 -n 0 -r 2 2>&1 | grep -E "pp2000"
     for f in $files; do
       echo "== llama.cpp $f"

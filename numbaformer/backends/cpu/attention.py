@@ -49,17 +49,21 @@ def _kv_store(k_cache, v_cache, layer, k, v, slots, f16):
 @cpu_jit(fastmath=FAST)
 def _attend(o, q, kc, vc, n_keys, table, bs, scale, scores):
     # o, q (head_dim,); kc, vc (n_slots, head_dim); table (max_blocks,) of block size bs;
-    # scores (>= n_keys,) scratch
+    # scores (>= n_keys,) scratch. The keys in order, a block of the table at a time (no
+    # division a key: j // bs, j % bs took ~13 % of a decode row's attention time)
     head_dim = q.shape[0]
+    n_blocks = (n_keys + bs - 1) // bs
     m = np.float32(-np.inf)
-    for j in range(n_keys):
-        kj = kc[table[j // bs] * bs + j % bs]
-        s = np.float32(0)
-        for i in range(head_dim):
-            s += q[i] * kj[i]
-        s *= scale
-        scores[j] = s
-        m = max(m, s)
+    for b in range(n_blocks):
+        base, j0 = table[b] * bs, b * bs
+        for jj in range(min(bs, n_keys - j0)):
+            kj = kc[base + jj]
+            s = np.float32(0)
+            for i in range(head_dim):
+                s += q[i] * kj[i]
+            s *= scale
+            scores[j0 + jj] = s
+            m = max(m, s)
     total = np.float32(0)
     for j in range(n_keys):
         e = np.exp(scores[j] - m)
@@ -67,11 +71,13 @@ def _attend(o, q, kc, vc, n_keys, table, bs, scale, scores):
         total += e
     for i in range(head_dim):
         o[i] = 0
-    for j in range(n_keys):
-        wj = scores[j] / total
-        vj = vc[table[j // bs] * bs + j % bs]
-        for i in range(head_dim):
-            o[i] += wj * vj[i]
+    for b in range(n_blocks):
+        base, j0 = table[b] * bs, b * bs
+        for jj in range(min(bs, n_keys - j0)):
+            wj = scores[j0 + jj] / total
+            vj = vc[base + jj]
+            for i in range(head_dim):
+                o[i] += wj * vj[i]
 
 
 @cpu_jit(parallel=True)

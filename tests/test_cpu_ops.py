@@ -788,36 +788,70 @@ def test_generic_ir_equals_vnni(kind):
 
 
 @pytest.mark.parametrize("kind", ["q4_0", "q4_1", "q8_0"])
-def test_two_row_dot_is_the_one_row_dot_twice(kind):
-    """dot2 (two activation rows per weight pass), on this CPU and in the portable IR: each row's
-    16 results are the one-row dot's bits."""
+@pytest.mark.parametrize("n_rows", [2, 4])
+def test_multi_row_dot_is_the_one_row_dot_per_row(kind, n_rows):
+    """dot2 / dot4 (two or four activation rows per weight pass), on this CPU and in the portable
+    IR: each row's 16 results are the one-row dot's bits."""
     from numba import njit
 
     from numbaformer.backends.cpu import simd
     from numbaformer.backends.cpu.gemv_q8 import quantize_q8
     one = getattr(simd, f"dot_{kind}")
-    two, generic = getattr(simd, f"dot2_{kind}"), simd.GENERIC_ROWS16_X2[kind]
+    many = getattr(simd, f"dot{n_rows}_{kind}")
+    generic = (simd.GENERIC_ROWS16_X2 if n_rows == 2 else simd.GENERIC_ROWS16_X4)[kind]
 
     @njit
     def run(res, w, xq, xd, xsq):
         for g in range(w.shape[0]):
             for t in range(xq.shape[0]):
                 one(res[0, g, t], w, g, xq[t], xd[t], xsq[t])
-            for t in range(0, xq.shape[0] - 1, 2):
-                two(res[1, g, t:t + 2], w, g, xq, xd, xsq, t)
-                generic(res[2, g, t:t + 2], w, g, xq, xd, xsq, t)
+            for t in range(0, xq.shape[0] - n_rows + 1, n_rows):
+                many(res[1, g, t:t + n_rows], w, g, xq, xd, xsq, t)
+                generic(res[2, g, t:t + n_rows], w, g, xq, xd, xsq, t)
 
     name = {"q4_0": "Q4_0", "q4_1": "Q4_1", "q8_0": "Q8_0"}[kind]
     rng = np.random.default_rng(25)
     _, w = packed_tensor(name, 40, 256, rng)                   # 3 row groups
-    x = (rng.standard_normal((4, 256)) * [[1], [1e-3], [5], [0]]).astype(np.float32)
-    xq, xd, xsq = (np.zeros((4, 256), np.int8), np.zeros((4, 8), np.float32),
-                   np.zeros((4, 8), np.int32))
-    for t in range(4):
+    x = (rng.standard_normal((8, 256)) * [[1], [1e-3], [5], [0], [2], [30], [1e-2], [1]]
+         ).astype(np.float32)
+    xq, xd, xsq = (np.zeros((8, 256), np.int8), np.zeros((8, 8), np.float32),
+                   np.zeros((8, 8), np.int32))
+    for t in range(8):
         quantize_q8(x[t], xq[t], xd[t], xsq[t])
-    res = np.full((3, 3, 4, 16), np.nan, np.float32)
+    res = np.full((3, 3, 8, 16), np.nan, np.float32)
     run(res, w.packed.w, xq, xd, xsq)
     assert np.isfinite(res).all() and same_bits(res[0], res[1]) and same_bits(res[0], res[2])
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 7, 9])
+def test_rows_products_are_each_rows_one_row_product(n):
+    """The batched decode rows' products (matvec_rows with a norm, a residual and three
+    matrices; swiglu_rows) for n rows (passes of four, then two, then one): each row's outputs
+    are the one-row kernel's bits for that row alone."""
+    from numbaformer.backends.cpu import gemv_q8
+    rng = np.random.default_rng(40 + n)
+    cols = 256
+    mats = [packed_tensor(t, r, cols, rng)[1] for t, r in (("Q4_1", 48), ("Q4_1", 32),
+                                                           ("Q4_1", 32))]
+    fast = FAST._plan(*mats)
+    swi = FAST._plan(mats[1], mats[2])
+    x = rng.standard_normal((n, cols)).astype(np.float32)
+    norm_w = (rng.random(cols) + 0.5).astype(np.float32)
+    q8 = FAST._q8_rows(cols, n)
+    outs = [rng.standard_normal((n, m.rows)).astype(np.float32) for m in mats]
+    base = [o.copy() for o in outs]
+    fast.matvec_rows(outs, x, q8, residual=True, norm=(norm_w, 1e-5, np.zeros((n, cols),
+                                                                             np.float32)))
+    sw = np.zeros((n, 32), np.float32)
+    swi.swiglu_rows(sw, x, q8, (norm_w, 1e-5, np.zeros((n, cols), np.float32)))
+    for t in range(n):
+        one = [b[t].copy() for b in base]
+        fast.matvec(one, x[t], residual=True, norm=(norm_w, 1e-5, np.zeros(cols, np.float32)))
+        for o, e in zip(outs, one):
+            assert same_bits(o[t], e)
+        s1 = np.zeros(32, np.float32)
+        swi.swiglu(s1, x[t], (norm_w, 1e-5, np.zeros(cols, np.float32)))
+        assert same_bits(sw[t], s1)
 
 
 def test_quantize_q8_matches_reference():

@@ -46,7 +46,7 @@ class CPUBackend(Backend):
         self._plans: dict[tuple, tuple] = {}                       # ids of ws -> FastMatvec
         self._q8: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         # per prange chunk of the fast mat-vec (as many as numba may have threads): 2 x 16 results
-        self._chunks = np.zeros((numba.config.NUMBA_NUM_THREADS, 2, 16), np.float32)
+        self._chunks = np.zeros((numba.config.NUMBA_NUM_THREADS, 4, 16), np.float32)
 
     def alloc(self, shape, dtype=np.float32):
         return np.zeros(shape, dtype=dtype)

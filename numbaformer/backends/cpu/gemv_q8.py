@@ -19,7 +19,7 @@ from numba import prange
 
 from ._jit import cpu_jit
 from .norm import _rmsnorm_row
-from .simd import KIND_ID, R, dot2_rows16, dot_rows16
+from .simd import KIND_ID, R, dot2_rows16, dot4_rows16, dot_rows16
 
 
 @cpu_jit()
@@ -52,7 +52,7 @@ def _prologue(x, norm_w, eps, xn, xq, xd, xsq):
 
 # Both kernels take the prologue's arguments first: x (cols,), norm_w (cols,) or (0,), eps, xn
 # (cols,) scratch, the q8 scratch xq, xd, xsq; then the kind (simd.KIND_ID) of their packed
-# matrices; and last a scratch (chunks, 2, 16) f32: one chunk of the row groups per prange
+# matrices; and last a scratch (chunks, 4, 16) f32: one chunk of the row groups per prange
 # iteration, each with its 16 (or 2 x 16) results.
 
 @cpu_jit(parallel=True)
@@ -131,21 +131,26 @@ def _matvec3_rows(x, norm_w, eps, xn, xq, xd, xsq, kind, ws, outs, n_mats, resid
         total += ws[mi].shape[0]
     nc = scratch.shape[0]
     for c in prange(nc):
-        res2 = scratch[c]                                   # (2, 16)
+        res4 = scratch[c]                                   # (4, 16)
         for u in range(c * total // nc, (c + 1) * total // nc):
             mi, g = 0, u
             while g >= ws[mi].shape[0]:
                 g -= ws[mi].shape[0]
                 mi += 1
             out, r0, t = outs[mi], g * R, 0
-            while t + 1 < n:                                # two rows per weight pass
-                dot2_rows16(kind, res2, ws[mi], g, xq, xd, xsq, t)
-                _put(out[t], r0, res2[0], residual)
-                _put(out[t + 1], r0, res2[1], residual)
+            while t + 3 < n:                                # four rows per weight pass
+                dot4_rows16(kind, res4, ws[mi], g, xq, xd, xsq, t)
+                for r in range(4):
+                    _put(out[t + r], r0, res4[r], residual)
+                t += 4
+            if t + 1 < n:                                   # then two
+                dot2_rows16(kind, res4[:2], ws[mi], g, xq, xd, xsq, t)
+                _put(out[t], r0, res4[0], residual)
+                _put(out[t + 1], r0, res4[1], residual)
                 t += 2
             if t < n:
-                dot_rows16(kind, res2[0], ws[mi], g, xq[t], xd[t], xsq[t])
-                _put(out[t], r0, res2[0], residual)
+                dot_rows16(kind, res4[0], ws[mi], g, xq[t], xd[t], xsq[t])
+                _put(out[t], r0, res4[0], residual)
 
 
 @cpu_jit(parallel=True)
@@ -155,10 +160,16 @@ def _swiglu_rows(x, norm_w, eps, xn, xq, xd, xsq, kind, wg, wu, out, scratch):
     total = wg.shape[0]
     nc = scratch.shape[0]
     for c in prange(nc):
-        rg, ru = np.empty((2, R), np.float32), np.empty((2, R), np.float32)
+        rg, ru = np.empty((4, R), np.float32), np.empty((4, R), np.float32)
         for g in range(c * total // nc, (c + 1) * total // nc):
             r0, t = g * R, 0
-            while t + 1 < n:
+            while t + 3 < n:
+                dot4_rows16(kind, rg, wg, g, xq, xd, xsq, t)
+                dot4_rows16(kind, ru, wu, g, xq, xd, xsq, t)
+                for r in range(4):
+                    _put_swiglu(out[t + r], r0, rg[r], ru[r])
+                t += 4
+            if t + 1 < n:
                 dot2_rows16(kind, rg, wg, g, xq, xd, xsq, t)
                 dot2_rows16(kind, ru, wu, g, xq, xd, xsq, t)
                 _put_swiglu(out[t], r0, rg[0], ru[0])
@@ -176,7 +187,7 @@ NO_NORM = np.zeros(0, np.float32)
 class FastMatvec:
     """1 to 3 packed matrices of one kind (layout.Packed, the same width) and what their kernels
     take besides the activations: the q8 scratch (xq, xd, xsq) for the width and the chunk
-    scratch (chunks, 2, 16) f32."""
+    scratch (chunks, 4, 16) f32."""
 
     def __init__(self, packs, q8, chunks):
         self.kind = KIND_ID[packs[0].kind]

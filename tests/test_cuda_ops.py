@@ -460,13 +460,81 @@ def test_rows_mma_version3_gives_the_timed_kernels_bits(cu, monkeypatch, mt):
             assert np.abs(got[2][:m]).max() > 0
 
 
+@pytest.mark.parametrize("rows_k", [32, 16])
+def test_rows_mma_merged_launches_give_a_launch_per_matrix_bits(cu, monkeypatch, rows_k):
+    """rows_mma.launch_many (Q, K, V in one grid; a pair too) and launch_swiglu (gate and up a
+    warp's two tiles, SwiGLU in the epilogue) against a launch per matrix and silu_mul: the same
+    bits, store and bias epilogues, at 11 rows (two chunks, the second partly past the rows);
+    with K and V of 16 rows (rows_k 16) every matrix takes one tile a warp. The backend's batched
+    norm_matmul and norm_swiglu take them (one launch each)."""
+    from numbaformer.backends.cuda import elementwise, gemv, rows_mma
+    monkeypatch.setattr(rows_mma, "WARPS", 2)
+    monkeypatch.setattr(rows_mma, "MAX_CHUNKS", 2)
+    monkeypatch.setattr(rows_mma, "VERSION", 3)
+    qt = TYPE_IDS["Q4_K"]
+    (rq, rk), cols = sizes(((64, rows_k), 512), ((4096, 1024), 4096))
+    ws = [rand_qtensor(cu, qt, r, cols, seed=60 + i)[1] for i, r in enumerate((rq, rk, rk))]
+    rng = np.random.default_rng(61)
+    n = 11
+    x = dev(cu, rng.standard_normal((n, cols)).astype(np.float32) * 2)
+    xa = cu.alloc((n, gemv.rows_words(cols)))
+    gemv.quantize_rows(xa, x, None, 0.0, cu.stream)
+    biases = [dev(cu, rng.standard_normal(w.rows).astype(np.float32)) for w in ws]
+    assert rows_mma.mergeable(ws)
+    for mats in (ws, ws[1:]):
+        for mode, code in (("store", 0), ("bias", 1)):
+            extras = biases[-len(mats):] if code else None
+            merged = [cu.alloc((n, w.rows)) for w in mats]
+            rows_mma.launch_many(mats, merged, extras, xa, n, code, cu.stream)
+            for k, w in enumerate(mats):
+                one = cu.alloc((n, w.rows))
+                rows_mma.launch(w, [one], extras[k:] if extras else None, xa, n, code,
+                                cu.stream)
+                np.testing.assert_array_equal(host(cu, merged[k])[:n], host(cu, one)[:n])
+                assert np.abs(host(cu, one)).max() > 0
+    gate, up = ws[1], ws[2]
+    out = cu.alloc((n, gate.rows))
+    rows_mma.launch_swiglu(out, gate, up, xa, n, cu.stream)
+    g, u = cu.alloc((n, gate.rows)), cu.alloc((n, gate.rows))
+    rows_mma.launch(gate, [g], None, xa, n, 0, cu.stream)
+    rows_mma.launch(up, [u], None, xa, n, 0, cu.stream)
+    elementwise.silu_mul(g, g, u, cu.stream)
+    np.testing.assert_array_equal(host(cu, out), host(cu, g))
+    assert np.abs(host(cu, out)).max() > 0
+    # the backend: a batched step's decode rows through the merged launches, or not
+    nw_ = dev(cu, rng.uniform(0.5, 1.5, cols).astype(np.float32))
+    calls = []
+    for name in ("launch_many", "launch_swiglu"):
+        real = getattr(rows_mma, name)
+        monkeypatch.setattr(rows_mma, name,
+                            lambda *a, _r=real, _n=name: calls.append(_n) or _r(*a))
+    got = {}
+    for merge in (True, False):
+        monkeypatch.setattr(rows_mma, "MERGE", merge)
+        calls.clear()
+        cu.split_rows(n)
+        try:
+            qkv = [cu.alloc((n, w.rows)) for w in ws]
+            cu.norm_matmul(qkv, x, nw_, 1e-5, ws, [None] * 3, cu.alloc((n, cols)))
+            sw = cu.alloc((n, gate.rows))
+            cu.norm_swiglu(sw, x, nw_, 1e-5, gate, up, cu.alloc((n, cols)),
+                           cu.alloc((n, gate.rows)))
+        finally:
+            cu.split_rows(None)
+        got[merge] = [host(cu, a) for a in (*qkv, sw)]
+        assert calls == (["launch_many", "launch_swiglu"] if merge else [])
+    for a, b in zip(got[True], got[False]):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.skipif(ON_GPU, reason="an offline check (CI); the GPU run compiles them for real")
 def test_ptx_rows_mat_vec(record_figure):
     """The many-rows mat-vec at its launch shapes (8 warps, the largest group; Q4_K with pair
     units, Q6_K, Q8_0; SwiGLU and residual epilogues; Q4_K with ROWS_CLAMP at group 8, whose
     shared row-independent work costs registers; the s8 tensor-core forms of rows_mma.py, Q4_K with
     one and eight chunks of activation rows, Q6_K with eight; the VERSION 3 Q4_K kernel at 1
-    tile a warp x 4 chunks, 2 x 2 and 2 x 1) compiles for sm_90 with its accumulators in registers:
+    tile a warp x 4 chunks, 2 x 2 and 2 x 1, its merged Q/K/V form at 2 x 2 and 1 x 4 and its
+    gate/up SwiGLU form at 2 x 1 and 2 x 2) compiles for sm_90 with its accumulators in registers:
     ptxas reports no spills and no stack frame."""
     from ptx_tools import offline_ptx, ptxas_info
     ptx = offline_ptx("""
@@ -492,7 +560,17 @@ ptx["mma_q6k_store_8"] = compile(rows_mma.q6k_rows_kernel(0, rows_mma.WARPS, 8),
 for mt, chunks in ((1, 4), (2, 2), (2, 1)):
     ptx[f"mma3_q4k_res_t{mt}_c{chunks}"] = compile(
         rows_mma.mma_rows_kernel3(2, rows_mma.WARPS, chunks, mt), (f2, u2, f2, f2, i64, i64))
+f1 = A(f32, 1, "C")
+for mt, chunks in ((2, 2), (1, 4)):
+    ptx[f"mma3_q4k_qkv_bias_t{mt}_c{chunks}"] = compile(
+        rows_mma.mma_rows_kernel3_many(1, rows_mma.WARPS, chunks, mt),
+        (f2, f2, f2, u2, u2, u2, f1, f1, f1, f2, i64, i64, i64, i64))
+for chunks in (1, 2):
+    ptx[f"mma3_q4k_swiglu_c{chunks}"] = compile(
+        rows_mma.mma_rows_kernel3_swiglu(rows_mma.WARPS, chunks), (f2, u2, u2, f2, i64, i64))
 """)
+    assert "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32" in ptx["mma3_q4k_swiglu_c2"]
+    assert "ex2.approx" in ptx["mma3_q4k_swiglu_c2"] or "ex2" in ptx["mma3_q4k_swiglu_c2"]
     assert "mma.sync.aligned.m16n8k16.row.col.s32.s8.s8.s32" in ptx["mma_q6k_store_8"]
     assert "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32" in ptx["mma_q4k_bias_8"]
     for name, text in ptx.items():

@@ -12,7 +12,7 @@ from ...progress import byte_bar
 from ...quants import Q8_0
 from ..base import Backend
 from . import (attention, elementwise, embed, flash, gemv, matmul, matmul_mma, matmul_wide, norm,
-               paged, rope, sample)
+               paged, rope, rows_mma, sample)
 from .graph import CudaGraph, graphs_supported
 from .launch import derived
 from .layout import device_bytes, repack
@@ -383,9 +383,12 @@ class CUDABackend(Backend):
         if d:                                         # SwiGLU in the mat-vec's epilogue
             xa = self._q8_rows(x[:d], norm_w, eps)
             if gemv.rows_on_tensor_cores([w_gate, w_up], d):     # (or after two products)
-                gemv.gemv_rows([out], [w_gate], xa, d, self.stream)
-                gemv.gemv_rows([up], [w_up], xa, d, self.stream)
-                self.silu_mul(out[:d], out[:d], up[:d])
+                if rows_mma.mergeable([w_gate, w_up]):
+                    rows_mma.launch_swiglu(out, w_gate, w_up, xa, d, self.stream)
+                else:
+                    gemv.gemv_rows([out], [w_gate], xa, d, self.stream)
+                    gemv.gemv_rows([up], [w_up], xa, d, self.stream)
+                    self.silu_mul(out[:d], out[:d], up[:d])
             else:
                 gemv.gemv_rows([out], [w_gate, w_up], xa, d, self.stream, mode="swiglu")
             if d < x.shape[0]:

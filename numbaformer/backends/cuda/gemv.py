@@ -311,8 +311,10 @@ def gemv_rows(outs, ws, xa, n: int, stream, *, mode: str = "store", extras=None)
         raise ValueError(f"gemv_rows: xa {xa.shape}, need (>= {n}, {rows_words(cols)}) "
                          f"contiguous (quantize_rows), outputs of >= {n} rows")
     m = MODES[mode]
-    if m < 3 and rows_on_tensor_cores(ws, n):                 # a launch per matrix
-        for k, w in enumerate(ws):
+    if m < 3 and rows_on_tensor_cores(ws, n):
+        if n_mat > 1 and rows_mma.mergeable(ws):                # one launch (Q, K, V)
+            return rows_mma.launch_many(ws, outs, extras, xa, n, m, stream)
+        for k, w in enumerate(ws):                              # a launch per matrix
             rows_mma.launch(w, outs[k:], extras[k:] if extras else None, xa, n, m, stream)
         return
     pairs = ws[0].rows if m == 3 else sum((w.rows + 1) // 2 for w in ws)

@@ -30,6 +30,7 @@ numbers as the dp4a kernel's, added in another order: within float32 rounding of
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import numpy as np
@@ -56,6 +57,12 @@ WARPS = min(8, max(1, int(os.environ.get("NUMBAFORMER_ROWS_MMA_WARPS", "8"))))
 # 1 tile 4.69 / 4.76 / 8.67 / 14.9 / 29.7, with 2 tiles 4.67 / 4.72 / 6.87 / 11.9 / 23.9
 VERSION = int(os.environ.get("NUMBAFORMER_ROWS_MMA_VERSION", "3"))
 TILES = int(os.environ.get("NUMBAFORMER_ROWS_MMA_TILES", "2"))
+# VERSION 3's Q4_K products of one input in one launch (launch_many: Q, K and V, their tiles one
+# grid; launch_swiglu: gate and up, a warp's two tiles one of each, SwiGLU in the epilogue), the
+# same bits as a launch per matrix (and silu_mul): a batched 8B step launched ~15 kernels a layer
+# where the single-sequence decode launches 5, each product's time mostly its latency
+# (NUMBAFORMER_ROWS_MMA_MERGE=0: a launch per matrix; not yet timed)
+MERGE = os.environ.get("NUMBAFORMER_ROWS_MMA_MERGE", "1") == "1"
 
 
 @cuda.jit(device=True, inline=True)
@@ -184,6 +191,37 @@ def _finisher(mode: int, warps: int, chunks: int, put, mt: int = 1):
     return finish
 
 
+def _swiglu_finisher(warps: int, chunks: int, put):
+    """finish(o, acc, c0, tile, n_x) of a block whose warps hold 16-row tile `tile` of gate (their
+    first tile) and of up (the second): each sum added in warp order as _finisher adds it, then
+    o[t, r] = silu(gate) * up as elementwise.silu_mul computes it (the same bits as two products
+    and silu_mul)."""
+    per_warp = 256 * chunks
+    size = warps * per_warp
+
+    @cuda.jit(device=True, inline=True)
+    def finish(o, acc, c0, tile, n_x):
+        sm = cuda.shared.array(size, float32)
+        tid = cuda.threadIdx.x
+        put(acc, sm, (tid // WARP) * per_warp, tid % WARP)
+        cuda.syncthreads()
+        for u in range(tid, per_warp // 2, warps * WARP):
+            v = 256 * (u // 128) + u % 128            # a gate value; its up value at v + 128
+            sg = sm[v]
+            su = sm[v + 128]
+            for wi in range(1, warps):
+                sg += sm[wi * per_warp + v]
+                su += sm[wi * per_warp + v + 128]
+            lane = v % WARP
+            k = (v // WARP) % 4
+            t = 8 * (c0 + v // 256) + 2 * (lane & 3) + (k & 1)
+            r = 16 * tile + (lane >> 2) + 8 * ((k >> 1) & 1)
+            if t < n_x:
+                o[t, r] = sg / (float32(1) + math.exp(-sg)) * su
+
+    return finish
+
+
 @cuda.jit(device=True, inline=True)
 def _act(ch, xa, sub, t, g, nw, n32, n_x):
     """The activations' part of sub-block sub with chunk ch, for a lane: its B fragment (8 bytes
@@ -293,18 +331,9 @@ def mma_rows_kernel(mode: int, warps: int, chunks: int):
     return _mma_rows
 
 
-@functools.lru_cache(maxsize=None)
-def mma_rows_kernel3(mode: int, warps: int, chunks: int, mt: int):
-    """mma_rows_kernel's form for latency (VERSION 3; not timed yet): a warp takes `mt` (1, 2)
-    tiles of 16 weight rows, the activations' loads of a chunk shared between them; a block's
-    words for all its sub-blocks loaded at once (_q4k_block); the chunks without a branch between
-    them (rows past n_x computed on row n_x - 1), in one basic block, so that their loads and mma
-    overlap (registers: mt x chunks <= 4 keeps them under 255 without spills, ptxas). Same sums
-    as mma_rows_kernel, in the same order."""
-    from ._jit import cuda_kernel
-    assert chunks in (1, 2, 4, 8) and mode in (0, 1, 2) and mt in (1, 2)
-    zeros, step, put = _chunk_tree(chunks, _q4k_chunk if mt == 1 else _q4k_chunk2, 4 * mt, False)
-    finish = _finisher(mode, warps, chunks, put, mt)
+def _block_stepper(step, mt: int):
+    """block_step(acc, k0, k1, c0, xa, b, t, g, nw, n32, n_x): the 8 sub-blocks of 256-value
+    block b with the `mt` tiles' words k0 (k1), through the chunk tree's step."""
 
     @cuda.jit(device=True, inline=True)
     def sub_step(acc, k0, k1, gp, j, c0, xa, b, t, g, nw, n32, n_x):
@@ -326,23 +355,103 @@ def mma_rows_kernel3(mode: int, warps: int, chunks: int, mt: int):
         acc = sub_step(acc, k0, k1, 3, 0, c0, xa, b, t, g, nw, n32, n_x)
         return sub_step(acc, k0, k1, 3, 1, c0, xa, b, t, g, nw, n32, n_x)
 
-    @cuda_kernel
-    def _mma_rows3(o, w, e, xa, cols, n_x):
+    return block_step
+
+
+def _tiles_walker(warps: int, chunks: int, mt: int):
+    """(zeros, put, walk): walk(wa0, wb0, wa1, wb1, xa, c0, cols, n_x) -> a warp's accumulators
+    over its blocks of the rows (tile 0: rows wa0, wb0; tile 1, mt == 2: wa1, wb1)."""
+    zeros, step, put = _chunk_tree(chunks, _q4k_chunk if mt == 1 else _q4k_chunk2, 4 * mt, False)
+    block_step = _block_stepper(step, mt)
+
+    @cuda.jit(device=True, inline=True)
+    def walk(ra0, rb0, ra1, rb1, xa, c0, cols, n_x):
         wi, g, t, nb, nw, n32 = _lane(cols)
-        tile = mt * cuda.blockIdx.y              # this block's first 16-row tile
-        c0 = chunks * cuda.blockIdx.x            # this block's first chunk of 8 activation rows
-        ra0 = w[16 * tile + g]
-        rb0 = w[16 * tile + g + 8]
-        ra1 = w[16 * (tile + mt - 1) + g]        # (mt == 1: the same rows, never used)
-        rb1 = w[16 * (tile + mt - 1) + g + 8]
         acc = zeros()
         for b in range(wi, nb, warps):
             k0 = _q4k_block(ra0, rb0, b, nb, t)
             k1 = _q4k_block(ra1, rb1, b, nb, t) if mt == 2 else k0
             acc = block_step(acc, k0, k1, c0, xa, b, t, g, nw, n32, n_x)
+        return acc
+
+    return zeros, put, walk
+
+
+@functools.lru_cache(maxsize=None)
+def mma_rows_kernel3(mode: int, warps: int, chunks: int, mt: int):
+    """mma_rows_kernel's form for latency (VERSION 3): a warp takes `mt` (1, 2)
+    tiles of 16 weight rows, the activations' loads of a chunk shared between them; a block's
+    words for all its sub-blocks loaded at once (_q4k_block); the chunks without a branch between
+    them (rows past n_x computed on row n_x - 1), in one basic block, so that their loads and mma
+    overlap (registers: mt x chunks <= 4 keeps them under 255 without spills, ptxas). Same sums
+    as mma_rows_kernel, in the same order."""
+    from ._jit import cuda_kernel
+    assert chunks in (1, 2, 4, 8) and mode in (0, 1, 2) and mt in (1, 2)
+    _, put, walk = _tiles_walker(warps, chunks, mt)
+    finish = _finisher(mode, warps, chunks, put, mt)
+
+    @cuda_kernel
+    def _mma_rows3(o, w, e, xa, cols, n_x):
+        g = (cuda.threadIdx.x % WARP) >> 2
+        tile = mt * cuda.blockIdx.y              # this block's first 16-row tile
+        c0 = chunks * cuda.blockIdx.x            # this block's first chunk of 8 activation rows
+        top = 16 * (tile + mt - 1)               # (mt == 1: the same rows, never used)
+        acc = walk(w[16 * tile + g], w[16 * tile + g + 8], w[top + g], w[top + g + 8], xa, c0,
+                   cols, n_x)
         finish(o, e, acc, c0, tile, n_x)
 
     return _mma_rows3
+
+
+@functools.lru_cache(maxsize=None)
+def mma_rows_kernel3_many(mode: int, warps: int, chunks: int, mt: int):
+    """mma_rows_kernel3 over up to three matrices of one input in one grid (Q, K, V): grid rows
+    0 .. y1 - 1 take matrix 0's tiles, y1 .. y2 - 1 matrix 1's, the rest matrix 2's (its own
+    output and extras); each block's sums are those of its matrix's own launch, the same bits."""
+    from ._jit import cuda_kernel
+    assert chunks in (1, 2, 4, 8) and mode in (0, 1, 2) and mt in (1, 2)
+    _, put, walk = _tiles_walker(warps, chunks, mt)
+    finish = _finisher(mode, warps, chunks, put, mt)
+
+    @cuda_kernel
+    def _mma_rows3_many(o0, o1, o2, w0, w1, w2, e0, e1, e2, xa, cols, n_x, y1, y2):
+        g = (cuda.threadIdx.x % WARP) >> 2
+        y = cuda.blockIdx.y
+        c0 = chunks * cuda.blockIdx.x
+        if y < y1:
+            w, o, e, tile = w0, o0, e0, mt * y
+        elif y < y2:
+            w, o, e, tile = w1, o1, e1, mt * (y - y1)
+        else:
+            w, o, e, tile = w2, o2, e2, mt * (y - y2)
+        top = 16 * (tile + mt - 1)
+        acc = walk(w[16 * tile + g], w[16 * tile + g + 8], w[top + g], w[top + g + 8], xa, c0,
+                   cols, n_x)
+        finish(o, e, acc, c0, tile, n_x)
+
+    return _mma_rows3_many
+
+
+@functools.lru_cache(maxsize=None)
+def mma_rows_kernel3_swiglu(warps: int, chunks: int):
+    """o = silu(gate . x) * (up . x) for Q4_K gate and up (the same shape): a warp's two tiles are
+    tile y of gate and tile y of up (mma_rows_kernel3 at mt = 2 over the pair), their sums those
+    of each matrix's own launch, SwiGLU applied as silu_mul does (_swiglu_finisher)."""
+    from ._jit import cuda_kernel
+    assert chunks in (1, 2, 4, 8)
+    _, put, walk = _tiles_walker(warps, chunks, 2)
+    finish = _swiglu_finisher(warps, chunks, put)
+
+    @cuda_kernel
+    def _mma_rows3_swiglu(o, wg, wu, xa, cols, n_x):
+        g = (cuda.threadIdx.x % WARP) >> 2
+        tile = cuda.blockIdx.y
+        c0 = chunks * cuda.blockIdx.x
+        acc = walk(wg[16 * tile + g], wg[16 * tile + g + 8], wu[16 * tile + g],
+                   wu[16 * tile + g + 8], xa, c0, cols, n_x)
+        finish(o, acc, c0, tile, n_x)
+
+    return _mma_rows3_swiglu
 
 
 @cuda.jit(device=True, inline=True)
@@ -432,6 +541,43 @@ def launch(w, outs, extras, xa, n: int, mode: int, stream) -> None:
         args = (outs[0], dtype_view(w.data, np.uint32))
     args += (extras[0] if extras else outs[0], xa, np.int64(w.cols), np.int64(n))
     k[(-(-n // (8 * chunks)), w.rows // (16 * mt)), WARPS * WARP, stream](*args)
+
+
+def mergeable(ws) -> bool:
+    """Whether launch_many / launch_swiglu take these matrices (MERGE, VERSION 3, Q4_K, one
+    width, each `supported`)."""
+    return MERGE and VERSION == 3 and len({(w.qtype, w.cols) for w in ws}) == 1 and \
+        ws[0].qtype == Q4_K
+
+
+def launch_many(ws, outs, extras, xa, n: int, mode: int, stream) -> None:
+    """launch() for each of 2 or 3 matrices (`mergeable`) of one input, in one grid."""
+    assert 2 <= len(ws) <= 3 and mergeable(ws)
+    mt = 2 if TILES >= 2 and all(w.rows % 32 == 0 for w in ws) else 1
+    chunks = chunks_for(n, 4 // mt)
+    ys = [w.rows // (16 * mt) for w in ws]
+    k = mma_rows_kernel3_many(mode, WARPS, chunks, mt)
+    pad = 3 - len(ws)                         # a pair: its second matrix's grid rows go on to y2
+    os_ = list(outs[:len(ws)]) + [outs[len(ws) - 1]] * pad
+    wv = [dtype_view(w.data, np.uint32) for w in ws]
+    wv += [wv[-1]] * pad
+    es = list(extras[:len(ws)]) if extras else list(os_[:len(ws)])
+    es += [es[-1]] * pad
+    y1 = ys[0]
+    y2 = ys[0] + ys[1] if len(ws) == 3 else sum(ys)
+    k[(-(-n // (8 * chunks)), sum(ys)), WARPS * WARP, stream](
+        *os_, *wv, *es, xa, np.int64(ws[0].cols), np.int64(n), np.int64(y1), np.int64(y2))
+
+
+def launch_swiglu(out, w_gate, w_up, xa, n: int, stream) -> None:
+    """out[:n] = silu(w_gate . x) * (w_up . x) for xa's rows, one launch (`mergeable`, one
+    shape): the bits of two launch() calls and silu_mul."""
+    assert mergeable([w_gate, w_up]) and w_gate.rows == w_up.rows
+    chunks = chunks_for(n, 2)
+    k = mma_rows_kernel3_swiglu(WARPS, chunks)
+    k[(-(-n // (8 * chunks)), w_gate.rows // 16), WARPS * WARP, stream](
+        out, dtype_view(w_gate.data, np.uint32), dtype_view(w_up.data, np.uint32), xa,
+        np.int64(w_gate.cols), np.int64(n))
 
 
 def supported(qtype: int, rows: int, cols: int, n: int, mode: int) -> bool:

@@ -18,8 +18,12 @@
 #                   tensor-core variant), llama-batched-bench on the same file, bench --parallel
 #                   1,16 with one decode step a replay, and pp512 of both engines on the file.
 #   or one call:    bash scripts/gpu_batched.sh three
-#                   bench --parallel 1,4,16,32,64 as it is, then with the decode rows past 16 or
-#                   32 (CROSS) on the widened-weights GEMM, and llama-batched-bench, same file.
+#                   the batched steps op by op (gpu_profile.py --batched), bench --parallel, the
+#                   decode rows past CROSS on the widened-weights GEMM, llama-batched-bench.
+#   or:             PREGEN="Q5_K .." CROSS=32 bash scripts/gpu_batched.sh four
+#                   bench --parallel 1,4,16,64 beside llama-batched-bench, `generate -f
+#                   requests.jsonl --parallel 16 --json` on the SmolLM2-shaped file, the 64-row
+#                   crossover run, then the 8B files a side-by-side call made next reads.
 set -uo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"

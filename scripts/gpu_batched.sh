@@ -23,7 +23,8 @@
 #   or:             PREGEN="Q5_K .." CROSS=32 bash scripts/gpu_batched.sh four
 #                   bench --parallel 1,4,16,64 beside llama-batched-bench, `generate -f
 #                   requests.jsonl --parallel 16 --json` on the SmolLM2-shaped file, the 64-row
-#                   crossover run, then the 8B files a side-by-side call made next reads.
+#                   crossover run, then the 8B files a side-by-side call made next reads
+#                   (AB="NUMBAFORMER_ROWS_MMA_MERGE=0": also bench --parallel 1,16 with that).
 set -uo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
@@ -141,6 +142,11 @@ PY
     echo "== numbaformer bench --parallel ${PAR:-1,4,16,64} (the default split of decode rows)"
     /usr/bin/time -f "(%e s)" timeout 330 python3 -m numbaformer.cli bench -m $f --device cuda \
       --parallel ${PAR:-1,4,16,64} -p 128 -n 128 2>&1 | tail -7
+    if [ -n "${AB:-}" ]; then        # e.g. AB=NUMBAFORMER_ROWS_MMA_MERGE=0: the same, without
+      echo "== numbaformer bench --parallel 1,16 with $AB"
+      env $AB timeout 200 python3 -m numbaformer.cli bench -m $f --device cuda --parallel 1,16 \
+        -p 128 -n 128 2>&1 | tail -4
+    fi
     BIN=$(bash "$S/gpu/llamacpp.sh" wait) || exit 1
     echo "== llama-batched-bench"
     "$BIN/llama-batched-bench" -m $f -ngl 99 -fa 1 -c 20000 -npp 128 -ntg 128 \

@@ -153,7 +153,10 @@ def test_gpu_capture_error_is_raised_and_stream_stays_usable():
 
 @pytest.mark.cuda
 @needs_gpu
-def test_gpu_prepared_launch_matches_and_is_cheaper():
+def test_gpu_prepared_launch_matches_numba(record_figure):
+    """PreparedLaunch gives numba's launch results, its arguments replaced in place; its cost per
+    launch beside the dispatcher's is a recorded figure, not an assertion (a timing, which a busy
+    host can invert: speed is for the benchmarks, scripts/gpu_launch_check.py and bench --kernels)."""
     n, stream = 1 << 20, cuda.stream()
     x = cuda.to_device(np.arange(n, dtype=np.float32), stream=stream)
     out = cuda.to_device(np.zeros(n, np.float32), stream=stream)
@@ -170,8 +173,9 @@ def test_gpu_prepared_launch_matches_and_is_cheaper():
     dispatcher = _accumulate[1, 32, stream]
     t_numba = per_launch_us(stream, lambda: dispatcher(counter, value))
     t_prepared = per_launch_us(stream, small)
-    print(f"per launch: numba dispatcher {t_numba:.1f} us, PreparedLaunch {t_prepared:.1f} us")
-    assert t_prepared < t_numba
+    record_figure("per launch: numba dispatcher / PreparedLaunch",
+                  f"{t_numba:.1f} / {t_prepared:.1f} us")
+    assert counter.copy_to_host()[0] == 4000              # every timed launch ran
 
 
 @cuda.jit
@@ -191,7 +195,10 @@ def test_sim_fast_kernel_is_the_dispatcher():
 
 @pytest.mark.cuda
 @needs_gpu
-def test_gpu_fast_kernel_matches_numba_and_is_cheaper():
+def test_gpu_fast_kernel_matches_numba(record_figure):
+    """FastKernel gives numba's launch results (the same bits, every argument kind, one signature
+    prepared once, a host array copied as numba's launch does); its cost per launch is a recorded
+    figure (the H200 run of 2026-12-03 found the timing inverted once under a 16-process build)."""
     n, stream = 1000, cuda.stream()
     rng = np.random.default_rng(0)
     x = rng.standard_normal(n).astype(np.float32)
@@ -221,9 +228,8 @@ def test_gpu_fast_kernel_matches_numba_and_is_cheaper():
 
     t_numba = per_launch_us(stream, lambda: _accumulate[1, 32, stream](counter, value))
     t_fast = per_launch_us(stream, lambda: fast_acc[1, 32, stream](counter, value))
-    print(f"per launch: numba dispatcher {t_numba:.1f} us, FastKernel {t_fast:.1f} us")
+    record_figure("per launch: numba dispatcher / FastKernel", f"{t_numba:.1f} / {t_fast:.1f} us")
     assert counter.copy_to_host()[0] == 4000
-    assert t_fast < t_numba
 
 
 @pytest.mark.cuda

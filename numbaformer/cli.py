@@ -561,6 +561,9 @@ def _bench_parallel(model, hf_repo, offline, counts: list[int], n_prompt: int, n
               help="Rows (prompt chunks and decodes) in one step.")
 @click.option("-n", "--n-predict", type=click.IntRange(min=-1), default=-1, show_default=True,
               help="Tokens per request at most, whatever max_tokens asks (-1: the context).")
+@click.option("--decode-steps", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Greedy decode steps a device replay may run while every running request is "
+                   "plain greedy (GPU; more: less host time per token, tokens streamed in bursts).")
 @click.option("--max-queue", type=click.IntRange(min=0), default=64, show_default=True,
               help="Requests waiting beyond the running ones; past that: 429 with Retry-After.")
 @click.option("--max-body", type=click.IntRange(min=1024), default=4 << 20, show_default=True,
@@ -573,7 +576,7 @@ def _bench_parallel(model, hf_repo, offline, counts: list[int], n_prompt: int, n
 @threads_opt
 @kv_opt
 def serve(model, hf_repo, offline, host, port, parallel, ctx, max_batched_tokens, n_predict,
-          max_queue, max_body, api_key, alias, device, gpu, threads, kv_type):
+          decode_steps, max_queue, max_body, api_key, alias, device, gpu, threads, kv_type):
     """An OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models, /health,
     /metrics; continuous batching of up to -np sequences."""
     import os
@@ -584,6 +587,10 @@ def serve(model, hf_repo, offline, host, port, parallel, ctx, max_batched_tokens
     if max_batched_tokens < parallel:
         raise UserError(f"--max-batched-tokens ({max_batched_tokens}) must cover one decode row "
                         f"per sequence (-np {parallel})")
+    from .model import MAX_CHUNK
+    if decode_steps > MAX_CHUNK:
+        raise UserError(f"--decode-steps must be 1..{MAX_CHUNK} (steps one replay runs), "
+                        f"not {decode_steps}")
     path = _model_path(model, hf_repo, offline)
     settings = Settings(model_name=alias or os.path.basename(path), api_key=api_key,
                         max_queue=max_queue, max_body=max_body, n_predict=n_predict)
@@ -592,7 +599,8 @@ def serve(model, hf_repo, offline, host, port, parallel, ctx, max_batched_tokens
         return _engine(path, device, gpu, threads, ctx, kv_type=kv_type)
 
     sys.exit(run(load, host=host, port=port, n_seqs=parallel,
-                 max_batched_tokens=max_batched_tokens, settings=settings))
+                 max_batched_tokens=max_batched_tokens, settings=settings,
+                 decode_steps=decode_steps))
 
 
 @cli.group(invoke_without_command=True)

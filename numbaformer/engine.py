@@ -99,15 +99,16 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.batching is not None and not self.batching.scheduler.is_finished()
 
-    def step(self) -> list[Sequence]:
+    def step(self, max_steps: int | None = None) -> list[Sequence]:
         """One step: schedule, run the batch in one forward, pick each emitting sequence's token,
         postprocess; returns the sequences that finished in it. When every running sequence
-        decodes greedily and none waits, BATCH_STEPS such steps in one replay (on a backend with
-        graphs), each sequence taking its picks until it finishes."""
+        decodes greedily and none waits, up to max_steps (default BATCH_STEPS) such steps in one
+        replay (on a backend with graphs), each sequence taking its picks until it finishes."""
         b = self.start_batching()
-        if BATCH_STEPS > 1 and b.model.ops.multi_step and \
+        k = BATCH_STEPS if max_steps is None else max_steps
+        if k > 1 and b.model.ops.multi_step and \
                 all(s.sampler is None for s in b.scheduler.running):
-            plan = b.scheduler.schedule_steps(BATCH_STEPS)
+            plan = b.scheduler.schedule_steps(k)
             if plan is not None:
                 batch, k = plan
                 done = b.scheduler.postprocess_steps(batch, b.model.run_batch_steps(batch, k))

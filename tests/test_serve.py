@@ -109,6 +109,35 @@ def test_completion_of_a_string_or_its_token_ids(client, smollm2, as_ids):
     assert "".join(ch.choices[0].text for ch in streamed) == r.choices[0].text
 
 
+def test_plain_greedy_text_is_the_host_samplers_text(client):
+    """A plain greedy request takes the engine's argmax of each row with no sampler (no logits
+    row copied to the host); asking for log-probs puts it back on the host sampler: the same
+    text either way, and a repetition penalty (host sampler too) changes it."""
+    kw = dict(model=ALIAS, prompt="One, two, three, one, two, three, one,", max_tokens=16,
+              temperature=0)
+    plain = client.completions.create(**kw).choices[0]
+    r = client.completions.create(logprobs=2, **kw)
+    hosted = r.choices[0]
+    assert plain.text and plain.text == hosted.text
+    assert len(hosted.logprobs.tokens) == r.usage.completion_tokens > 0
+    penalized = client.completions.create(frequency_penalty=2.0, **kw).choices[0]
+    assert penalized.text != plain.text
+
+
+def test_plain_greedy_is_temperature_0_without_penalties_bias_or_logprobs():
+    from numbaformer.sampling import SamplingParams
+    from numbaformer.serve.bridge import Job, plain_greedy
+
+    def job(**kw):
+        return Job([1], 4, SamplingParams(temperature=kw.pop("temperature", 0.0),
+                                          presence_penalty=kw.pop("presence", 0.0)), **kw)
+    assert plain_greedy(job())
+    assert not plain_greedy(job(temperature=0.7))
+    assert not plain_greedy(job(presence=0.5))
+    assert not plain_greedy(job(logit_bias={5: 1.0}))
+    assert not plain_greedy(job(n_logprobs=0))
+
+
 def test_length_and_stop_finish_reasons(client):
     r = client.completions.create(model=ALIAS, prompt=PROMPT, max_tokens=3, temperature=0)
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 3
@@ -464,6 +493,8 @@ def test_a_port_in_use_is_one_error_line_before_loading(server):
     assert_process_error(p, f"cannot listen on 127.0.0.1:{server.port}")
     p = run_process("serve", "-n", "0", "--port", server.port)
     assert_process_error(p, "-n 0")
+    p = run_process("serve", "--decode-steps", "17", "--port", server.port)
+    assert_process_error(p, "--decode-steps must be 1..16")
 
 
 def test_an_engine_step_that_raises_is_a_500_for_its_jobs_and_the_thread_goes_on(smollm2):
@@ -500,7 +531,7 @@ def test_an_engine_step_that_raises_is_a_500_for_its_jobs_and_the_thread_goes_on
         def abort(self, sid):
             self.batching.seqs.pop(sid).status = FINISHED
 
-        def step(self):
+        def step(self, max_steps=None):
             self.calls += 1
             if self.calls == 1:                         # the first job's
                 raise RuntimeError("boom")

@@ -360,7 +360,7 @@ def _check_listen(host: str, port: int) -> None:
 
 
 def run(load, *, host: str, port: int, n_seqs: int, max_batched_tokens: int,
-        settings: Settings, graceful_s: int = 30) -> int:
+        settings: Settings, graceful_s: int = 30, decode_steps: int = 1) -> int:
     """Serve until SIGINT/SIGTERM (uvicorn's: stop accepting, let in-flight requests finish for
     up to graceful_s, then end them), loading the model on the engine thread meanwhile (/health:
     503 until it is ready). Returns the exit code: 0, or 2 when the model failed to load (a
@@ -375,7 +375,7 @@ def run(load, *, host: str, port: int, n_seqs: int, max_batched_tokens: int,
         if server_box:
             server_box[0].should_exit = True
 
-    bridge = Bridge(load, n_seqs, max_batched_tokens, metrics, on_fail)
+    bridge = Bridge(load, n_seqs, max_batched_tokens, metrics, on_fail, decode_steps)
     app = Guard(create_app(bridge, settings, metrics), settings)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on",
                             timeout_graceful_shutdown=graceful_s, access_log=False)

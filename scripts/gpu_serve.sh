@@ -4,13 +4,15 @@
 #
 #   here (no GPU):  bash scripts/gpu_side_by_side.sh prep   (.gpu-carry: llama.cpp, device env)
 #                   bash scripts/gpu_serve.sh prep          (.gpu-carry/serve-wheels: the server's
-#                   packages the device image lacks, cp312 wheels, ~6 MB)
+#                   packages the device image lacks, cp312 wheels, ~4 MB; fastapi
+#                   0.165 imports opentelemetry-api)
 #   on the device:  bash scripts/gpu_serve.sh run           (carry .gpu-carry)
 #                   starts the llama.cpp build, writes the file, starts `numbaformer serve -np 64`,
 #                   checks one greedy request streamed and not (the same text), runs bench_serve.py
 #                   at CONC (default "1 16 64"; 2 x c requests, at least 8, 128 prompt and 128
 #                   output tokens), stops it with SIGTERM (its exit code printed), then the same
-#                   against llama-server; a table of both last.
+#                   against llama-server; a table of both last. NF_ARGS: more options for
+#                   numbaformer serve (e.g. "--decode-steps 4").
 # About 8 minutes on an H200 (the llama.cpp build takes ~5 of them, beside numbaformer's part).
 set -uo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -26,7 +28,7 @@ case "${1:-}" in
       annotated-types==0.8.0 annotated-doc==0.0.7 typing-inspection==0.4.5 \
       typing-extensions==4.16.0 uvicorn==0.55.0 h11==0.16.0 anyio==4.16.0 sniffio==1.3.1 \
       idna==3.20 httpx==0.29.0 httpcore==1.0.9 certifi==2026.10.19.post1 \
-      prometheus-client==0.26.0
+      prometheus-client==0.26.0 opentelemetry-api==1.45.2 importlib-metadata==10.2.0 zipp==4.1.2
     du -sh "$wheels" ;;
   run)
     export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
@@ -61,7 +63,7 @@ case "${1:-}" in
     }
     echo "== numbaformer serve -np 64"
     python3 -m numbaformer.cli serve -m $f --device "$dev" -np 64 -c 4096 --max-batched-tokens 8192 \
-      --max-queue 256 --port 8081 > /tmp/nf-serve.log 2>&1 &
+      --max-queue 256 --port 8081 ${NF_ARGS:-} > /tmp/nf-serve.log 2>&1 &
     nf=$!
     if wait_up http://127.0.0.1:8081 300; then
       body='{"prompt": "Once upon a time", "max_tokens": 24, "temperature": 0}'

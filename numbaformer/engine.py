@@ -23,6 +23,9 @@ BATCH_CTX_BLOCKS = 1024 // BLOCK_SIZE   # default pool: this many blocks per seq
 # (Scheduler.schedule_steps, Model.run_batch_steps; backends with graphs): the host's turn
 # between steps (scheduling, reading the picks) paid once for them; 1 turns it off
 BATCH_STEPS = int(os.environ.get("NUMBAFORMER_BATCH_STEPS", "8"))
+# a batched step's plainly sampled rows picked on the device (device_sampled); 0: on the host,
+# from a copy of their logits (the A/B, and the path of samplers with penalties or logit_bias)
+DEVICE_ROWS_SAMPLING = os.environ.get("NUMBAFORMER_DEVICE_ROWS_SAMPLING", "1") == "1"
 WARMUP_PROMPT = 80      # the batched warm-up's long prompt: past the row counts under which a
                         # backend takes other kernels (the CPU's serial rope and K/V store: 64)
 
@@ -36,6 +39,16 @@ class Batching:
     blocks: BlockManager
     scheduler: Scheduler
     seqs: dict = field(default_factory=dict)          # seq_id -> Sequence, until finished
+
+
+def device_sampled(seq: Sequence, model) -> bool:
+    """Whether a batched step picks seq's token on the device (Model.batch_sample_ids): its
+    sampler is a plain chain (make_sampler's, no logit_bias or log-prob record) without
+    penalties (their window lives on the host), and the backend samples rows. The pick is the
+    host sampler's either way; only the logits it no longer copies differ."""
+    s = seq.sampler
+    return (DEVICE_ROWS_SAMPLING and getattr(s, "plain_chain", False)
+            and not s.params.has_penalties and model.samples_rows_on_device)
 
 
 @dataclass
@@ -85,14 +98,17 @@ class Engine:
         request does: a prompt of WARMUP_PROMPT tokens (fewer in a small context or step) alone,
         then its decode row beside a 2-token prompt's rows (the decode product and the prefill
         product in one step; after it when one sequence runs at a time), then both decoding, then
-        the first alone. Their blocks are freed; the long prompt's full block stays in the prefix
-        cache, as any finished prompt's does."""
+        the first alone; the second samples (the default chain: on a GPU, the batched sampling
+        kernel). Their blocks are freed; the long prompt's full block stays in the prefix cache,
+        as any finished prompt's does."""
+        from .sampling import SamplingParams, make_sampler
         b = self.start_batching()
         bos = self.tokenizer.bos_id or 0
         n = max(1, min(WARMUP_PROMPT, b.model.n_batch, self.model.n_ctx - 4))
         self.add_request([bos] * n, max_tokens=4, stop_ids=())
         self.step()
-        self.add_request([bos] * 2, max_tokens=2, stop_ids=())
+        self.add_request([bos] * 2, max_tokens=2, sampler=make_sampler(SamplingParams(seed=0)),
+                         stop_ids=())
         while self.has_unfinished():
             self.step()
 
@@ -118,14 +134,27 @@ class Engine:
         batch = b.scheduler.schedule()
         if batch is None:
             return []
-        b.model.run_batch(batch)
+        model = b.model
+        model.run_batch(batch)
         m = len(batch.seqs)
-        greedy = b.model.batch_greedy_ids(m)              # the device's argmax of each row
+        greedy = model.batch_greedy_ids(m)                # the device's argmax of each row
+        tokens = [int(greedy[i]) if e and s.sampler is None else -1
+                  for i, (s, e) in enumerate(zip(batch.seqs, batch.emits))]
         sampled = [i for i, (s, e) in enumerate(zip(batch.seqs, batch.emits))
                    if e and s.sampler is not None]
-        logits = b.model.ops.to_host(b.model.buf.batch_logits[:m]) if sampled else None
-        tokens = [(int(greedy[i]) if s.sampler is None else self._pick(s, logits[i])) if e
-                  else -1 for i, (s, e) in enumerate(zip(batch.seqs, batch.emits))]
+        on_device = [i for i in sampled if device_sampled(batch.seqs[i], model)]
+        if on_device:                                     # one launch, the ids back
+            seqs = [batch.seqs[i] for i in on_device]
+            picks = model.batch_sample_ids(on_device, [s.sampler for s in seqs],
+                                           [len(s.token_ids) for s in seqs])
+            for i, t in zip(on_device, picks):
+                tokens[i] = int(t)
+        on_host = [i for i in sampled if tokens[i] < 0]
+        if on_host:                                       # their rows' span to the host
+            lo, hi = on_host[0], on_host[-1] + 1
+            logits = model.ops.to_host(model.buf.batch_logits[lo:hi])
+            for i in on_host:
+                tokens[i] = self._pick(batch.seqs[i], logits[i - lo])
         done = b.scheduler.postprocess(batch, tokens)
         for s in done:
             b.seqs.pop(s.seq_id, None)

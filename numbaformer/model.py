@@ -64,6 +64,11 @@ class Buffers:
             self.batch_logits = a((max_seqs, cfg.n_vocab))
             self.batch_ids = a((max_seqs,), np.int32)    # each output row's greedy pick
             self.step_picks = a((MAX_CHUNK, max_seqs), np.int32)   # run_batch_steps' picks
+            # batch_sample_ids: each sampled row's (output row, draw index), parameters, pick
+            self.rows_where = a((max_seqs, 2), np.int32)
+            self.rows_fp = a((max_seqs, 8), np.float64)
+            self.rows_ip = a((max_seqs, 8), np.int64)
+            self.rows_picks = a((max_seqs,), np.int32)
         self._all_logits = None
         self._ops, self._cfg, self.n_batch = ops, cfg, n_batch
 
@@ -139,6 +144,39 @@ class Model:
     def batch_greedy_ids(self, m: int) -> np.ndarray:
         """The greedy picks (argmax) of the last run_batch's m output rows, on the host."""
         return self.ops.to_host(self.buf.batch_ids[:m])
+
+    @property
+    def samples_rows_on_device(self) -> bool:
+        """Whether batch_sample_ids can pick a batched step's sampled rows (the backend's
+        sample_rows; vocabularies up to ID_BITS ids)."""
+        return self.ops.samples_rows_on_device and self.cfg.n_vocab <= 1 << ID_BITS
+
+    def batch_sample_ids(self, rows, samplers, index) -> np.ndarray:
+        """The picks of the last run_batch's output rows `rows`, row rows[i] by samplers[i]'s
+        chain (make_sampler's: .params without penalties, .seed) with the draw keyed by index[i]
+        (the position of the token being sampled, the length of its sequence's ids), in one
+        launch (ops.sample_rows): the picks the host sampler would make from the same logits,
+        and only the ids cross to the host. int32 (len(rows),)."""
+        k = len(rows)
+        m = self.buf.batch_logits.shape[0]
+        if not self.samples_rows_on_device:
+            raise ValueError("this backend samples a batch's rows on the host")
+        if not 1 <= k <= m or len(samplers) != k or len(index) != k or \
+                not all(0 <= r < m for r in rows) or not all(0 <= i < 1 << 31 for i in index):
+            raise ValueError(f"batch_sample_ids: {k} rows {list(rows)[:8]} of {m}, draw indices "
+                             f"{list(index)[:8]} (int32)")
+        fp = np.empty((k, 8), np.float64)
+        ip = np.empty((k, 8), np.int64)
+        for i, s in enumerate(samplers):
+            if s.params.has_penalties:
+                raise ValueError("a sampler with penalties samples on the host (its window)")
+            fp[i], ip[i] = sampler_params(s.params, s.seed, self.n_ctx)
+        b, ops = self.buf, self.ops
+        ops.copy_in(b.rows_where, np.stack([np.asarray(rows), np.asarray(index)], axis=1))
+        ops.copy_in(b.rows_fp, fp)
+        ops.copy_in(b.rows_ip, ip)
+        ops.sample_rows(b.rows_picks, b.batch_logits, b.rows_where, b.rows_fp, b.rows_ip, k)
+        return ops.to_host(b.rows_picks)[:k]
 
     def run_batch(self, batch) -> None:
         """Run a scheduler.Batch: its rows (each at its own position, K/V written at its slot,

@@ -158,7 +158,8 @@ def make_sampler(params: SamplingParams) -> Callable[..., int]:
 
     sample.params = params
     sample.seed = seed
-    return sample
+    sample.plain_chain = True      # its pick is the chain's on the raw logits (batched engines
+    return sample                  # may take it from the device's sample_rows instead)
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:

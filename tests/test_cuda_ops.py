@@ -807,6 +807,46 @@ def test_sample_bookkeeping(cu):
     check_bookkeeping(cu)
 
 
+ROWS_OPTIONS = ["temperature", "top_k", "top_p", "min_p", "no truncation", "combined, no penalties",
+                "greedy"]
+
+
+@pytest.mark.parametrize("n_vocab", sizes([1000], [49152, 128256]))
+def test_sample_rows_are_each_rows_host_pick(cu, n_vocab):
+    """sample_rows (a batched step's sampled rows in one launch, a block a row): each pick is the
+    reference's and the host sampler's (make_sampler, the draw keyed by the row's own index) for
+    its row's logits and parameters, rows taken out of order from a larger batch, a greedy row
+    among them; the logits are left as they were."""
+    from numbaformer.backends.base import sampler_params
+    from numbaformer.sampling import make_sampler
+    no_pen = {k: v for k, v in OPTIONS["combined"].items()
+              if k not in ("repeat_penalty", "presence_penalty", "frequency_penalty",
+                           "repeat_last_n")}
+    opts = dict(OPTIONS, **{"no truncation": {}, "combined, no penalties": no_pen,
+                            "greedy": dict(temperature=0.0)})
+    cases = [next(robust_cases(n_vocab, opts[name], n=1, seed=70 + i))
+             for i, name in enumerate(ROWS_OPTIONS)]
+    n_rows = len(cases) + 2
+    order = np.random.default_rng(71).permutation(n_rows)[:len(cases)]    # batch rows used
+    logits = np.random.default_rng(72).standard_normal((n_rows, n_vocab)).astype(np.float32)
+    where = np.zeros((len(cases), 2), np.int32)
+    fp, ip = np.zeros((len(cases), 8)), np.zeros((len(cases), 8), np.int64)
+    want = []
+    for b, (lg, history, p, ref) in enumerate(cases):
+        logits[order[b]] = lg
+        where[b] = order[b], len(history)
+        sampler = make_sampler(p)
+        fp[b], ip[b] = sampler_params(p, sampler.seed, 1 << 30)
+        host_pick = sampler(lg.copy(), (), len(history))
+        assert host_pick == ref
+        want.append(ref)
+    picks = cu.alloc((n_rows,), np.int32)
+    x = dev(cu, logits)
+    cu.sample_rows(picks, x, dev(cu, where), dev(cu, fp), dev(cu, ip), len(cases))
+    assert host(cu, picks)[:len(cases)].tolist() == want
+    np.testing.assert_array_equal(host(cu, x), logits)
+
+
 _SAMPLE_PTX = """
 import json, re, sys
 import numbaformer.backends.cuda
@@ -818,23 +858,30 @@ a = lambda t: t[::1]
 sig = (a(types.int32), a(types.float32), a(types.int32), a(types.int32), a(types.float64),
        a(types.int64), a(types.int32), a(types.int32), a(types.uint8), a(types.int32),
        a(types.uint64), types.int64)
+a2 = lambda t: t[:, ::1]
+rows_sig = (a(types.int32), a2(types.float32), a2(types.int32), a2(types.float64), a2(types.int64),
+            a2(types.int32), a2(types.uint64), a(types.int32))
 try:
     ptx, _ = cuda.compile_ptx(sample._sample_kernel.py_func, sig, cc=(9, 0), launch_bounds=1024)
+    rows_ptx, _ = cuda.compile_ptx(sample._sample_rows_kernel.py_func, rows_sig, cc=(9, 0),
+                                   launch_bounds=1024)
 except Exception as e:  # only a missing toolchain (NVRTC, NVVM, libdevice) skips; bugs fail
     if type(e).__name__ not in ("DynamicLibNotFoundError", "FileNotFoundError", "NvvmSupportError",
                                 "CudaSupportError", "ImportError", "OSError"):
         raise
     print(json.dumps({"skip": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}))
     sys.exit()
-print(json.dumps({"maxntid": re.findall(r"\\.maxntid (\\d+)", ptx),
-                  "shared": sum(map(int, re.findall(r"\\.shared .*\\[(\\d+)\\]", ptx)))}))
+print(json.dumps({k: {"maxntid": re.findall(r"\\.maxntid (\\d+)", p),
+                      "shared": sum(map(int, re.findall(r"\\.shared .*\\[(\\d+)\\]", p)))}
+                  for k, p in (("one", ptx), ("rows", rows_ptx))}))
 """
 
 
 @pytest.mark.skipif(ON_GPU, reason="offline compile check (the GPU run compiles it for real)")
 def test_sample_kernel_compiles_for_sm90():
-    """The sampling kernel through NVVM for sm_90 (no GPU): it types on the real target, its launch
-    bound is the one block of 1024 threads, and its static shared memory fits in 48 KiB."""
+    """The sampling kernels (one sequence's, a batch's rows) through NVVM for sm_90 (no GPU): they
+    type on the real target, their launch bound is blocks of 1024 threads, and their static
+    shared memory fits in 48 KiB."""
     import subprocess
     import sys
     done = subprocess.run([sys.executable, "-c", _SAMPLE_PTX], capture_output=True, text=True,
@@ -843,7 +890,8 @@ def test_sample_kernel_compiles_for_sm90():
     got = __import__("json").loads(done.stdout.splitlines()[-1])
     if "skip" in got:
         pytest.skip(f"NVVM unavailable: {got['skip']}")
-    assert got["maxntid"] == ["1024"] and 40 * 1024 < got["shared"] <= 48 * 1024
+    for k in ("one", "rows"):
+        assert got[k]["maxntid"] == ["1024"] and 40 * 1024 < got[k]["shared"] <= 48 * 1024, got
 
 
 @pytest.mark.skipif(not ON_GPU, reason="times the kernel on the GPU")

@@ -408,6 +408,47 @@ def test_engine_on_cuda_gives_each_solo_greedy_text(tmp_path, toy_model_shapes):
     assert all(len(t) == n_gen for t in together)
 
 
+def test_engine_on_cuda_samples_a_batchs_rows_as_the_host(tmp_path, toy_model_shapes,
+                                                           monkeypatch):
+    """Engine.step on the CUDA backend with two sampled sequences beside a greedy one and one
+    with a penalty: the plainly sampled rows are picked on the device, both in one launch a step
+    (Model.batch_sample_ids), each pick the host sampler's on the same logits row (checked at
+    every call), the penalized one on the host; every block back. (Under the simulator on the
+    exact path: the sampling is what is tested, the products have their own tests.)"""
+    from numbaformer import engine as E
+    from numbaformer.backends.cuda.backend import CUDABackend
+    from numbaformer.sampling import SamplingParams, make_sampler
+    mf = tiny_mf(tmp_path)
+    base = Model(mf, CUDABackend(exact=not ON_GPU), n_ctx=32, n_batch=8)
+    n_gen = 2 if not ON_GPU else 12
+    params = [None, SamplingParams(seed=1), SamplingParams(temperature=1.5, top_k=0, top_p=0.9,
+                                                           min_p=0.0, seed=2),
+              SamplingParams(temperature=0.9, frequency_penalty=0.5, seed=3)]
+    calls = []
+    real = Model.batch_sample_ids
+
+    def spy(model, rows, samplers, index):
+        got = real(model, rows, samplers, index)
+        logits = model.ops.to_host(model.buf.batch_logits)
+        calls.append([s.params.seed for s in samplers])
+        assert [s(logits[r].copy(), (), i) for r, s, i in zip(rows, samplers, index)] == \
+            got.tolist()
+        return got
+    monkeypatch.setattr(Model, "batch_sample_ids", spy)
+    monkeypatch.setattr(E, "DEVICE_ROWS_SAMPLING", True)
+    e = E.Engine(mf, base, 0.0)
+    e.start_batching(max_seqs=4, max_batched_tokens=8, kv_blocks=8)
+    ids = [e.add_request(p, max_tokens=n_gen, stop_ids=(), sampler=make_sampler(sp) if sp else None)
+           for p, sp in zip(PROMPTS, params)]
+    seqs = [e.batching.seqs[i] for i in ids]
+    while e.has_unfinished():
+        e.step()
+    assert e.batching.blocks.n_free == 8
+    assert all(len(s.output_ids) == n_gen for s in seqs)
+    assert calls and all(set(c) <= {1, 2} for c in calls)          # never the penalized one
+    assert [1, 2] in calls                                          # both in one launch
+
+
 # --- offline compile ------------------------------------------------------------------------------
 
 @pytest.mark.skipif(ON_GPU, reason="an offline check (CI); the GPU run compiles them for real")

@@ -206,6 +206,16 @@ class Backend(ABC):
         out[:logits.shape[0]] = np.argmax(logits, axis=1)
 
     samples_on_device = False     # generation samples with the `sample` op (else on the host)
+    samples_rows_on_device = False    # a batched step's sampled rows with `sample_rows`
+
+    def sample_rows(self, picks, logits, where, fp, ip, n: int) -> None:
+        """The sampling chain (`sample`'s, without penalties or bookkeeping) on n rows of a
+        batched step at once: picks[b] (int32) from logits[where[b, 0]] with the parameters
+        fp[b], ip[b] (sampler_params rows, repeat_last_n 0), the draw keyed by where[b, 1] (the
+        position of the token being sampled), so that each pick is the host sampler's
+        (make_sampler) for that row. Only where samples_rows_on_device: the others sample a
+        batch's rows on the host."""
+        raise NotImplementedError("this backend samples a batch's rows on the host")
 
     @abstractmethod
     def sample(self, logits, ids, pos, st: SamplerState, j: int) -> None:

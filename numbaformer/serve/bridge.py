@@ -48,6 +48,7 @@ def request_sampler(params: SamplingParams, bias: dict[int, float], n_logprobs: 
         return tid
 
     sample.params, sample.seed = params, inner.seed
+    sample.plain_chain = not len(ids) and n_logprobs is None    # else the host's (bias, record)
     return sample
 
 

@@ -110,6 +110,7 @@ class CUDABackend(Backend):
         self.weight_bytes = 0
         self._decode_scratch = None
         self._sample_scratch = None
+        self._rows_scratch = None
         self._paged_scratch = None                   # paged attention's (part_o, part_ml, count)
         self._uploads: dict = {}                     # id(ModelWeights) -> (it, its upload)
         self._xb = None                              # bf16 activations of the tensor-core GEMM
@@ -512,6 +513,17 @@ class CUDABackend(Backend):
             self._sample_scratch = (self.pool.alloc((sample.BINS,), np.int32),
                                     self.pool.alloc((sample.BINS,), np.uint64))
         sample.sample(logits, ids, pos, st, self._sample_scratch, j, self.stream)
+
+    samples_rows_on_device = True
+
+    def sample_rows(self, picks, logits, where, fp, ip, n):
+        have = self._rows_scratch[0].shape[0] if self._rows_scratch else 0
+        if have < n:             # grown (to a power of two) outside any capture: eager steps
+            rows = 1 << (n - 1).bit_length()
+            self._rows_scratch = (self.pool.alloc((rows, sample.BINS), np.int32),
+                                  self.pool.alloc((rows, sample.BINS), np.uint64),
+                                  self.pool.alloc((1,), np.int32))
+        sample.sample_rows(picks, logits, where, fp, ip, self._rows_scratch, n, self.stream)
 
     # --- graphs -----------------------------------------------------------------------------
     def replay(self, key, fn) -> None:

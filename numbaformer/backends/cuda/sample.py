@@ -445,47 +445,15 @@ def _penalize_and_max(logits, counts, fp, penalize, wv, wi):
     return _block_best(bv, bi, wv, wi)
 
 
-@cuda_kernel_bounded(1024)
-def _sample_kernel(out, logits, ids, pos, fp, ip, hist, counts, eog, h0c, h0m, j):
-    """One block (SAMPLE_THREADS) runs base.py's `sample`; every thread strides the vocabulary
-    (coalesced), so each step is one launch inside the decode graph.
-
-    1. penalties in place and the max m / first argmax (one pass); temperature 0: the argmax.
-    2. unless nothing truncates: a histogram over the top 11 bits of the float32 distance
-       d = m - logit (count and fixed-point mass exp(-d) per bin, shared-memory atomics; one
-       pass), saved to h0c, h0m; from its prefix sums, the bin holding each cut: top-k's (count
-       k), min-p's (d = -log(min_p)), top-p's (mass top_p of the top-k bins' upper bound).
-    3. small path, the survivors fit SAMPLE_CAP: gather every key up to the last bin needed (one
-       pass), bitonic-sort them in shared memory, cut exactly there (prefix sums of counts and
-       masses) and draw among them (Gumbel-max, Philox per candidate).
-       big path: radix-select the top-k cut, then the top-p cut (_select: one pass a level, one
-       to gather the final bin), then Gumbel-max over the whole vocabulary in one pass.
-    4. thread 0 records the pick (hist, the penalty window, out) and feeds it to the next step.
-
-    Cost (estimated, not yet timed: tests/test_cuda_ops.py::test_sample_kernel_time prints it on
-    the GPU): one block issues about 128 thread-instructions a cycle, so a vocabulary pass of
-    ~8-25 instructions an element (the logits are in L2, 4 bytes an element) takes ~4-12 us at
-    128k ids (1.5-5 us at 49k). Greedy is one pass (~4 us); the small path three passes and a
-    sort of at most 2048 keys (~25-30 us at 128k, ~10 us at 49k); no truncation is one pass
-    with a Philox block per 4 ids (~20 us); the big path adds up to 4 passes per cut. 64
-    registers a thread (launch bound 1024), 41 KiB of static shared memory. A graph replay of
-    8 steps at 128k ids thus spends ~0.2 ms sampling, against ~20 ms of an 8B model's decode.
-    """
+@cuda.jit(device=True)
+def _choose(logits, counts, fp, ip, index, penalize, h0c, h0m, hc, hm, cand, wv, wi, wc, wm, sv):
+    """Steps 1-3 of _sample_kernel's chain for one vocabulary row, by the whole block: the pick
+    (in every thread) from logits (penalized in place by counts when `penalize`), the parameters
+    fp, ip (sampler_params), Philox keyed by `index` (the position of the token being sampled);
+    h0c, h0m the row's global scratch, the rest the block's shared arrays."""
     t = cuda.threadIdx.x
-    if j > 0 and out[1] != 0:
-        return                             # generation ended earlier in this chunk
-    hc = cuda.shared.array(BINS, int32)
-    hm = cuda.shared.array(BINS, uint64)
-    cand = cuda.shared.array(SAMPLE_CAP, uint64)
-    wv = cuda.shared.array(32, float32)
-    wi = cuda.shared.array(32, int32)
-    wc = cuda.shared.array(32, int32)
-    wm = cuda.shared.array(32, int64)
-    sv = cuda.shared.array(4, int64)
     n = logits.shape[0]
-    index = pos[0] + 1                     # the position of the token being sampled (read before
-    last_n = ip[I_LAST_N]                  # any barrier: thread 0 moves pos on at the end)
-    m, pick = _penalize_and_max(logits, counts, fp, last_n != 0, wv, wi)
+    m, pick = _penalize_and_max(logits, counts, fp, penalize, wv, wi)
     temp = float32(fp[F_TEMP])
     seed = uint64(ip[I_SEED])
     k = ip[I_TOP_K]
@@ -534,6 +502,50 @@ def _sample_kernel(out, logits, ids, pos, fp, ip, hist, counts, eog, h0c, h0m, j
                                     cand, wc, wm, sv)
                     bound = min(bound, bp)
                 pick = _draw_all(logits, m, bound, dmin, temp, seed, index, wv, wi)
+    return pick
+
+
+@cuda_kernel_bounded(1024)
+def _sample_kernel(out, logits, ids, pos, fp, ip, hist, counts, eog, h0c, h0m, j):
+    """One block (SAMPLE_THREADS) runs base.py's `sample`; every thread strides the vocabulary
+    (coalesced), so each step is one launch inside the decode graph.
+
+    1. penalties in place and the max m / first argmax (one pass); temperature 0: the argmax.
+    2. unless nothing truncates: a histogram over the top 11 bits of the float32 distance
+       d = m - logit (count and fixed-point mass exp(-d) per bin, shared-memory atomics; one
+       pass), saved to h0c, h0m; from its prefix sums, the bin holding each cut: top-k's (count
+       k), min-p's (d = -log(min_p)), top-p's (mass top_p of the top-k bins' upper bound).
+    3. small path, the survivors fit SAMPLE_CAP: gather every key up to the last bin needed (one
+       pass), bitonic-sort them in shared memory, cut exactly there (prefix sums of counts and
+       masses) and draw among them (Gumbel-max, Philox per candidate).
+       big path: radix-select the top-k cut, then the top-p cut (_select: one pass a level, one
+       to gather the final bin), then Gumbel-max over the whole vocabulary in one pass.
+    4. thread 0 records the pick (hist, the penalty window, out) and feeds it to the next step.
+
+    Cost (estimated, not yet timed: tests/test_cuda_ops.py::test_sample_kernel_time prints it on
+    the GPU): one block issues about 128 thread-instructions a cycle, so a vocabulary pass of
+    ~8-25 instructions an element (the logits are in L2, 4 bytes an element) takes ~4-12 us at
+    128k ids (1.5-5 us at 49k). Greedy is one pass (~4 us); the small path three passes and a
+    sort of at most 2048 keys (~25-30 us at 128k, ~10 us at 49k); no truncation is one pass
+    with a Philox block per 4 ids (~20 us); the big path adds up to 4 passes per cut. 64
+    registers a thread (launch bound 1024), 41 KiB of static shared memory. A graph replay of
+    8 steps at 128k ids thus spends ~0.2 ms sampling, against ~20 ms of an 8B model's decode.
+    """
+    t = cuda.threadIdx.x
+    if j > 0 and out[1] != 0:
+        return                             # generation ended earlier in this chunk
+    hc = cuda.shared.array(BINS, int32)
+    hm = cuda.shared.array(BINS, uint64)
+    cand = cuda.shared.array(SAMPLE_CAP, uint64)
+    wv = cuda.shared.array(32, float32)
+    wi = cuda.shared.array(32, int32)
+    wc = cuda.shared.array(32, int32)
+    wm = cuda.shared.array(32, int64)
+    sv = cuda.shared.array(4, int64)
+    index = pos[0] + 1                     # the position of the token being sampled (read before
+    last_n = ip[I_LAST_N]                  # any barrier: thread 0 moves pos on at the end)
+    pick = _choose(logits, counts, fp, ip, index, last_n != 0, h0c, h0m, hc, hm, cand, wv, wi,
+                   wc, wm, sv)
     if t == 0:
         p = index
         if p < hist.shape[0]:
@@ -561,3 +573,36 @@ def sample(logits, ids, pos, st, scratch, j: int, stream) -> None:
     _sample_kernel[1, SAMPLE_THREADS, stream](st.out, logits, ids, pos, st.fparams, st.iparams,
                                               st.hist, st.counts, st.eog, scratch[0],
                                               scratch[1], j)
+
+
+@cuda_kernel_bounded(1024)
+def _sample_rows_kernel(picks, logits, where, fp, ip, h0c, h0m, counts):
+    """Block b: the sampling chain (steps 1-3 of _sample_kernel, no penalties) on logits row
+    where[b, 0] with the parameters fp[b], ip[b], Philox keyed by where[b, 1]; picks[b] = the
+    pick. A batched step's sampled rows in one launch: nothing is recorded or fed on (the host
+    takes the picks, as it takes the greedy ones)."""
+    b = cuda.blockIdx.x
+    hc = cuda.shared.array(BINS, int32)
+    hm = cuda.shared.array(BINS, uint64)
+    cand = cuda.shared.array(SAMPLE_CAP, uint64)
+    wv = cuda.shared.array(32, float32)
+    wi = cuda.shared.array(32, int32)
+    wc = cuda.shared.array(32, int32)
+    wm = cuda.shared.array(32, int64)
+    sv = cuda.shared.array(4, int64)
+    pick = _choose(logits[where[b, 0]], counts, fp[b], ip[b], where[b, 1], False, h0c[b], h0m[b],
+                   hc, hm, cand, wv, wi, wc, wm, sv)
+    if cuda.threadIdx.x == 0:
+        picks[b] = pick
+
+
+def sample_rows(picks, logits, where, fp, ip, scratch, n: int, stream) -> None:
+    """The sampling chain of n rows of a batch in one launch of n SAMPLE_THREADS blocks: picks[b]
+    (int32) from logits[where[b, 0]] ((rows, n_vocab) f32, n_vocab <= 2^18) with fp[b], ip[b]
+    (sampler_params rows, penalties off) and the draw keyed by where[b, 1] (int32 (>= n, 2));
+    scratch (h0c (>= n, BINS) i32, h0m (>= n, BINS) u64, counts (1,) i32). The caller has checked
+    the rows (Model.batch_sample_ids)."""
+    if logits.shape[1] > 1 << ID_BITS:
+        raise ValueError(f"the device sampler takes vocabularies up to {1 << ID_BITS} ids")
+    _sample_rows_kernel[n, SAMPLE_THREADS, stream](picks, logits, where, fp, ip, scratch[0],
+                                                   scratch[1], scratch[2])

@@ -23,8 +23,8 @@ BATCH_CTX_BLOCKS = 1024 // BLOCK_SIZE   # default pool: this many blocks per seq
 # (Scheduler.schedule_steps, Model.run_batch_steps; backends with graphs): the host's turn
 # between steps (scheduling, reading the picks) paid once for them; 1 turns it off
 BATCH_STEPS = int(os.environ.get("NUMBAFORMER_BATCH_STEPS", "8"))
-# a batched step's plainly sampled rows picked on the device (device_sampled); 0: on the host,
-# from a copy of their logits (the A/B, and the path of samplers with penalties or logit_bias)
+# a batched step's sampled rows picked on the device (device_sampled); 0: on the host, from a
+# copy of their logits (the A/B, and the path of samplers that record log-probs)
 DEVICE_ROWS_SAMPLING = os.environ.get("NUMBAFORMER_DEVICE_ROWS_SAMPLING", "1") == "1"
 WARMUP_PROMPT = 80      # the batched warm-up's long prompt: past the row counts under which a
                         # backend takes other kernels (the CPU's serial rope and K/V store: 64)
@@ -43,12 +43,11 @@ class Batching:
 
 def device_sampled(seq: Sequence, model) -> bool:
     """Whether a batched step picks seq's token on the device (Model.batch_sample_ids): its
-    sampler is a plain chain (make_sampler's, no logit_bias or log-prob record) without
-    penalties (their window lives on the host), and the backend samples rows. The pick is the
-    host sampler's either way; only the logits it no longer copies differ."""
-    s = seq.sampler
-    return (DEVICE_ROWS_SAMPLING and getattr(s, "plain_chain", False)
-            and not s.params.has_penalties and model.samples_rows_on_device)
+    sampler says it can be (make_sampler's chain, with a server's logit_bias; not one that
+    records log-probs) and the backend samples rows. The pick is the host sampler's either way;
+    only the logits it no longer copies differ."""
+    return (DEVICE_ROWS_SAMPLING and getattr(seq.sampler, "device_ok", False)
+            and model.samples_rows_on_device)
 
 
 @dataclass
@@ -146,7 +145,8 @@ class Engine:
         if on_device:                                     # one launch, the ids back
             seqs = [batch.seqs[i] for i in on_device]
             picks = model.batch_sample_ids(on_device, [s.sampler for s in seqs],
-                                           [len(s.token_ids) for s in seqs])
+                                           [len(s.token_ids) for s in seqs],
+                                           [s.token_ids for s in seqs])
             for i, t in zip(on_device, picks):
                 tokens[i] = int(t)
         on_host = [i for i in sampled if tokens[i] < 0]

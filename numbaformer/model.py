@@ -151,32 +151,44 @@ class Model:
         sample_rows; vocabularies up to ID_BITS ids)."""
         return self.ops.samples_rows_on_device and self.cfg.n_vocab <= 1 << ID_BITS
 
-    def batch_sample_ids(self, rows, samplers, index) -> np.ndarray:
+    def batch_sample_ids(self, rows, samplers, index, histories=None) -> np.ndarray:
         """The picks of the last run_batch's output rows `rows`, row rows[i] by samplers[i]'s
-        chain (make_sampler's: .params without penalties, .seed) with the draw keyed by index[i]
-        (the position of the token being sampled, the length of its sequence's ids), in one
-        launch (ops.sample_rows): the picks the host sampler would make from the same logits,
-        and only the ids cross to the host. int32 (len(rows),)."""
+        chain (make_sampler's .params and .seed, with the .bias (ids, values) a server's
+        request adds first, if any) with the draw keyed by index[i] (the position of the token
+        being sampled, the length of its sequence's ids) and the penalty window taken from
+        histories[i] (its token ids), in two launches (ops.adjust_rows: bias and penalties on
+        the ids they touch; ops.sample_rows: the chain, a row a block): the picks the host
+        sampler would make from the same logits, and only the ids cross to the host. The rows'
+        logits are left biased and penalized. int32 (len(rows),)."""
         k = len(rows)
-        m = self.buf.batch_logits.shape[0]
+        m, n_vocab = self.buf.batch_logits.shape
         if not self.samples_rows_on_device:
             raise ValueError("this backend samples a batch's rows on the host")
-        if not 1 <= k <= m or len(samplers) != k or len(index) != k or \
+        histories = histories if histories is not None else [()] * k
+        if not 1 <= k <= m or len(samplers) != k or len(index) != k or len(histories) != k or \
                 not all(0 <= r < m for r in rows) or not all(0 <= i < 1 << 31 for i in index):
             raise ValueError(f"batch_sample_ids: {k} rows {list(rows)[:8]} of {m}, draw indices "
                              f"{list(index)[:8]} (int32)")
         fp = np.empty((k, 8), np.float64)
         ip = np.empty((k, 8), np.int64)
-        for i, s in enumerate(samplers):
-            if s.params.has_penalties:
-                raise ValueError("a sampler with penalties samples on the host (its window)")
-            fp[i], ip[i] = sampler_params(s.params, s.seed, self.n_ctx)
-        b, ops = self.buf, self.ops
-        ops.copy_in(b.rows_where, np.stack([np.asarray(rows), np.asarray(index)], axis=1))
-        ops.copy_in(b.rows_fp, fp)
-        ops.copy_in(b.rows_ip, ip)
-        ops.sample_rows(b.rows_picks, b.batch_logits, b.rows_where, b.rows_fp, b.rows_ip, k)
-        return ops.to_host(b.rows_picks)[:k]
+        adj, bias = [], []
+        for b, s in enumerate(samplers):
+            fp[b], ip[b] = sampler_params(s.params, s.seed, self.n_ctx)
+            entries = _row_adjustments(s, histories[b], n_vocab)
+            if entries is not None:
+                a, v = entries
+                a[:, 0] = b
+                adj.append(a)
+                bias.append(v)
+        b_, ops = self.buf, self.ops
+        ops.copy_in(b_.rows_where, np.stack([np.asarray(rows), np.asarray(index)], axis=1))
+        ops.copy_in(b_.rows_fp, fp)
+        ops.copy_in(b_.rows_ip, ip)
+        if adj:
+            ops.adjust_rows(b_.batch_logits, b_.rows_where, b_.rows_fp, np.concatenate(adj),
+                            np.concatenate(bias))
+        ops.sample_rows(b_.rows_picks, b_.batch_logits, b_.rows_where, b_.rows_fp, b_.rows_ip, k)
+        return ops.to_host(b_.rows_picks)[:k]
 
     def run_batch(self, batch) -> None:
         """Run a scheduler.Batch: its rows (each at its own position, K/V written at its slot,
@@ -437,3 +449,33 @@ class Model:
     def _logits(self, x, xn, logits) -> None:
         self.ops.norm_matmul((logits,), x, self.w.output_norm, self.cfg.norm_eps,
                              (self.w.output,), (None,), xn)
+
+
+def _row_adjustments(sampler, history, n_vocab: int):
+    """The logit adjustments of one sampled row, as the host sampler makes them: None, or
+    (int64 (n, 4) [row (set by the caller), id, count in the penalty window, has a bias],
+    float32 (n,) biases) over the ids its logit_bias (sampler.bias: ids, values) and its penalty
+    window (the last repeat_last_n of history, all for -1) touch, each id once."""
+    p = sampler.params
+    bias = getattr(sampler, "bias", None)
+    bi = np.asarray(bias[0] if bias is not None else (), np.int64)
+    bv = np.asarray(bias[1] if bias is not None else (), np.float32)
+    if p.has_penalties and len(history):
+        recent = history if p.repeat_last_n == -1 else history[-p.repeat_last_n:]
+        pi, pc = np.unique(np.asarray(recent, np.int64), return_counts=True)
+    else:
+        pi, pc = np.zeros(0, np.int64), np.zeros(0, np.int64)
+    if not len(bi) and not len(pi):
+        return None
+    ids = np.union1d(bi, pi)
+    if ids[0] < 0 or ids[-1] >= n_vocab:
+        raise ValueError(f"a logit_bias or history id outside the vocabulary of {n_vocab}")
+    a = np.zeros((len(ids), 4), np.int64)
+    a[:, 1] = ids
+    a[np.searchsorted(ids, pi), 2] = pc
+    v = np.zeros(len(ids), np.float32)
+    if len(bi):
+        at = np.searchsorted(ids, bi)
+        a[at, 3] = 1
+        v[at] = bv
+    return a, v

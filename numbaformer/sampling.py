@@ -158,8 +158,8 @@ def make_sampler(params: SamplingParams) -> Callable[..., int]:
 
     sample.params = params
     sample.seed = seed
-    sample.plain_chain = True      # its pick is the chain's on the raw logits (batched engines
-    return sample                  # may take it from the device's sample_rows instead)
+    sample.device_ok = True        # its pick is the chain's (params, seed, the history's penalty
+    return sample                  # window): a batched engine may make it on the device
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:

@@ -847,6 +847,60 @@ def test_sample_rows_are_each_rows_host_pick(cu, n_vocab):
     np.testing.assert_array_equal(host(cu, x), logits)
 
 
+PENALTY_ROWS = ["repeat", "presence", "frequency", "combined", "greedy+penalties"]
+
+
+@pytest.mark.parametrize("n_vocab", sizes([1000], [128256]))
+def test_adjusted_rows_are_each_rows_host_pick(cu, n_vocab):
+    """adjust_rows then sample_rows (a batch's rows with penalties, logit_bias, or both: the
+    adjustments Model.batch_sample_ids makes, model._row_adjustments): each pick is the host
+    sampler's (a server's logit_bias added first, then make_sampler's penalties over the
+    history and its chain) and, for the penalty-only rows, the reference's; every adjusted
+    logit is the host's bit for bit."""
+    from types import SimpleNamespace
+
+    from numbaformer.backends.base import sampler_params
+    from numbaformer.model import _row_adjustments
+    from numbaformer.sampling import apply_penalties, make_sampler
+    cases = [next(robust_cases(n_vocab, OPTIONS[name], n=1, seed=80 + i))
+             for i, name in enumerate(PENALTY_ROWS)]
+    rng = np.random.default_rng(81)
+    biases = [None] * len(cases)
+    for b in (1, 3):                                         # presence, combined: a bias too
+        ids = rng.choice(n_vocab, 6, replace=False)
+        ids[0] = cases[b][1][-1]                             # one biased id also penalized
+        biases[b] = (ids, np.array([8.0, -3.0, 2.5, -100.0, 0.5, 1.0], np.float32))
+    biases.append((np.array([3, 7]), np.array([6.0, -2.0], np.float32)))   # bias alone
+    cases.append((rng.standard_normal(n_vocab).astype(np.float32) * 3, [1, 2, 3],
+                  SamplingParams(temperature=0.8, seed=5), None))
+    n = len(cases)
+    logits = np.stack([c[0] for c in cases])[::-1].copy()     # row b at n - 1 - b
+    where = np.array([(n - 1 - b, len(c[1])) for b, c in enumerate(cases)], np.int32)
+    fp, ip = np.zeros((n, 8)), np.zeros((n, 8), np.int64)
+    adj, bias, want, adjusted = [], [], [], logits.copy()
+    for b, ((lg, history, p, ref), bs) in enumerate(zip(cases, biases)):
+        sampler = make_sampler(p)
+        fp[b], ip[b] = sampler_params(p, sampler.seed, 1 << 30)
+        a, v = _row_adjustments(SimpleNamespace(params=p, bias=bs), history, n_vocab)
+        a[:, 0] = b
+        adj.append(a)
+        bias.append(v)
+        lg = lg.copy()
+        if bs is not None:
+            lg[bs[0]] += bs[1]
+        pick = sampler(lg.copy(), history, len(history))
+        apply_penalties(lg, history, p)
+        adjusted[n - 1 - b] = lg
+        assert bs is not None or pick == ref
+        want.append(pick)
+    x, picks = dev(cu, logits), cu.alloc((n,), np.int32)
+    wd, fd = dev(cu, where), dev(cu, fp)
+    cu.adjust_rows(x, wd, fd, np.concatenate(adj), np.concatenate(bias))
+    np.testing.assert_array_equal(host(cu, x), adjusted)
+    cu.sample_rows(picks, x, wd, fd, dev(cu, ip), n)
+    assert host(cu, picks).tolist() == want
+
+
 _SAMPLE_PTX = """
 import json, re, sys
 import numbaformer.backends.cuda

@@ -410,11 +410,11 @@ def test_engine_on_cuda_gives_each_solo_greedy_text(tmp_path, toy_model_shapes):
 
 def test_engine_on_cuda_samples_a_batchs_rows_as_the_host(tmp_path, toy_model_shapes,
                                                            monkeypatch):
-    """Engine.step on the CUDA backend with two sampled sequences beside a greedy one and one
-    with a penalty: the plainly sampled rows are picked on the device, both in one launch a step
-    (Model.batch_sample_ids), each pick the host sampler's on the same logits row (checked at
-    every call), the penalized one on the host; every block back. (Under the simulator on the
-    exact path: the sampling is what is tested, the products have their own tests.)"""
+    """Engine.step on the CUDA backend with three sampled sequences (one with a frequency
+    penalty) beside a greedy one: the sampled rows are picked on the device, all in one launch a
+    step (Model.batch_sample_ids), each pick the host sampler's on the same logits row and
+    history (checked at every call); every block back. (Under the simulator on the exact path:
+    the sampling is what is tested, the products have their own tests.)"""
     from numbaformer import engine as E
     from numbaformer.backends.cuda.backend import CUDABackend
     from numbaformer.sampling import SamplingParams, make_sampler
@@ -423,16 +423,17 @@ def test_engine_on_cuda_samples_a_batchs_rows_as_the_host(tmp_path, toy_model_sh
     n_gen = 2 if not ON_GPU else 12
     params = [None, SamplingParams(seed=1), SamplingParams(temperature=1.5, top_k=0, top_p=0.9,
                                                            min_p=0.0, seed=2),
-              SamplingParams(temperature=0.9, frequency_penalty=0.5, seed=3)]
+              SamplingParams(temperature=0.9, frequency_penalty=1.5, repeat_penalty=1.3,
+                             seed=3)]
     calls = []
     real = Model.batch_sample_ids
 
-    def spy(model, rows, samplers, index):
-        got = real(model, rows, samplers, index)
+    def spy(model, rows, samplers, index, histories):
         logits = model.ops.to_host(model.buf.batch_logits)
-        calls.append([s.params.seed for s in samplers])
-        assert [s(logits[r].copy(), (), i) for r, s, i in zip(rows, samplers, index)] == \
-            got.tolist()
+        got = real(model, rows, samplers, index, histories)
+        calls.append(sorted(s.params.seed for s in samplers))
+        assert [s(logits[r].copy(), list(h), i)
+                for r, s, i, h in zip(rows, samplers, index, histories)] == got.tolist()
         return got
     monkeypatch.setattr(Model, "batch_sample_ids", spy)
     monkeypatch.setattr(E, "DEVICE_ROWS_SAMPLING", True)
@@ -445,8 +446,8 @@ def test_engine_on_cuda_samples_a_batchs_rows_as_the_host(tmp_path, toy_model_sh
         e.step()
     assert e.batching.blocks.n_free == 8
     assert all(len(s.output_ids) == n_gen for s in seqs)
-    assert calls and all(set(c) <= {1, 2} for c in calls)          # never the penalized one
-    assert [1, 2] in calls                                          # both in one launch
+    assert calls and all(set(c) <= {1, 2, 3} for c in calls)       # never the greedy one
+    assert [1, 2, 3] in calls                                       # all three in one launch
 
 
 # --- offline compile ------------------------------------------------------------------------------

@@ -217,6 +217,13 @@ class Backend(ABC):
         batch's rows on the host."""
         raise NotImplementedError("this backend samples a batch's rows on the host")
 
+    def adjust_rows(self, logits, where, fp, adj, bias) -> None:
+        """Before sample_rows, in place: for each entry i of adj (host int64 (n, 4): b, id,
+        count, has_bias; bias host float32 (n,)), logits[where[b, 0], id] plus bias[i] when
+        has_bias, then the penalties of fp[b] (`sample`'s, as sampling.apply_penalties) when
+        count > 0. Each (b, id) at most once. Only where samples_rows_on_device."""
+        raise NotImplementedError("this backend samples a batch's rows on the host")
+
     @abstractmethod
     def sample(self, logits, ids, pos, st: SamplerState, j: int) -> None:
         """Step j of a decode chain: pick the next token from logits (n_vocab,) f32 of the token at

@@ -48,7 +48,8 @@ def request_sampler(params: SamplingParams, bias: dict[int, float], n_logprobs: 
         return tid
 
     sample.params, sample.seed = params, inner.seed
-    sample.plain_chain = not len(ids) and n_logprobs is None    # else the host's (bias, record)
+    sample.bias = (ids, vals) if len(ids) else None          # the device adds it first too
+    sample.device_ok = n_logprobs is None                    # log-probs: the host's record
     return sample
 
 

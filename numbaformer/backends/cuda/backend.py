@@ -111,6 +111,7 @@ class CUDABackend(Backend):
         self._decode_scratch = None
         self._sample_scratch = None
         self._rows_scratch = None
+        self._adjust_buf = None
         self._paged_scratch = None                   # paged attention's (part_o, part_ml, count)
         self._uploads: dict = {}                     # id(ModelWeights) -> (it, its upload)
         self._xb = None                              # bf16 activations of the tensor-core GEMM
@@ -524,6 +525,17 @@ class CUDABackend(Backend):
                                   self.pool.alloc((rows, sample.BINS), np.uint64),
                                   self.pool.alloc((1,), np.int32))
         sample.sample_rows(picks, logits, where, fp, ip, self._rows_scratch, n, self.stream)
+
+    def adjust_rows(self, logits, where, fp, adj, bias):
+        n = len(adj)
+        have = self._adjust_buf[0].shape[0] if self._adjust_buf else 0
+        if have < n:             # grown to a power of two (eager steps, never inside a capture)
+            size = 1 << (n - 1).bit_length()
+            self._adjust_buf = (self.pool.alloc((size, 4), np.int64),
+                                self.pool.alloc((size,), np.float32))
+        self.copy_in(self._adjust_buf[0], adj)
+        self.copy_in(self._adjust_buf[1], bias)
+        sample.adjust_rows(logits, where, fp, *self._adjust_buf, n, self.stream)
 
     # --- graphs -----------------------------------------------------------------------------
     def replay(self, key, fn) -> None:

@@ -596,6 +596,36 @@ def _sample_rows_kernel(picks, logits, where, fp, ip, h0c, h0m, counts):
         picks[b] = pick
 
 
+@cuda_kernel
+def _adjust_rows_kernel(logits, where, fp, adj, bias, n):
+    """Entry i of n: logit adj[i, 1] of sampled row adj[i, 0] (batch row where[b, 0]) plus
+    bias[i] when adj[i, 3] (OpenAI's logit_bias), then llama.cpp's penalties for a count adj[i, 2]
+    > 0 in the window with fp[b]'s (as _penalize_and_max, float32): the host sampler's order
+    (request_sampler's bias, then apply_penalties). Each (row, id) at most once."""
+    i = cuda.grid(1)
+    if i < n:
+        b = adj[i, 0]
+        tok = adj[i, 1]
+        c = adj[i, 2]
+        r = where[b, 0]
+        v = logits[r, tok]
+        if adj[i, 3] != 0:
+            v = v + bias[i]
+        if c > 0:
+            rp = float32(fp[b, F_REPEAT])
+            v = v / rp if v > float32(0) else v * rp
+            v = v - float32(c) * float32(fp[b, F_FREQUENCY]) - float32(fp[b, F_PRESENCE])
+        logits[r, tok] = v
+
+
+def adjust_rows(logits, where, fp, adj, bias, n: int, stream) -> None:
+    """logit_bias and penalties of a batch's sampled rows, n entries (adj (>= n, 4) int64: row
+    into where, id, count in the penalty window, has a bias; bias (>= n,) f32), in place, before
+    sample_rows. The caller has checked the entries (Model.batch_sample_ids)."""
+    if n:
+        _adjust_rows_kernel[-(-n // 128), 128, stream](logits, where, fp, adj, bias, n)
+
+
 def sample_rows(picks, logits, where, fp, ip, scratch, n: int, stream) -> None:
     """The sampling chain of n rows of a batch in one launch of n SAMPLE_THREADS blocks: picks[b]
     (int32) from logits[where[b, 0]] ((rows, n_vocab) f32, n_vocab <= 2^18) with fp[b], ip[b]

@@ -4,7 +4,8 @@ concurrent streams and report what vLLM's `bench serve` reports: request through
 TTFT, TPOT and inter-token latency (mean, p50, p99).
 
 usage: python scripts/bench_serve.py --url http://127.0.0.1:8080 [-c 16] [-n 64]
-           [--input-len 128] [--output-len 128] [--api-key KEY] [--model NAME] [--json]
+           [--input-len 128] [--output-len 128] [--temperature 0] [--top-p 0.9]
+           [--api-key KEY] [--model NAME] [--json]
 
 Each request is a /v1/completions stream of token ids (random ids from 1000..11000, so every
 server sees the same prompt length whatever its tokenizer) with max_tokens = --output-len and
@@ -71,8 +72,11 @@ async def run(args) -> dict:
         async def task(i: int):
             body = {"model": args.model, "prompt": [rng.randrange(1000, 11000)
                                                     for _ in range(args.input_len)],
-                    "max_tokens": args.output_len, "temperature": 0, "stream": True,
-                    "ignore_eos": True, "stream_options": {"include_usage": True}}
+                    "max_tokens": args.output_len, "temperature": args.temperature,
+                    "stream": True, "ignore_eos": True,
+                    "stream_options": {"include_usage": True}}
+            if args.temperature > 0:            # a chat client's sampling: top-p, a seed a request
+                body.update(top_p=args.top_p, seed=args.seed * 100003 + i)
             async with sem:
                 await one(client, args.url, body, results)
 
@@ -105,6 +109,9 @@ def main() -> int:
     ap.add_argument("--api-key", default=None)
     ap.add_argument("--model", default="default")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="0: greedy (default); more: sampled, with --top-p and a seed a request")
+    ap.add_argument("--top-p", type=float, default=0.9)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     try:

@@ -12,7 +12,9 @@
 #                   at CONC (default "1 16 64"; 2 x c requests, at least 8, 128 prompt and 128
 #                   output tokens), stops it with SIGTERM (its exit code printed), then the same
 #                   against llama-server; a table of both last. NF_ARGS: more options for
-#                   numbaformer serve (e.g. "--decode-steps 4").
+#                   numbaformer serve (e.g. "--decode-steps 4"); SAMPLED=1: also the last
+#                   concurrency with sampled requests (temperature 0.8, top-p 0.9, seeded; row
+#                   "s64" of the table).
 # About 8 minutes on an H200 (the llama.cpp build takes ~5 of them, beside numbaformer's part).
 set -uo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -60,6 +62,13 @@ case "${1:-}" in
         python3 -c "import json,sys; print(json.load(open(sys.argv[1])))" "/tmp/serve-$1-$c.json" \
           2>/dev/null | cut -c1-400
       done
+      if [ "${SAMPLED:-0}" = 1 ]; then      # chat-like requests: temperature 0.8, top-p 0.9, seeded
+        c=${conc##* }; n=$((2 * c))
+        echo "== $1, $c concurrent sampled streams, $n requests"
+        timeout 200 python3 scripts/bench_serve.py --url "$2" -c "$c" -n "$n" --input-len 128 \
+          --output-len 128 --temperature 0.8 --json > "/tmp/serve-$1-s$c.json" \
+          2>/tmp/serve-bench.err || tail -3 /tmp/serve-bench.err
+      fi
     }
     echo "== numbaformer serve -np 64"
     python3 -m numbaformer.cli serve -m $f --device "$dev" -np 64 -c 4096 --max-batched-tokens 8192 \
@@ -104,7 +113,7 @@ import json, sys
 keys = ("failed", "output_tok_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms")
 print("| server | streams | " + " | ".join(keys) + " |")
 print("|---|---:|" + "---:|" * len(keys))
-for c in sys.argv[1:]:
+for c in sys.argv[1:] + ["s" + sys.argv[-1]]:        # s64: the sampled run (SAMPLED=1)
     for name in ("numbaformer", "llama-server"):
         try:
             r = json.load(open(f"/tmp/serve-{name}-{c}.json"))

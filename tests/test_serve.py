@@ -471,15 +471,16 @@ def test_a_model_that_fails_to_load_is_one_error_line_and_exit_2(tmp_path):
     assert "listening" in p.stderr.splitlines()[0]
 
 
-def test_bench_serve_script_reports_the_serving_metrics(server):
+@pytest.mark.parametrize("temperature", ["0", "0.8"])
+def test_bench_serve_script_reports_the_serving_metrics(server, temperature):
     import subprocess
     import sys
 
     from vocab_files import REPO_ROOT
     p = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "bench_serve.py"), "--url",
                         server.url, "--api-key", API_KEY, "-c", "2", "-n", "3", "--input-len",
-                        "16", "--output-len", "4", "--json"], capture_output=True, text=True,
-                       timeout=120)
+                        "16", "--output-len", "4", "--temperature", temperature, "--json"],
+                       capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     res = json.loads(p.stdout)
     assert res["requests"] == 3 and res["failed"] == 0

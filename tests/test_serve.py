@@ -488,6 +488,26 @@ def test_bench_serve_script_reports_the_serving_metrics(server, temperature):
     assert res["output_tok_s"] * res["duration_s"] == pytest.approx(12)   # ignore_eos: all 4
 
 
+def test_serve_host_bench_runs_the_server_over_a_fake_engine(smollm2_path):
+    """scripts/serve_host_bench.py: the server's app, bridge and engine thread over an engine
+    whose step sleeps --step-ms; bench_serve's figures, every token delivered, the rate bounded
+    by the steps (4 tokens a request, 10 ms a step: >= 40 ms a request)."""
+    import subprocess
+    import sys
+
+    from serve_helpers import free_port
+    from vocab_files import REPO_ROOT
+    p = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "serve_host_bench.py"), "-m",
+                        str(smollm2_path), "-np", "4", "-c", "4", "-n", "6", "--output-len", "4",
+                        "--step-ms", "10", "--port", str(free_port())],
+                       capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout)
+    assert res["requests"] == 6 and res["failed"] == 0 and res["step_ms"] == 10
+    assert res["output_tok_s"] * res["duration_s"] == pytest.approx(24)       # every token
+    assert res["tpot_p50_ms"] >= 9
+
+
 def test_a_port_in_use_is_one_error_line_before_loading(server):
     from cli_helpers import assert_process_error, run_process
     p = run_process("serve", "--port", server.port, "--device", "cpu", "-m", "/nonexistent")

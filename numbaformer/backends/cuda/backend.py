@@ -384,14 +384,12 @@ class CUDABackend(Backend):
         d = self._rows_first(x, [w_gate, w_up]) if same else 0
         if d:                                         # SwiGLU in the mat-vec's epilogue
             xa = self._q8_rows(x[:d], norm_w, eps)
-            if gemv.rows_on_tensor_cores([w_gate, w_up], d):     # (or after two products)
-                if rows_mma.mergeable([w_gate, w_up]):
-                    rows_mma.launch_swiglu(out, w_gate, w_up, xa, d, self.stream)
-                else:
-                    gemv.gemv_rows([out], [w_gate], xa, d, self.stream)
-                    gemv.gemv_rows([up], [w_up], xa, d, self.stream)
-                    self.silu_mul(out[:d], out[:d], up[:d])
-            else:
+            if gemv.rows_on_tensor_cores([w_gate, w_up], d) and \
+                    not rows_mma.mergeable([w_gate, w_up]):    # two products, then SwiGLU
+                gemv.gemv_rows([out], [w_gate], xa, d, self.stream)
+                gemv.gemv_rows([up], [w_up], xa, d, self.stream)
+                self.silu_mul(out[:d], out[:d], up[:d])
+            else:            # (gemv_rows: the merged tensor-core launch or the dp4a kernel's)
                 gemv.gemv_rows([out], [w_gate, w_up], xa, d, self.stream, mode="swiglu")
             if d < x.shape[0]:
                 with self._prompt_rows():
@@ -517,25 +515,28 @@ class CUDABackend(Backend):
 
     samples_rows_on_device = True
 
+    def _rows_buffers(self, name: str, n: int, make):
+        """The arrays self.<name> (make(rows) -> a tuple of them, the first's length the rows),
+        grown to a power of two >= n rows when they are shorter (eager steps, never inside a
+        capture: the batched sampling runs between graph replays)."""
+        bufs = getattr(self, name)
+        if bufs is None or bufs[0].shape[0] < n:
+            bufs = make(1 << (n - 1).bit_length())
+            setattr(self, name, bufs)
+        return bufs
+
     def sample_rows(self, picks, logits, where, fp, ip, n):
-        have = self._rows_scratch[0].shape[0] if self._rows_scratch else 0
-        if have < n:             # grown (to a power of two) outside any capture: eager steps
-            rows = 1 << (n - 1).bit_length()
-            self._rows_scratch = (self.pool.alloc((rows, sample.BINS), np.int32),
-                                  self.pool.alloc((rows, sample.BINS), np.uint64),
-                                  self.pool.alloc((1,), np.int32))
-        sample.sample_rows(picks, logits, where, fp, ip, self._rows_scratch, n, self.stream)
+        scratch = self._rows_buffers("_rows_scratch", n, lambda r: (
+            self.pool.alloc((r, sample.BINS), np.int32),
+            self.pool.alloc((r, sample.BINS), np.uint64), self.pool.alloc((1,), np.int32)))
+        sample.sample_rows(picks, logits, where, fp, ip, scratch, n, self.stream)
 
     def adjust_rows(self, logits, where, fp, adj, bias):
-        n = len(adj)
-        have = self._adjust_buf[0].shape[0] if self._adjust_buf else 0
-        if have < n:             # grown to a power of two (eager steps, never inside a capture)
-            size = 1 << (n - 1).bit_length()
-            self._adjust_buf = (self.pool.alloc((size, 4), np.int64),
-                                self.pool.alloc((size,), np.float32))
-        self.copy_in(self._adjust_buf[0], adj)
-        self.copy_in(self._adjust_buf[1], bias)
-        sample.adjust_rows(logits, where, fp, *self._adjust_buf, n, self.stream)
+        a, b = self._rows_buffers("_adjust_buf", len(adj), lambda r: (
+            self.pool.alloc((r, 4), np.int64), self.pool.alloc((r,), np.float32)))
+        self.copy_in(a, adj)
+        self.copy_in(b, bias)
+        sample.adjust_rows(logits, where, fp, a, b, len(adj), self.stream)
 
     # --- graphs -----------------------------------------------------------------------------
     def replay(self, key, fn) -> None:

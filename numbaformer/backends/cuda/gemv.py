@@ -290,7 +290,7 @@ def rows_supported(ws, exact: bool = False) -> bool:
 
 def rows_on_tensor_cores(ws, n: int) -> bool:
     """Whether gemv_rows takes each of these matrices on the s8 tensor cores (ROWS_MMA, n within
-    ROWS_MMA_MIN .. ROWS_MMA_MAX, rows_mma.supported; a launch per matrix, no SwiGLU epilogue)."""
+    ROWS_MMA_MIN .. ROWS_MMA_MAX, rows_mma.supported; gemv_rows merges launches where it can)."""
     return ROWS_MMA and ROWS_MMA_MIN <= n <= ROWS_MMA_MAX and \
         all(rows_mma.supported(w.qtype, w.rows, w.cols, n, 0) for w in ws)
 
@@ -303,7 +303,9 @@ def gemv_rows(outs, ws, xa, n: int, stream, *, mode: str = "store", extras=None)
     t's outputs are the bits gemv() gives for x[t] alone (same units per lane, same pair units:
     _pair_units); for ROWS_MMA_MIN..ROWS_MMA_MAX rows of the matrices rows_mma takes, its
     tensor-core kernels, whose sums for a row do not depend on the other rows either but are
-    added in another order (within float32 rounding of gemv()'s)."""
+    added in another order (within float32 rounding of gemv()'s): Q/K/V and SwiGLU's gate/up
+    in one launch where rows_mma.mergeable (SwiGLU otherwise on the dp4a kernel here; the
+    backend's norm_swiglu runs two tensor-core products and silu_mul instead)."""
     n_mat, qtype, cols = len(ws), ws[0].qtype, ws[0].cols
     assert rows_supported(ws) and 1 <= n_mat <= 3 and xa.shape[0] >= n >= 1
     if xa.shape[1] != rows_words(cols) or not xa.is_c_contiguous() or \
@@ -311,7 +313,9 @@ def gemv_rows(outs, ws, xa, n: int, stream, *, mode: str = "store", extras=None)
         raise ValueError(f"gemv_rows: xa {xa.shape}, need (>= {n}, {rows_words(cols)}) "
                          f"contiguous (quantize_rows), outputs of >= {n} rows")
     m = MODES[mode]
-    if m < 3 and rows_on_tensor_cores(ws, n):
+    if rows_on_tensor_cores(ws, n) and (m < 3 or rows_mma.mergeable(ws)):
+        if m == 3:                                              # gate, up: SwiGLU in one launch
+            return rows_mma.launch_swiglu(outs[0], ws[0], ws[1], xa, n, stream)
         if n_mat > 1 and rows_mma.mergeable(ws):                # one launch (Q, K, V)
             return rows_mma.launch_many(ws, outs, extras, xa, n, m, stream)
         for k, w in enumerate(ws):                              # a launch per matrix

@@ -446,11 +446,19 @@ def _penalize_and_max(logits, counts, fp, penalize, wv, wi):
 
 
 @cuda.jit(device=True)
-def _choose(logits, counts, fp, ip, index, penalize, h0c, h0m, hc, hm, cand, wv, wi, wc, wm, sv):
+def _choose(logits, counts, fp, ip, index, penalize, h0c, h0m):
     """Steps 1-3 of _sample_kernel's chain for one vocabulary row, by the whole block: the pick
     (in every thread) from logits (penalized in place by counts when `penalize`), the parameters
     fp, ip (sampler_params), Philox keyed by `index` (the position of the token being sampled);
-    h0c, h0m the row's global scratch, the rest the block's shared arrays."""
+    h0c, h0m the row's global scratch. Its shared arrays are the calling kernel's (41 KiB)."""
+    hc = cuda.shared.array(BINS, int32)
+    hm = cuda.shared.array(BINS, uint64)
+    cand = cuda.shared.array(SAMPLE_CAP, uint64)
+    wv = cuda.shared.array(32, float32)
+    wi = cuda.shared.array(32, int32)
+    wc = cuda.shared.array(32, int32)
+    wm = cuda.shared.array(32, int64)
+    sv = cuda.shared.array(4, int64)
     t = cuda.threadIdx.x
     n = logits.shape[0]
     m, pick = _penalize_and_max(logits, counts, fp, penalize, wv, wi)
@@ -534,18 +542,9 @@ def _sample_kernel(out, logits, ids, pos, fp, ip, hist, counts, eog, h0c, h0m, j
     t = cuda.threadIdx.x
     if j > 0 and out[1] != 0:
         return                             # generation ended earlier in this chunk
-    hc = cuda.shared.array(BINS, int32)
-    hm = cuda.shared.array(BINS, uint64)
-    cand = cuda.shared.array(SAMPLE_CAP, uint64)
-    wv = cuda.shared.array(32, float32)
-    wi = cuda.shared.array(32, int32)
-    wc = cuda.shared.array(32, int32)
-    wm = cuda.shared.array(32, int64)
-    sv = cuda.shared.array(4, int64)
     index = pos[0] + 1                     # the position of the token being sampled (read before
     last_n = ip[I_LAST_N]                  # any barrier: thread 0 moves pos on at the end)
-    pick = _choose(logits, counts, fp, ip, index, last_n != 0, h0c, h0m, hc, hm, cand, wv, wi,
-                   wc, wm, sv)
+    pick = _choose(logits, counts, fp, ip, index, last_n != 0, h0c, h0m)
     if t == 0:
         p = index
         if p < hist.shape[0]:
@@ -582,16 +581,7 @@ def _sample_rows_kernel(picks, logits, where, fp, ip, h0c, h0m, counts):
     pick. A batched step's sampled rows in one launch: nothing is recorded or fed on (the host
     takes the picks, as it takes the greedy ones)."""
     b = cuda.blockIdx.x
-    hc = cuda.shared.array(BINS, int32)
-    hm = cuda.shared.array(BINS, uint64)
-    cand = cuda.shared.array(SAMPLE_CAP, uint64)
-    wv = cuda.shared.array(32, float32)
-    wi = cuda.shared.array(32, int32)
-    wc = cuda.shared.array(32, int32)
-    wm = cuda.shared.array(32, int64)
-    sv = cuda.shared.array(4, int64)
-    pick = _choose(logits[where[b, 0]], counts, fp[b], ip[b], where[b, 1], False, h0c[b], h0m[b],
-                   hc, hm, cand, wv, wi, wc, wm, sv)
+    pick = _choose(logits[where[b, 0]], counts, fp[b], ip[b], where[b, 1], False, h0c[b], h0m[b])
     if cuda.threadIdx.x == 0:
         picks[b] = pick
 
